@@ -17,6 +17,11 @@ Layouts (flash-attn's):
 Every entry point returns (out, softmax_lse): out in q's dtype and layout; softmax_lse fp32,
 (batch, nheads, seqlen_q) for dense/kvcache and (nheads, total_q) for varlen. Dense and varlen are
 differentiable (autograd through the returned out) when ``capabilities.backward`` is true.
+
+Arguments as the interface passes them (already normalized the way flash-attn 2.8 does):
+  softmax_scale is a float; window_size is a tuple of two ints where -1 means unbounded, a side
+  >= seqlen_k was turned into -1, and with causal=True it is (left, 0) or (-1, -1) for plain causal;
+  softcap is 0.0 when off; alibi_slopes is None or fp32 (nheads,) / (batch, nheads).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Capabilities:
     deterministic: bool = False  # a deterministic backward is available on request
     head_dim_v_differs: bool = False  # v's head_dim may differ from q/k's
     seqlen_q_gt_k: bool = True  # seqlen_q > seqlen_k (bottom-right causal leaves rows empty)
+    leftpad: bool = False  # kvcache with cache_leftpad (keys start at a per-row offset)
+    attn_probs: bool = False  # can return the attention probabilities (return_attn_probs with dropout)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -73,7 +80,12 @@ class AttnCall:
     needs_grad: bool
     deterministic: bool
     paged: bool = False
-    return_attn_probs: bool = False
+    return_attn_probs: bool = False  # the probabilities themselves are needed (dropout_p > 0)
+    page_block_size: int | None = None  # paged KV only
+    leftpad: bool = False  # kvcache with cache_leftpad
+    # every sequence has seqlen_q == seqlen_k (dense: equal shapes; varlen: cu_seqlens_q is cu_seqlens_k),
+    # so top-left and bottom-right causal coincide
+    seqlens_equal: bool = False
 
     def describe(self) -> str:
         flags = [f for f in ("causal", "window", "softcap", "alibi", "dropout", "paged", "deterministic")
@@ -121,10 +133,13 @@ class Backend:
         if call.nheads_k != call.nheads and not caps.gqa:
             return "no GQA/MQA (nheads_k != nheads)"
         checks = [("causal", caps.causal), ("window", caps.window), ("softcap", caps.softcap),
-                  ("alibi", caps.alibi), ("dropout", caps.dropout), ("paged", caps.paged_kv)]
+                  ("alibi", caps.alibi), ("dropout", caps.dropout), ("paged", caps.paged_kv),
+                  ("leftpad", caps.leftpad)]
         for flag, ok in checks:
             if getattr(call, flag) and not ok:
                 return f"no {flag} support"
+        if call.return_attn_probs and not caps.attn_probs:
+            return "cannot return attention probabilities"
         if call.needs_grad and not caps.backward:
             return "no backward"
         if call.needs_grad and call.deterministic and not caps.deterministic:

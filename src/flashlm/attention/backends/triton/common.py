@@ -1,0 +1,130 @@
+"""Shared helpers of the Triton kernels: launch configurations and small host utilities.
+
+Configurations are a table, not ``triton.autotune``: autotuning benchmarks every config on the first
+call of each new key, which in training (a new ``max_seqlen`` every packed batch) or decoding
+(a new cache length every step) means stalls of seconds. The table below was tuned on an H100 with
+``benchmarks/triton_gpu.py --sweep`` (results in benchmarks/results/triton_h100.json); elsewhere
+a small config that fits any GPU's shared memory is used, and a tiny one under the interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+
+BIG = 1 << 30  # "unbounded" window side; keeps i + off +- BIG inside int32
+
+
+class Cfg(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1, read when a kernel is decorated)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def block_d(head_dim: int) -> int:
+    # tl.dot needs K >= 16; non-power-of-two head dims are padded and masked.
+    return max(16, next_pow2(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_props(index: int) -> tuple[tuple[int, int], int]:
+    p = torch.cuda.get_device_properties(index)
+    return (p.major, p.minor), p.multi_processor_count
+
+
+def device_info(t: torch.Tensor) -> tuple[tuple[int, int] | None, int]:
+    """(compute capability or None, number of SMs) of the tensor's device (1 SM off CUDA)."""
+    if t.device.type != "cuda" or interpreting():
+        return None, 1
+    return _device_props(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not be rounded to tf32: the backend declares fp32 as exact.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _hopper(t: torch.Tensor) -> bool:
+    cc, _ = device_info(t)
+    return cc is not None and cc[0] == 9
+
+
+def fwd_config(q: torch.Tensor, head_dim: int, seqlen_q: int) -> Cfg:
+    """Forward tile (BLOCK_M queries x BLOCK_N keys) for this call."""
+    if interpreting() or q.device.type != "cuda":
+        return Cfg(16, 16, 4, 1)
+    bd = block_d(head_dim)
+    if q.dtype == torch.float32:
+        return Cfg(64, 32, 4, 2) if bd <= 128 else Cfg(32, 32, 4, 1)
+    if _hopper(q):
+        if bd <= 64:
+            return Cfg(128, 128, 8, 3) if seqlen_q >= 1024 else Cfg(64, 64, 4, 3)
+        if bd <= 128:
+            return Cfg(128, 128, 8, 3) if seqlen_q >= 1024 else Cfg(64, 64, 4, 3)
+        return Cfg(128, 64, 8, 2)
+    if bd <= 64:
+        return Cfg(128, 64, 4, 3)
+    if bd <= 128:
+        return Cfg(128, 32, 4, 2)
+    return Cfg(64, 32, 4, 1)
+
+
+class BwdCfg(NamedTuple):
+    kv: Cfg  # dk/dv kernel: block_m queries per step, block_n keys per program
+    q: Cfg  # dq kernel: block_m queries per program, block_n keys per step
+
+
+def bwd_config(q: torch.Tensor, head_dim: int) -> BwdCfg:
+    if interpreting() or q.device.type != "cuda":
+        return BwdCfg(Cfg(16, 16, 4, 1), Cfg(16, 16, 4, 1))
+    bd = block_d(head_dim)
+    if q.dtype == torch.float32:
+        return BwdCfg(Cfg(32, 32, 4, 1), Cfg(32, 32, 4, 1))
+    if _hopper(q):
+        if bd <= 128:
+            return BwdCfg(Cfg(64, 128, 8, 2), Cfg(128, 64, 8, 2))
+        return BwdCfg(Cfg(32, 64, 8, 1), Cfg(64, 32, 8, 1))
+    if bd <= 64:
+        return BwdCfg(Cfg(32, 64, 4, 2), Cfg(64, 32, 4, 2))
+    if bd <= 128:
+        return BwdCfg(Cfg(32, 64, 4, 1), Cfg(64, 32, 4, 1))
+    return BwdCfg(Cfg(16, 32, 4, 1), Cfg(32, 16, 4, 1))
+
+
+def decode_config(q: torch.Tensor, head_dim: int) -> Cfg:
+    """block_m is a minimum (rows are seqlen_q x heads-per-kv-head, padded to a power of two)."""
+    if interpreting() or q.device.type != "cuda":
+        return Cfg(16, 16, 4, 1)
+    bd = block_d(head_dim)
+    if q.dtype == torch.float32:
+        return Cfg(16, 32, 4, 1)
+    if bd <= 128:
+        return Cfg(16, 128 if _hopper(q) else 64, 4, 3 if _hopper(q) else 2)
+    return Cfg(16, 64, 4, 2)
+
+
+def window_bounds(causal: bool, window_size: tuple[int, int]) -> tuple[bool, int, int]:
+    """flash-attn's (causal, window) as (banded, left, right) with BIG for an unbounded side.
+
+    Causal is the window (left, 0); keys allowed for query i are [i + off - left, i + off + right]
+    with off = seqlen_k - seqlen_q (bottom-right alignment).
+    """
+    left, right = window_size
+    if causal:
+        right = 0
+    left = BIG if left < 0 else int(left)
+    right = BIG if right < 0 else int(right)
+    return (left != BIG or right != BIG), left, right

@@ -1,0 +1,609 @@
+"""flash-attn 2.8 compatible attention functions, dispatched to a measured backend.
+
+Same argument names, defaults, return values and semantics as Dao-AILab flash-attn 2.8's
+``flash_attn_interface.py``; every function also takes a keyword-only ``backend=`` (a backend name,
+see ``flashlm.attention.available_backends()``), overriding ``use_backend()`` and
+``FLASHLM_ATTN_BACKEND``.
+
+Layouts ("BSHD"): q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim);
+varlen: (total_tokens, nheads, headdim) with cu_seqlens int32 (batch + 1,). nheads % nheads_k == 0:
+query heads [i * g, (i + 1) * g) use kv head i (g = nheads // nheads_k), no copies of k/v.
+
+Causal masks align bottom-right when seqlen_q != seqlen_k (flash-attn >= 2.1). For seqlen_q = 2,
+seqlen_k = 5 (1 = keep)::
+
+    1 1 1 1 0
+    1 1 1 1 1
+
+and for seqlen_q = 5, seqlen_k = 2 the first three rows see nothing (their output is 0)::
+
+    0 0
+    0 0
+    0 0
+    1 0
+    1 1
+
+A sliding window (left, right) lets query i see keys [i + seqlen_k - seqlen_q - left,
+i + seqlen_k - seqlen_q + right], inclusive; -1 is unbounded. A window of W tokens is (W - 1, 0).
+
+Every argument is checked before any kernel runs (shapes, dtypes, devices, int32 offsets, head
+counts, values). Checks that would read tensor data (cu_seqlens monotone, cache lengths in range)
+run for CPU tensors always and for GPU tensors when FLASHLM_ATTN_CHECKS=1, since reading GPU data is
+a host sync per layer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import registry
+from .backends.base import AttnCall
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation helpers (no host syncs unless data checks are enabled)
+
+
+def _data_checks(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or os.environ.get("FLASHLM_ATTN_CHECKS") == "1"
+
+
+def _tensor(x, name: str, ndim: int | tuple[int, ...], layout: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if x.dim() not in dims:
+        raise ValueError(f"{name} must be {layout} ({' or '.join(map(str, dims))}-D), got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_qkv_dtypes_devices(q, named: dict[str, torch.Tensor]) -> None:
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q dtype must be one of float16, bfloat16, float32, float64, got {q.dtype}")
+    for name, t in named.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}; all must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all must be on one device")
+    for name, t in (("q", q), *named.items()):
+        if t.stride(-1) != 1 and name in ("k_cache", "v_cache"):
+            raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1) to be updated in place")
+
+
+def _check_heads(nheads: int, nheads_k: int, hd_q: int, hd_k: int, nheads_v: int) -> None:
+    if nheads_k < 1 or nheads % nheads_k:
+        raise ValueError(f"nheads ({nheads}) must be divisible by nheads_k ({nheads_k}) (MQA/GQA)")
+    if nheads_v != nheads_k:
+        raise ValueError(f"k and v must have the same number of heads, got {nheads_k} and {nheads_v}")
+    if hd_q != hd_k:
+        raise ValueError(f"q and k head_dim must match, got {hd_q} and {hd_k}")
+    if hd_q < 1:
+        raise ValueError("head_dim must be >= 1")
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, torch.Tensor) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def _window(window_size, causal: bool, seqlen_k: int) -> tuple[int, int]:
+    """flash-attn's normalization: ints or a 2-element tensor; a side >= seqlen_k is unbounded (-1);
+    causal forces right = 0 (reported as (-1, -1) when there is no left window)."""
+    if isinstance(window_size, torch.Tensor):
+        if window_size.numel() != 2:
+            raise ValueError(f"window_size tensor must have 2 elements, got shape {tuple(window_size.shape)}")
+        window_size = [int(x) for x in window_size.tolist()]
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be (left, right) ints, -1 = unbounded; got {window_size!r}") from None
+    if isinstance(left, bool) or isinstance(right, bool) or not (isinstance(left, int) and isinstance(right, int)):
+        raise TypeError(f"window_size must hold ints, got {window_size!r}")
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size sides must be >= -1 (-1 = unbounded), got {(left, right)}")
+    if left >= seqlen_k:
+        left = -1
+    if right >= seqlen_k:
+        right = -1
+    if causal:
+        right = 0 if left >= 0 else -1
+    return left, right
+
+
+def _check_scalars(dropout_p, softcap, deterministic, causal) -> None:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(softcap, (int, float)) or softcap < 0 or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
+    for name, val in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(val, bool):
+            raise TypeError(f"{name} must be a bool, got {type(val).__name__}")
+
+
+def _check_alibi(alibi_slopes, nheads: int, batch: int, device) -> None:
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError("alibi_slopes must be a tensor (nheads,) or (batch, nheads) of float32")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {device}")
+
+
+def _check_int32_vec(t, name: str, length: int, device, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor {what}, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be torch.int32 {what} (flash-attn kernels read int32), got {t.dtype}")
+    if t.dim() != 1 or t.numel() != length:
+        raise ValueError(f"{name} must be 1-D of length {length} {what}, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def _check_cu_seqlens(cu, name: str, batch: int, total: int | None, max_seqlen: int, device) -> None:
+    _check_int32_vec(cu, name, batch + 1, device, "(batch + 1,)")
+    if not _data_checks(cu):
+        return
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"{name} must be non-decreasing, got {vals}")
+    if total is not None and vals[-1] > total:
+        raise ValueError(f"{name}[-1] = {vals[-1]} exceeds the number of packed tokens {total}")
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"a sequence in {name} has {max(lens)} tokens, more than max_seqlen {max_seqlen}")
+
+
+def _check_max_seqlen(x, name: str) -> int:
+    if isinstance(x, torch.Tensor) or isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be a Python int (computed once per batch), got {type(x).__name__}")
+    if x < 0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+    return x
+
+
+def _check_block_table(block_table, batch: int, num_blocks: int, device) -> None:
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError("block_table must be an int32 tensor (batch, max_blocks_per_seq)")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be torch.int32, got {block_table.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have shape ({batch}, max_blocks_per_seq), got {tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+    if _data_checks(block_table) and block_table.numel():
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _call(kind, q, nheads_k, head_dim_v, seqlen_q, seqlen_k, causal, window, softcap, alibi_slopes,
+          dropout_p, needs_grad, deterministic, paged=False, probs=False, page_block_size=None,
+          leftpad=False, seqlens_equal=None) -> AttnCall:
+    return AttnCall(
+        kind=kind, device_type=q.device.type, compute_capability=registry.compute_capability(q.device),
+        dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=head_dim_v, nheads=q.shape[-2], nheads_k=nheads_k,
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal, window=window != (-1, -1) and not causal
+        or (causal and window[0] >= 0), softcap=softcap > 0, alibi=alibi_slopes is not None,
+        dropout=dropout_p > 0, needs_grad=needs_grad, deterministic=deterministic, paged=paged,
+        return_attn_probs=probs, page_block_size=page_block_size, leftpad=leftpad,
+        seqlens_equal=(seqlen_q == seqlen_k) if seqlens_equal is None else seqlens_equal)
+
+
+def _contig(x):
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _empty_probs(q):
+    return torch.empty((0,), dtype=q.dtype, device=q.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dense
+
+
+def _prepare_dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                   deterministic, return_attn_probs):
+    _tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
+    _tensor(k, "k", 4, "(batch, seqlen_k, nheads_k, headdim)")
+    _tensor(v, "v", 4, "(batch, seqlen_k, nheads_k, headdim_v)")
+    _check_qkv_dtypes_devices(q, {"k": k, "v": v})
+    B, Sq, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v seqlen differ: {k.shape[1]} vs {v.shape[1]}")
+    _check_heads(H, k.shape[2], D, k.shape[3], v.shape[2])
+    _check_scalars(dropout_p, softcap, deterministic, causal)
+    _check_alibi(alibi_slopes, H, B, q.device)
+    scale = _scale(softmax_scale, D)
+    window = _window(window_size, causal, k.shape[1])
+    call = _call("dense", q, k.shape[2], v.shape[3], Sq, k.shape[1], causal, window, softcap, alibi_slopes,
+                 dropout_p, _needs_grad(q, k, v), deterministic, probs=bool(return_attn_probs) and dropout_p > 0)
+    return scale, window, call
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                    backend: str | None = None):
+    """Attention on dense BSHD tensors (flash-attn 2.8 ``flash_attn_func``).
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim); k: (batch, seqlen_k, nheads_k, headdim);
+        v: (batch, seqlen_k, nheads_k, headdim_v). nheads % nheads_k == 0.
+        dropout_p: dropout probability (0.0 for evaluation).
+        softmax_scale: scaling of QK^T before the softmax; default 1 / sqrt(headdim).
+        causal: bottom-right aligned causal mask (see the module docstring).
+        window_size: (left, right) sliding window, ints or a 2-element tensor; -1 = unbounded.
+        softcap: > 0 applies ``softcap * tanh(scores / softcap)`` to the scaled scores.
+        alibi_slopes: (nheads,) or (batch, nheads) fp32; adds -slope * |i + seqlen_k - seqlen_q - j|.
+        deterministic: ask for a deterministic backward (the choice skips backends that cannot).
+        return_attn_probs: also return softmax_lse and S_dmask (testing only).
+        backend: keyword-only backend name; overrides use_backend() and FLASHLM_ATTN_BACKEND.
+    Returns:
+        out (batch, seqlen_q, nheads, headdim_v); with return_attn_probs also softmax_lse
+        (batch, nheads, seqlen_q) fp32 and S_dmask: (batch, nheads, seqlen_q, seqlen_k) probabilities
+        with dropped entries negated when dropout_p > 0 (reference backend), else an empty tensor.
+    """
+    scale, window, call = _prepare_dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                                         alibi_slopes, deterministic, return_attn_probs)
+    be = registry.select(call, backend)
+    kwargs = dict(dropout_p=float(dropout_p), softmax_scale=scale, causal=causal, window_size=window,
+                  softcap=float(softcap), alibi_slopes=alibi_slopes, deterministic=deterministic)
+    if call.return_attn_probs:
+        out, lse, probs = be.dense(_contig(q), _contig(k), _contig(v), **kwargs, return_probs=True)
+        return out, lse, probs
+    out, lse = be.dense(_contig(q), _contig(k), _contig(v), **kwargs)
+    return (out, lse, _empty_probs(q)) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                              *, backend: str | None = None):
+    """``flash_attn_func`` on qkv (batch, seqlen, 3, nheads, headdim); gradients flow into qkv."""
+    _tensor(qkv, "qkv", 5, "(batch, seqlen, 3, nheads, headdim)")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv dim 2 must be 3 (q, k, v), got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                             *, backend: str | None = None):
+    """``flash_attn_func`` with kv (batch, seqlen_k, 2, nheads_k, headdim)."""
+    _tensor(kv, "kv", 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    if kv.shape[2] != 2:
+        raise ValueError(f"kv dim 2 must be 2 (k, v), got shape {tuple(kv.shape)}")
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# varlen
+
+
+def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                    softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs, block_table):
+    _tensor(q, "q", 3, "(total_q, nheads, headdim)")
+    paged = block_table is not None
+    kv_layout = "(num_blocks, page_block_size, nheads_k, headdim) with block_table" if paged \
+        else "(total_k, nheads_k, headdim)"
+    _tensor(k, "k", 4 if paged else 3, kv_layout)
+    _tensor(v, "v", 4 if paged else 3, kv_layout)
+    _check_qkv_dtypes_devices(q, {"k": k, "v": v})
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v shapes disagree: {tuple(k.shape)} vs {tuple(v.shape)}")
+    H, D = q.shape[1], q.shape[2]
+    _check_heads(H, k.shape[-2], D, k.shape[-1], v.shape[-2])
+    max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
+        raise ValueError("cu_seqlens_q must be a 1-D int32 tensor (batch + 1,) with batch >= 1")
+    batch = cu_seqlens_q.numel() - 1
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q.shape[0], max_seqlen_q, q.device)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, None if paged else k.shape[0], max_seqlen_k,
+                      q.device)
+    page = None
+    if paged:
+        _check_block_table(block_table, batch, k.shape[0], q.device)
+        page = k.shape[1]
+        if max_seqlen_k > block_table.shape[1] * page:
+            raise ValueError(f"max_seqlen_k {max_seqlen_k} exceeds the paged capacity "
+                             f"{block_table.shape[1]} blocks x {page} tokens")
+    _check_scalars(dropout_p, softcap, deterministic, causal)
+    _check_alibi(alibi_slopes, H, batch, q.device)
+    scale = _scale(softmax_scale, D)
+    window = _window(window_size, causal, max_seqlen_k)
+    call = _call("varlen", q, k.shape[-2], v.shape[-1], max_seqlen_q, max_seqlen_k, causal, window, softcap,
+                 alibi_slopes, dropout_p, _needs_grad(q, k, v), deterministic, paged=paged,
+                 probs=bool(return_attn_probs) and dropout_p > 0, page_block_size=page,
+                 seqlens_equal=cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k)
+    return scale, window, call
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None,
+                           *, backend: str | None = None):
+    """Attention on packed variable-length sequences (flash-attn 2.8 ``flash_attn_varlen_func``).
+
+    Arguments:
+        q: (total_q, nheads, headdim); k/v: (total_k, nheads_k, headdim), or with block_table the paged
+            pools (num_blocks, page_block_size, nheads_k, headdim).
+        cu_seqlens_q/k: int32 (batch + 1,) cumulative lengths (sequence b is rows
+            [cu[b], cu[b+1]); zero-length sequences are allowed). With block_table, cu_seqlens_k gives
+            the key lengths and block_table (batch, max_blocks) int32 the pages of each sequence.
+        max_seqlen_q/k: Python ints, the longest sequence (compute once per batch, no host sync here).
+        The other arguments are as in ``flash_attn_func``; masks align per sequence.
+    Returns:
+        out (total_q, nheads, headdim_v); with return_attn_probs also softmax_lse (nheads, total_q) fp32
+        and S_dmask (batch, nheads, max_seqlen_q, max_seqlen_k) or an empty tensor (see flash_attn_func).
+    """
+    scale, window, call = _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                          deterministic, return_attn_probs, block_table)
+    be = registry.select(call, backend)
+    kwargs = dict(dropout_p=float(dropout_p), softmax_scale=scale, causal=causal, window_size=window,
+                  softcap=float(softcap), alibi_slopes=alibi_slopes, deterministic=deterministic,
+                  block_table=block_table)
+    args = (_contig(q), _contig(k), _contig(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if call.return_attn_probs:
+        return be.varlen(*args, **kwargs, return_probs=True)
+    out, lse = be.varlen(*args, **kwargs)
+    return (out, lse, _empty_probs(q)) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                     deterministic=False, return_attn_probs=False, *, backend: str | None = None):
+    """``flash_attn_varlen_func`` on qkv (total, 3, nheads, headdim) with one cu_seqlens for q and k."""
+    _tensor(qkv, "qkv", 4, "(total, 3, nheads, headdim)")
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv dim 1 must be 3 (q, k, v), got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, backend=backend)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                    softcap=0.0, alibi_slopes=None, deterministic=False,
+                                    return_attn_probs=False, *, backend: str | None = None):
+    """``flash_attn_varlen_func`` with kv (total_k, 2, nheads_k, headdim)."""
+    _tensor(kv, "kv", 4, "(total_k, 2, nheads_k, headdim)")
+    if kv.shape[1] != 2:
+        raise ValueError(f"kv dim 1 must be 2 (k, v), got shape {tuple(kv.shape)}")
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache
+
+
+def apply_rotary(x, cos, sin, interleaved: bool):
+    """Rotate the first rotary_dim dims of x (batch, seqlen, nheads, headdim) by per-row cos/sin
+    (batch, seqlen, rotary_dim // 2); math in fp32, result in x's dtype, the tail passes through.
+    interleaved: pairs (0, 1), (2, 3), ... (GPT-J); else (i, i + rotary_dim/2) (GPT-NeoX / LLaMA)."""
+    rd = cos.shape[-1] * 2
+    xr = x[..., :rd].float()
+    c, s = cos.float()[:, :, None], sin.float()[:, :, None]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            *, backend: str | None = None):
+    """Attention against a KV cache, appending new keys/values in place (flash-attn 2.8).
+
+    If k/v are given they are written *in place* into k_cache/v_cache at positions cache_seqlens[b],
+    cache_seqlens[b] + 1, ... of each row (index arithmetic, no host sync); attention then uses
+    cache_seqlens + seqlen_new keys per row. With rotary_cos/sin (seqlen_ro, rotary_dim / 2), k is
+    rotated at those positions before it is stored; q is rotated at cache_seqlens + i when causal or
+    windowed, else at cache_seqlens for every query. No backward.
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim).
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with block_table the paged
+            pools (num_blocks, page_block_size, nheads_k, headdim). Last dim contiguous.
+        k, v: optional (batch, seqlen_new, nheads_k, headdim) to append.
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2); needs k and v.
+        cache_seqlens: int or int32 (batch,): valid keys per row before the append (None: whole cache).
+        cache_batch_idx: optional int32 (batch,): cache row of each batch row (not with block_table).
+        cache_leftpad: optional int32 (batch,): keys start at this index in each row (not with block_table).
+        block_table: optional int32 (batch, max_blocks_per_seq) for a paged cache.
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as in flash_attn_func, aligned to
+            the valid keys [cache_leftpad, cache_seqlens + seqlen_new) of each row.
+        rotary_interleaved: GPT-J pairs (True, flash-attn's default) or GPT-NeoX halves (False).
+        num_splits: split-KV hint for backends that split (0 = heuristic).
+        return_softmax_lse: also return softmax_lse (batch, nheads, seqlen_q) fp32.
+    Returns:
+        out (batch, seqlen_q, nheads, headdim), and softmax_lse if return_softmax_lse.
+    """
+    _tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
+    paged = block_table is not None
+    layout = "(num_blocks, page_block_size, nheads_k, headdim)" if paged else \
+        "(batch_cache, seqlen_cache, nheads_k, headdim)"
+    _tensor(k_cache, "k_cache", 4, layout)
+    _tensor(v_cache, "v_cache", 4, layout)
+    named = {"k_cache": k_cache, "v_cache": v_cache}
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (or neither)")
+    B, Sq, H, D = q.shape
+    if k is not None:
+        _tensor(k, "k", 4, "(batch, seqlen_new, nheads_k, headdim)")
+        _tensor(v, "v", 4, "(batch, seqlen_new, nheads_k, headdim_v)")
+        named.update(k=k, v=v)
+    _check_qkv_dtypes_devices(q, named)
+    if k_cache.shape[:-1] != v_cache.shape[:-1]:
+        raise ValueError(f"k_cache and v_cache shapes disagree: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
+    Hk = k_cache.shape[2]
+    _check_heads(H, Hk, D, k_cache.shape[3], v_cache.shape[2])
+    if k is not None:
+        exp_k = (B, k.shape[1], Hk, D)
+        if tuple(k.shape) != exp_k or tuple(v.shape[:3]) != exp_k[:3] or v.shape[3] != v_cache.shape[3]:
+            raise ValueError(f"k/v must be {exp_k} (v's last dim {v_cache.shape[3]}), "
+                             f"got {tuple(k.shape)} / {tuple(v.shape)}")
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (paged KV), as in flash-attn")
+        if cache_leftpad is not None:
+            raise ValueError("cache_leftpad cannot be combined with block_table (paged KV), as in flash-attn")
+        _check_block_table(block_table, B, k_cache.shape[0], q.device)
+        page = k_cache.shape[1]
+        capacity = block_table.shape[1] * page
+    else:
+        page = None
+        capacity = k_cache.shape[1]
+        if cache_batch_idx is not None:
+            _check_int32_vec(cache_batch_idx, "cache_batch_idx", B, q.device, "(batch,)")
+            if _data_checks(cache_batch_idx) and B and not (0 <= int(cache_batch_idx.min())
+                                                            and int(cache_batch_idx.max()) < k_cache.shape[0]):
+                raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
+        elif k_cache.shape[0] != B:
+            raise ValueError(f"k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx to map rows)")
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required when k/v are appended (where to write them)")
+        cache_seqlens = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= capacity:
+            raise ValueError(f"cache_seqlens {cache_seqlens} outside [0, {capacity}]")
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        _check_int32_vec(cache_seqlens, "cache_seqlens", B, q.device, "(batch,)")
+    s_new = 0 if k is None else k.shape[1]
+    if cache_leftpad is not None:
+        _check_int32_vec(cache_leftpad, "cache_leftpad", B, q.device, "(batch,)")
+    if _data_checks(cache_seqlens):
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi + s_new > capacity:
+            raise ValueError(f"cache_seqlens (+ {s_new} new tokens) must stay in [0, {capacity}], got [{lo}, {hi}]")
+        if cache_leftpad is not None and bool((cache_leftpad < 0).any() | (cache_leftpad > cache_seqlens).any()):
+            raise ValueError("cache_leftpad must be in [0, cache_seqlens] for every row")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin need k and v (flash-attn rotates the appended keys)")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            _tensor(t, name, 2, "(seqlen_ro, rotary_dim / 2)")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if rotary_cos.shape != rotary_sin.shape:
+            raise ValueError(f"rotary_cos {tuple(rotary_cos.shape)} and rotary_sin {tuple(rotary_sin.shape)} differ")
+        if rotary_cos.shape[1] * 2 > D:
+            raise ValueError(f"rotary_dim {rotary_cos.shape[1] * 2} exceeds headdim {D}")
+        if _data_checks(cache_seqlens) and int(cache_seqlens.max()) + max(s_new, Sq) > rotary_cos.shape[0]:
+            raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions, fewer than cache_seqlens + new tokens")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    _check_scalars(0.0, softcap, False, causal)
+    _check_alibi(alibi_slopes, H, B, q.device)
+    scale = _scale(softmax_scale, D)
+    window = _window(window_size, causal, capacity)
+    call = _call("kvcache", q, Hk, v_cache.shape[3], Sq, capacity, causal, window, softcap, alibi_slopes,
+                 0.0, False, False, paged=paged, page_block_size=page, leftpad=cache_leftpad is not None,
+                 seqlens_equal=False)
+    be = registry.select(call, backend)
+
+    with torch.no_grad():
+        seqlens = cache_seqlens
+        if rotary_cos is not None:
+            ar_k = torch.arange(s_new, device=q.device)
+            pos_k = cache_seqlens.long()[:, None] + ar_k
+            k = apply_rotary(k, rotary_cos[pos_k], rotary_sin[pos_k], rotary_interleaved)
+            if causal or window != (-1, -1):
+                pos_q = cache_seqlens.long()[:, None] + torch.arange(Sq, device=q.device)
+            else:  # every query sits at position cache_seqlens
+                pos_q = cache_seqlens.long()[:, None].expand(B, Sq)
+            q = apply_rotary(q, rotary_cos[pos_q], rotary_sin[pos_q], rotary_interleaved)
+        if k is not None:
+            pos = cache_seqlens.long()[:, None] + torch.arange(s_new, device=q.device)  # (B, s_new)
+            if paged:
+                blk = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor"))
+                idx = (blk, pos % page)
+            else:
+                rows = torch.arange(B, device=q.device) if cache_batch_idx is None else cache_batch_idx.long()
+                idx = (rows[:, None].expand(B, s_new), pos)
+            k_cache.index_put_(idx, k)
+            v_cache.index_put_(idx, v)
+            seqlens = (cache_seqlens + s_new).to(torch.int32)
+        out, lse = be.kvcache(_contig(q), k_cache, v_cache, seqlens, cache_batch_idx=cache_batch_idx,
+                              cache_leftpad=cache_leftpad, block_table=block_table, softmax_scale=scale,
+                              causal=causal, window_size=window, softcap=float(softcap),
+                              alibi_slopes=alibi_slopes, num_splits=num_splits)
+    return (out, lse) if return_softmax_lse else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# explain
+
+
+def explain(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+            deterministic=False, requires_grad: bool | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q=None, max_seqlen_k=None, block_table=None, kvcache: bool = False,
+            backend: str | None = None) -> registry.Explanation:
+    """Which backend a call with these inputs would use, and why each other backend refused.
+
+    Pass the tensors of a ``flash_attn_func`` call; with cu_seqlens_q/k and max_seqlen_q/k those of a
+    ``flash_attn_varlen_func`` call (block_table for paged); with ``kvcache=True`` k and v are the
+    caches of a ``flash_attn_with_kvcache`` call. ``requires_grad`` defaults to whether any input
+    requires grad. Tensors on the "meta" device work too (no data is read). ``print(explain(...))``
+    gives a table; the returned object has ``.chosen``, ``.reasons`` and ``.call``.
+    """
+    if cu_seqlens_q is not None:
+        _, _, call = _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                     None, causal, window_size, softcap, alibi_slopes, deterministic, False,
+                                     block_table)
+    elif kvcache:
+        paged = block_table is not None
+        cap = block_table.shape[1] * k.shape[1] if paged else k.shape[1]
+        window = _window(window_size, causal, cap)
+        call = _call("kvcache", q, k.shape[2], v.shape[3], q.shape[1], cap, causal, window, softcap,
+                     alibi_slopes, 0.0, False, False, paged=paged, page_block_size=k.shape[1] if paged else None,
+                     seqlens_equal=False)
+    else:
+        _, _, call = _prepare_dense(q, k, v, dropout_p, None, causal, window_size, softcap, alibi_slopes,
+                                    deterministic, False)
+    if requires_grad is not None and call.kind != "kvcache":
+        call = AttnCall(**{**call.__dict__, "needs_grad": bool(requires_grad)})
+    return registry.explain_call(call, backend)

@@ -1,0 +1,224 @@
+"""`flashlm bench kernels`: attention kernel throughput of every available backend.
+
+Dense attention through flashlm's API with each backend forced (what a model gets, dispatch
+included), forward and forward+backward, causal and not, at a fixed token budget (batch = total /
+seqlen), plus KV-cache decode bandwidth. TFLOP/s count 4 * B * H * Sq * Sk * D for the forward (half
+if causal) and 3.5x that for forward+backward (backward = 2.5x forward). Decode GB/s count the K and
+V bytes read. "auto" is the registry's own choice; "fa4_direct" calls flash_attn.cute without
+flashlm (to measure dispatch overhead) when FA4 is installed.
+
+Prints a table, writes JSON (``--json PATH``) and ends with one JSON line on stdout. On a machine
+without CUDA it runs a tiny configuration on the reference backend and says the numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from flashlm.attention import available_backends, flash_attn_func, flash_attn_with_kvcache
+from flashlm.attention import registry
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="flashlm bench kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", default=None,
+                   help="comma list (default: every available backend except reference on GPU, plus auto)")
+    p.add_argument("--seqlens", type=_ints, default=[1024, 4096, 16384])
+    p.add_argument("--total-tokens", type=int, default=16384)
+    p.add_argument("--head-dims", type=_ints, default=[64, 128])
+    p.add_argument("--hidden", type=int, default=2048, help="nheads = hidden / head_dim (FA papers: 2048)")
+    p.add_argument("--modes", default="fwd,fwd_bwd")
+    p.add_argument("--causal", default="0,1", help="comma list of 0/1")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--decode-cache", type=_ints, default=[1024, 8192, 32768])
+    p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--decode-heads", default="32,8", help="q heads, kv heads")
+    p.add_argument("--decode-head-dim", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA)")
+    return p.parse_args(argv)
+
+
+def _time_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _fa4_direct():
+    try:
+        from flash_attn.cute import flash_attn_func as f  # noqa: PLC0415
+
+        return f
+    except Exception:
+        return None
+
+
+def bench_dense(name, b, s, h, d, causal, mode, dtype, device, warmup, iters):
+    q = torch.randn(b, s, h, d, device=device, dtype=dtype)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    fwd_bwd = mode == "fwd_bwd"
+    if fwd_bwd:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    dout = torch.randn_like(q)
+    if name == "fa4_direct":
+        f = _fa4_direct()
+
+        def attn():
+            res = f(q, k, v, causal=causal)
+            return res[0] if isinstance(res, tuple) else res
+    else:
+        backend = None if name == "auto" else name
+
+        def attn():
+            return flash_attn_func(q, k, v, causal=causal, backend=backend)
+
+    def step():
+        out = attn()
+        if fwd_bwd:
+            torch.autograd.grad(out, (q, k, v), dout)
+
+    ctx = torch.enable_grad() if fwd_bwd else torch.no_grad()
+    with ctx:
+        ms = _time_ms(step, warmup, iters, device.type == "cuda")
+    flops = 4 * b * h * s * s * d / (2 if causal else 1) * (3.5 if fwd_bwd else 1.0)
+    return ms, flops / (ms * 1e-3) / 1e12
+
+
+def bench_decode(name, batch, hq, hk, d, cache_len, dtype, device, warmup, iters):
+    q = torch.randn(batch, 1, hq, d, device=device, dtype=dtype)
+    k_cache = torch.randn(batch, cache_len, hk, d, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    seqlens = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
+    backend = None if name == "auto" else name
+    with torch.no_grad():
+        ms = _time_ms(lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True,
+                                                      backend=backend), warmup, iters, device.type == "cuda")
+    nbytes = 2 * k_cache.numel() * k_cache.element_size()
+    return ms, nbytes / (ms * 1e-3) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    note = None
+    if not cuda or args.tiny:
+        args.seqlens, args.total_tokens, args.head_dims, args.hidden = [64, 128], 256, [32], 128
+        args.decode_cache, args.decode_batch, args.decode_head_dim = [256], 2, 32
+        args.warmup, args.iters = 1, 2
+        if not cuda:
+            args.dtype = "fp32"
+            note = "no CUDA device: tiny CPU run of the reference backend; the numbers mean nothing"
+    dtype = DTYPES[args.dtype]
+    if args.backends:
+        names = args.backends.split(",")
+    else:
+        names = [n for n in available_backends() if not (cuda and n == "reference")] + ["auto"]
+        if cuda and _fa4_direct() is not None:
+            names.append("fa4_direct")
+    hq, hk = _ints(args.decode_heads)
+    results, decode = [], []
+    for name in names:
+        for d in args.head_dims:
+            h = max(1, args.hidden // d)
+            for s in args.seqlens:
+                b = max(1, args.total_tokens // s)
+                for causal in (bool(int(c)) for c in args.causal.split(",")):
+                    for mode in args.modes.split(","):
+                        row = dict(backend=name, mode=mode, causal=causal, head_dim=d, seqlen=s, batch=b, nheads=h)
+                        try:
+                            ms, tflops = bench_dense(name, b, s, h, d, causal, mode, dtype, device, args.warmup,
+                                                     args.iters)
+                            row.update(ms=round(ms, 4), tflops=round(tflops, 2))
+                        except Exception as exc:  # a refusal or a kernel error is a result, not a crash
+                            row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                        if cuda:
+                            torch.cuda.empty_cache()
+                        results.append(row)
+        for L in args.decode_cache:
+            row = dict(backend=name, batch=args.decode_batch, nheads=hq, nheads_k=hk, head_dim=args.decode_head_dim,
+                       cache_len=L)
+            if name == "fa4_direct":
+                continue
+            try:
+                ms, gbps = bench_decode(name, args.decode_batch, hq, hk, args.decode_head_dim, L, dtype, device,
+                                        args.warmup, args.iters)
+                row.update(ms=round(ms, 4), gbps=round(gbps, 1))
+            except Exception as exc:
+                row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            decode.append(row)
+
+    # suggested registry order: mean dense TFLOP/s over the configs each backend served
+    score = {}
+    for n in names:
+        vals = [r["tflops"] for r in results if r["backend"] == n and "tflops" in r]
+        if vals and n in registry.known_backends() and n != "reference":
+            score[n] = statistics.mean(vals)
+    suggested = sorted(score, key=score.get, reverse=True)
+    suggested += [n for n in registry.known_backends() if n not in suggested and n != "reference"] + ["reference"]
+
+    print(_table(results, decode))
+    if note:
+        print(f"note: {note}")
+    payload = dict(
+        device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", torch=torch.__version__,
+        cudnn=torch.backends.cudnn.version() if cuda else None, dtype=args.dtype, note=note,
+        config=dict(total_tokens=args.total_tokens, hidden=args.hidden, warmup=args.warmup, iters=args.iters),
+        command="flashlm bench kernels " + " ".join(sys.argv[1:] if argv is None else argv),
+        dense=results, decode=decode, suggested_order=suggested)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+    print(json.dumps(dict(suggested_order=suggested, rows=len(results), decode_rows=len(decode), note=note)))
+    return 0
+
+
+def _table(results, decode) -> str:
+    lines = [f"{'backend':<12} {'mode':<8} {'causal':<6} {'D':>4} {'seqlen':>6} {'batch':>5} {'ms':>9} {'TFLOP/s':>8}"]
+    for r in results:
+        val = f"{r['ms']:>9.3f} {r['tflops']:>8.1f}" if "tflops" in r else f"  {r['error'][:70]}"
+        lines.append(f"{r['backend']:<12} {r['mode']:<8} {str(r['causal']):<6} {r['head_dim']:>4} {r['seqlen']:>6} "
+                     f"{r['batch']:>5} {val}")
+    lines.append("")
+    lines.append(f"{'backend':<12} {'decode cache':>12} {'ms':>9} {'GB/s':>8}")
+    for r in decode:
+        val = f"{r['ms']:>9.4f} {r['gbps']:>8.0f}" if "gbps" in r else f"  {r['error'][:70]}"
+        lines.append(f"{r['backend']:<12} {r['cache_len']:>12} {val}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""Token generation for flashlm models: prefill + decode loop, sampling without host syncs.
+
+``generate(model, input_ids, ...)`` works with both models:
+
+- the **flash** model (it has ``allocate_cache``): a static BSHD cache is allocated once for
+  ``prompt_len + max_new_tokens`` tokens per row; prefill writes each row's real tokens left-aligned
+  (padding removed), every decode step feeds one token per row and appends its key/value in place
+  through ``flash_attn_with_kvcache`` at the row's own ``cache_seqlens``. The decode step has fixed
+  shapes and reads nothing back to the host;
+- the **default** model: its dynamic cache, with the attention mask grown by one column per step and
+  position ids taken from the mask.
+
+Prompts are batched **left-padded** (``attention_mask`` 0 on the left of each row, as tokenizers do
+with ``padding_side="left"``). Right-padded prompts are refused: a decoder would append new tokens
+after the padding.
+
+Sampling (greedy, temperature, top-k, top-p) draws with the exponential race
+``argmax(p / E)``, ``E ~ Exp(1)``, which samples from ``p`` like ``torch.multinomial`` but without a
+device-to-host synchronization. Early stopping on EOS is checked *asynchronously* on CUDA: the
+"all rows finished" flag of step t is copied to pinned memory without blocking and read once its
+event has completed, so the loop may run a step or two past the last EOS (those tokens are
+replaced by padding) but never stalls the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["GenerationOutput", "generate", "main", "sample_next_token", "top_k_filter", "top_p_filter"]
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate`.
+
+    Attributes:
+        sequences: int64 ``(batch, prompt_len + steps)``: the (left-padded) prompts followed by the new
+            tokens; after a row's EOS its remaining positions hold ``pad_token_id``.
+        num_new_tokens: int64 ``(batch,)``: new tokens per row, EOS included.
+        first_token_s: seconds from the call to the first new token (prefill + sampling), measured
+            with a device synchronize on CUDA.
+        per_token_s: mean seconds per decode step after the first token (``nan`` if fewer than two
+            tokens were generated).
+    """
+
+    sequences: Tensor
+    num_new_tokens: Tensor
+    first_token_s: float
+    per_token_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput over the whole batch (rows x steps / time), ``nan`` if undefined."""
+        if not math.isfinite(self.per_token_s) or self.per_token_s <= 0:
+            return float("nan")
+        return self.sequences.shape[0] / self.per_token_s
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
+    """Keep the ``top_k`` largest logits of each row ``(batch, vocab)``, set the rest to -inf.
+    Ties at the k-th value are all kept. ``top_k <= 0`` or ``>= vocab`` keeps everything."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter on ``(batch, vocab)`` logits: keep the smallest set of most likely tokens whose
+    probability sum reaches ``top_p`` (the most likely token is always kept), -inf elsewhere."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    # mass strictly before each token: drop a token once the tokens before it already reach top_p
+    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Pick one token per row from ``logits`` ``(batch, vocab)``; returns int64 ``(batch,)``.
+
+    Greedy (``argmax``) unless ``do_sample``. Sampling divides by ``temperature``, applies top-k then
+    top-p, and draws by the exponential race ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` (the index of
+    the first of independent exponential clocks with rates ``p_i`` to ring: distributed as ``p``).
+    No host synchronization. ``generator`` (on the logits' device) makes draws reproducible.
+    """
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    probs = torch.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # E == 0 would give 0/0 = nan for a filtered-out token (argmax picks nan): clamp it away.
+    race.clamp_min_(torch.finfo(race.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, do_sample: bool,
+                temperature: float, top_k: int, top_p: float, vocab_size: int | None) -> Tensor | None:
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a 2-D tensor (batch, prompt_len), got "
+                         f"{getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature!r}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if vocab_size is not None:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"input_ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask.dtype not in (torch.bool, torch.int64, torch.int32, torch.uint8):
+        raise TypeError(f"attention_mask must be bool or integer (1 = token, 0 = padding), got "
+                        f"{attention_mask.dtype}")
+    mask = attention_mask.to(torch.int64)
+    # One host read per call (not per token): the shape of the padding decides the whole loop.
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError("attention_mask has a row with no tokens (all padding)")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("right-padded prompts are not supported: a decoder appends new tokens after the "
+                         "last position, so padding must be on the left (attention_mask rows of the form "
+                         "0..0 1..1; tokenizer padding_side='left')")
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _AsyncAllDone:
+    """Tells whether every row has finished, without stalling the device.
+
+    On CUDA each step's flag is copied into a pinned host buffer with ``non_blocking=True`` and an
+    event is recorded; ``done()`` only reads flags whose event has completed. On CPU reading is free.
+    """
+
+    def __init__(self, device: torch.device, steps: int) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[int, Any]] = []
+        if self.cuda:
+            self.host = torch.zeros(steps, dtype=torch.bool, pin_memory=True)
+        self.finished = False
+
+    def push(self, step: int, all_done: Tensor) -> None:
+        if not self.cuda:
+            self.finished = bool(all_done)
+            return
+        self.host[step].copy_(all_done, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((step, event))
+
+    def done(self) -> bool:
+        while self.pending and self.pending[0][1].query():
+            step, _ = self.pending.pop(0)
+            self.finished = self.finished or bool(self.host[step])
+        return self.finished
+
+
+def _is_flash(model: torch.nn.Module) -> bool:
+    return hasattr(model, "allocate_cache")
+
+
+def _emit(streamer: Any, tokens: Tensor) -> None:
+    if streamer is None:
+        return
+    host = tokens.detach().to("cpu")  # streaming needs the tokens on the host: one sync per step
+    if hasattr(streamer, "put"):
+        streamer.put(host)
+    else:
+        streamer(host)
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+             max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+             streamer: Callable[[Tensor], Any] | Any | None = None,
+             generator: torch.Generator | None = None, pad_token_id: int | None = None) -> GenerationOutput:
+    """Generate up to ``max_new_tokens`` tokens per row after left-padded prompts.
+
+    Args:
+        model: a ``FlashForCausalLM`` (static BSHD cache, ``flash_attn_with_kvcache`` decode) or a
+            ``DefaultForCausalLM`` (dynamic cache).
+        input_ids: int64 ``(batch, prompt_len)``, left-padded when rows differ in length.
+        attention_mask: ``(batch, prompt_len)`` 1 for tokens, 0 for (left) padding; None = no padding.
+        max_new_tokens: decode steps at most.
+        do_sample, temperature, top_k, top_p, generator: see :func:`sample_next_token`.
+        eos_token_id: an id or a list of ids ending a row (default: ``model.config.eos_token_id``).
+            A row stops at its EOS; the loop stops when every row has (or at ``max_new_tokens``).
+        streamer: called once per step with the new tokens, int64 ``(batch,)`` on the CPU (finished
+            rows get ``pad_token_id``); an object with ``put``/``end`` (transformers' streamers) gets
+            ``put(tokens)`` and, at the end, ``end()``. Streaming reads tokens back every step.
+        pad_token_id: fills finished rows (default: the config's pad, else its EOS, else 0).
+
+    Returns:
+        :class:`GenerationOutput`.
+    """
+    config = getattr(model, "config", None)
+    mask = _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                       getattr(config, "vocab_size", None))
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos_ids = [] if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id])
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos_ids[0] if eos_ids else 0
+    device = input_ids.device
+    input_ids = input_ids.long()
+    batch, prompt_len = input_ids.shape
+    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+    was_training = model.training
+    model.eval()
+    flash = _is_flash(model)
+
+    _sync(device)
+    t_start = time.perf_counter()
+    if flash:
+        cache = model.allocate_cache(batch, prompt_len + max_new_tokens, device=device)
+        out = model(input_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    else:
+        # default model: position ids from the left-padded mask (first real token at 0)
+        full_mask = mask if mask is not None else torch.ones_like(input_ids)
+        position_ids = (full_mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        cache = out.past_key_values
+    # Left padding puts every row's last real token at the last position.
+    next_tokens = sample_next_token(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, generator=generator)
+    new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stopper = _AsyncAllDone(device, max_new_tokens)
+
+    steps = 0
+    t_first = t_start
+    while True:
+        # a finished row keeps feeding padding: fixed shapes, no row removal, no host read
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+        new_tokens[:, steps] = next_tokens
+        if eos_tensor is not None:
+            finished = finished | torch.isin(next_tokens, eos_tensor)
+        steps += 1
+        if steps == 1:
+            _sync(device)
+            t_first = time.perf_counter()
+        _emit(streamer, next_tokens)
+        if steps == max_new_tokens:
+            break
+        if eos_tensor is not None:
+            stopper.push(steps - 1, finished.all())
+            if stopper.done():
+                break
+        if flash:
+            out = model(next_tokens[:, None], past_key_values=cache, use_cache=True)
+        else:
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=-1)
+            position_ids = full_mask.sum(-1, keepdim=True) - 1
+            out = model(next_tokens[:, None], attention_mask=full_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        next_tokens = sample_next_token(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, generator=generator)
+    _sync(device)
+    t_end = time.perf_counter()
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    model.train(was_training)
+
+    new_tokens = new_tokens[:, :steps]
+    if eos_tensor is not None:
+        # tokens up to and including the first EOS of each row count; later slots hold padding
+        is_eos = torch.isin(new_tokens, eos_tensor)
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+        new_tokens = new_tokens.masked_fill(after_eos, pad_token_id)
+        num_new = (~after_eos).sum(-1)
+    else:
+        num_new = torch.full((batch,), steps, dtype=torch.long, device=device)
+    per_token = (t_end - t_first) / (steps - 1) if steps > 1 else float("nan")
+    return GenerationOutput(sequences=torch.cat([input_ids, new_tokens], dim=-1), num_new_tokens=num_new,
+                            first_token_s=t_first - t_start, per_token_s=per_token)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: flashlm generate
+# --------------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _parse_ids(text: str) -> list[int]:
+    parts = text.replace(",", " ").split()
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--prompt-ids takes integers separated by commas or spaces, got {text!r}") from None
+    if not ids:
+        raise ValueError("--prompt-ids is empty")
+    return ids
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flashlm generate",
+                                description="Generate tokens with a flashlm model (preset with random "
+                                            "weights, or a saved/HF model folder).")
+    p.add_argument("--model", required=True, help="preset name (tiny, small, llama-1b) or a model folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", action="append", metavar="IDS",
+                     help="token ids of one prompt ('1,2,3'); repeat for a batch (left-padded)")
+    src.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="prompt text (needs a tokenizer.json); repeat for a batch")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: <model folder>/tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--attn", choices=("flash", "default"), default="flash")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seeds random preset weights and sampling")
+    p.add_argument("--eos-token-id", type=int, action="append",
+                   help="end-of-sequence id (repeatable; default: the config's)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (row 0)")
+    p.add_argument("--json", action="store_true", help="print only one JSON object")
+    return p
+
+
+def _load_tokenizer(path: str | None, model_arg: str):
+    if path is None:
+        candidate = os.path.join(model_arg, "tokenizer.json")
+        if not os.path.isfile(candidate):
+            raise ValueError("--prompt needs a tokenizer.json: pass --tokenizer PATH, use a model folder "
+                             "that contains tokenizer.json, or give --prompt-ids")
+        path = candidate
+    if not os.path.isfile(path):
+        raise ValueError(f"--tokenizer {path!r} is not a file")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ImportError("--prompt needs the 'tokenizers' package: pip install 'flashlm[train]'") from e
+    return Tokenizer.from_file(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flashlm generate``: build or load a model, generate, print tokens/text and latencies."""
+    args = _build_parser().parse_args(argv)
+    from flashlm.models import build_model, from_pretrained
+    from flashlm.models.config import PRESETS, get_preset
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(args.seed)
+    if os.path.isdir(args.model):
+        model = from_pretrained(args.model, attn=args.attn, device=device, dtype=dtype)
+    elif args.model in PRESETS:
+        model = build_model(get_preset(args.model), attn=args.attn, device=device, dtype=dtype)
+    else:
+        print(f"flashlm generate: --model {args.model!r} is neither a folder nor a preset "
+              f"({', '.join(PRESETS)})", file=sys.stderr)
+        return 2
+    config = model.config
+    tokenizer = None
+    try:
+        if args.prompt is not None:
+            tokenizer = _load_tokenizer(args.tokenizer, args.model)
+            rows = [tokenizer.encode(t).ids for t in args.prompt]
+            if any(not r for r in rows):
+                raise ValueError("a --prompt encodes to no tokens")
+        else:
+            rows = [_parse_ids(t) for t in args.prompt_ids]
+    except ValueError as e:
+        print(f"flashlm generate: {e}", file=sys.stderr)
+        return 2
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    input_ids, mask = _left_pad(rows, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.do_sample else None
+
+    streamer = None
+    if args.stream and not args.json:
+        def streamer(tokens: Tensor) -> None:
+            tok = int(tokens[0])
+            piece = tokenizer.decode([tok]) if tokenizer is not None else f" {tok}"
+            print(piece, end="", flush=True)
+
+    eos = args.eos_token_id if args.eos_token_id else None
+    try:
+        out = generate(model, input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=generator)
+    except (ValueError, TypeError) as e:
+        print(f"flashlm generate: {e}", file=sys.stderr)
+        return 2
+    if streamer is not None:
+        print()
+    width = input_ids.shape[1]
+    result = {"model": args.model, "attn": args.attn, "device": str(device),
+              "dtype": str(dtype).replace("torch.", ""), "batch": len(rows),
+              "prompt_len": width, "num_new_tokens": out.num_new_tokens.tolist(),
+              "first_token_ms": round(out.first_token_s * 1e3, 3),
+              "per_token_ms": round(out.per_token_s * 1e3, 3) if math.isfinite(out.per_token_s) else None,
+              "tokens_per_s": round(out.tokens_per_s, 1) if math.isfinite(out.tokens_per_s) else None,
+              "new_token_ids": [out.sequences[i, width:width + int(n)].tolist()
+                                for i, n in enumerate(out.num_new_tokens)]}
+    if tokenizer is not None:
+        result["text"] = [tokenizer.decode(ids) for ids in result["new_token_ids"]]
+    if not args.json:
+        for i, ids in enumerate(result["new_token_ids"]):
+            shown = result["text"][i] if tokenizer is not None else " ".join(map(str, ids))
+            print(f"[{i}] {shown}")
+        per = "n/a" if result["per_token_ms"] is None else f"{result['per_token_ms']:.2f} ms"
+        print(f"first token {result['first_token_ms']:.2f} ms, per token {per} "
+              f"({args.attn}, {result['dtype']}, {device})")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""One configuration dataclass for the LLaMA model family, named presets, and HF config.json interop.
+
+`ModelConfig` holds every hyper-parameter the default and flash models read. It validates itself in
+``__post_init__`` (clear ``ValueError``s naming the bad field) and derives ``head_dim`` and
+``num_kv_heads`` when they are left as ``None``.
+
+HF interop is table-driven: `HF_ARCHITECTURES` maps a ``model_type`` ("llama", "mistral") to an
+`HFArchitecture` row that says which config.json keys map to which fields, the defaults transformers
+uses when a key is absent, the keys whose values we must check (``hidden_act`` must be "silu"), and
+which of our fields the architecture can express. Adding an architecture means adding a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ROPE_TYPES = ("llama3",)  # plus None / "default" (no scaling)
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a LLaMA-family decoder.
+
+    Shapes: ``hidden_size`` is the residual width; attention has ``num_heads`` query heads and
+    ``num_kv_heads`` key/value heads (GQA when fewer) of ``head_dim`` each, so q_proj maps
+    hidden_size -> num_heads * head_dim. ``head_dim=None`` derives hidden_size // num_heads (and then
+    hidden_size must equal num_heads * head_dim); ``num_kv_heads=None`` means num_heads (MHA).
+
+    ``rope_scaling`` is None (plain RoPE) or a dict ``{"rope_type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}`` (Llama 3.1+).
+    ``sliding_window`` W lets query i see keys j with i - W < j <= i (W tokens, itself included).
+    ``attn_logit_softcap`` / ``final_logit_softcap`` apply ``cap * tanh(x / cap)`` to the scaled
+    attention scores / the output logits (None: off).
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int = 11008
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    architecture: str = "llama"
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        _check_positive_int("num_kv_heads", self.num_kv_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}) "
+                "for grouped-query attention"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
+                    "when head_dim is not given (head_dim = hidden_size // num_heads)"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        _check_positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.architecture not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {sorted(HF_ARCHITECTURES)}, got {self.architecture!r}"
+            )
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        self.rope_theta = float(self.rope_theta)
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if self.sliding_window is not None:
+            _check_positive_int("sliding_window", self.sliding_window)
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be None or a positive number, got {value!r}")
+        if not (isinstance(self.attention_dropout, (int, float)) and 0.0 <= self.attention_dropout < 1.0):
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
+            raise ValueError(f"initializer_range must be a positive number, got {self.initializer_range!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            _check_token_id(name, getattr(self, name), self.vocab_size)
+        eos = self.eos_token_id
+        for token in eos if isinstance(eos, (list, tuple)) else [eos]:
+            _check_token_id("eos_token_id", token, self.vocab_size)
+        if isinstance(eos, tuple):
+            self.eos_token_id = list(eos)
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def num_kv_groups(self) -> int:
+        """Query heads per key/value head (1 for MHA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def sliding_window_for_layer(self, layer_idx: int) -> int | None:
+        """Window (in tokens, itself included) of layer ``layer_idx``; None means full attention.
+
+        Every layer shares one window for Llama/Mistral; architectures that alternate local and
+        global layers override the rule here.
+        """
+        return self.sliding_window
+
+    def num_parameters(self) -> int:
+        """Parameter count of the causal LM (tied embeddings counted once)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.attention_bias:
+            attn += d * (2 * self.num_kv_heads + self.num_heads) + h
+        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        return embed * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed (derived fields recomputed unless given)."""
+        values = dataclasses.asdict(self)
+        # A head_dim that was derived is derived again from the new hidden_size / num_heads.
+        reshaped = "hidden_size" in changes or "num_heads" in changes
+        if reshaped and "head_dim" not in changes and self.head_dim * self.num_heads == self.hidden_size:
+            values["head_dim"] = None
+        values.update(changes)
+        return ModelConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- HF config.json -----------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> ModelConfig:
+        """Build a config from a transformers config.json (a dict, a file, or a folder holding one).
+
+        Supported ``model_type``s: see `HF_ARCHITECTURES`. Keys that would change the math in a way
+        this library does not implement (another ``hidden_act``, an unsupported ``rope_type``,
+        partial rotary, ...) raise ``ValueError`` naming them; keys we do not know are ignored with
+        a warning.
+        """
+        if isinstance(path_or_dict, dict):
+            hf = dict(path_or_dict)
+        else:
+            path = os.fspath(path_or_dict)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no HF config.json at {path!r}")
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+        model_type = hf.get("model_type")
+        if model_type is None:  # some exports only carry "architectures"
+            names = hf.get("architectures") or []
+            model_type = next((k for k, a in HF_ARCHITECTURES.items() if a.hf_class in names), None)
+        if model_type not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported HF model_type {model_type!r} (architectures={hf.get('architectures')}); "
+                f"supported: {sorted(HF_ARCHITECTURES)}"
+            )
+        arch = HF_ARCHITECTURES[model_type]
+        missing = [k for k in _HF_REQUIRED if k not in hf]
+        if missing:
+            raise ValueError(f"HF config for {model_type!r} lacks required keys {missing}")
+
+        values: dict[str, Any] = {"architecture": model_type}
+        mapping = {**_HF_COMMON_KEYS, **arch.keys}
+        for hf_key, our_field in mapping.items():
+            if hf_key in hf and (hf[hf_key] is not None or our_field in _NULLABLE_FIELDS):
+                values[our_field] = hf[hf_key]  # an explicit null window means "no window"
+            elif hf_key in arch.hf_defaults:
+                values[our_field] = arch.hf_defaults[hf_key]
+        # Token ids may legitimately be null; keep HF's "absent means default" rule for them.
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if key in hf:
+                values[key] = hf[key]
+
+        bad = []
+        for hf_key, allowed in arch.required_values.items():
+            value = hf.get(hf_key, allowed[0])
+            if value not in allowed:
+                bad.append(f"{hf_key}={value!r} (supported: {list(allowed)})")
+        for hf_key, neutral in arch.unsupported.items():
+            if hf_key in hf and hf[hf_key] not in neutral:
+                bad.append(f"{hf_key}={hf[hf_key]!r} (only {list(neutral)} is supported)")
+        if bad:
+            raise ValueError(f"HF {model_type} config uses options flashlm does not implement: {', '.join(bad)}")
+
+        values["rope_theta"], values["rope_scaling"] = _rope_from_hf(hf, arch)
+        known = set(mapping) | set(arch.required_values) | set(arch.unsupported) | _HF_BENIGN_KEYS
+        known |= {"rope_theta", "rope_scaling", "rope_parameters", "pad_token_id", "bos_token_id", "eos_token_id"}
+        unknown = sorted(k for k in hf if k not in known)
+        if unknown:
+            warnings.warn(f"HF {model_type} config keys ignored by flashlm: {unknown}", stacklevel=2)
+        return cls(**values)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The transformers config.json dict for this config (legacy ``rope_theta``/``rope_scaling``
+        keys, which transformers 4.x and 5.x both read).
+
+        Raises ``ValueError`` when a field is set that the architecture's HF class cannot express
+        (e.g. a sliding window on "llama"), since transformers would silently ignore it.
+        """
+        arch = HF_ARCHITECTURES[self.architecture]
+        defaults = ModelConfig()
+        inexpressible = [
+            name for name in _EXPRESSIBLE_FIELDS
+            if name not in arch.expressible and getattr(self, name) != getattr(defaults, name)
+        ]
+        if inexpressible:
+            options = [k for k, a in HF_ARCHITECTURES.items() if all(n in a.expressible for n in inexpressible)]
+            raise ValueError(
+                f"{arch.hf_class} cannot express {inexpressible} (set on this config); "
+                f"architectures that can: {options or 'none'}"
+            )
+        hf: dict[str, Any] = {"architectures": [arch.hf_class], "model_type": arch.model_type}
+        for hf_key, our_field in {**_HF_COMMON_KEYS, **arch.keys}.items():
+            hf[hf_key] = getattr(self, our_field)
+        for hf_key, allowed in arch.required_values.items():
+            hf[hf_key] = allowed[0]
+        hf["rope_theta"] = self.rope_theta
+        hf["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        hf["pad_token_id"] = self.pad_token_id
+        hf["bos_token_id"] = self.bos_token_id
+        hf["eos_token_id"] = self.eos_token_id
+        return hf
+
+
+# ---- HF mapping tables ------------------------------------------------------------------------
+
+# config.json key -> ModelConfig field, shared by every architecture.
+_HF_COMMON_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "max_position_embeddings": "max_position_embeddings",
+    "attention_dropout": "attention_dropout",
+    "initializer_range": "initializer_range",
+}
+_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+# Fields where null is meaningful (derived, or "off"); a null elsewhere means "use the default".
+_NULLABLE_FIELDS = {"head_dim", "num_kv_heads", "sliding_window"}
+# Fields that only some architectures' HF classes implement (checked by to_hf_config).
+_EXPRESSIBLE_FIELDS = ("attention_bias", "mlp_bias", "sliding_window", "attn_logit_softcap", "final_logit_softcap")
+# Keys that do not change the forward math.
+_HF_BENIGN_KEYS = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type", "pretraining_tp", "tokenizer_class",
+    "auto_map", "quantization_config_ignored", "use_return_dict", "torchscript", "tie_encoder_decoder",
+    "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id", "finetuning_task",
+    "cross_attention_hidden_size", "add_cross_attention", "is_decoder", "pruned_heads",
+}
+
+
+@dataclass(frozen=True)
+class HFArchitecture:
+    """One row of the HF interop table.
+
+    keys: architecture-specific config.json key -> field (on top of the common keys).
+    hf_defaults: the value transformers' config class uses when a key is absent.
+    required_values: key -> allowed values (first one is written on export); others raise.
+    unsupported: key -> values that keep the math we implement; any other value raises.
+    expressible: which of `_EXPRESSIBLE_FIELDS` the HF class implements.
+    """
+
+    model_type: str
+    hf_class: str
+    keys: dict[str, str] = field(default_factory=dict)
+    hf_defaults: dict[str, Any] = field(default_factory=dict)
+    required_values: dict[str, tuple] = field(default_factory=dict)
+    unsupported: dict[str, tuple] = field(default_factory=dict)
+    expressible: tuple[str, ...] = ()
+
+
+_COMMON_HF_DEFAULTS = {
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+}
+_COMMON_UNSUPPORTED = {"partial_rotary_factor": (1.0, None), "quantization_config": (None,)}
+
+HF_ARCHITECTURES: dict[str, HFArchitecture] = {
+    "llama": HFArchitecture(
+        model_type="llama",
+        hf_class="LlamaForCausalLM",
+        keys={"attention_bias": "attention_bias", "mlp_bias": "mlp_bias"},
+        hf_defaults={**_COMMON_HF_DEFAULTS, "max_position_embeddings": 2048, "attention_bias": False,
+                     "mlp_bias": False},
+        required_values={"hidden_act": ("silu",)},
+        unsupported=dict(_COMMON_UNSUPPORTED),
+        expressible=("attention_bias", "mlp_bias"),
+    ),
+    "mistral": HFArchitecture(
+        model_type="mistral",
+        hf_class="MistralForCausalLM",
+        keys={"sliding_window": "sliding_window"},
+        # MistralConfig defaults: 8 kv heads, a 4096-token window, 4096 * 32 positions.
+        hf_defaults={**_COMMON_HF_DEFAULTS, "max_position_embeddings": 4096 * 32, "num_key_value_heads": 8,
+                     "sliding_window": 4096},
+        required_values={"hidden_act": ("silu",)},
+        unsupported=dict(_COMMON_UNSUPPORTED),
+        expressible=("sliding_window",),
+    ),
+}
+
+
+def _rope_from_hf(hf: dict[str, Any], arch: HFArchitecture) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either transformers 5's ``rope_parameters`` or the legacy
+    ``rope_theta`` + ``rope_scaling`` keys."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = params["rope_theta"]
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = hf.get("rope_theta", arch.hf_defaults.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling")
+    if scaling is not None:
+        scaling = dict(scaling)
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        scaling.pop("type", None)
+    return theta, scaling
+
+
+def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be None or a dict, got {type(scaling).__name__}")
+    scaling = dict(scaling)
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type in (None, "default"):
+        extra = sorted(set(scaling) - {"rope_type", "type"})
+        if extra:
+            raise ValueError(f"rope_scaling of type 'default' takes no parameters, got {extra}")
+        return None
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_scaling rope_type {rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)} or None"
+        )
+    missing = [k for k in _LLAMA3_ROPE_KEYS if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling of type 'llama3' lacks {missing}")
+    extra = sorted(set(scaling) - set(_LLAMA3_ROPE_KEYS) - {"rope_type", "type"})
+    if extra:
+        raise ValueError(f"rope_scaling of type 'llama3' has unsupported keys {extra}")
+    out = {"rope_type": "llama3"}
+    for key in _LLAMA3_ROPE_KEYS:
+        value = scaling[key]
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
+        out[key] = value
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(
+            f"rope_scaling high_freq_factor ({out['high_freq_factor']}) must exceed "
+            f"low_freq_factor ({out['low_freq_factor']})"
+        )
+    out["factor"] = float(out["factor"])
+    out["low_freq_factor"] = float(out["low_freq_factor"])
+    out["high_freq_factor"] = float(out["high_freq_factor"])
+    out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    return out
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_token_id(name: str, value: Any, vocab_size: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ValueError(f"{name} must be None or an int in [0, vocab_size={vocab_size}), got {value!r}")
+
+
+# ---- presets ----------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests: GQA (4 q / 2 kv heads), head_dim 16.
+    "tiny": dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 intermediate_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
+    # ~110M parameters, GPT-2-small-like shape with a LLaMA block.
+    "small": dict(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                  intermediate_size=2048, max_position_embeddings=2048),
+    # The shape of meta-llama/Llama-3.2-1B.
+    "llama-1b": dict(
+        vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+        intermediate_size=8192, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset (see `PRESETS`) as a validated `ModelConfig`, with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"unknown ModelConfig fields {bad}")
+    values = {**PRESETS[name], **overrides}
+    return ModelConfig(**values)

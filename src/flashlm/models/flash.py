@@ -1,0 +1,543 @@
+"""The flash model: LLaMA whose attention calls the FlashAttention API directly, BSHD end to end.
+
+Same parameters (HF names) as :class:`~flashlm.models.default.DefaultForCausalLM`, so one safetensors
+folder loads into either. What differs is the path between the projections:
+
+- q/k/v leave their projections as (batch, seqlen, heads, head_dim) views and never transpose;
+  RoPE rotates them in BSHD with per-row positions (a fused Triton kernel on CUDA when available);
+- the kernel is chosen by ``flashlm.attention``'s registry (FA4, cuDNN, Triton, PyTorch FA2, ... on
+  the GPU; the pure-torch reference on the CPU): this file calls only the public API
+  (``flash_attn_func``, ``flash_attn_varlen_func``, ``flash_attn_with_kvcache``);
+- GQA without ``repeat_kv`` (the kernels read fewer k/v heads), sliding window ``(W - 1, 0)``, logit
+  softcap, attention dropout in training only;
+- padding is removed **once per forward**: right after the embedding the batch is reduced to its real
+  tokens (``(1, total_tokens, hidden)``), every layer (projections, MLP, norms) works on those only, and
+  attention runs ``flash_attn_varlen_func`` with the ``cu_seqlens`` computed once (a
+  :class:`FlashMeta` NamedTuple handed to every layer). Packed batches (``position_ids`` restarting
+  at 0, or explicit ``cu_seqlens``) take the same path with no attention across sequences;
+- generation uses a static BSHD cache (:class:`~flashlm.models.flash_cache.StaticKVCache`): prefill
+  scatters each row's keys left-aligned, each decode step appends one key per row in place through
+  ``flash_attn_with_kvcache`` at the row's ``cache_seqlens``; no host sync during decode;
+- with ``labels`` the loss is ``flashlm.losses.linear_cross_entropy`` on the final hidden states: the
+  (tokens x vocab) logits are never materialized.
+
+Host syncs: at most one per forward while planning (unpadding a mask reads the token count and the
+longest row; detecting packing reads the longest sequence; the token-range check reads min/max), none
+inside layers, none in a decode step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flashlm.attention.padding import (
+    get_unpad_data,
+    index_first_axis,
+    pad_input,
+    prepare_from_position_ids,
+    unpad_input,
+)
+from flashlm.losses import cross_entropy, linear_cross_entropy
+
+from .config import ModelConfig
+from .default import CausalLMOutput, DecoderLayer, DefaultForCausalLM, DefaultModel, check_inputs
+from .flash_cache import StaticKVCache
+from .layers import MultiHeadAttention, rotate_half
+
+__all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMeta", "FlashModel",
+           "FlashMultiHeadAttention", "apply_rope_bshd", "rope_tables"]
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE in BSHD
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _triton_rotary():
+    """The fused Triton rotary kernel, or None when the Triton backend is not importable."""
+    try:
+        from flashlm.attention.backends.triton.rotary import apply_rotary_bshd
+    except (ImportError, RuntimeError):  # no triton / no kernel module: the torch path is exact anyway
+        return None
+    return apply_rotary_bshd
+
+
+def rope_tables(cos: Tensor, sin: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Prepare the cos/sin tables once per forward for :func:`apply_rope_bshd`.
+
+    cos/sin (batch or 1, seqlen, head_dim) fp32 from ``RotaryEmbedding``. On CUDA with the fused Triton
+    kernel: the half-width tables (batch, seqlen, head_dim // 2) it takes, as views expanded to the batch
+    (done here once, not per layer); elsewhere the full tables unchanged.
+    """
+    if cos.is_cuda and _triton_rotary() is not None:
+        half = cos.shape[-1] // 2
+        # views: the kernel reads cos/sin through their strides (a broadcast batch stride 0 is fine)
+        return cos[..., :half].expand(batch, -1, -1), sin[..., :half].expand(batch, -1, -1)
+    return cos, sin
+
+
+def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
+    transpose — with one position per (row, token), so left padding and packing just work.
+
+    cos/sin fp32 in the rotate_half convention: either the full tables (batch or 1, seqlen, head_dim)
+    with duplicated halves, rotated here in torch with the tables cast to q's dtype first, exactly as
+    the default model's ``apply_rope`` does (fp32 results agree bit for bit); or the half-width tables
+    (batch, seqlen, head_dim // 2) from :func:`rope_tables`, which go to the fused Triton kernel
+    ``apply_rotary_bshd`` (CUDA).
+    """
+    head_dim = q.shape[-1]
+    if cos.shape[-1] != head_dim:  # half-width tables
+        rotary = _triton_rotary() if q.is_cuda else None
+        if rotary is not None:
+            return rotary(q, cos, sin), rotary(k, cos, sin)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    cos = cos.unsqueeze(2).to(q.dtype)
+    sin = sin.unsqueeze(2).to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Per-forward metadata
+# --------------------------------------------------------------------------------------------
+class FlashMeta(NamedTuple):
+    """What every layer needs to call the kernel, computed once per forward after the embedding.
+
+    mode:
+      "dense":   no padding; hidden (batch, seqlen, hidden); ``flash_attn_func``.
+      "varlen":  padding removed or packed sequences; hidden (1, total, hidden);
+                 ``flash_attn_varlen_func`` with ``cu_seqlens`` int32 (num_seqs + 1,), ``max_seqlen``.
+      "kvcache": the static cache already holds tokens; hidden (batch, seqlen, hidden);
+                 ``flash_attn_with_kvcache``. ``append``: the kernel appends k/v at ``cache_seqlens``
+                 (keys per row before this step; decode and unpadded chunks); otherwise the real
+                 tokens were scattered first and ``cache_seqlens`` counts them (padded chunks), and
+                 ``query_mask`` (batch, seqlen, 1, 1) zeroes the padding queries' output.
+    Cache writes in "dense"/"varlen" (a prefill into an empty cache): "dense" copies k/v to
+    slots [0, seqlen); "varlen" scatters token t (``write_token_idx`` into the layer's flattened k,
+    or every token when None) to row ``write_batch_idx[t]``, slot ``write_slot_idx[t]``.
+    """
+
+    mode: Literal["dense", "varlen", "kvcache"]
+    cu_seqlens: Tensor | None = None
+    max_seqlen: int = 0
+    cache: StaticKVCache | None = None
+    cache_seqlens: Tensor | None = None
+    append: bool = True
+    query_mask: Tensor | None = None
+    write_token_idx: Tensor | None = None
+    write_batch_idx: Tensor | None = None
+    write_slot_idx: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The mixin: BSHD tensors + a padding mask or packing -> the right kernel entry point
+# --------------------------------------------------------------------------------------------
+class FlashAttentionMixin:
+    """Calls ``flashlm.attention`` on BSHD q/k/v, removing padding when there is any.
+
+    Standalone helpers for callers that have a padding mask or packed position ids but no
+    precomputed metadata (the flash model itself precomputes once per forward, see :class:`FlashMeta`;
+    transformers' attention hook can use these directly).
+    """
+
+    @staticmethod
+    def _get_unpad_data(attention_mask: Tensor) -> tuple[Tensor, Tensor, int]:
+        """attention_mask (batch, seqlen), 1 = token -> (indices int64 (total,) into the flattened
+        batch * seqlen, cu_seqlens int32 (batch + 1,), max_seqlen_in_batch int). One host sync."""
+        return get_unpad_data(attention_mask)
+
+    def _upad_input(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
+                    query_length: int):
+        """Remove padding from q (batch, query_length, heads, d) and k/v (batch, kv_len, kv_heads, d).
+
+        ``attention_mask`` (batch, mask_len) covers the keys; keys beyond ``mask_len`` (a static cache
+        longer than what was written) are sliced off. Three cases for the queries:
+          (a) query_length == kv_len (prefill): queries share the keys' indices and cu_seqlens;
+          (b) query_length == 1 (decode): one query per row, cu_seqlens_q = arange(batch + 1);
+          (c) otherwise (chunked prefill, speculative steps): the queries are the last
+              ``query_length`` mask columns, which requires left padding (checked: one host read).
+        Returns (q (total_q, heads, d), k, v (total_k, kv_heads, d), indices_q,
+        (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k)).
+        """
+        indices_k, cu_seqlens_k, max_seqlen_k = self._get_unpad_data(attention_mask)
+        batch, kv_len, kv_heads, head_dim = key.shape
+        mask_len = attention_mask.shape[-1]
+        if kv_len < mask_len:
+            raise ValueError(f"attention_mask covers {mask_len} keys but only {kv_len} were given")
+        if kv_len > mask_len:  # static cache: only the first mask_len slots are described
+            key, value = key[:, :mask_len], value[:, :mask_len]
+            kv_len = mask_len
+        key = index_first_axis(key.reshape(batch * kv_len, kv_heads, head_dim), indices_k)
+        value = index_first_axis(value.reshape(batch * kv_len, kv_heads, value.shape[-1]), indices_k)
+        if query_length == kv_len:
+            query = index_first_axis(query.reshape(batch * kv_len, query.shape[2], head_dim), indices_k)
+            return query, key, value, indices_k, (cu_seqlens_k, cu_seqlens_k), (max_seqlen_k, max_seqlen_k)
+        if query_length == 1:
+            cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
+            return (query.squeeze(1), key, value, cu_seqlens_q[:-1].long(), (cu_seqlens_q, cu_seqlens_k),
+                    (1, max_seqlen_k))
+        q_mask = attention_mask[:, -query_length:]
+        if bool((q_mask[:, 1:].long() < q_mask[:, :-1].long()).any()):
+            raise ValueError("attention_mask over the new queries must be left-padded (rows 0..0 1..1) "
+                             f"when query_length ({query_length}) differs from the key length ({kv_len})")
+        query, indices_q, cu_seqlens_q, max_seqlen_q, _ = unpad_input(query, q_mask)
+        return query, key, value, indices_q, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k)
+
+    def _flash_attention_forward(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None, *,
+        dropout: float = 0.0, softmax_scale: float | None = None, causal: bool = True,
+        training: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+        position_ids: Tensor | None = None, cu_seqlens_q: Tensor | None = None,
+        cu_seqlens_k: Tensor | None = None, max_seqlen_q: int | None = None,
+        max_seqlen_k: int | None = None, deterministic: bool = False,
+    ) -> Tensor:
+        """Attention on BSHD q (batch, q_len, heads, d), k/v (batch, kv_len, kv_heads, d).
+
+        Chooses the entry point from what is given (explicitly, in this order):
+          - ``cu_seqlens_q/k`` (+ max_seqlen_q/k): the batch*seqlen tokens are packed sequences;
+          - ``attention_mask`` (batch, kv_len) with 1 = token: unpad (see `_upad_input`), varlen, re-pad;
+          - ``position_ids`` (batch, q_len) restarting at 0 inside a row (q_len == kv_len > 1):
+            packed sequences found by ``prepare_from_position_ids`` (one host sync);
+          - otherwise ``flash_attn_func``.
+        ``dropout`` applies only when ``training``. Returns (batch, q_len, heads, d_v), zeros at padding.
+        """
+        batch, q_len, heads = query.shape[:3]
+        kwargs = {"dropout_p": dropout if training else 0.0, "softmax_scale": softmax_scale,
+                  "causal": causal, "window_size": window_size, "softcap": softcap,
+                  "deterministic": deterministic}
+        if cu_seqlens_q is None and attention_mask is None and position_ids is not None and \
+                q_len == key.shape[1] and q_len > 1 and position_ids.dim() == 2:
+            cu, max_len = prepare_from_position_ids(position_ids)
+            if cu.numel() - 1 > batch:  # more sequences than rows: packed
+                cu_seqlens_q = cu_seqlens_k = cu
+                max_seqlen_q = max_seqlen_k = max_len
+        if cu_seqlens_q is not None:
+            if cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
+                raise ValueError("cu_seqlens_q needs cu_seqlens_k, max_seqlen_q and max_seqlen_k")
+            out = flash_attn_varlen_func(
+                query.reshape(batch * q_len, heads, query.shape[-1]),
+                key.reshape(-1, *key.shape[2:]), value.reshape(-1, *value.shape[2:]),
+                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)
+            return out.view(batch, q_len, heads, out.shape[-1])
+        if attention_mask is not None:
+            q, k, v, indices_q, (cu_q, cu_k), (max_q, max_k) = self._upad_input(
+                query, key, value, attention_mask, q_len)
+            out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+            return pad_input(out, indices_q, batch, q_len)
+        return flash_attn_func(query, key, value, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention layer
+# --------------------------------------------------------------------------------------------
+class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
+    """The default ``MultiHeadAttention`` (same q/k/v/o projections and weights) computed in BSHD
+    through ``flashlm.attention``: no transpose, no ``repeat_kv``, no (seqlen x seqlen) scores."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        # flash-attn's inclusive window: W tokens, itself included = W - 1 to the left.
+        self.window_size = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
+        self.softcap_value = 0.0 if self.softcap is None else float(self.softcap)
+
+    def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
+                past_key_values: StaticKVCache | None = None, meta: FlashMeta | None = None,
+                **kwargs) -> Tensor:
+        """hidden_states (batch, seqlen, hidden) — (1, total, hidden) in "varlen" mode — and cos/sin
+        (batch or 1, seqlen, head_dim) fp32 for its tokens. ``meta`` comes from the model; without it
+        (a layer used on its own) ``attention_mask`` (batch, seqlen) or packed ``position_ids`` are
+        handled by the mixin, and a cache is refused. Returns hidden_states' shape."""
+        q, k, v = self._project_qkv(hidden_states)  # (B, S, H, D) views, no copy
+        q, k = apply_rope_bshd(q, k, cos, sin)
+        common = {"softmax_scale": self.scaling, "causal": True, "window_size": self.window_size,
+                  "softcap": self.softcap_value}
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if meta is None:
+            if past_key_values is not None:
+                raise ValueError("FlashMultiHeadAttention with a cache needs the FlashMeta built by "
+                                 "FlashModel; call the model, not the layer")
+            out = self._flash_attention_forward(q, k, v, attention_mask, dropout=self.attention_dropout,
+                                                training=self.training,
+                                                position_ids=kwargs.get("position_ids"), **common)
+            return self._project_out(out)
+
+        cache = meta.cache
+        if meta.mode == "kvcache":
+            k_cache, v_cache = cache.layer(self.layer_idx, q.shape[0])
+            if meta.append:
+                out = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                              cache_seqlens=meta.cache_seqlens, **common)
+            else:
+                b, s = k.shape[:2]
+                cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[meta.write_token_idx],
+                            v.reshape(b * s, *v.shape[2:])[meta.write_token_idx],
+                            meta.write_batch_idx, meta.write_slot_idx)
+                out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=meta.cache_seqlens, **common)
+                out = out * meta.query_mask  # padding queries saw unrelated keys: zero them
+            return self._project_out(out)
+
+        if cache is not None:  # prefill into an empty static cache
+            if meta.mode == "dense":
+                k_cache, v_cache = cache.layer(self.layer_idx, k.shape[0])
+                k_cache[:, : k.shape[1]].copy_(k)
+                v_cache[:, : v.shape[1]].copy_(v)
+            else:
+                cache.write(self.layer_idx, k[0], v[0], meta.write_batch_idx, meta.write_slot_idx)
+        if meta.mode == "dense":
+            out = flash_attn_func(q, k, v, dropout_p=dropout_p, **common)
+        else:
+            out = flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
+                                         meta.max_seqlen, dropout_p=dropout_p, **common)[None]
+        return self._project_out(out)
+
+
+class FlashDecoderLayer(DecoderLayer):
+    attention_class = FlashMultiHeadAttention
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+class _Plan(NamedTuple):
+    """Planning result of one forward: the layers' meta plus how to map outputs back."""
+
+    meta: FlashMeta
+    token_ids: Tensor  # (batch, seqlen) or (1, total)
+    position_ids: Tensor  # same shape as token_ids (or (1, seqlen) broadcast over rows)
+    indices: Tensor | None  # unpadding: int64 (total,) into batch * seqlen; None otherwise
+    packed: bool  # varlen over all batch * seqlen tokens (packing)
+    cache_lengths: Tensor | int | None  # tokens added per row to the cache (None: no cache)
+
+
+def _positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(1, total) position of each packed token inside its sequence (no host sync)."""
+    t = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True)
+    return (t - cu_seqlens.long()[seq])[None]
+
+
+class FlashModel(DefaultModel):
+    """Embedding, flash decoder layers, final norm; plans padding/packing/cache once per forward."""
+
+    layer_class = FlashDecoderLayer
+
+    def _plan(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+              cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> _Plan:
+        batch, seqlen = input_ids.shape
+        dev = input_ids.device
+        if cache is not None and not cache.is_empty:
+            return self._plan_cached(input_ids, attention_mask, position_ids, cache, cu_seqlens)
+        if cache is not None:
+            cache.check_room(batch, seqlen)
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either attention_mask (padding) or cu_seqlens (packing), not both")
+            if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+                raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} "
+                                 f"{tuple(cu_seqlens.shape)}")
+            if max_seqlen is None:  # one host read; trainers pass it to avoid even that
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        elif attention_mask is not None:
+            indices, cu, max_len = get_unpad_data(attention_mask)  # the one host sync of this forward
+            if indices.numel() < batch * seqlen:
+                ranks = attention_mask.long().cumsum(-1) - 1
+                if position_ids is None:
+                    position_ids = ranks.clamp(min=0)
+                positions = position_ids.expand(batch, -1).reshape(-1)[indices][None]
+                write_batch = write_slot = lengths = None
+                if cache is not None:
+                    write_batch = indices // seqlen
+                    write_slot = ranks.reshape(-1)[indices]
+                    lengths = attention_mask.sum(-1, dtype=torch.int32)
+                meta = FlashMeta("varlen", cu_seqlens=cu, max_seqlen=max_len, cache=cache,
+                                 write_batch_idx=write_batch, write_slot_idx=write_slot)
+                return _Plan(meta, input_ids.reshape(-1)[indices][None], positions, indices, False, lengths)
+        elif position_ids is not None and seqlen > 1 and cache is None:
+            cu, max_len = prepare_from_position_ids(position_ids)
+            if cu.numel() - 1 > batch:  # more sequences than rows: a packed batch
+                cu_seqlens, max_seqlen = cu, max_len
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("packed sequences (cu_seqlens / position_ids restarting at 0) cannot be "
+                                 "written to a StaticKVCache; generation uses left padding")
+            total = batch * seqlen
+            if position_ids is None:
+                positions = _positions_from_cu_seqlens(cu_seqlens, total)
+            else:
+                positions = position_ids.expand(batch, -1).reshape(1, total)
+            meta = FlashMeta("varlen", cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            return _Plan(meta, input_ids.reshape(1, total), positions, None, True, None)
+        if position_ids is None:
+            position_ids = torch.arange(seqlen, device=dev)[None]
+        lengths = seqlen if cache is not None else None
+        return _Plan(FlashMeta("dense", cache=cache), input_ids, position_ids, None, False, lengths)
+
+    def _plan_cached(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                     cache: StaticKVCache, cu_seqlens: Tensor | None) -> _Plan:
+        """Decode step or a chunk appended to a non-empty cache (no host sync without a mask)."""
+        batch, seqlen = input_ids.shape
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens (packing) cannot be combined with a non-empty cache")
+        cache.check_room(batch, seqlen)
+        before = cache.seqlens(batch)  # live view: the layers read it before `advance` bumps it
+        if attention_mask is None:
+            if position_ids is None:
+                position_ids = before.long()[:, None] + torch.arange(seqlen, device=input_ids.device)
+            meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before, append=True)
+            return _Plan(meta, input_ids, position_ids, None, False, seqlen)
+        if seqlen == 1:
+            raise ValueError("a decode step on a StaticKVCache takes no attention_mask: the cache keeps each "
+                             "row's length (cache_seqlens); pass attention_mask=None")
+        mask = attention_mask.long()
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):  # one host read (chunked prefill only)
+            raise ValueError("attention_mask over a chunk appended to the cache must be left-padded "
+                             "(rows 0..0 1..1)")
+        ranks = (mask.cumsum(-1) - 1).clamp(min=0)
+        if position_ids is None:
+            position_ids = before.long()[:, None] + ranks
+        indices = torch.nonzero(mask.reshape(-1), as_tuple=False).flatten()
+        lengths = mask.sum(-1, dtype=torch.int32)
+        meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before + lengths, append=False,
+                         query_mask=mask.bool()[:, :, None, None], write_token_idx=indices,
+                         write_batch_idx=indices // seqlen,
+                         write_slot_idx=(before.long()[:, None] + ranks).reshape(-1)[indices])
+        return _Plan(meta, input_ids, position_ids, None, False, lengths)
+
+    def forward_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                       position_ids: Tensor | None = None, past_key_values: StaticKVCache | None = None,
+                       cu_seqlens: Tensor | None = None, max_seqlen: int | None = None
+                       ) -> tuple[Tensor, _Plan]:
+        """Final hidden states in the compute layout — (batch, seqlen, hidden), or (1, total, hidden)
+        for unpadded/packed batches — and the plan that maps them back (see `forward`)."""
+        plan = self._plan(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens, max_seqlen)
+        hidden_states = self.embed_tokens(plan.token_ids)
+        cos, sin = rope_tables(*self.rotary_emb(plan.position_ids), hidden_states.shape[0])
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, cos, sin, meta=plan.meta)
+        if past_key_values is not None:
+            past_key_values.advance(input_ids.shape[0], plan.cache_lengths, input_ids.shape[1])
+        return self.norm(hidden_states), plan
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: StaticKVCache | None = None,
+                cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
+        """input_ids (batch, seqlen); attention_mask (batch, seqlen) 1 = token or None; position_ids
+        (batch or 1, seqlen) or None; past_key_values a StaticKVCache or None; cu_seqlens int32 /
+        max_seqlen for explicitly packed rows. Returns hidden states (batch, seqlen, hidden), zeros
+        at padding."""
+        hidden, plan = self.forward_tokens(input_ids, attention_mask, position_ids, past_key_values,
+                                           cu_seqlens, max_seqlen)
+        return _to_padded(hidden, plan, *input_ids.shape)
+
+
+def _to_padded(x: Tensor, plan: _Plan, batch: int, seqlen: int) -> Tensor:
+    """(1, total, ...) or (batch, seqlen, ...) compute layout -> (batch, seqlen, ...)."""
+    if plan.indices is not None:
+        return pad_input(x[0], plan.indices, batch, seqlen)
+    return x.reshape(batch, seqlen, *x.shape[2:])
+
+
+class FlashForCausalLM(DefaultForCausalLM):
+    """Causal LM with flash attention; parameter names and init identical to ``DefaultForCausalLM``."""
+
+    model_class = FlashModel
+
+    def allocate_cache(self, max_batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> StaticKVCache:
+        """A StaticKVCache for this model: per layer (max_batch_size, max_seqlen, kv_heads, head_dim)
+        BSHD, in the model's dtype/device unless given."""
+        weight = self.model.embed_tokens.weight
+        c = self.config
+        return StaticKVCache(c.num_layers, max_batch_size, max_seqlen, c.num_kv_heads, c.head_dim,
+                             dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: StaticKVCache | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool = False,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
+        return_logits: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """input_ids (batch, seqlen) int.
+
+        attention_mask (batch, seqlen): 1 = token, 0 = padding (any side for a plain forward; left for
+        prompts). With a non-empty cache it covers only the new tokens and must be left-padded (None
+        for a decode step). position_ids (batch or 1, seqlen): default from the mask / the cache; in a
+        plain forward, rows restarting at 0 mean packed sequences (no attention across them).
+        cu_seqlens int32 (num_seqs + 1,) and max_seqlen: explicit packing of the flattened
+        batch * seqlen tokens (no detection, no host read when max_seqlen is given).
+        past_key_values: a :class:`StaticKVCache` from :meth:`allocate_cache` (use_cache without one is
+        refused: the static cache must be sized up front).
+        labels (batch, seqlen): HF style, shifted inside, -100 ignored; in packed batches the last token
+        of each sequence gets no target. With labels the loss uses the fused linear cross-entropy and
+        logits are skipped unless ``return_logits=True``.
+        logits_to_keep: if > 0, logits only for the last that many positions (prefill for generation).
+        Returns CausalLMOutput(loss, logits (batch, seqlen or logits_to_keep, vocab) or None, cache).
+        """
+        if past_key_values is not None and not isinstance(past_key_values, StaticKVCache):
+            raise TypeError("FlashForCausalLM takes a StaticKVCache (model.allocate_cache(batch, max_len)) as "
+                            f"past_key_values, got {type(past_key_values).__name__}")
+        if use_cache and past_key_values is None:
+            raise ValueError("use_cache=True needs past_key_values=model.allocate_cache(max_batch_size, "
+                             "max_seqlen): the flash model's cache is static and sized up front")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        batch, seqlen = input_ids.shape if input_ids.dim() == 2 else (0, 0)
+        decoding = past_key_values is not None and not past_key_values.is_empty and seqlen == 1
+        if decoding:
+            # no token-range check here (it reads the device): decode tokens come from the model
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        else:
+            check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0)
+        if return_logits is None:
+            return_logits = labels is None
+
+        hidden, plan = self.model.forward_tokens(input_ids, attention_mask, position_ids, past_key_values,
+                                                 cu_seqlens, max_seqlen)
+        logits = loss = token_logits = None
+        if return_logits:
+            if logits_to_keep:
+                logits = self._logits(_to_padded(hidden, plan, batch, seqlen)[:, -logits_to_keep:])
+            else:
+                token_logits = self._logits(hidden)  # (tokens, vocab): padding never reaches lm_head
+                logits = _to_padded(token_logits, plan, batch, seqlen)
+        if labels is not None:
+            targets = self._shifted_targets(labels, plan)
+            if token_logits is not None:  # the logits exist anyway: plain cross-entropy on them
+                loss = cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), targets)
+            else:  # fused: never materializes (tokens x vocab)
+                loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                            targets, bias=self.lm_head.bias,
+                                            softcap=self.config.final_logit_softcap)
+        return CausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    @staticmethod
+    def _shifted_targets(labels: Tensor, plan: _Plan) -> Tensor:
+        """Targets aligned with the compute-layout tokens, flattened: token t predicts labels[t + 1]
+        of its row; the last position of a row (and, packed, of each sequence) predicts nothing."""
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        if plan.indices is not None:
+            return shifted[plan.indices]
+        if plan.packed:
+            shifted = shifted.clone()
+            shifted[plan.meta.cu_seqlens[1:].long() - 1] = -100
+        return shifted

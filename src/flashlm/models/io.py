@@ -1,0 +1,208 @@
+"""Save and load models as HF checkpoint folders: config.json + safetensors (optionally sharded).
+
+Parameter names are HF's, so a transformers Llama/Mistral folder loads here and ours loads in
+transformers. Tied embeddings are stored once (``model.embed_tokens.weight``) as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+@dataclass
+class LoadReport:
+    """What `load_state_dict_from_folder` found: keys the model wanted but the checkpoint lacked,
+    and keys the checkpoint held that the model has no place for."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with shared tensors kept once (the first name wins, i.e. the embedding), made
+    contiguous on CPU, as safetensors requires."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.device.type != "meta" else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
+    """Write ``model`` (a flashlm causal LM with ``.config``) to the folder ``path``: config.json (HF
+    format, with the weights' dtype) and model.safetensors, or model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json when the weights exceed ``max_shard_size`` (bytes or "500MB").
+
+    Atomic: everything is written to a temporary folder beside ``path`` and renamed into place, so
+    a crash never leaves a half-written checkpoint; an existing folder at ``path`` is replaced.
+    Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    config: ModelConfig = model.config
+    hf_config = config.to_hf_config()  # raises before anything is written if not expressible
+    tensors = _tensors_to_save(model)
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+    hf_config["torch_dtype"] = _DTYPE_NAMES.get(dtype, "float32")
+
+    # Greedy sharding in state-dict order, as transformers does.
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, SAFE_WEIGHTS_NAME), metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata=metadata)
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(os.path.join(tmp, SAFE_INDEX_NAME), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if os.path.exists(path):
+            old = f"{tmp}-old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[str]:
+    """The safetensors files of a checkpoint folder (one file, or the shards named in the index)."""
+    path = os.fspath(path)
+    index = os.path.join(path, SAFE_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if absent:
+            raise FileNotFoundError(f"{index} names shards that are not in the folder: {absent}")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    raise FileNotFoundError(
+        f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} in {path!r} (found: {found[:10]}); "
+        "only safetensors checkpoints are supported"
+    )
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The floating dtype stored in the checkpoint (from config.json, else the first tensor)."""
+    with open(os.path.join(os.fspath(path), CONFIG_NAME), encoding="utf-8") as f:
+        hf = json.load(f)
+    name = hf.get("torch_dtype") or hf.get("dtype")
+    if name in _NAME_DTYPES:
+        return _NAME_DTYPES[name]
+    from safetensors import safe_open
+
+    with safe_open(checkpoint_files(path)[0], framework="pt") as f:
+        for key in f.keys():
+            t = f.get_slice(key)
+            dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(t.get_dtype())
+            if dt is not None:
+                return dt
+    return None
+
+
+@torch.no_grad()
+def load_state_dict_from_folder(
+    model: nn.Module, path: str | os.PathLike, allow_missing: bool = False
+) -> LoadReport:
+    """Copy the checkpoint's tensors into ``model``'s parameters (cast to each parameter's dtype and
+    device). Raises ``ValueError`` listing missing keys unless ``allow_missing``; unexpected keys
+    are reported, not fatal. For tied models a stored ``lm_head.weight`` is ignored (transformers
+    does the same); a checkpoint with only ``lm_head.weight`` fills the shared embedding."""
+    from safetensors import safe_open
+
+    params = dict(model.state_dict(keep_vars=True))
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key not in params:
+                    unexpected.append(key)
+                    continue
+                if tied and key == "lm_head.weight":
+                    continue  # the shared tensor is filled from model.embed_tokens.weight
+                target = params[key]
+                tensor = f.get_tensor(key)
+                if tensor.shape != target.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, "
+                        f"the model expects {tuple(target.shape)} (config.json does not match the weights?)"
+                    )
+                target.copy_(tensor.to(dtype=target.dtype))
+                loaded.add(key)
+    if tied and "model.embed_tokens.weight" not in loaded and "lm_head.weight" in params:
+        # Only the output projection was stored: fill the shared tensor from it.
+        for file in checkpoint_files(path):
+            with safe_open(file, framework="pt") as f:
+                if "lm_head.weight" in f.keys():
+                    params["lm_head.weight"].copy_(f.get_tensor("lm_head.weight"))
+                    loaded.add("model.embed_tokens.weight")
+    if tied and "model.embed_tokens.weight" in loaded:
+        loaded.add("lm_head.weight")  # the same tensor
+    missing = [k for k in params if k not in loaded]
+    if missing and not allow_missing:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} lacks {len(missing)} model tensors: {missing[:20]}")
+    return LoadReport(missing_keys=missing, unexpected_keys=sorted(unexpected))

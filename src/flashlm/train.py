@@ -1,0 +1,648 @@
+"""`flashlm train`: padding-free packed training with checkpoints and exact resume, one process to FSDP2.
+
+    flashlm train --model tiny --data corpus/ --output runs/tiny --max-steps 200
+    torchrun --nproc-per-node 8 -m flashlm.train --model llama-1b --data corpus/ --tokenizer tok.json \
+        --seq-length 2048 --batch-size 8 --output runs/1b
+
+One code path: without ``WORLD_SIZE > 1`` the model trains in one process; under torchrun every
+decoder layer and then the root are wrapped with FSDP2 ``fully_shard`` (bf16 compute, fp32 gradient
+reduction, fp32 sharded master weights and optimizer state). Data, checkpoints and metrics: see
+docs/training.md, `flashlm.data`, `flashlm.checkpoint`.
+
+Precision (``--dtype``): parameters and AdamW state are always fp32. ``bf16`` runs the forward and
+backward in bf16: under ``torch.autocast`` in one process, through FSDP2's
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` under torchrun. ``fp32`` computes in fp32.
+
+MFU: model FLOPs per token = 6 * N_matmul + 6 * L * S * (heads * head_dim), where N_matmul counts the
+parameters used in matmuls (all but the input embedding; the LM head counted even when tied) and the
+second term is causal attention (QK^T and PV: 4 * S * d per token per layer forward, halved by the
+causal mask, x3 for forward + backward), with S = --seq-length (an upper bound under packing:
+attention within shorter documents does less work). Activation recomputation is not counted (that
+is MFU, not HFU). Peak: 989 TFLOP/s dense bf16 for H100 SXM / H200 (NVIDIA's datasheet), 312 for
+A100; ``--peak-tflops`` overrides (e.g. 790, the dense bf16 matmul rate measured on our H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flashlm import checkpoint as ckpt
+from flashlm import data as fdata
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+DTYPES = ("auto", "bf16", "fp32")
+
+
+# ----------------------------------------------------------------------------------------------- args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flashlm train",
+        description="Train a flashlm model on local text (packed, padding-free) with checkpoints and resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="preset name (tiny, small, llama-1b) or an HF checkpoint folder")
+    g.add_argument("--attn", default="flash", choices=("flash", "default"),
+                   help="model class; 'default' (eager) does not isolate packed documents from each other")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="vocab size of a preset model (and of the BPE trained without --tokenizer)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or folders")
+    g.add_argument("--text-field", default="text", help="field holding the text in .jsonl lines")
+    g.add_argument("--tokenizer", default=None,
+                   help="a tokenizer.json (tokenizers library); default: the --model folder's, else a "
+                        "byte-level BPE trained on --data and saved in --output")
+    g.add_argument("--seq-length", type=int, default=1024, help="tokens per packed row")
+    g.add_argument("--eval-fraction", type=float, default=0.01, help="share of rows held out for --eval-every")
+    g.add_argument("--cache-dir", default=None, help="tokenized-data cache (default $FLASHLM_CACHE or ~/.cache/flashlm)")
+    g.add_argument("--seed", type=int, default=0, help="model init, document and row shuffling")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 10%% of --max-steps, <= 1000)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (not norms/biases)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    g = p.add_argument_group("performance")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in backward")
+    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    g.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default by GPU name)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png, final/")
+    g.add_argument("--eval-every", type=int, default=100, help="evaluate on the held-out rows every N steps (0: never)")
+    g.add_argument("--eval-batches", type=int, default=8, help="micro-batches per evaluation")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--resume", default=None,
+                   help="a checkpoint folder, a run folder (its latest checkpoint), or 'auto' (--output's latest if any)")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="checkpoint and stop after this step, as a preempted job would (the LR schedule "
+                        "still follows --max-steps); used to test resume")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (metrics.jsonl is still written)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Range checks that need no model or data; raise ValueError naming the flag."""
+    positive = ("seq_length", "batch_size", "grad_accum", "max_steps", "eval_batches")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if args.warmup_steps is not None and not 0 <= args.warmup_steps <= args.max_steps:
+        raise ValueError(f"--warmup-steps must be in [0, --max-steps={args.max_steps}], got {args.warmup_steps}")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.max_steps:
+        raise ValueError(f"--stop-after must be in [1, --max-steps={args.max_steps}], got {args.stop_after}")
+    if not 0.0 <= args.eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ValueError(f"--vocab-size must be >= 1, got {args.vocab_size}")
+
+
+# -------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (identity in one process)."""
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (SUM + divide: gloo has no AVG)."""
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world_size
+        return value
+
+
+def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg is not None:
+        device = torch.device(device_arg)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Dist(rank, world, local), device
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def flops_per_token(model: nn.Module, seq_length: int) -> float:
+    """Model FLOPs per trained token (forward + backward); formula in the module docstring."""
+    cfg = model.config
+    embed = model.model.embed_tokens.weight
+    n_matmul = sum(p.numel() for p in model.parameters() if p is not embed)
+    if cfg.tie_word_embeddings:
+        n_matmul += embed.numel()  # the tied LM head is a (hidden x vocab) matmul per token
+    attn = 6 * cfg.num_layers * seq_length * cfg.num_heads * cfg.head_dim
+    return 6.0 * n_matmul + attn
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            # H100 PCIe has 756 dense bf16 TFLOP/s, not the SXM 989.
+            return (756.0 if key == "H100" and "PCIe" in name else tflops) * 1e12
+    return None
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant ``torch.utils.checkpoint``).
+
+    The layer's ``forward`` is replaced on the instance, so parameter names (and so checkpoints and
+    FSDP2 state dicts) stay exactly the model's own.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.model.layers:
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
+def apply_fsdp(model: nn.Module, bf16: bool) -> None:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (embedding, final norm, LM head)."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mp_policy": mp} if mp is not None else {}
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95, eps 1e-8); matrices decay, norms and biases do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_lambda(max_steps: int, warmup: int, min_ratio: float):
+    """LR multiplier after ``i`` scheduler steps: linear warmup to 1 over ``warmup`` steps, then a
+    cosine down to ``min_ratio`` at ``max_steps``."""
+
+    def fn(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = min(1.0, (i - warmup) / max(1, max_steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------- the setup
+
+
+def _check_output(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--output {str(path)!r} is not writable: {e.strerror or e}") from None
+
+
+def _resolve_model_config(args):
+    """(config, hf_folder or None) for --model."""
+    from flashlm.models.config import PRESETS, ModelConfig, get_preset
+
+    if args.model in PRESETS:
+        overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
+        if args.vocab_size is not None:
+            # The preset's special ids may fall outside a smaller vocab; they are re-set from the tokenizer.
+            overrides.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        return get_preset(args.model, **overrides), None
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model {args.model!r} is neither a preset {sorted(PRESETS)} nor a folder with config.json")
+    if args.vocab_size is not None:
+        raise ValueError("--vocab-size only applies to a preset --model (a checkpoint folder fixes its vocab)")
+    return ModelConfig.from_hf_config(folder), folder
+
+
+def _first_eos(config) -> int | None:
+    eos = config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def setup_tokenizer(args, config, hf_folder, files, out: Path, dd: Dist):
+    """Load or train the tokenizer; returns (tokenizer, eos_id, config with eos/vocab checked)."""
+    tok_path = args.tokenizer
+    if tok_path is None and hf_folder is not None and (hf_folder / "tokenizer.json").is_file():
+        tok_path = hf_folder / "tokenizer.json"
+    trained_path = out / "tokenizer.json"
+    if tok_path is None:
+        if config.vocab_size < 257:
+            raise ValueError(
+                f"--model {args.model} has vocab_size {config.vocab_size}, too small for a trained byte-level "
+                "BPE (>= 257: 256 bytes + EOS); pass --vocab-size (e.g. 512) or --tokenizer"
+            )
+        # Rank 0 trains once; the others wait and read the saved file (same tokenizer everywhere).
+        if dd.main and not trained_path.is_file():
+            tok = fdata.train_tokenizer(fdata.read_documents(files, args.text_field), config.vocab_size)
+            tmp = out / ".tokenizer.json.tmp"
+            tok.save(str(tmp))
+            os.replace(tmp, trained_path)
+        dd.barrier()
+        tok_path = trained_path
+    tok = fdata.load_tokenizer(tok_path)
+    n_tok = tok.get_vocab_size(with_added_tokens=True)
+    if n_tok > config.vocab_size:
+        raise ValueError(
+            f"tokenizer/vocab mismatch: {tok_path} has {n_tok} tokens but the model's vocab_size is "
+            f"{config.vocab_size}; token ids >= {config.vocab_size} would index past the embedding "
+            "(use a matching tokenizer, or --vocab-size for a preset)"
+        )
+    if hf_folder is None:
+        # A fresh model takes its EOS from the tokenizer (a preset's default ids mean nothing here).
+        eos = fdata.resolve_eos_id(tok, None)
+        if config.eos_token_id != eos:
+            config = config.replace(eos_token_id=eos)
+        if config.bos_token_id is not None and config.bos_token_id >= n_tok:
+            config = config.replace(bos_token_id=None)
+    else:
+        eos = fdata.resolve_eos_id(tok, _first_eos(config))
+    if dd.main and Path(tok_path).resolve() != trained_path.resolve():
+        tok.save(str(trained_path))  # the run folder always holds the tokenizer it used
+    return tok, eos, config
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: per-step train losses, (step, eval loss) pairs, the final model folder."""
+
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    final_dir: Path | None = None
+    last_checkpoint: Path | None = None
+    start_step: int = 0
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_mem_gib: float | None = None
+
+
+def _peak_mem_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after ``step`` (a run killed after its last checkpoint logged steps that the
+    resumed run logs again)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
+    """Train (and eval) loss vs step from metrics.jsonl to a PNG; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("flashlm train: matplotlib not installed, no loss.png (pip install 'flashlm[plot]')", file=sys.stderr)
+        return None
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"flashlm train: {metrics_path.parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+@torch.no_grad()
+def evaluate(model, eval_ds, batch_size: int, n_batches: int, dd: Dist, device, autocast) -> float:
+    """Mean loss over up to ``n_batches`` global batches of the held-out rows (same rows every time)."""
+    per_rank = min(batch_size, len(eval_ds) // dd.world_size)
+    n = min(n_batches, len(eval_ds) // (per_rank * dd.world_size))
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    for b in range(n):
+        lo = (b * dd.world_size + dd.rank) * per_rank
+        batch = {k: v.to(device) for k, v in eval_ds.batch(torch.arange(lo, lo + per_rank)).items()}
+        with autocast():
+            total += model(**batch).loss.float()
+    model.train(was_training)
+    return float(dd.mean(total / n))
+
+
+def train(argv_or_args: list[str] | argparse.Namespace | None = None) -> TrainResult:
+    """Run training (see `build_parser` for the flags). Raises ValueError/FileNotFoundError with a clear
+    message for bad input before any training step."""
+    args = argv_or_args if isinstance(argv_or_args, argparse.Namespace) else build_parser().parse_args(argv_or_args)
+    check_args(args)
+    out = Path(args.output)
+    _check_output(out)
+    dd, device = init_distributed(args.device)
+    try:
+        return _train(args, out, dd, device)
+    finally:
+        if dd.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
+    from flashlm.models import build_model, from_pretrained
+
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    bf16 = dtype == "bf16"
+
+    # ---- config, tokenizer, data (all checks before the model is built)
+    config, hf_folder = _resolve_model_config(args)
+    if args.seq_length > config.max_position_embeddings:
+        raise ValueError(
+            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
+    resume_dir = None
+    if args.resume == "auto":
+        resume_dir = ckpt.latest_checkpoint(out)
+    elif args.resume is not None:
+        resume_dir = ckpt.resolve_checkpoint(args.resume)
+    files = fdata.find_files(args.data)
+    tok, eos_id, config = setup_tokenizer(args, config, hf_folder, files, out, dd)
+    if resume_dir is not None:
+        # Fail on a config mismatch before any tokenization or model building.
+        ckpt.check_config(ckpt.read_train_state(resume_dir)["config"], config)
+
+    # Rank 0 tokenizes (and fills the cache) first; the others then read the cache.
+    if dd.main:
+        tokens, offsets = fdata.tokenize_corpus(files, tok, args.text_field, args.cache_dir)
+    dd.barrier()
+    if not dd.main:
+        tokens, offsets = fdata.tokenize_corpus(files, tok, args.text_field, args.cache_dir)
+    rows, starts = fdata.pack(tokens, offsets, args.seq_length, eos_id, seed=args.seed)
+    full = fdata.PackedDataset(rows, starts)
+    use_eval = args.eval_every > 0 and args.eval_fraction > 0
+    train_ds, eval_ds = full.split(args.eval_fraction if use_eval else 0.0)
+    if eval_ds is not None and len(eval_ds) < dd.world_size:
+        raise ValueError(
+            f"only {len(eval_ds)} held-out rows for {dd.world_size} processes: raise --eval-fraction or add data"
+        )
+    train_iter = fdata.DataIterator(train_ds, args.batch_size, seed=args.seed, rank=dd.rank, world_size=dd.world_size)
+
+    # ---- model
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # same init on every rank; fully_shard then keeps each rank's shard
+    if hf_folder is not None:
+        model = from_pretrained(hf_folder, attn=args.attn, device=device, dtype=torch.float32)
+    else:
+        model = build_model(config, attn=args.attn, device=device, dtype=torch.float32)
+    model.train()
+    fpt = flops_per_token(model, args.seq_length)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile()  # in place: parameter names unchanged
+    if dd.enabled:
+        apply_fsdp(model, bf16)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, args.max_steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.max_steps, warmup, args.min_lr_ratio))
+
+    # ---- resume
+    start_step = 0
+    metrics_path = out / "metrics.jsonl"
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(resume_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        train_iter.load_state_dict(state["data"])
+        start_step = state["step"]
+        saved_args = state.get("train_args", {})
+        changed = [k for k in ("seq_length", "batch_size", "grad_accum", "lr", "max_steps", "seed")
+                   if k in saved_args and saved_args[k] != getattr(args, k)]
+        if changed and dd.main:
+            print(f"flashlm train: resuming with changed {changed}: the run will not match an "
+                  "uninterrupted one", file=sys.stderr)
+        if dd.main:
+            _truncate_metrics(metrics_path, start_step)
+    elif dd.main and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
+    dd.barrier()
+
+    # bf16 in one process: autocast. Under FSDP2 the MixedPrecisionPolicy casts instead.
+    def autocast():
+        if bf16 and not dd.enabled:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    peak = peak_flops(device, args.peak_tflops)
+    tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * dd.world_size
+    result = TrainResult(start_step=start_step)
+    end_step = args.stop_after if args.stop_after is not None else args.max_steps
+    train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+    if dd.main:
+        print(
+            f"flashlm train: {args.model} ({args.attn}, {n_params / 1e6:.1f}M params, {dtype}) on "
+            f"{dd.world_size} x {device.type}; {len(train_ds)} train rows x {args.seq_length} tokens"
+            f"{f', {len(eval_ds)} eval rows' if eval_ds is not None else ''}; {tokens_per_step} tokens/step; "
+            f"steps {start_step} -> {end_step}",
+            file=sys.stderr,
+        )
+    bar = None
+    if dd.main and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if dd.main else None  # noqa: SIM115
+    t_run, timed_tokens, timed_s = time.perf_counter(), 0, 0.0
+    last_ckpt = None
+    try:
+        for step in range(start_step + 1, end_step + 1):
+            t0 = time.perf_counter()
+            # Token-weighted loss over the whole global batch (all micro-batches, all ranks), so the
+            # gradient equals one big batch's whatever --grad-accum and the process count: each
+            # micro-batch's mean loss is re-weighted by its share of the step's target tokens.
+            # (FSDP averages gradients over ranks, hence the world_size factor.)
+            micro_batches = [next(train_iter) for _ in range(args.grad_accum)]
+            n_local = torch.stack([(b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum() for b in micro_batches])
+            n_global = dd.sum(n_local.sum().to(device).float())
+            loss_sum = torch.zeros((), device=device)
+            for micro, cpu_batch in enumerate(micro_batches):
+                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+                if dd.enabled:
+                    # Reduce-scatter gradients only on the last micro-batch.
+                    model.set_requires_gradient_sync(micro == args.grad_accum - 1)
+                with autocast():
+                    loss = model(**batch).loss
+                n = n_local[micro].to(device)
+                # an all-ignored micro-batch has a nan mean (torch semantics) and zero gradients
+                weighted = torch.where(n > 0, loss.float() * n, torch.zeros_like(loss, dtype=torch.float32))
+                weighted = weighted / n_global
+                (weighted * dd.world_size).backward()
+                loss_sum += weighted.detach()
+            if args.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            else:
+                grad_norm = None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # One host sync per step (the logged loss), never inside the model.
+            step_loss = float(dd.sum(loss_sum))
+            dt = time.perf_counter() - t0
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or check the data")
+            tok_s = tokens_per_step / dt
+            if step > start_step + 1:  # the first step pays for compilation / allocator warmup
+                timed_tokens, timed_s = timed_tokens + tokens_per_step, timed_s + dt
+            mfu = fpt * tok_s / (peak * dd.world_size) if peak else None
+            mem = _peak_mem_gib(device)
+            result.losses.append(step_loss)
+            rec = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "tokens": step * tokens_per_step, "tokens_per_s": tok_s, "mfu": mfu,
+                   "peak_mem_gib": mem, "elapsed_s": time.perf_counter() - t_run}
+
+            if eval_ds is not None and step % args.eval_every == 0:
+                ev = evaluate(model, eval_ds, args.batch_size, args.eval_batches, dd, device, autocast)
+                rec["eval_loss"] = ev
+                result.eval_losses.append((step, ev))
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            if bar is not None:
+                post = {"loss": f"{step_loss:.4f}", "tok/s": f"{tok_s:,.0f}", "mem": f"{mem:.1f}G"}
+                if mfu is not None:
+                    post["mfu"] = f"{100 * mfu:.1f}%"
+                if "eval_loss" in rec:
+                    post["eval"] = f"{rec['eval_loss']:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+
+            if (args.save_every and step % args.save_every == 0) or step == end_step:
+                last_ckpt = ckpt.save_checkpoint(
+                    out, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                    data_state=train_iter.state_dict(), train_args=train_args, tokenizer=tok,
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    result.last_checkpoint = last_ckpt
+    if timed_s > 0:
+        result.tokens_per_s = timed_tokens / timed_s
+        result.mfu = fpt * result.tokens_per_s / (peak * dd.world_size) if peak else None
+    result.peak_mem_gib = _peak_mem_gib(device)
+    if end_step == args.max_steps:
+        result.final_dir = out / "final"
+        ckpt.export_model(model, result.final_dir, tokenizer=tok)
+        if dd.main:
+            plot_losses(metrics_path, out / "loss.png")
+    if dd.main:
+        summary = {"steps": end_step, "final_loss": result.losses[-1] if result.losses else None,
+                   "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "peak_mem_gib": result.peak_mem_gib,
+                   "flops_per_token": fpt, "world_size": dd.world_size, "dtype": dtype, "attn": args.attn}
+        print(json.dumps(summary))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`flashlm train` entry point: 0 on success, 2 with a one-line message on bad input."""
+    try:
+        train(argv)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as e:
+        print(f"flashlm train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
