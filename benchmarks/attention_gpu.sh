@@ -14,8 +14,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 for step in $steps; do
   case $step in
     probe) timeout 90 python benchmarks/attention_probe.py "$OUT/probe.json" 2>&1 | tee "$OUT/probe.log" ;;
-    tests) timeout 200 python -m pytest -q --no-header -p no:cacheprovider tests/test_attention_gpu.py -rs 2>&1 \
-             | tail -n 60 | tee "$OUT/gpu_tests.log" ;;
+    tests) timeout ${TESTS_TIMEOUT:-280} python -m pytest -q --no-header -p no:cacheprovider tests/test_attention_gpu.py -rs ${PYTEST_ARGS:-} 2>&1 \
+             | tail -n 80 | tee "$OUT/gpu_tests.log" ;;
     bench) timeout 200 python -m flashlm.bench.kernels --json "$OUT/kernels_h100.json" 2>&1 | tee "$OUT/kernels.log" ;;
   esac
 done

@@ -6,42 +6,99 @@ import pytest
 
 from flashlm.models.config import HF_ARCHITECTURES, PRESETS, ModelConfig, get_preset
 
-LLAMA3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 # meta-llama/Llama-3.2-1B config.json as published (transformers 4.45 export).
 LLAMA_32_1B_JSON = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
-    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
-    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32,
-    "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256,
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 16,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.45.0.dev0",
+    "use_cache": True,
+    "vocab_size": 128256,
 }
 
 # mistralai/Mistral-7B-v0.1 config.json as published.
 MISTRAL_7B_JSON = {
-    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-    "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32,
-    "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
-    "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000,
+    "architectures": ["MistralForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mistral",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.34.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32000,
 }
 
 
 def test_presets_shapes():
     tiny = get_preset("tiny")
-    assert (tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads, tiny.head_dim) == (64, 2, 4, 2, 16)
+    assert (tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads, tiny.head_dim) == (
+        64,
+        2,
+        4,
+        2,
+        16,
+    )
     small = get_preset("small")
-    assert (small.hidden_size, small.num_layers, small.num_heads, small.intermediate_size, small.vocab_size) == (
-        768, 12, 12, 2048, 32000)
+    assert (
+        small.hidden_size,
+        small.num_layers,
+        small.num_heads,
+        small.intermediate_size,
+        small.vocab_size,
+    ) == (768, 12, 12, 2048, 32000)
     one_b = get_preset("llama-1b")
     assert (one_b.hidden_size, one_b.num_layers, one_b.num_heads, one_b.num_kv_heads, one_b.head_dim) == (
-        2048, 16, 32, 8, 64)
+        2048,
+        16,
+        32,
+        8,
+        64,
+    )
     assert (one_b.intermediate_size, one_b.vocab_size, one_b.tie_word_embeddings) == (8192, 128256, True)
     assert one_b.rope_theta == 500000.0 and one_b.rope_scaling == LLAMA3
     assert one_b.max_position_embeddings == 131072 and one_b.rms_norm_eps == 1e-5
@@ -66,13 +123,19 @@ def test_mistral_config_json():
     assert ModelConfig.from_hf_config({**MISTRAL_7B_JSON, "sliding_window": None}).sliding_window is None
 
 
-@pytest.mark.parametrize("cfg", [
-    get_preset("tiny"),
-    get_preset("llama-1b"),
-    get_preset("tiny", attention_bias=True, mlp_bias=True, pad_token_id=0, eos_token_id=[2, 3]),
-    get_preset("tiny", architecture="mistral", sliding_window=7),
-    ModelConfig(vocab_size=100, hidden_size=48, num_layers=1, num_heads=3, head_dim=32, intermediate_size=64),
-], ids=["tiny", "llama-1b", "bias-tokens", "mistral", "head_dim-not-derived"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        get_preset("tiny"),
+        get_preset("llama-1b"),
+        get_preset("tiny", attention_bias=True, mlp_bias=True, pad_token_id=0, eos_token_id=[2, 3]),
+        get_preset("tiny", architecture="mistral", sliding_window=7),
+        ModelConfig(
+            vocab_size=100, hidden_size=48, num_layers=1, num_heads=3, head_dim=32, intermediate_size=64
+        ),
+    ],
+    ids=["tiny", "llama-1b", "bias-tokens", "mistral", "head_dim-not-derived"],
+)
 def test_hf_round_trip(cfg, tmp_path):
     hf = cfg.to_hf_config()
     assert ModelConfig.from_hf_config(hf) == cfg
@@ -101,20 +164,25 @@ def test_transformers5_rope_parameters_format():
 
 
 def test_legacy_rope_scaling_type_key():
-    hf = dict(LLAMA_32_1B_JSON, rope_scaling={**{k: v for k, v in LLAMA3.items() if k != "rope_type"},
-                                              "type": "llama3"})
+    hf = dict(
+        LLAMA_32_1B_JSON,
+        rope_scaling={**{k: v for k, v in LLAMA3.items() if k != "rope_type"}, "type": "llama3"},
+    )
     assert ModelConfig.from_hf_config(hf).rope_scaling == LLAMA3
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model_type": "gpt2"}, "unsupported HF model_type 'gpt2'"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type 'linear' is not supported"),
-    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks"),
-    ({"num_attention_heads": 31}, "divisible"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_type": "gpt2"}, "unsupported HF model_type 'gpt2'"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type 'linear' is not supported"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks"),
+        ({"num_attention_heads": 31}, "divisible"),
+    ],
+)
 def test_from_hf_config_rejects_unsupported(changes, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf_config({**LLAMA_32_1B_JSON, **changes})
@@ -144,31 +212,38 @@ def test_to_hf_config_refuses_what_the_hf_class_ignores():
         get_preset("tiny", attn_logit_softcap=30.0).to_hf_config()
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(num_heads=4, num_kv_heads=3), "divisible by num_kv_heads"),
-    (dict(hidden_size=66, num_heads=4), "hidden_size \\(66\\) must be divisible by num_heads"),
-    (dict(head_dim=15), "head_dim must be even"),
-    (dict(vocab_size=-1), "vocab_size must be a positive integer"),
-    (dict(num_layers=0), "num_layers must be a positive integer"),
-    (dict(intermediate_size=2.5), "intermediate_size"),
-    (dict(num_kv_heads=0), "num_kv_heads"),
-    (dict(rope_theta=-1.0), "rope_theta"),
-    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type 'dynamic'"),
-    (dict(rope_scaling={**LLAMA3, "factor": -2.0}), "factor"),
-    (dict(rope_scaling={**LLAMA3, "high_freq_factor": 0.5}), "must exceed"),
-    (dict(rope_scaling={**LLAMA3, "beta": 1.0}), "unsupported keys \\['beta'\\]"),
-    (dict(rope_scaling="llama3"), "rope_scaling must be None or a dict"),
-    (dict(sliding_window=0), "sliding_window"),
-    (dict(attn_logit_softcap=0.0), "attn_logit_softcap"),
-    (dict(attention_dropout=1.0), "attention_dropout"),
-    (dict(architecture="gpt2"), "architecture must be one of"),
-    (dict(pad_token_id=256), "pad_token_id"),
-    (dict(eos_token_id=[2, 999]), "eos_token_id"),
-    (dict(rms_norm_eps=0), "rms_norm_eps"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_heads": 4, "num_kv_heads": 3}, "divisible by num_kv_heads"),
+        ({"hidden_size": 66, "num_heads": 4}, "hidden_size \\(66\\) must be divisible by num_heads"),
+        ({"head_dim": 15}, "head_dim must be even"),
+        ({"vocab_size": -1}, "vocab_size must be a positive integer"),
+        ({"num_layers": 0}, "num_layers must be a positive integer"),
+        ({"intermediate_size": 2.5}, "intermediate_size"),
+        ({"num_kv_heads": 0}, "num_kv_heads"),
+        ({"rope_theta": -1.0}, "rope_theta"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
+        ({"rope_scaling": {**LLAMA3, "factor": -2.0}}, "factor"),
+        ({"rope_scaling": {**LLAMA3, "high_freq_factor": 0.5}}, "must exceed"),
+        ({"rope_scaling": {**LLAMA3, "beta": 1.0}}, "unsupported keys \\['beta'\\]"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"attn_logit_softcap": 0.0}, "attn_logit_softcap"),
+        ({"attention_dropout": 1.0}, "attention_dropout"),
+        ({"architecture": "gpt2"}, "architecture must be one of"),
+        ({"pad_token_id": 256}, "pad_token_id"),
+        ({"eos_token_id": [2, 999]}, "eos_token_id"),
+        ({"rms_norm_eps": 0}, "rms_norm_eps"),
+    ],
+)
 def test_validation_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         get_preset("tiny", **changes)
+
+
+def test_rope_scaling_type_error():
+    with pytest.raises(TypeError, match="rope_scaling must be None or a dict, got str"):
+        get_preset("tiny", rope_scaling="llama3")
 
 
 def test_derived_fields_and_replace():
@@ -176,8 +251,9 @@ def test_derived_fields_and_replace():
     assert cfg.head_dim == 8 and cfg.num_kv_heads == 8 and cfg.num_kv_groups == 1
     wider = cfg.replace(hidden_size=128)
     assert wider.head_dim == 16  # derived again
-    explicit = ModelConfig(vocab_size=10, hidden_size=64, num_layers=1, num_heads=2, head_dim=48,
-                           intermediate_size=32)
+    explicit = ModelConfig(
+        vocab_size=10, hidden_size=64, num_layers=1, num_heads=2, head_dim=48, intermediate_size=32
+    )
     assert explicit.replace(num_layers=3).head_dim == 48
     assert get_preset("tiny", rope_scaling={"rope_type": "default"}).rope_scaling is None
     with pytest.raises(ValueError, match="unknown preset"):

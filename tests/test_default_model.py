@@ -11,8 +11,13 @@ from flashlm.models.layers import MultiHeadAttention, RotaryEmbedding, attention
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
-LLAMA3_SHORT = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16}  # short original context: scaling acts at these lengths
+LLAMA3_SHORT = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}  # short original context: scaling acts at these lengths
 
 
 def hf_twin(model):
@@ -45,7 +50,9 @@ def left_padded_mask(batch, seqlen):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("rope_scaling", [None, LLAMA3_SHORT], ids=["rope", "llama3-rope"])
 def test_matches_transformers_llama(kv_heads, tied, rope_scaling):
-    model = make(num_kv_heads=kv_heads, tie_word_embeddings=tied, rope_scaling=rope_scaling, rope_theta=50000.0)
+    model = make(
+        num_kv_heads=kv_heads, tie_word_embeddings=tied, rope_scaling=rope_scaling, rope_theta=50000.0
+    )
     hf = hf_twin(model)
     ids = torch.randint(0, 256, (2, 40))
     labels = ids.clone()
@@ -106,7 +113,9 @@ def test_mistral_sliding_window_matches_transformers(window):
 
 def _decode(model, ids, prompt_len, mask=None):
     """Prefill prompt_len tokens, then one token at a time through the cache; logits of all steps."""
-    out = model(ids[:, :prompt_len], attention_mask=None if mask is None else mask[:, :prompt_len], use_cache=True)
+    out = model(
+        ids[:, :prompt_len], attention_mask=None if mask is None else mask[:, :prompt_len], use_cache=True
+    )
     assert isinstance(out.past_key_values, DynamicCache)
     steps = [out.logits]
     for t in range(prompt_len, ids.shape[1]):
@@ -118,9 +127,15 @@ def _decode(model, ids, prompt_len, mask=None):
     return torch.cat(steps, dim=1)
 
 
-@pytest.mark.parametrize("changes", [
-    {}, {"num_kv_heads": 1, "rope_scaling": LLAMA3_SHORT}, {"architecture": "mistral", "sliding_window": 5},
-], ids=["gqa", "mqa-llama3", "mistral-window"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"num_kv_heads": 1, "rope_scaling": LLAMA3_SHORT},
+        {"architecture": "mistral", "sliding_window": 5},
+    ],
+    ids=["gqa", "mqa-llama3", "mistral-window"],
+)
 def test_cache_decode_equals_full_forward(changes):
     model = make(**changes)
     hf = hf_twin(model)
@@ -205,7 +220,7 @@ def test_init_and_rope_buffer_stay_fp32():
     rotary = model.model.rotary_emb
     assert rotary.inv_freq.dtype == torch.float32
     assert torch.equal(rotary.inv_freq, rope_inv_freq(cfg))
-    cos, sin = rotary(torch.arange(5))
+    cos, _sin = rotary(torch.arange(5))
     assert cos.shape == (1, 5, 16) and cos.dtype == torch.float32 and torch.equal(cos[..., :8], cos[..., 8:])
     with torch.no_grad():
         assert model(torch.randint(0, 4096, (1, 6))).logits.dtype == torch.bfloat16
@@ -214,7 +229,8 @@ def test_init_and_rope_buffer_stay_fp32():
 def test_rope_matches_transformers_llama3_long_context():
     cfg = get_preset("llama-1b")
     hf_rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(
-        transformers.LlamaConfig(**cfg.to_hf_config()))
+        transformers.LlamaConfig(**cfg.to_hf_config())
+    )
     pos = torch.tensor([[0, 1, 1000, 8191, 70000, 131071]])
     cos, sin = RotaryEmbedding(cfg)(pos)
     hcos, hsin = hf_rotary(torch.zeros(1, dtype=torch.float32), pos)
@@ -224,7 +240,9 @@ def test_rope_matches_transformers_llama3_long_context():
 def test_bad_inputs_give_clear_errors():
     model = make()
     ids = torch.randint(0, 256, (2, 6))
-    with pytest.raises(ValueError, match=r"input_ids out of range: values in \[\d+, 256\].*vocab_size is 256"):
+    with pytest.raises(
+        ValueError, match=r"input_ids out of range: values in \[\d+, 256\].*vocab_size is 256"
+    ):
         model(torch.cat([ids, torch.full((2, 1), 256)], 1))
     with pytest.raises(ValueError, match="out of range"):
         model(ids - 300)
@@ -243,5 +261,7 @@ def test_bad_inputs_give_clear_errors():
     # with a cache the mask must cover cached + new tokens
     out = model(ids, use_cache=True)
     with pytest.raises(ValueError, match=r"past_len=6"):
-        model(ids[:, :1], attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=out.past_key_values)
+        model(
+            ids[:, :1], attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=out.past_key_values
+        )
     assert out.past_key_values.get_seq_length() == 6  # the refused call left the cache untouched

@@ -18,13 +18,14 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from flashlm.attention.backends.triton import BACKEND  # noqa: E402
-from flashlm.attention.backends.triton.rotary import (  # noqa: E402
+from flashlm.attention.backends.triton import BACKEND
+from flashlm.attention.backends.triton.rotary import (
     apply_rotary_bshd,
     apply_rotary_bshd_ref,
     rotary_op,
 )
 
+GRADS = ("dq", "dk", "dv")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEV == "cuda"
 
@@ -47,7 +48,7 @@ def _interpreter_active():
 def ref_attn(q, k, v, causal=False, window=(-1, -1), softcap=0.0, alibi=None, scale=None, dtype=torch.float32):
     """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) (+inf if empty).
     The matmuls run in ``dtype``; bottom-right causal/window alignment."""
-    b, sq, h, d = q.shape
+    _b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     kf = k.to(dtype).repeat_interleave(h // hk, 2)
@@ -128,7 +129,7 @@ def test_forward_backward_fp32(case):
     b, sq, sk, h, hk, d, causal, window, softcap, alibi = case
     q, k, v = inputs((b, sq, h, d), (b, sk, hk, d), torch.float32, grad=True)
     slopes = torch.rand(h, device=DEV) * 0.5 if alibi else None
-    kw = dict(causal=causal, window=window, softcap=softcap, alibi=slopes)
+    kw = {"causal": causal, "window": window, "softcap": softcap, "alibi": slopes}
     out, lse = dense(q, k, v, **kw)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -142,14 +143,14 @@ def test_forward_backward_fp32(case):
         assert torch.isinf(lse[:, :, : sq - sk]).all() and (out[:, : sq - sk] == 0).all()
     assert_close_rule("out", out, ref, lo)
     assert_close_rule("lse", lse.nan_to_num(posinf=0), ref_lse.nan_to_num(posinf=0), lo_lse.nan_to_num(posinf=0))
-    for name, g, r, gl in zip("dq dk dv".split(), grads, ref_grads, lo_grads):
+    for name, g, r, gl in zip(GRADS, grads, ref_grads, lo_grads):
         assert g.shape == r.shape
         assert_close_rule(name, g, r, gl, mult=3.0)
 
 
 def test_forward_backward_fp16_gqa_window_softcap():
     q, k, v = inputs((2, 33, 4, 64), (2, 33, 2, 64), torch.float16, grad=True)
-    kw = dict(causal=True, window=(9, -1), softcap=10.0)
+    kw = {"causal": True, "window": (9, -1), "softcap": 10.0}
     out, _ = dense(q, k, v, **kw)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -159,7 +160,7 @@ def test_forward_backward_fp16_gqa_window_softcap():
     lo_grads = torch.autograd.grad(lo, (q, k, v), do)
     assert out.dtype == torch.float16
     assert_close_rule("out", out, ref, lo, atol=1e-3)
-    for name, g, r, gl in zip("dq dk dv".split(), grads, ref_grads, lo_grads):
+    for name, g, r, gl in zip(GRADS, grads, ref_grads, lo_grads):
         assert_close_rule(name, g, r, gl, mult=3.0, atol=1e-3)
 
 
@@ -186,7 +187,7 @@ def test_varlen_zero_and_one_token_sequences(dtype):
     cu_q = torch.tensor([0] + seqlens_q, device=DEV).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + seqlens_k, device=DEV).cumsum(0).to(torch.int32)
     q, k, v = inputs((int(cu_q[-1]), 4, 40), (int(cu_k[-1]), 2, 40), dtype, grad=True)
-    kw = dict(causal=True, window=(-1, -1), softcap=5.0 if dtype == torch.float16 else 0.0)
+    kw = {"causal": True, "window": (-1, -1), "softcap": 5.0 if dtype == torch.float16 else 0.0}
     out, lse = BACKEND.varlen(q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), dropout_p=0.0,
                               softmax_scale=40 ** -0.5, causal=kw["causal"], window_size=kw["window"],
                               softcap=kw["softcap"], alibi_slopes=None, deterministic=True)
@@ -200,7 +201,7 @@ def test_varlen_zero_and_one_token_sequences(dtype):
     lo_grads = torch.autograd.grad(lo, (q, k, v), do)
     assert_close_rule("out", out, ref, lo, atol=atol)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
-    for name, g, r, gl in zip("dq dk dv".split(), grads, ref_grads, lo_grads):
+    for name, g, r, gl in zip(GRADS, grads, ref_grads, lo_grads):
         assert_close_rule(name, g, r, gl, mult=3.0, atol=atol)
     # keys of the zero-length query row get exactly zero gradient
     assert (grads[1][: seqlens_k[0]] == 0).all()
@@ -242,8 +243,11 @@ def _decode_case(batch, seqlen_q, nheads, nheads_k, head_dim, cache_len, dtype, 
             kk, vv = k_cache[row], v_cache[row]
         s0 = int(pad[b]) if leftpad else 0
         sl = slice(s0, int(seqlens[b]))
-        rkw = dict(causal=kw.get("causal", True), window=kw.get("window", (-1, -1)),
-                   softcap=kw.get("softcap", 0.0), alibi=kw.get("alibi"))
+        alibi = kw.get("alibi")
+        if alibi is not None and alibi.dim() == 2:  # per-(batch, head) slopes
+            alibi = alibi[b]
+        rkw = {"causal": kw.get("causal", True), "window": kw.get("window", (-1, -1)),
+                   "softcap": kw.get("softcap", 0.0), "alibi": alibi}
         ref, ref_lse = ref_attn(q[b: b + 1], kk[None, sl], vv[None, sl], dtype=hi, **rkw)
         lo, _ = ref_attn(q[b: b + 1], kk[None, sl], vv[None, sl], dtype=lo_dt, **rkw)
         assert_close_rule(f"row {b}", out[b: b + 1], ref, lo, atol=atol)
@@ -306,9 +310,9 @@ def test_capabilities_and_refusals():
     caps = BACKEND.capabilities
     assert caps.varlen and caps.kvcache and caps.paged_kv and caps.window and caps.softcap and caps.alibi
     assert caps.backward and caps.deterministic and not caps.dropout and caps.head_dims == (1, 256)
-    call = dict(kind="dense", device_type="cuda", compute_capability=(9, 0), dtype=torch.bfloat16, head_dim=96,
-                head_dim_v=96, nheads=8, nheads_k=2, seqlen_q=100, seqlen_k=50, causal=True, window=True,
-                softcap=True, alibi=True, dropout=False, needs_grad=True, deterministic=True)
+    call = {"kind": "dense", "device_type": "cuda", "compute_capability": (9, 0), "dtype": torch.bfloat16, "head_dim": 96,
+                "head_dim_v": 96, "nheads": 8, "nheads_k": 2, "seqlen_q": 100, "seqlen_k": 50, "causal": True, "window": True,
+                "softcap": True, "alibi": True, "dropout": False, "needs_grad": True, "deterministic": True}
     assert BACKEND.refuse(AttnCall(**call)) is None
     assert "dropout" in BACKEND.refuse(AttnCall(**{**call, "dropout": True}))
     assert "head_dim" in BACKEND.refuse(AttnCall(**{**call, "head_dim": 320, "head_dim_v": 320}))
@@ -338,7 +342,7 @@ GPU_CASES = [  # (batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal,
 def test_cuda_dense_fwd_bwd(case, dtype):
     b, sq, sk, h, hk, d, causal, window, softcap = case
     q, k, v = inputs((b, sq, h, d), (b, sk, hk, d), dtype, grad=True)
-    kw = dict(causal=causal, window=window, softcap=softcap)
+    kw = {"causal": causal, "window": window, "softcap": softcap}
     out, lse = dense(q, k, v, **kw)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -350,7 +354,7 @@ def test_cuda_dense_fwd_bwd(case, dtype):
     assert_close_rule("out", out, ref, lo, atol=atol)
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
-    for name, g, r, gl in zip("dq dk dv".split(), grads, ref_grads, lo_grads):
+    for name, g, r, gl in zip(GRADS, grads, ref_grads, lo_grads):
         assert_close_rule(name, g, r, gl, mult=3.0, atol=atol)
 
 
@@ -369,7 +373,7 @@ def test_cuda_varlen_and_decode_bf16():
     lo, _ = ref_varlen(q, k, v, cu, cu, causal=True, dtype=torch.bfloat16)
     lo_grads = torch.autograd.grad(lo, (q, k, v), do)
     assert_close_rule("out", out, ref, lo, atol=1e-2)
-    for name, g, r, gl in zip("dq dk dv".split(), grads, ref_grads, lo_grads):
+    for name, g, r, gl in zip(GRADS, grads, ref_grads, lo_grads):
         assert_close_rule(name, g, r, gl, mult=3.0, atol=1e-2)
     _decode_case(4, 1, 32, 8, 128, 1024, torch.bfloat16)
     _decode_case(3, 4, 16, 4, 128, 512, torch.bfloat16, paged=True, leftpad=False, window=(100, -1), softcap=20.0)

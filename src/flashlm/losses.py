@@ -97,9 +97,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         n_valid = valid.sum()
         # torch semantics: mean over valid targets; loss is nan when there are none, grads are 0
         # (grads use the clamped count, so 0 * finite instead of 0 * inf).
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         grad_scale = (1.0 / n_valid.clamp(min=1).to(acc)) if reduction == "mean" else None
 
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(vocab, hid, dtype=acc, device=weight.device) if need_w else None

@@ -23,9 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     from flashlm.models.config import PRESETS
 
     p = argparse.ArgumentParser(prog="flashlm sanity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="sanity", choices=["sanity", *PRESETS],
-                   help="model shape: 'sanity' (default: 4 layers, GQA, llama3 RoPE scaling, ~1M params) "
-                        "or a named preset")
+    p.add_argument(
+        "--preset",
+        default="sanity",
+        choices=["sanity", *PRESETS],
+        help="model shape: 'sanity' (default: 4 layers, GQA, llama3 RoPE scaling, ~1M params) "
+        "or a named preset",
+    )
     p.add_argument("--batch", type=int, default=3, help="batch size (default 3)")
     p.add_argument("--seqlen", type=int, default=48, help="prompt length (default 48)")
     p.add_argument("--seed", type=int, default=0)
@@ -42,10 +46,23 @@ def sanity_config(name: str):
     if name != "sanity":
         return get_preset(name)
     return ModelConfig(
-        vocab_size=512, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=512,
-        max_position_embeddings=512, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64},
+        vocab_size=512,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=512,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     )
 
 
@@ -54,6 +71,7 @@ def _hf_class(architecture: str):
         import transformers
     except ImportError as e:  # the `hf`/`test` extra
         raise SystemExit("flashlm sanity needs transformers: pip install 'flashlm[hf]'") from e
+    transformers.utils.logging.disable_progress_bar()  # keep the report readable
     from flashlm.models.config import HF_ARCHITECTURES
 
     return getattr(transformers, HF_ARCHITECTURES[architecture].hf_class)
@@ -114,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         ours = from_pretrained(folder, attn="default", device=args.device, dtype=torch.float32)
         theirs = hf_cls.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
         theirs = theirs.to(args.device).eval()
-    print(f"flashlm sanity: {type(theirs).__name__} vs flashlm default model, fp32, {args.device}, "
-          f"{config.num_parameters() / 1e6:.2f}M params, batch {args.batch}, seqlen {args.seqlen}")
+    print(
+        f"flashlm sanity: {type(theirs).__name__} vs flashlm default model, fp32, {args.device}, "
+        f"{config.num_parameters() / 1e6:.2f}M params, batch {args.batch}, seqlen {args.seqlen}"
+    )
     diffs = compare(ours, theirs, args.batch, args.seqlen, args.seed, args.device)
     failed = False
     for name, diff in diffs.items():

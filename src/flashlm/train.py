@@ -401,19 +401,25 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
 
 @torch.no_grad()
 def evaluate(model, eval_ds, batch_size: int, n_batches: int, dd: Dist, device, autocast) -> float:
-    """Mean loss over up to ``n_batches`` global batches of the held-out rows (same rows every time)."""
-    per_rank = min(batch_size, len(eval_ds) // dd.world_size)
-    n = min(n_batches, len(eval_ds) // (per_rank * dd.world_size))
+    """Token-weighted mean loss over the first ``min(len, n_batches * batch_size * world)`` held-out
+    rows (the same rows every time), split evenly over ranks (a remainder of < world rows is
+    skipped: under FSDP2 every rank must run the same number of forwards)."""
+    per_rank = min(len(eval_ds), n_batches * batch_size * dd.world_size) // dd.world_size
     was_training = model.training
     model.eval()
-    total = torch.zeros((), device=device)
-    for b in range(n):
-        lo = (b * dd.world_size + dd.rank) * per_rank
-        batch = {k: v.to(device) for k, v in eval_ds.batch(torch.arange(lo, lo + per_rank)).items()}
+    loss_sum = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    first = dd.rank * per_rank
+    for lo in range(first, first + per_rank, batch_size):
+        idx = torch.arange(lo, min(lo + batch_size, first + per_rank))
+        batch = {k: v.to(device) for k, v in eval_ds.batch(idx).items()}
+        n = (batch["labels"][:, 1:] != fdata.IGNORE_INDEX).sum()
         with autocast():
-            total += model(**batch).loss.float()
+            loss = model(**batch).loss.float()
+        loss_sum += torch.where(n > 0, loss * n, torch.zeros_like(loss))
+        count += n
     model.train(was_training)
-    return float(dd.mean(total / n))
+    return float(dd.sum(loss_sum) / dd.sum(count))
 
 
 def train(argv_or_args: list[str] | argparse.Namespace | None = None) -> TrainResult:

@@ -84,7 +84,8 @@ class Batch:
 
     input_ids (batch, seqlen) int64; attention_mask (batch, seqlen) int64 with left padding or None;
     position_ids (batch, seqlen) int64 restarting at 0 per document when packed, else None;
-    labels (batch, seqlen) HF-style (shifted inside the model), -100 at pads and document starts.
+    labels (batch, seqlen) HF-style (shifted inside the model), -100 at pads, at each row's first real
+    token and at document starts (no context to predict them from).
     """
 
     input_ids: torch.Tensor
@@ -145,7 +146,11 @@ def make_batch(batch_size: int, seq_length: int, vocab_size: int, *, padding_rat
         for r, n in enumerate(row_lengths):
             mask[r, seq_length - n:] = 1
         ids = ids.masked_fill(mask == 0, pad_token_id)
+        # No loss on pads, nor on a row's first real token: it would be predicted from a pad slot,
+        # whose output each implementation leaves different (a fully masked attention row).
         labels = ids.masked_fill(mask == 0, -100)
+        for r, n in enumerate(row_lengths):
+            labels[r, seq_length - n] = -100
     elif packed:
         lo, hi = max(1, seq_length // 8), max(1, seq_length // 2)
         position_ids = torch.empty(batch_size, seq_length, dtype=torch.long)
@@ -693,6 +698,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
                         rec["packed_isolation"] = packed_isolation(name, model, batch)
                     except Exception as e:  # noqa: BLE001 recorded in the JSON
                         rec["packed_isolation"] = _error_record(e)
+                    iso = rec["packed_isolation"] or {}
+                    if "isolated" in iso:
+                        notes.append(f"packed: {name} " + ("isolates documents" if iso["isolated"] else
+                                     "lets documents attend to each other (the row is one causal sequence)")
+                                     + f" (last document's max |logit diff| when earlier ones change: "
+                                       f"{iso['max_abs_diff']:.2e})")
                 # Train last: it updates the weights, and forward/generate should see the saved ones.
                 for case in sorted(cases, key=("forward", "generate", "decode", "train").index):
                     done = bar.n

@@ -1,9 +1,9 @@
 """flashlm models: config, the default (eager) and flash causal LMs, and HF-format checkpoint IO.
 
-    from flashlm.models import build_model, from_pretrained, save_pretrained, get_preset
-    model = build_model(get_preset("tiny"), attn="default")
-    save_pretrained(model, "ckpt/")
-    model = from_pretrained("ckpt/", attn="flash", device="cuda", dtype=torch.bfloat16)
+from flashlm.models import build_model, from_pretrained, save_pretrained, get_preset
+model = build_model(get_preset("tiny"), attn="default")
+save_pretrained(model, "ckpt/")
+model = from_pretrained("ckpt/", attn="flash", device="cuda", dtype=torch.bfloat16)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import importlib
 import os
 import warnings
 from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,8 +23,17 @@ from .default import CausalLMOutput, DefaultForCausalLM
 from .io import LoadReport, load_state_dict_from_folder, save_pretrained
 
 __all__ = [
-    "MODEL_CLASSES", "CausalLMOutput", "DefaultForCausalLM", "DynamicCache", "LoadReport", "ModelConfig",
-    "PRESETS", "build_model", "from_pretrained", "get_preset", "save_pretrained",
+    "MODEL_CLASSES",
+    "PRESETS",
+    "CausalLMOutput",
+    "DefaultForCausalLM",
+    "DynamicCache",
+    "LoadReport",
+    "ModelConfig",
+    "build_model",
+    "from_pretrained",
+    "get_preset",
+    "save_pretrained",
 ]
 
 
@@ -31,7 +41,7 @@ class _ModelClasses(Mapping):
     """``attn`` name -> causal LM class. "flash" is imported on first use (it pulls in the attention
     kernels), so ``import flashlm.models`` stays light."""
 
-    _lazy = {"flash": ("flashlm.models.flash", "FlashForCausalLM")}
+    _lazy: ClassVar[dict[str, tuple[str, str]]] = {"flash": ("flashlm.models.flash", "FlashForCausalLM")}
 
     def __init__(self) -> None:
         self._loaded: dict[str, type[nn.Module]] = {"default": DefaultForCausalLM}
@@ -47,7 +57,9 @@ class _ModelClasses(Mapping):
         except ModuleNotFoundError as e:
             if e.name != module_name:
                 raise
-            raise ImportError(f"attn={name!r} needs {module_name}, which is not available in this install") from e
+            raise ImportError(
+                f"attn={name!r} needs {module_name}, which is not available in this install"
+            ) from e
         self._loaded[name] = getattr(module, attr)
         return self._loaded[name]
 
@@ -87,7 +99,9 @@ def build_model(
     if isinstance(config, str):
         config = get_preset(config)
     if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a ModelConfig or a preset name {sorted(PRESETS)}, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a ModelConfig or a preset name {sorted(PRESETS)}, got {type(config).__name__}"
+        )
     _check_dtype(dtype)
     cls = _model_class(attn)
     with torch.device(device if device is not None else "cpu"):
@@ -108,7 +122,9 @@ def from_pretrained(
     unexpected ones are warned about. The report is in ``model.load_report`` (`LoadReport`)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist (only local folders are supported)")
+        raise FileNotFoundError(
+            f"checkpoint folder {path!r} does not exist (only local folders are supported)"
+        )
     _check_dtype(dtype)
     from .io import checkpoint_dtype
 
@@ -127,7 +143,9 @@ def from_pretrained(
         model.init_weights()
     report = load_state_dict_from_folder(model, path, allow_missing=allow_missing)
     if report.unexpected_keys:
-        warnings.warn(f"checkpoint {path!r} has tensors the model does not use: {report.unexpected_keys[:20]}",
-                      stacklevel=2)
+        warnings.warn(
+            f"checkpoint {path!r} has tensors the model does not use: {report.unexpected_keys[:20]}",
+            stacklevel=2,
+        )
     model.load_report = report
     return model.eval()

@@ -25,8 +25,10 @@ class DynamicCache:
         return the layer's full keys and values (batch, kv_heads, past_len + new_len, head_dim).
         Layers must be filled in order 0, 1, ... on the first call."""
         if key_states.shape != value_states.shape:
-            raise ValueError(f"key_states {tuple(key_states.shape)} and value_states "
-                             f"{tuple(value_states.shape)} must have the same shape")
+            raise ValueError(
+                f"key_states {tuple(key_states.shape)} and value_states "
+                f"{tuple(value_states.shape)} must have the same shape"
+            )
         if layer_idx < len(self.key_cache):
             self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], key_states], dim=2)
             self.value_cache[layer_idx] = torch.cat([self.value_cache[layer_idx], value_states], dim=2)

@@ -64,8 +64,14 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             _check_positive_int(name, getattr(self, name))
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
@@ -206,11 +212,20 @@ class ModelConfig:
             if hf_key in hf and hf[hf_key] not in neutral:
                 bad.append(f"{hf_key}={hf[hf_key]!r} (only {list(neutral)} is supported)")
         if bad:
-            raise ValueError(f"HF {model_type} config uses options flashlm does not implement: {', '.join(bad)}")
+            raise ValueError(
+                f"HF {model_type} config uses options flashlm does not implement: {', '.join(bad)}"
+            )
 
         values["rope_theta"], values["rope_scaling"] = _rope_from_hf(hf, arch)
         known = set(mapping) | set(arch.required_values) | set(arch.unsupported) | _HF_BENIGN_KEYS
-        known |= {"rope_theta", "rope_scaling", "rope_parameters", "pad_token_id", "bos_token_id", "eos_token_id"}
+        known |= {
+            "rope_theta",
+            "rope_scaling",
+            "rope_parameters",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        }
         unknown = sorted(k for k in hf if k not in known)
         if unknown:
             warnings.warn(f"HF {model_type} config keys ignored by flashlm: {unknown}", stacklevel=2)
@@ -226,11 +241,14 @@ class ModelConfig:
         arch = HF_ARCHITECTURES[self.architecture]
         defaults = ModelConfig()
         inexpressible = [
-            name for name in _EXPRESSIBLE_FIELDS
+            name
+            for name in _EXPRESSIBLE_FIELDS
             if name not in arch.expressible and getattr(self, name) != getattr(defaults, name)
         ]
         if inexpressible:
-            options = [k for k, a in HF_ARCHITECTURES.items() if all(n in a.expressible for n in inexpressible)]
+            options = [
+                k for k, a in HF_ARCHITECTURES.items() if all(n in a.expressible for n in inexpressible)
+            ]
             raise ValueError(
                 f"{arch.hf_class} cannot express {inexpressible} (set on this config); "
                 f"architectures that can: {options or 'none'}"
@@ -269,15 +287,46 @@ _HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 # Fields where null is meaningful (derived, or "off"); a null elsewhere means "use the default".
 _NULLABLE_FIELDS = {"head_dim", "num_kv_heads", "sliding_window"}
 # Fields that only some architectures' HF classes implement (checked by to_hf_config).
-_EXPRESSIBLE_FIELDS = ("attention_bias", "mlp_bias", "sliding_window", "attn_logit_softcap", "final_logit_softcap")
+_EXPRESSIBLE_FIELDS = (
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "attn_logit_softcap",
+    "final_logit_softcap",
+)
 # Keys that do not change the forward math.
 _HF_BENIGN_KEYS = {
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
-    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
-    "is_encoder_decoder", "id2label", "label2id", "problem_type", "pretraining_tp", "tokenizer_class",
-    "auto_map", "quantization_config_ignored", "use_return_dict", "torchscript", "tie_encoder_decoder",
-    "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id", "finetuning_task",
-    "cross_attention_hidden_size", "add_cross_attention", "is_decoder", "pruned_heads",
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "pretraining_tp",
+    "tokenizer_class",
+    "auto_map",
+    "quantization_config_ignored",
+    "use_return_dict",
+    "torchscript",
+    "tie_encoder_decoder",
+    "task_specific_params",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "finetuning_task",
+    "cross_attention_hidden_size",
+    "add_cross_attention",
+    "is_decoder",
+    "pruned_heads",
 }
 
 
@@ -302,7 +351,10 @@ class HFArchitecture:
 
 
 _COMMON_HF_DEFAULTS = {
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
 }
 _COMMON_UNSUPPORTED = {"partial_rotary_factor": (1.0, None), "quantization_config": (None,)}
 
@@ -311,8 +363,12 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
         model_type="llama",
         hf_class="LlamaForCausalLM",
         keys={"attention_bias": "attention_bias", "mlp_bias": "mlp_bias"},
-        hf_defaults={**_COMMON_HF_DEFAULTS, "max_position_embeddings": 2048, "attention_bias": False,
-                     "mlp_bias": False},
+        hf_defaults={
+            **_COMMON_HF_DEFAULTS,
+            "max_position_embeddings": 2048,
+            "attention_bias": False,
+            "mlp_bias": False,
+        },
         required_values={"hidden_act": ("silu",)},
         unsupported=dict(_COMMON_UNSUPPORTED),
         expressible=("attention_bias", "mlp_bias"),
@@ -322,8 +378,12 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
         hf_class="MistralForCausalLM",
         keys={"sliding_window": "sliding_window"},
         # MistralConfig defaults: 8 kv heads, a 4096-token window, 4096 * 32 positions.
-        hf_defaults={**_COMMON_HF_DEFAULTS, "max_position_embeddings": 4096 * 32, "num_key_value_heads": 8,
-                     "sliding_window": 4096},
+        hf_defaults={
+            **_COMMON_HF_DEFAULTS,
+            "max_position_embeddings": 4096 * 32,
+            "num_key_value_heads": 8,
+            "sliding_window": 4096,
+        },
         required_values={"hidden_act": ("silu",)},
         unsupported=dict(_COMMON_UNSUPPORTED),
         expressible=("sliding_window",),
@@ -353,7 +413,7 @@ def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | 
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
-        raise ValueError(f"rope_scaling must be None or a dict, got {type(scaling).__name__}")
+        raise TypeError(f"rope_scaling must be None or a dict, got {type(scaling).__name__}")
     scaling = dict(scaling)
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type in (None, "default"):
@@ -405,19 +465,50 @@ def _check_token_id(name: str, value: Any, vocab_size: int) -> None:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests: GQA (4 q / 2 kv heads), head_dim 16.
-    "tiny": dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                 intermediate_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
+    "tiny": {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     # ~110M parameters, GPT-2-small-like shape with a LLaMA block.
-    "small": dict(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
-                  intermediate_size=2048, max_position_embeddings=2048),
+    "small": {
+        "vocab_size": 32000,
+        "hidden_size": 768,
+        "num_layers": 12,
+        "num_heads": 12,
+        "num_kv_heads": 12,
+        "intermediate_size": 2048,
+        "max_position_embeddings": 2048,
+    },
     # The shape of meta-llama/Llama-3.2-1B.
-    "llama-1b": dict(
-        vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-        intermediate_size=8192, tie_word_embeddings=True, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
-    ),
+    "llama-1b": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "num_layers": 16,
+        "num_heads": 32,
+        "num_kv_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 8192,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    },
 }
 
 

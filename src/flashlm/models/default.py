@@ -45,8 +45,12 @@ class DecoderLayer(nn.Module):
         """hidden_states (batch, q_len, hidden) -> same shape; see MultiHeadAttention.forward."""
         residual = hidden_states
         hidden_states = self.self_attn(
-            self.input_layernorm(hidden_states), cos, sin, attention_mask=attention_mask,
-            past_key_values=past_key_values, **kwargs,
+            self.input_layernorm(hidden_states),
+            cos,
+            sin,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
         )
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -79,8 +83,9 @@ class DefaultModel(nn.Module):
         if cos.shape[0] != input_ids.shape[0]:
             cos, sin = (t.expand(input_ids.shape[0], -1, -1) for t in (cos, sin))
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, attention_mask=attention_mask,
-                                  past_key_values=past_key_values)
+            hidden_states = layer(
+                hidden_states, cos, sin, attention_mask=attention_mask, past_key_values=past_key_values
+            )
         return self.norm(hidden_states)
 
 
@@ -145,14 +150,20 @@ def check_inputs(
                 f"(past_len={past_len} cached tokens), got {tuple(attention_mask.shape)}"
             )
     if position_ids is not None:
-        if position_ids.dim() != 2 or position_ids.shape[1] != q_len or position_ids.shape[0] not in (1, batch):
+        if (
+            position_ids.dim() != 2
+            or position_ids.shape[1] != q_len
+            or position_ids.shape[0] not in (1, batch)
+        ):
             raise ValueError(
                 f"position_ids must have shape ({batch} or 1, {q_len}), got {tuple(position_ids.shape)}"
             )
         if position_ids.dtype.is_floating_point:
             raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
     if labels is not None and tuple(labels.shape) != (batch, q_len):
-        raise ValueError(f"labels must have the shape of input_ids {(batch, q_len)}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have the shape of input_ids {(batch, q_len)}, got {tuple(labels.shape)}"
+        )
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -212,7 +212,7 @@ class FlashAttentionMixin:
                   "deterministic": deterministic}
         if cu_seqlens_q is None and attention_mask is None and position_ids is not None and \
                 q_len == key.shape[1] and q_len > 1 and position_ids.dim() == 2:
-            cu, max_len = prepare_from_position_ids(position_ids)
+            cu, max_len = prepare_from_position_ids(position_ids.expand(batch, -1))
             if cu.numel() - 1 > batch:  # more sequences than rows: packed
                 cu_seqlens_q = cu_seqlens_k = cu
                 max_seqlen_q = max_seqlen_k = max_len
@@ -357,8 +357,8 @@ class FlashModel(DefaultModel):
                 meta = FlashMeta("varlen", cu_seqlens=cu, max_seqlen=max_len, cache=cache,
                                  write_batch_idx=write_batch, write_slot_idx=write_slot)
                 return _Plan(meta, input_ids.reshape(-1)[indices][None], positions, indices, False, lengths)
-        elif position_ids is not None and seqlen > 1 and cache is None:
-            cu, max_len = prepare_from_position_ids(position_ids)
+        elif position_ids is not None and seqlen > 1:
+            cu, max_len = prepare_from_position_ids(position_ids.expand(batch, -1))
             if cu.numel() - 1 > batch:  # more sequences than rows: a packed batch
                 cu_seqlens, max_seqlen = cu, max_len
         if cu_seqlens is not None:
@@ -480,7 +480,9 @@ class FlashForCausalLM(DefaultForCausalLM):
         past_key_values: a :class:`StaticKVCache` from :meth:`allocate_cache` (use_cache without one is
         refused: the static cache must be sized up front).
         labels (batch, seqlen): HF style, shifted inside, -100 ignored; in packed batches the last token
-        of each sequence gets no target. With labels the loss uses the fused linear cross-entropy and
+        of each sequence gets no target. Padding has no hidden state here, so a label whose
+        predecessor is padding (the first real token of a left-padded row) is not scored; the default
+        model would score it from the padding position's logits. With labels the loss uses the fused linear cross-entropy and
         logits are skipped unless ``return_logits=True``.
         logits_to_keep: if > 0, logits only for the last that many positions (prefill for generation).
         Returns CausalLMOutput(loss, logits (batch, seqlen or logits_to_keep, vocab) or None, cache).

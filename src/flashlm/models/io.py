@@ -50,7 +50,11 @@ def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[tuple[int, int]] = set()
     out = {}
     for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.device.type != "meta" else None
+        key = (
+            (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            if tensor.device.type != "meta"
+            else None
+        )
         if key is not None and key in seen:
             continue
         if key is not None:
@@ -154,7 +158,7 @@ def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
     from safetensors import safe_open
 
     with safe_open(checkpoint_files(path)[0], framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             t = f.get_slice(key)
             dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(t.get_dtype())
             if dt is not None:
@@ -178,7 +182,7 @@ def load_state_dict_from_folder(
     unexpected: list[str] = []
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if key not in params:
                     unexpected.append(key)
                     continue
@@ -197,7 +201,7 @@ def load_state_dict_from_folder(
         # Only the output projection was stored: fill the shared tensor from it.
         for file in checkpoint_files(path):
             with safe_open(file, framework="pt") as f:
-                if "lm_head.weight" in f.keys():
+                if "lm_head.weight" in f.keys():  # noqa: SIM118
                     params["lm_head.weight"].copy_(f.get_tensor("lm_head.weight"))
                     loaded.add("model.embed_tokens.weight")
     if tied and "model.embed_tokens.weight" in loaded:

@@ -19,9 +19,9 @@ _BWD = getattr(torch.ops.aten, "_cudnn_attention_backward", None)
 # Measured on H100 / torch 2.11 / cuDNN 9.19 (probe JSON above). Flip only with a passing GPU test.
 DENSE_GQA = True
 VARLEN = True
-VARLEN_BACKWARD = True
+VARLEN_BACKWARD = False  # dq/dk off vs the reference for causal varlen [100, 1, 37, 256] (probe)
 LSE_VARLEN_TOKEN_MAJOR = True
-MAX_HEAD_DIM = 128  # backward and forward verified up to 128
+MAX_HEAD_DIM = 256  # fwd + bwd matched the reference at 96, 128, 256
 
 
 def _lse_bhs(lse, batch_heads_seq):
@@ -101,8 +101,6 @@ class CudnnBackend(Backend):
             return why
         if call.causal and not call.seqlens_equal:
             return "cuDNN aligns causal top-left: needs seqlen_q == seqlen_k for every sequence"
-        if call.kind == "varlen" and call.nheads_k != call.nheads:
-            return "no GQA in the varlen path (not verified)"
         if call.kind == "varlen" and call.needs_grad and not VARLEN_BACKWARD:
             return "varlen backward did not match the reference"
         return None

@@ -75,10 +75,9 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start, end,
             sT = qkT * qk_scale
         if ALIBI:
             sT = sT - slope * tl.abs((rows[None, :] + off - cols[:, None]).to(tl.float32))
-        if MASKED:
-            if BANDED:  # rows past seqlen_q already vanish through lse = +inf
-                ok = (cols[:, None] >= rows[None, :] + off - wl) & (cols[:, None] <= rows[None, :] + off + wr)
-                sT = tl.where(ok, sT, float("-inf"))
+        if MASKED and BANDED:  # rows past seqlen_q already vanish through lse = +inf
+            ok = (cols[:, None] >= rows[None, :] + off - wl) & (cols[:, None] <= rows[None, :] + off + wr)
+            sT = tl.where(ok, sT, float("-inf"))
         pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -98,7 +97,7 @@ def _dkdv_kernel(
     stride_lb, stride_lh, stride_ab,
     nheads_k, group, seqlen_q, seqlen_k, softmax_scale, qk_scale, softcap, wl, wr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr, IS_VARLEN: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -116,7 +115,6 @@ def _dkdv_kernel(
     if n0 >= seqlen_k:
         return
     off = seqlen_k - seqlen_q
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -144,7 +142,7 @@ def _dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, group):  # sum over the query heads sharing this kv head (GQA)
+    for g in range(group):  # sum over the query heads sharing this kv head (GQA)
         h = hk * group + g
         slope = 0.0
         if ALIBI:
@@ -218,10 +216,10 @@ def _dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ab,
     nheads, group, seqlen_q, seqlen_k, softmax_scale, qk_scale, softcap, wl, wr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr, IS_VARLEN: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest key ranges first (causal)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
     h = pid_bh % nheads
@@ -237,7 +235,6 @@ def _dq_kernel(
     if m0 >= seqlen_q:
         return
     off = seqlen_k - seqlen_q
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -324,8 +321,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     cuq = cu_seqlens_q if varlen else dummy
     cuk = cu_seqlens_k if varlen else dummy
     al = alibi_slopes if alibi_slopes is not None else dummy
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=bd, IS_VARLEN=varlen, BANDED=banded, SOFTCAP=softcap > 0,
-                 ALIBI=alibi_slopes is not None, DOT_PREC=dot_precision(q.dtype))
+    flags = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "EVEN_D": head_dim == bd, "IS_VARLEN": varlen, "BANDED": banded, "SOFTCAP": softcap > 0,
+                 "ALIBI": alibi_slopes is not None, "DOT_PREC": dot_precision(q.dtype)}
     sq, sk, sv = (_bshd_strides(t, varlen) for t in (q, k, v))
     sdo, so = _bshd_strides(dout, varlen), _bshd_strides(out, varlen)
     pre_m = 64 if q.is_cuda else 16

@@ -39,7 +39,7 @@ def block_d(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_props(index: int) -> tuple[tuple[int, int], int]:
     p = torch.cuda.get_device_properties(index)
     return (p.major, p.minor), p.multi_processor_count

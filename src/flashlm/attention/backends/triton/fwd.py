@@ -84,10 +84,11 @@ def _fwd_kernel(
     nheads, group, seqlen_q, seqlen_k,
     qk_scale, softcap, wl, wr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr, IS_VARLEN: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Highest query blocks first: under causal masks they have the most keys (shorter tail).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
     h = pid_bh % nheads
@@ -104,7 +105,6 @@ def _fwd_kernel(
     if m0 >= seqlen_q:
         return
     off = seqlen_k - seqlen_q
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -214,6 +214,7 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_
         nheads, nheads // nheads_k, seqlen_q, seqlen_k,
         qk_scale, cap, wl, wr,
         HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        EVEN_D=head_dim == block_d(head_dim),
         IS_VARLEN=varlen, BANDED=banded, SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
         DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -21,7 +21,7 @@ try:
 except ImportError:  # CPU-only installs: the reference path still works
     triton = None
 
-    class tl:  # noqa: N801 - stands in for triton.language in the kernel's annotations
+    class tl:
         constexpr = None
 
 

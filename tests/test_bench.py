@@ -1,0 +1,199 @@
+"""`flashlm bench` on CPU: the command runs on the tiny preset and writes a table, JSON and a plot; bad
+flags are refused before anything runs; the padded/packed batches are what they claim to be."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashlm.bench import cli
+from flashlm.bench.models import make_batch
+
+FAST = ["--warmup-steps", "1", "--benchmark-steps", "2", "--seq-length", "32", "--new-tokens", "4",
+        "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model's matmuls are microseconds; two OpenMP threads on a shared 2-core runner spend
+    milliseconds per call waiting for each other, which only slows the test down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory):
+    """One CPU run of the seed command (tiny preset) shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = [*FAST, "--compare", "default,flash,hf-sdpa", "--output", str(out / "r.json")]
+    try:
+        import matplotlib  # noqa: F401
+
+        argv += ["--plot", str(out / "r.png")]
+    except ImportError:
+        pass
+    rc = cli.main(argv)
+    return rc, out
+
+
+def test_cpu_run_writes_json_and_table(seed_run, capsys):
+    rc, out = seed_run
+    assert rc == 0
+    results = json.loads((out / "r.json").read_text())
+    for key in ("command", "argv", "environment", "config", "model_config", "inputs", "models", "attention",
+                "comparisons", "table", "notes"):
+        assert key in results, key
+    env = results["environment"]
+    for key in ("torch", "cuda", "cudnn", "triton", "transformers", "date", "gpu"):
+        assert key in env, key
+    assert env["torch"] == torch.__version__
+    assert results["command"].startswith("flashlm bench ")
+    cfg = results["config"]
+    assert (cfg["model"], cfg["dtype"], cfg["device"]) == ("tiny", "fp32", "cpu")
+    assert any("say nothing about GPU speed" in n for n in results["notes"])
+    default = results["models"]["default"]
+    assert default["status"] == "ok"
+    for case in ("train", "forward", "generate"):
+        r = default["cases"][case]
+        assert r["status"] == "ok", r
+        assert r["peak_memory_bytes"] is None  # n/a on CPU, never a made-up figure
+    assert default["cases"]["train"]["median_ms"] > 0
+    assert default["cases"]["train"]["p10_ms"] <= default["cases"]["train"]["p90_ms"]
+    assert default["cases"]["forward"]["tokens_per_s"] > 0
+    gen = default["cases"]["generate"]
+    assert gen["first_token_ms"] > 0 and gen["per_token_ms"] > 0 and gen["new_tokens"] == 4
+    assert results["table"].splitlines()[0].startswith("| Metric | Default |")
+    assert "| Train step (ms) |" in results["table"]
+    assert results["attention"]["train"]["chosen"] is not None
+    if results["models"]["flash"]["status"] == "ok":
+        assert "| Flash | Speedup | Improvement |" in results["table"]
+
+
+def test_cpu_run_same_weights_same_results(seed_run):
+    """Every row loads the same checkpoint: same first-step loss, logits and greedy tokens (fp32)."""
+    pytest.importorskip("transformers")
+    _, out = seed_run
+    models = json.loads((out / "r.json").read_text())["models"]
+    ref = models["default"]["cases"]
+    for name in ("flash", "hf-sdpa"):
+        if models[name]["status"] != "ok":
+            continue
+        cases = models[name]["cases"]
+        assert cases["train"]["first_step_loss"] == pytest.approx(ref["train"]["first_step_loss"], abs=1e-4)
+        assert cases["forward"]["last_logits_max_abs_diff_vs_default"] < 1e-4
+        assert cases["generate"]["greedy_tokens_equal_vs_default"] == 1.0
+
+
+def test_padded_run_same_loss_and_logits(tmp_path):
+    """Left-padded batch: default (mask), flash (varlen) and HF (mask) agree on the loss and logits."""
+    path = tmp_path / "pad.json"
+    argv = [*FAST, "--padding-ratio", "0.4", "--cases", "train,forward", "--compare", "default,flash,hf-sdpa",
+            "--output", str(path)]
+    assert cli.main(argv) == 0
+    results = json.loads(path.read_text())
+    assert abs(results["inputs"]["padding_ratio"] - 0.4) < 0.05
+    models = results["models"]
+    ref = models["default"]["cases"]["train"]["first_step_loss"]
+    for name in ("flash", "hf-sdpa"):
+        if models[name]["status"] == "skipped":
+            continue
+        assert models[name]["cases"]["train"]["first_step_loss"] == pytest.approx(ref, abs=1e-4), name
+        assert models[name]["cases"]["forward"]["last_logits_max_abs_diff_vs_default"] < 1e-4
+
+
+def test_plot_written(seed_run):
+    pytest.importorskip("matplotlib")
+    _, out = seed_run
+    png = (out / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--benchmark-steps", "0"], "--benchmark-steps"),
+    (["--padding-ratio", "1.0"], "--padding-ratio"),
+    (["--padding-ratio", "0.3", "--packed"], "exclusive"),
+    (["--compare", "default,foo"], "'foo'"),
+    (["--compare", "default,default"], "twice"),
+    (["--cases", "train,backward"], "'backward'"),
+    (["--dtype", "fp8"], "--dtype"),
+    (["--new-tokens", "1"], "--new-tokens"),
+    (["--model", "no-such-preset"], "preset"),
+    (["--attn-backend", "nope"], "--attn-backend"),
+    (["--decode-batch-sizes", "1,x"], "--decode-batch-sizes"),
+])
+def test_bad_flags_are_refused(flags, message, capsys):
+    assert cli.main([*FAST, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "flashlm bench: error:" in err and message in err
+
+
+def test_cuda_device_refused_without_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert cli.main(["--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_unavailable_model_is_a_skip_note_not_a_crash(tmp_path):
+    try:
+        import liger_kernel  # noqa: F401
+
+        pytest.skip("liger-kernel is installed here")
+    except ImportError:
+        pass
+    path = tmp_path / "r.json"
+    assert cli.main([*FAST, "--compare", "default,hf-liger", "--cases", "forward", "--output", str(path)]) == 0
+    results = json.loads(path.read_text())
+    assert results["models"]["hf-liger"]["status"] == "skipped"
+    assert "liger-kernel" in results["models"]["hf-liger"]["note"]
+    assert "skipped" in results["table"]
+
+
+def test_padded_batch_is_left_padded_with_the_asked_ratio():
+    b = make_batch(8, 128, 1000, padding_ratio=0.5, seed=3)
+    mask = b.attention_mask
+    assert abs(b.padding_ratio - 0.5) < 0.01
+    assert int(mask.sum()) == b.real_tokens
+    assert (mask.sum(1) >= 1).all()
+    assert (mask[:, 1:] >= mask[:, :-1]).all()  # left padding: once a row starts it never stops
+    assert len(set(b.row_lengths)) > 1  # random lengths, not one shared length
+    assert (b.labels[mask == 0] == -100).all()
+    first_real = mask.argmax(1)
+    assert (b.labels[torch.arange(8), first_real] == -100).all()
+
+
+def test_packed_batch_restarts_positions_per_document():
+    b = make_batch(4, 64, 1000, packed=True, seed=1)
+    assert b.attention_mask is None and b.real_tokens == 4 * 64
+    for r, docs in enumerate(b.doc_lengths):
+        assert sum(docs) == 64 and len(docs) >= 2
+        expected = torch.cat([torch.arange(n) for n in docs])
+        assert torch.equal(b.position_ids[r], expected)
+        starts = torch.tensor([0, *docs[:-1]]).cumsum(0)
+        assert (b.labels[r, starts] == -100).all()  # no loss across a document boundary
+
+
+def test_packed_run_reports_document_isolation(tmp_path):
+    pytest.importorskip("transformers")
+    path = tmp_path / "p.json"
+    argv = [*FAST, "--seq-length", "48", "--packed", "--cases", "forward,generate", "--compare",
+            "default,hf-sdpa", "--output", str(path)]
+    assert cli.main(argv) == 0
+    results = json.loads(path.read_text())
+    assert any("generate skipped with --packed" in n for n in results["notes"])
+    iso = results["models"]["hf-sdpa"]["packed_isolation"]
+    assert iso["isolated"] is True  # transformers builds a block-diagonal mask from packed position_ids
+    assert "isolated" in results["models"]["default"]["packed_isolation"]
+
+
+def test_kernels_subcommand_dispatches(capsys):
+    pytest.importorskip("flashlm.bench.kernels")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["kernels", "--help"])
+    assert e.value.code == 0
+    assert "flashlm bench kernels" in capsys.readouterr().out

@@ -1,0 +1,199 @@
+"""flashlm.generation: greedy/sampled decoding with the flash (static cache) and default models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashlm.generation import generate, main, sample_next_token, top_k_filter, top_p_filter
+from flashlm.models.config import get_preset
+from flashlm.models.default import DefaultForCausalLM
+from flashlm.models.flash import FlashForCausalLM
+
+
+def make_pair(**overrides):
+    config = get_preset("tiny", **overrides)
+    default = DefaultForCausalLM(config)
+    flash = FlashForCausalLM(config)
+    flash.load_state_dict(default.state_dict())
+    return default.eval(), flash.eval()
+
+
+def left_padded(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+PROMPTS = [[5, 17, 99, 3, 44, 7], [8, 120], [33, 61, 200, 9]]
+
+
+def naive_greedy(model, prompt, steps):
+    """Greedy decoding by re-running the full sequence each step (no cache)."""
+    seq = torch.tensor(prompt)[None]
+    for _ in range(steps):
+        nxt = model(seq).logits[0, -1].argmax()
+        seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    return seq[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 3, "attn_logit_softcap": 4.0}])
+def test_greedy_identical_for_default_and_flash(overrides):
+    default, flash = make_pair(**overrides)
+    ids, mask = left_padded(PROMPTS)
+    out_f = generate(flash, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    out_d = generate(default, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    assert out_f.sequences.shape == (3, ids.shape[1] + 8)
+    assert torch.equal(out_f.sequences, out_d.sequences)
+    assert torch.equal(out_f.sequences[:, : ids.shape[1]], ids)
+    # and both equal the cache-free loop on each prompt alone
+    for row, prompt in enumerate(PROMPTS):
+        assert out_f.sequences[row, ids.shape[1]:].tolist() == naive_greedy(flash, prompt, 8)
+    assert out_f.num_new_tokens.tolist() == [8, 8, 8]
+    assert out_f.first_token_s > 0 and out_f.per_token_s > 0
+
+
+def test_eos_stops_each_row():
+    _, flash = make_pair()
+    ids, mask = left_padded(PROMPTS)
+    free = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    new = free.sequences[:, ids.shape[1]:]
+    eos = int(new[1, 2])  # row 1's third token becomes "EOS"
+    out = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    got = out.sequences[:, ids.shape[1]:]
+    for row in range(3):
+        hits = (new[row] == eos).nonzero().flatten().tolist()
+        stop = hits[0] + 1 if hits else 6
+        assert out.num_new_tokens[row] == stop
+        assert got[row, :stop].tolist() == new[row, :stop].tolist()
+        assert (got[row, stop:] == 0).all()
+    # every row stopping early ends the loop early
+    eos_all = [int(new[r, 0]) for r in range(3)]
+    out = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos_all)
+    assert out.sequences.shape[1] == ids.shape[1] + 1 and out.num_new_tokens.tolist() == [1, 1, 1]
+
+
+def test_right_padding_is_refused():
+    _, flash = make_pair()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="right-padded"):
+        generate(flash, ids, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="no tokens"):
+        generate(flash, ids, attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(flash, ids, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(flash, ids, do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(flash, ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 256\)"):
+        generate(flash, ids + 300)
+
+
+def test_sampling_reproducible_with_generator():
+    default, flash = make_pair()
+    ids, mask = left_padded(PROMPTS)
+    kw = {"attention_mask": mask, "max_new_tokens": 10, "do_sample": True, "temperature": 1.5, "top_k": 50,
+          "top_p": 0.95, "eos_token_id": []}
+    a = generate(flash, ids, generator=torch.Generator().manual_seed(7), **kw).sequences
+    b = generate(flash, ids, generator=torch.Generator().manual_seed(7), **kw).sequences
+    c = generate(flash, ids, generator=torch.Generator().manual_seed(8), **kw).sequences
+    d = generate(default, ids, generator=torch.Generator().manual_seed(7), **kw).sequences
+    assert torch.equal(a, b) and torch.equal(a, d)
+    assert not torch.equal(a, c)
+    # top_k=1 sampling is greedy
+    g = generate(flash, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[]).sequences
+    s = generate(flash, ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=1, eos_token_id=[],
+                 generator=torch.Generator().manual_seed(0)).sequences
+    assert torch.equal(g, s)
+
+
+def test_exponential_race_samples_the_distribution():
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    logits = p.log().expand(40000, -1)
+    gen = torch.Generator().manual_seed(0)
+    tokens = sample_next_token(logits, do_sample=True, generator=gen)
+    freq = torch.bincount(tokens, minlength=5).float() / 40000
+    assert freq[4] == 0  # a zero-probability token is never drawn
+    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)  # ~4 sigma at n=40000
+    # temperature sharpens: T -> 0 approaches greedy
+    cold = sample_next_token(logits[:2000], do_sample=True, temperature=0.05, generator=gen)
+    assert (cold == 0).float().mean() > 0.99
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [[True, False, False, False, True]]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    lp = probs.log()
+    assert torch.isfinite(top_p_filter(lp, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(top_p_filter(lp, 0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(lp, 0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(top_p_filter(lp[:, [3, 1, 0, 2]], 0.5)).tolist() == [[False, False, True, False]]
+
+
+def test_streamer_gets_every_step():
+    _, flash = make_pair()
+    ids, mask = left_padded(PROMPTS)
+    seen = []
+    out = generate(flash, ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[], streamer=seen.append)
+    assert len(seen) == 4 and all(t.shape == (3,) and t.device.type == "cpu" for t in seen)
+    assert torch.equal(torch.stack(seen, 1), out.sequences[:, ids.shape[1]:])
+
+    class PutEnd:
+        def __init__(self):
+            self.puts, self.ended = 0, False
+
+        def put(self, tokens):
+            self.puts += 1
+
+        def end(self):
+            self.ended = True
+
+    s = PutEnd()
+    generate(flash, ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[], streamer=s)
+    assert s.puts == 3 and s.ended
+
+
+def test_cli_prompt_ids_json(capsys):
+    rc = main(["--model", "tiny", "--prompt-ids", "5,17,99", "--prompt-ids", "8 120", "--max-new-tokens", "4",
+               "--attn", "flash", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["batch"] == 2 and result["prompt_len"] == 3
+    assert all(1 <= n <= 4 for n in result["num_new_tokens"])
+    assert [len(ids) for ids in result["new_token_ids"]] == result["num_new_tokens"]
+    # same seed and weights with the default model: same tokens
+    rc = main(["--model", "tiny", "--prompt-ids", "5,17,99", "--prompt-ids", "8 120", "--max-new-tokens", "4",
+               "--attn", "default", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_token_ids"] == result["new_token_ids"]
+
+
+def test_cli_text_prompt_with_tokenizer(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>"] + [f"w{i}" for i in range(253)])}
+    tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    rc = main(["--model", "tiny", "--prompt", "w1 w2 w3", "--tokenizer", str(path), "--max-new-tokens", "3",
+               "--do-sample", "--top-p", "0.9", "--stream"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["prompt_len"] == 3 and isinstance(result["text"][0], str)
+    assert "first token" in out
+    rc = main(["--model", "tiny", "--prompt", "w1", "--max-new-tokens", "2"])
+    assert rc == 2 and "tokenizer.json" in capsys.readouterr().err

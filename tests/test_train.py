@@ -1,0 +1,213 @@
+"""flashlm.train end to end on CPU: the tiny preset learns a generated corpus, saves, resumes bit-exactly,
+refuses bad input clearly, and runs under torchrun as 2 gloo processes with FSDP2."""
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flashlm import train as T
+from flashlm.checkpoint import ConfigMismatchError
+
+BASE = ["--model", "tiny", "--attn", "default", "--vocab-size", "512", "--seq-length", "64", "--no-progress"]
+
+
+def _write_corpus(root, n_docs=300, seed=0):
+    """Documents with learnable structure (a tiny grammar plus counting), as .jsonl and .txt."""
+    rng = random.Random(seed)
+    names = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    verbs = ["sees", "likes", "helps", "calls", "meets"]
+    objs = ["the cat", "a dog", "the red ball", "some bread", "the old tree"]
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(n_docs):
+            n = rng.randint(3, 12)
+            text = " ".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(objs)}." for _ in range(n))
+            f.write(json.dumps({"text": text}) + "\n")
+    (root / "count.txt").write_text(" ".join(f"{i} {i + 1} {i + 2}." for i in range(150)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(corpus, cache, out, *extra):
+    return T.train([*BASE, "--data", str(corpus), "--cache-dir", str(cache), "--output", str(out), *map(str, extra)])
+
+
+def _params(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_tiny_preset_learns_and_writes_its_run_folder(corpus, cache, tmp_path):
+    out = tmp_path / "run"
+    res = _run(corpus, cache, out, "--max-steps", 40, "--batch-size", 8, "--lr", 3e-3,
+               "--eval-every", 20, "--save-every", 20)
+    first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
+    assert len(res.losses) == 40
+    assert first > 5.5 and last < 0.6 * first, (first, last)  # ln(512) = 6.24 at init
+    (s1, e1), (s2, e2) = res.eval_losses
+    assert (s1, s2) == (20, 40) and e2 < e1 < first
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 41))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"} <= set(metrics[0])
+    assert metrics[-1]["tokens"] == 40 * 8 * 64
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000040"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000020", "step_0000040"]
+    assert (out / "tokenizer.json").is_file() and (out / "final" / "tokenizer.json").is_file()
+
+    # The final folder loads with flashlm and, when installed, transformers, giving the same logits.
+    from flashlm.models import from_pretrained
+
+    model = from_pretrained(out / "final", attn="default")
+    assert model.config.vocab_size == 512
+    ids = torch.randint(0, 300, (2, 16))
+    ours = model(ids).logits
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+        torch.testing.assert_close(hf(ids).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_is_bit_exact_and_activation_checkpointing_changes_nothing(corpus, cache, tmp_path):
+    common = ["--max-steps", 6, "--batch-size", 4, "--grad-accum", 2, "--lr", 3e-3, "--eval-every", 3,
+              "--save-every", 0]
+    full = _run(corpus, cache, tmp_path / "full", *common)
+
+    part = _run(corpus, cache, tmp_path / "resumed", *common, "--stop-after", 3)
+    assert part.final_dir is None and part.last_checkpoint.name == "step_0000003"
+    rest = _run(corpus, cache, tmp_path / "resumed", *common, "--resume", "auto")
+    assert rest.start_step == 3
+    assert part.losses + rest.losses == full.losses  # exact float equality, step by step
+    assert part.eval_losses + rest.eval_losses == full.eval_losses
+    a, b = _params(tmp_path / "full" / "final"), _params(tmp_path / "resumed" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the log of the resumed run reads like the uninterrupted one
+    logged = [json.loads(x)["loss"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == full.losses
+
+    ac = _run(corpus, cache, tmp_path / "ac", *common, "--stop-after", 3, "--activation-checkpointing")
+    assert ac.losses == full.losses[:3]
+
+
+def _tokenizer_json(path, vocab_size, corpus):
+    from flashlm import data as D
+
+    tok = D.train_tokenizer(D.read_documents(D.find_files(corpus)), 300)
+    # a small corpus stops BPE early: pad with added tokens to exactly vocab_size
+    tok.add_special_tokens([f"<extra_{i}>" for i in range(vocab_size - tok.get_vocab_size())])
+    assert tok.get_vocab_size() == vocab_size
+    tok.save(str(path))
+    return path
+
+
+def test_clear_errors(corpus, cache, tmp_path):
+    def fails(exc, match, *extra, data=corpus, out=tmp_path / "err"):
+        with pytest.raises(exc, match=match):
+            _run(data, cache, out, "--max-steps", 2, "--batch-size", 2, *extra)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("\n \n")
+    fails(ValueError, "hold no text", data=empty)
+    fails(ValueError, "no .txt or .jsonl files", data=tmp_path / "err")  # exists, no data files
+    fails(ValueError, "--seq-length 1000 exceeds the model's max_position_embeddings 256", "--seq-length", 1000)
+    big = _tokenizer_json(tmp_path / "big.json", 700, corpus)
+    fails(ValueError, r"tokenizer/vocab mismatch: .* has 700 tokens but the model's vocab_size is 512",
+          "--tokenizer", big)
+    fails(ValueError, "vocab_size 256, too small", "--vocab-size", 256)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    fails(ValueError, "--output .* is not writable", out=blocker / "run")
+    fails(ValueError, "--batch-size must be >= 1", "--batch-size", 0)
+    fails(FileNotFoundError, "--resume: .* neither a checkpoint folder", "--resume", tmp_path)
+
+    # resume from a checkpoint of another model config
+    run = tmp_path / "small_vocab"
+    _run(corpus, cache, run, "--max-steps", 1, "--batch-size", 2, "--eval-every", 0)
+    with pytest.raises(ConfigMismatchError, match=r"vocab_size: 512 \(saved\) != 640 \(now\)"):
+        _run(corpus, cache, run, "--max-steps", 2, "--batch-size", 2, "--vocab-size", 640, "--resume", run)
+
+
+def test_main_reports_errors_in_one_line(corpus, tmp_path, capsys):
+    rc = T.main([*BASE, "--data", str(corpus), "--output", str(tmp_path), "--seq-length", "999"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["flashlm train: error: --seq-length 999 exceeds the model's max_position_embeddings 256"]
+
+
+def test_flops_and_schedule():
+    from flashlm.models import build_model, get_preset
+
+    cfg = get_preset("llama-1b")
+    with torch.device("meta"):
+        model = build_model(cfg, attn="default", device="meta")
+    n_params = sum(p.numel() for p in model.parameters())  # tied: the embedding once
+    fpt = T.flops_per_token(model, 2048)
+    assert fpt == 6 * n_params + 6 * 16 * 2048 * 32 * 64  # tied head counted as a matmul
+    fn = T.lr_lambda(max_steps=100, warmup=10, min_ratio=0.1)
+    assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0)
+    assert fn(55) == pytest.approx(0.55) and fn(100) == pytest.approx(0.1) and fn(500) == pytest.approx(0.1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flashlm.models.flash") is None, reason="flash model not built yet")
+def test_flash_model_trains_packed(corpus, cache, tmp_path):
+    args = ["--max-steps", 3, "--batch-size", 2, "--eval-every", 0]
+    res = T.train(["--model", "tiny", "--attn", "flash", "--vocab-size", "512", "--seq-length", "64",
+                   "--no-progress", "--data", str(corpus), "--cache-dir", str(cache),
+                   "--output", str(tmp_path / "flash"), *map(str, args)])
+    assert len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
+
+
+def _torchrun_fsdp_works() -> str | None:
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        return "torch.distributed with gloo is not available"
+    if shutil.which("torchrun") is None:
+        return "torchrun not on PATH"
+    return None
+
+
+@pytest.mark.skipif(_torchrun_fsdp_works() is not None, reason=str(_torchrun_fsdp_works()))
+def test_fsdp2_two_gloo_processes_match_one_process_and_resume(corpus, cache, tmp_path):
+    """2 CPU processes (gloo) with FSDP2 and batch 2 each == 1 process with batch 4, through a DCP
+    checkpoint and resume in the middle."""
+    common = ["--max-steps", 4, "--grad-accum", 2, "--lr", 3e-3, "--eval-every", 2, "--save-every", 0,
+              "--data", corpus, "--cache-dir", cache]
+    single = T.train([*BASE, *map(str, common), "--batch-size", "4", "--output", str(tmp_path / "one")])
+
+    out = tmp_path / "fsdp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "-m", "flashlm.train", *BASE, *map(str, common), "--batch-size", "2", "--output", str(out)]
+    for extra in (["--stop-after", "2"], ["--resume", "auto"]):
+        proc = subprocess.run([*launch, *extra], check=False, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoints" / "step_0000002"
+    assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "rng_rank1.pt").is_file()
+
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in logged]), torch.tensor(single.losses),
+                               rtol=1e-5, atol=1e-6)
+    evals = [(m["step"], m["eval_loss"]) for m in logged if "eval_loss" in m]
+    assert [s for s, _ in evals] == [2, 4]
+    a, b = _params(out / "final"), _params(tmp_path / "one" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
