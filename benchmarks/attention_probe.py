@@ -29,17 +29,17 @@ def rnd(*shape, grad=False):
 def judge(out, ref32, ref_lp):
     err = (out.float() - ref32.float()).abs().max().item()
     base = (ref_lp.float() - ref32.float()).abs().max().item()
-    return dict(err=err, ref_lp_err=base, ok=bool(err <= 2 * base + 1e-3))
+    return {"err": err, "ref_lp_err": base, "ok": bool(err <= 2 * base + 1e-3)}
 
 
 def dense_case(be, B, Sq, Sk, H, Hk, D, causal, grad):
     q, k, v = rnd(B, Sq, H, D, grad=grad), rnd(B, Sk, Hk, D, grad=grad), rnd(B, Sk, Hk, D, grad=grad)
-    kw = dict(dropout_p=0.0, softmax_scale=D ** -0.5, causal=causal, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, deterministic=False)
+    kw = {"dropout_p": 0.0, "softmax_scale": D ** -0.5, "causal": causal, "window_size": (-1, -1), "softcap": 0.0,
+              "alibi_slopes": None, "deterministic": False}
     out, lse = be.dense(q, k, v, **kw)
     r32, lse32 = attention_core(q, k, v, softmax_scale=D ** -0.5, causal=causal)
     rlp, _ = attention_core(q, k, v, softmax_scale=D ** -0.5, causal=causal, upcast=False)
-    res = dict(fwd=judge(out, r32, rlp), lse_shape=list(lse.shape))
+    res = {"fwd": judge(out, r32, rlp), "lse_shape": list(lse.shape)}
     fin = torch.isfinite(lse32)
     res["lse_err"] = (lse.float()[fin] - lse32[fin]).abs().max().item() if fin.any() else None
     if causal and Sq != Sk:  # which alignment does it use?
@@ -62,16 +62,16 @@ def varlen_case(be, lens_q, lens_k, H, Hk, D, causal, grad):
     cu_k = cu_q if lens_q == lens_k else torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32,
                                                       device=dev)
     q, k, v = rnd(sum(lens_q), H, D, grad=grad), rnd(sum(lens_k), Hk, D, grad=grad), rnd(sum(lens_k), Hk, D, grad=grad)
-    kw = dict(dropout_p=0.0, softmax_scale=D ** -0.5, causal=causal, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, deterministic=False)
+    kw = {"dropout_p": 0.0, "softmax_scale": D ** -0.5, "causal": causal, "window_size": (-1, -1), "softcap": 0.0,
+              "alibi_slopes": None, "deterministic": False}
     out, lse = be.varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
     r32, lse32 = REF.varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(lens_q), max(lens_k), **kw)
     rlp, _ = ReferenceBackend(upcast=False).varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
-    res = dict(fwd=judge(out, r32, rlp), lse_shape=list(lse.shape))
+    res = {"fwd": judge(out, r32, rlp), "lse_shape": list(lse.shape)}
     fin = torch.isfinite(lse32)
     try:
         res["lse_err"] = (lse.float()[fin] - lse32[fin]).abs().max().item()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         res["lse_err"] = repr(exc)
     if grad:
         g = torch.randn_like(out)
@@ -106,14 +106,14 @@ def main(path):
               "schemas": {n: str(getattr(torch.ops.aten, n).default._schema) for n in
                           ("_flash_attention_forward", "_flash_attention_backward", "_cudnn_attention_forward",
                            "_cudnn_attention_backward") if hasattr(torch.ops.aten, n)},
-              "torch_flash_flags": dict(window=torch_flash.HAS_WINDOW, seqused_k=torch_flash.HAS_SEQUSED_K,
-                                        alibi=torch_flash.HAS_ALIBI, block_table=torch_flash.HAS_BLOCK_TABLE)}
+              "torch_flash_flags": {"window": torch_flash.HAS_WINDOW, "seqused_k": torch_flash.HAS_SEQUSED_K,
+                                        "alibi": torch_flash.HAS_ALIBI, "block_table": torch_flash.HAS_BLOCK_TABLE}}
     for name, be in (("cudnn", cudnn.BACKEND), ("torch_flash", torch_flash.BACKEND)):
         report[name] = {}
         for case, fn in CASES.items():
             try:
                 report[name][case] = fn(be)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 report[name][case] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}",
                                       "tb": traceback.format_exc()[-600:]}
             torch.cuda.synchronize()

@@ -11,8 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, known_backends
-from flashlm.attention import apply_rotary, explain, registry
+from flashlm.attention import (
+    apply_rotary,
+    explain,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    known_backends,
+    registry,
+)
 from flashlm.attention.backends.reference import ReferenceBackend, attention_core
 
 pytestmark = pytest.mark.cuda
@@ -73,8 +80,8 @@ def test_dense_vs_reference(name, case, dtype):
     with torch.set_grad_enabled(grad_ok):
         out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
                                       return_attn_probs=True, backend=name)
-    kw = dict(softmax_scale=D ** -0.5, causal=causal, window_size=window if not causal else (window[0], 0),
-              softcap=softcap)
+    kw = {"softmax_scale": D ** -0.5, "causal": causal, "window_size": window if not causal else (window[0], 0),
+              "softcap": softcap}
     r32, lse32 = attention_core(q, k, v, **kw)
     rlp, _ = attention_core(q, k, v, upcast=False, **kw)
     _check(out, r32, rlp, 2, f"{name} out")
@@ -122,9 +129,9 @@ def test_varlen_vs_reference(name, case, dtype):
     with torch.set_grad_enabled(grad_ok):
         out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window_size=window,
                                              return_attn_probs=True, backend=name)
-    kw = dict(dropout_p=0.0, softmax_scale=D ** -0.5, causal=causal,
-              window_size=(window[0], 0) if causal and window[0] >= 0 else window, softcap=0.0,
-              alibi_slopes=None, deterministic=False)
+    kw = {"dropout_p": 0.0, "softmax_scale": D ** -0.5, "causal": causal,
+              "window_size": (window[0], 0) if causal and window[0] >= 0 else window, "softcap": 0.0,
+              "alibi_slopes": None, "deterministic": False}
     r32, lse32 = F32.varlen(q, k, v, cu_q, cu_k, mq, mk, **kw)
     rlp, _ = LP.varlen(q, k, v, cu_q, cu_k, mq, mk, **kw)
     _check(out, r32, rlp, 2, f"{name} varlen out")
@@ -175,8 +182,8 @@ def test_kvcache_vs_reference(name, case, dtype):
         ang = torch.rand(cap, D // 4, device="cuda") * 6.28
         cos, sin = ang.cos(), ang.sin()
     _need(name, explain(q, kc, vc, causal=causal, window_size=window, kvcache=True, block_table=block_table))
-    kw = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens, block_table=block_table, causal=causal,
-              window_size=window, rotary_interleaved=False, return_softmax_lse=True)
+    kw = {"rotary_cos": cos, "rotary_sin": sin, "cache_seqlens": seqlens, "block_table": block_table, "causal": causal,
+              "window_size": window, "rotary_interleaved": False, "return_softmax_lse": True}
     kc_b, vc_b = kc.clone(), vc.clone()
     out, lse = flash_attn_with_kvcache(q, kc_b, vc_b, k, v, backend=name, **kw)
     kc_r, vc_r = kc.clone(), vc.clone()

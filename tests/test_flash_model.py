@@ -406,3 +406,31 @@ def test_cuda_decode_step_has_no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert cache.cache_seqlens.tolist() == [34] * 4
+
+
+def test_unpad_and_packing_metadata_computed_once_per_forward(monkeypatch):
+    """get_unpad_data / prepare_from_position_ids run once per forward, not once per layer, and a
+    decode step on the static cache calls neither."""
+    import flashlm.models.flash as flash_mod
+
+    calls = {"unpad": 0, "packed": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(flash_mod, "get_unpad_data", counting("unpad", flash_mod.get_unpad_data))
+    monkeypatch.setattr(flash_mod, "prepare_from_position_ids",
+                        counting("packed", flash_mod.prepare_from_position_ids))
+    _, flash = make_pair(num_layers=4)
+    ids, mask = left_padded([6, 3], 6)
+    cache = flash.allocate_cache(2, 8)
+    flash(ids, attention_mask=mask, past_key_values=cache)
+    assert calls == {"unpad": 1, "packed": 0}
+    flash(ids[:, :1], past_key_values=cache)
+    assert calls == {"unpad": 1, "packed": 0}
+    _, packed, position_ids, _ = _packed_batch([3, 4, 2])
+    flash(packed, position_ids=position_ids)
+    assert calls == {"unpad": 1, "packed": 1}

@@ -34,6 +34,7 @@ a host sync per layer.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -162,7 +163,7 @@ def _check_cu_seqlens(cu, name: str, batch: int, total: int | None, max_seqlen: 
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
-    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    lens = [b - a for a, b in itertools.pairwise(vals)]
     if any(n < 0 for n in lens):
         raise ValueError(f"{name} must be non-decreasing, got {vals}")
     if total is not None and vals[-1] > total:
@@ -172,7 +173,7 @@ def _check_cu_seqlens(cu, name: str, batch: int, total: int | None, max_seqlen: 
 
 
 def _check_max_seqlen(x, name: str) -> int:
-    if isinstance(x, torch.Tensor) or isinstance(x, bool) or not isinstance(x, int):
+    if isinstance(x, (torch.Tensor, bool)) or not isinstance(x, int):
         raise TypeError(f"{name} must be a Python int (computed once per batch), got {type(x).__name__}")
     if x < 0:
         raise ValueError(f"{name} must be >= 0, got {x}")
@@ -269,8 +270,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     scale, window, call = _prepare_dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                                          alibi_slopes, deterministic, return_attn_probs)
     be = registry.select(call, backend)
-    kwargs = dict(dropout_p=float(dropout_p), softmax_scale=scale, causal=causal, window_size=window,
-                  softcap=float(softcap), alibi_slopes=alibi_slopes, deterministic=deterministic)
+    kwargs = {"dropout_p": float(dropout_p), "softmax_scale": scale, "causal": causal, "window_size": window,
+                  "softcap": float(softcap), "alibi_slopes": alibi_slopes, "deterministic": deterministic}
     if call.return_attn_probs:
         out, lse, probs = be.dense(_contig(q), _contig(k), _contig(v), **kwargs, return_probs=True)
         return out, lse, probs
@@ -368,9 +369,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                           dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                           deterministic, return_attn_probs, block_table)
     be = registry.select(call, backend)
-    kwargs = dict(dropout_p=float(dropout_p), softmax_scale=scale, causal=causal, window_size=window,
-                  softcap=float(softcap), alibi_slopes=alibi_slopes, deterministic=deterministic,
-                  block_table=block_table)
+    kwargs = {"dropout_p": float(dropout_p), "softmax_scale": scale, "causal": causal, "window_size": window,
+                  "softcap": float(softcap), "alibi_slopes": alibi_slopes, "deterministic": deterministic,
+                  "block_table": block_table}
     args = (_contig(q), _contig(k), _contig(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if call.return_attn_probs:
         return be.varlen(*args, **kwargs, return_probs=True)

@@ -20,7 +20,7 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -51,7 +51,7 @@ def _load(name: str) -> Backend | None:
         backend = getattr(module, "BACKEND", None)
         if backend is None:
             _load_errors[name] = f"module flashlm.attention.backends.{name} defines no BACKEND (not implemented)"
-    except Exception as exc:  # a broken optional backend must never take the others down
+    except Exception as exc:  # noqa: BLE001 (a broken optional backend must not take the others down)
         _load_errors[name] = f"import failed: {type(exc).__name__}: {exc}"
     _loaded[name] = backend
     return backend
@@ -190,7 +190,7 @@ def reset_cache() -> None:
     _warned.clear()
 
 
-@lru_cache(maxsize=None)
+@cache
 def compute_capability(device: torch.device) -> tuple[int, int] | None:
     if device.type != "cuda":
         return None

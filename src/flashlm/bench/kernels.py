@@ -22,8 +22,7 @@ import time
 
 import torch
 
-from flashlm.attention import available_backends, flash_attn_func, flash_attn_with_kvcache
-from flashlm.attention import registry
+from flashlm.attention import available_backends, flash_attn_func, flash_attn_with_kvcache, registry
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -78,10 +77,10 @@ def _time_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
 
 def _fa4_direct():
     try:
-        from flash_attn.cute import flash_attn_func as f  # noqa: PLC0415
+        from flash_attn.cute import flash_attn_func as f
 
         return f
-    except Exception:
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -158,26 +157,26 @@ def main(argv: list[str] | None = None) -> int:
                 b = max(1, args.total_tokens // s)
                 for causal in (bool(int(c)) for c in args.causal.split(",")):
                     for mode in args.modes.split(","):
-                        row = dict(backend=name, mode=mode, causal=causal, head_dim=d, seqlen=s, batch=b, nheads=h)
+                        row = {"backend": name, "mode": mode, "causal": causal, "head_dim": d, "seqlen": s, "batch": b, "nheads": h}
                         try:
                             ms, tflops = bench_dense(name, b, s, h, d, causal, mode, dtype, device, args.warmup,
                                                      args.iters)
                             row.update(ms=round(ms, 4), tflops=round(tflops, 2))
-                        except Exception as exc:  # a refusal or a kernel error is a result, not a crash
+                        except Exception as exc:  # noqa: BLE001  # a refusal or a kernel error is a result, not a crash
                             row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
                         if cuda:
                             torch.cuda.empty_cache()
                         results.append(row)
         for L in args.decode_cache:
-            row = dict(backend=name, batch=args.decode_batch, nheads=hq, nheads_k=hk, head_dim=args.decode_head_dim,
-                       cache_len=L)
+            row = {"backend": name, "batch": args.decode_batch, "nheads": hq, "nheads_k": hk, "head_dim": args.decode_head_dim,
+                       "cache_len": L}
             if name == "fa4_direct":
                 continue
             try:
                 ms, gbps = bench_decode(name, args.decode_batch, hq, hk, args.decode_head_dim, L, dtype, device,
                                         args.warmup, args.iters)
                 row.update(ms=round(ms, 4), gbps=round(gbps, 1))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
             decode.append(row)
 
@@ -193,16 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(results, decode))
     if note:
         print(f"note: {note}")
-    payload = dict(
-        device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", torch=torch.__version__,
-        cudnn=torch.backends.cudnn.version() if cuda else None, dtype=args.dtype, note=note,
-        config=dict(total_tokens=args.total_tokens, hidden=args.hidden, warmup=args.warmup, iters=args.iters),
-        command="flashlm bench kernels " + " ".join(sys.argv[1:] if argv is None else argv),
-        dense=results, decode=decode, suggested_order=suggested)
+    payload = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version() if cuda else None, "dtype": args.dtype, "note": note,
+        "config": {"total_tokens": args.total_tokens, "hidden": args.hidden, "warmup": args.warmup, "iters": args.iters},
+        "command": "flashlm bench kernels " + " ".join(sys.argv[1:] if argv is None else argv),
+        "dense": results, "decode": decode, "suggested_order": suggested}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
-    print(json.dumps(dict(suggested_order=suggested, rows=len(results), decode_rows=len(decode), note=note)))
+    print(json.dumps({"suggested_order": suggested, "rows": len(results), "decode_rows": len(decode), "note": note}))
     return 0
 
 
@@ -210,7 +209,7 @@ def _table(results, decode) -> str:
     lines = [f"{'backend':<12} {'mode':<8} {'causal':<6} {'D':>4} {'seqlen':>6} {'batch':>5} {'ms':>9} {'TFLOP/s':>8}"]
     for r in results:
         val = f"{r['ms']:>9.3f} {r['tflops']:>8.1f}" if "tflops" in r else f"  {r['error'][:70]}"
-        lines.append(f"{r['backend']:<12} {r['mode']:<8} {str(r['causal']):<6} {r['head_dim']:>4} {r['seqlen']:>6} "
+        lines.append(f"{r['backend']:<12} {r['mode']:<8} {r['causal']!s:<6} {r['head_dim']:>4} {r['seqlen']:>6} "
                      f"{r['batch']:>5} {val}")
     lines.append("")
     lines.append(f"{'backend':<12} {'decode cache':>12} {'ms':>9} {'GB/s':>8}")

@@ -26,14 +26,14 @@ def _load():
     global _mod, _err
     if _mod is None and _err is None:
         try:
-            import flash_attn.cute as mod  # noqa: PLC0415  (optional, heavy: import on first use)
+            import flash_attn.cute as mod
 
             _mod = mod
             for fn in ("flash_attn_func", "flash_attn_varlen_func"):
                 _params[fn] = frozenset(inspect.signature(getattr(mod, fn)).parameters)
             if "return_lse" not in _params["flash_attn_func"]:
                 _mod, _err = None, "flash-attn-4 too old: flash_attn_func has no return_lse"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             _err = f"flash_attn.cute not importable ({type(exc).__name__}: {exc}); pip install 'flashlm[fa4]'"
     return _mod
 

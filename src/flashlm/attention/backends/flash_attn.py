@@ -25,18 +25,18 @@ def _load():
         _loaded = True
         errs = []
         try:
-            import flash_attn_interface as fa3  # noqa: PLC0415
+            import flash_attn_interface as fa3
 
             _fa3 = fa3
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             errs.append(f"flash_attn_interface (FA3): {type(exc).__name__}: {exc}")
         try:
-            import flash_attn.flash_attn_interface as fa2  # noqa: PLC0415
+            import flash_attn.flash_attn_interface as fa2
 
             if not hasattr(fa2, "flash_attn_with_kvcache"):
                 raise ImportError("no flash_attn_with_kvcache")
             _fa2 = fa2
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             errs.append(f"flash_attn (FA2): {type(exc).__name__}: {exc}")
         if _fa2 is None and _fa3 is None:
             _err = "; ".join(errs) + "; pip install flash-attn"

@@ -22,7 +22,7 @@ _BWD = getattr(torch.ops.aten, "_flash_attention_backward", None)
 def _arg_names(op) -> frozenset[str]:
     try:
         return frozenset(a.name for a in op.default._schema.arguments)
-    except Exception:
+    except Exception:  # noqa: BLE001
         return frozenset()
 
 

@@ -1,0 +1,121 @@
+"""Registry: choice, overrides (argument, context manager, environment), explain, refusals, warnings."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+from flashlm.attention import (
+    available_backends,
+    explain,
+    flash_attn_func,
+    known_backends,
+    order,
+    registry,
+    use_backend,
+)
+from flashlm.attention.backends.base import AttnCall
+from flashlm.attention.backends.cudnn import BACKEND as CUDNN
+from flashlm.attention.backends.torch_flash import BACKEND as TORCH_FLASH
+
+q = torch.randn(1, 4, 2, 16)
+
+
+def _cuda_call(**kw):
+    base = {"kind": "dense", "device_type": "cuda", "compute_capability": (9, 0), "dtype": torch.bfloat16, "head_dim": 128,
+                "head_dim_v": 128, "nheads": 8, "nheads_k": 2, "seqlen_q": 128, "seqlen_k": 128, "causal": True, "window": False,
+                "softcap": False, "alibi": False, "dropout": False, "needs_grad": False, "deterministic": False, "seqlens_equal": True}
+    base.update(kw)
+    return AttnCall(**base)
+
+
+def test_order_is_data_and_reference_is_last():
+    assert known_backends() == order.ORDER
+    assert order.ORDER[-1] == "reference"
+    assert "reference" in available_backends()
+
+
+def test_explain_names_every_backend_and_the_choice():
+    exp = explain(q, q, q, causal=True)
+    assert exp.chosen == "reference"
+    assert set(exp.reasons) == set(known_backends())
+    text = str(exp)
+    assert "-> reference" in text and "dense cpu float32" in text
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in exp.reasons["torch_flash"] or "unavailable" in exp.reasons["torch_flash"]
+
+
+def test_use_backend_is_scoped_and_nests(monkeypatch):
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    assert registry.forced_backend()[0] is None
+    with use_backend("reference"):
+        assert registry.forced_backend() == ("reference", "use_backend()")
+        with use_backend("auto"):
+            assert registry.forced_backend()[0] is None
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(registry.forced_backend()[0]))
+        t.start()
+        t.join()
+        assert seen == [None]  # a contextvar: other threads keep their own setting
+    assert registry.forced_backend()[0] is None
+    with pytest.raises(ValueError, match="unknown attention backend"), use_backend("bogus"):
+        pass
+
+
+def test_forced_backend_that_cannot_serve_raises_with_reason(monkeypatch):
+    with use_backend("torch_flash"), pytest.raises(ValueError, match="torch_flash.*forced by use_backend"):
+        flash_attn_func(q, q, q)
+    monkeypatch.setenv(registry.ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match=f"cudnn.*{registry.ENV_VAR}"):
+        flash_attn_func(q, q, q)
+    # the argument beats the environment
+    flash_attn_func(q, q, q, backend="reference")
+    monkeypatch.setenv(registry.ENV_VAR, "auto")
+    flash_attn_func(q, q, q)
+
+
+def test_capability_refusals_are_specific():
+    assert "dtype float32" in TORCH_FLASH.refuse(_cuda_call(dtype=torch.float32))
+    assert "head_dim 260" in TORCH_FLASH.refuse(_cuda_call(head_dim=260, head_dim_v=260))
+    assert "head_dim 100" in TORCH_FLASH.refuse(_cuda_call(head_dim=100, head_dim_v=100))
+    assert "softcap" in TORCH_FLASH.refuse(_cuda_call(softcap=True))
+    assert "top-left" in CUDNN.refuse(_cuda_call(seqlen_q=1, seqlen_k=128, seqlens_equal=False))
+    assert "window" in CUDNN.refuse(_cuda_call(window=True))
+    assert "leftpad" in TORCH_FLASH.refuse(_cuda_call(kind="kvcache", leftpad=True, seqlens_equal=False))
+    assert TORCH_FLASH.refuse(_cuda_call()) is None and CUDNN.refuse(_cuda_call()) is None
+
+
+def test_slow_fallback_warns_once():
+    registry.reset_cache()
+    call = _cuda_call(dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            pytest.skip("needs a machine where only the reference can serve")
+        be = registry.select(call)
+        registry.select(call)
+    assert be.name == "reference"
+    slow = [x for x in w if "slow reference" in str(x.message)]
+    assert len(slow) == 1 and "dense cuda float32" in str(slow[0].message)
+    registry.reset_cache()
+
+
+def test_broken_or_missing_backend_module_is_reported(monkeypatch):
+    registry.reset_cache()
+    monkeypatch.setattr(order, "ORDER", ("does_not_exist", "triton", "reference"))
+    exp = explain(q, q, q)
+    assert exp.chosen == "reference"
+    assert "import failed" in exp.reasons["does_not_exist"]
+    assert exp.reasons["triton"] is None or exp.reasons["triton"]  # loads or says why, never raises
+    registry.reset_cache()
+
+
+def test_no_backend_can_serve_lists_reasons(monkeypatch):
+    registry.reset_cache()
+    monkeypatch.setattr(order, "ORDER", ("cudnn", "torch_flash"))
+    with pytest.raises(ValueError, match="no attention backend can run.*cudnn: unavailable"):
+        flash_attn_func(q, q, q)
+    registry.reset_cache()
