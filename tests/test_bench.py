@@ -176,19 +176,28 @@ def test_packed_batch_restarts_positions_per_document():
         assert torch.equal(b.position_ids[r], expected)
         starts = torch.tensor([0, *docs[:-1]]).cumsum(0)
         assert (b.labels[r, starts] == -100).all()  # no loss across a document boundary
+    lengths = [n for docs in b.doc_lengths for n in docs]
+    assert b.cu_seqlens.dtype == torch.int32
+    assert b.cu_seqlens.tolist() == torch.tensor([0, *lengths]).cumsum(0).tolist()
 
 
 def test_packed_run_reports_document_isolation(tmp_path):
     pytest.importorskip("transformers")
     path = tmp_path / "p.json"
-    argv = [*FAST, "--seq-length", "48", "--packed", "--cases", "forward,generate", "--compare",
-            "default,hf-sdpa", "--output", str(path)]
+    argv = [*FAST, "--seq-length", "48", "--packed", "--cases", "train,forward,generate", "--compare",
+            "default,flash,hf-sdpa", "--output", str(path)]
     assert cli.main(argv) == 0
     results = json.loads(path.read_text())
     assert any("generate skipped with --packed" in n for n in results["notes"])
-    iso = results["models"]["hf-sdpa"]["packed_isolation"]
-    assert iso["isolated"] is True  # transformers builds a block-diagonal mask from packed position_ids
-    assert "isolated" in results["models"]["default"]["packed_isolation"]
+    models = results["models"]
+    # transformers builds a block-diagonal mask from packed position_ids; flash runs varlen
+    assert models["hf-sdpa"]["packed_isolation"]["isolated"] is True
+    assert "isolated" in models["default"]["packed_isolation"]
+    if models["flash"]["status"] == "ok":
+        assert models["flash"]["packed_isolation"]["isolated"] is True
+        # both isolate documents and score the same targets: same loss on the same weights
+        assert models["flash"]["cases"]["train"]["first_step_loss"] == pytest.approx(
+            models["hf-sdpa"]["cases"]["train"]["first_step_loss"], abs=1e-4)
 
 
 def test_kernels_subcommand_dispatches(capsys):

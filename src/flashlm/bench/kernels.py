@@ -150,28 +150,31 @@ def main(argv: list[str] | None = None) -> int:
             names.append("fa4_direct")
     hq, hk = _ints(args.decode_heads)
     results, decode = [], []
-    for name in names:
-        for d in args.head_dims:
-            h = max(1, args.hidden // d)
-            for s in args.seqlens:
-                b = max(1, args.total_tokens // s)
-                for causal in (bool(int(c)) for c in args.causal.split(",")):
-                    for mode in args.modes.split(","):
+    # backends innermost: every backend of a config runs back to back, so clock drift over a long run
+    # does not favour whichever backend happens to run first
+    for d in args.head_dims:
+        h = max(1, args.hidden // d)
+        for s in args.seqlens:
+            b = max(1, args.total_tokens // s)
+            for causal in (bool(int(c)) for c in args.causal.split(",")):
+                for mode in args.modes.split(","):
+                    for name in names:
                         row = {"backend": name, "mode": mode, "causal": causal, "head_dim": d, "seqlen": s, "batch": b, "nheads": h}
                         try:
                             ms, tflops = bench_dense(name, b, s, h, d, causal, mode, dtype, device, args.warmup,
                                                      args.iters)
                             row.update(ms=round(ms, 4), tflops=round(tflops, 2))
-                        except Exception as exc:  # noqa: BLE001  # a refusal or a kernel error is a result, not a crash
+                        except Exception as exc:  # noqa: BLE001 (a refusal or kernel error is a result)
                             row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
                         if cuda:
                             torch.cuda.empty_cache()
                         results.append(row)
-        for L in args.decode_cache:
-            row = {"backend": name, "batch": args.decode_batch, "nheads": hq, "nheads_k": hk, "head_dim": args.decode_head_dim,
-                       "cache_len": L}
+    for L in args.decode_cache:
+        for name in names:
             if name == "fa4_direct":
                 continue
+            row = {"backend": name, "batch": args.decode_batch, "nheads": hq, "nheads_k": hk, "head_dim": args.decode_head_dim,
+                       "cache_len": L}
             try:
                 ms, gbps = bench_decode(name, args.decode_batch, hq, hk, args.decode_head_dim, L, dtype, device,
                                         args.warmup, args.iters)

@@ -95,16 +95,25 @@ class Batch:
     real_tokens: int
     row_lengths: list[int]
     doc_lengths: list[list[int]] = field(default_factory=list)
+    cu_seqlens: torch.Tensor | None = None  # packed: int32 (num_docs + 1,) over the flattened batch
+
+    @property
+    def max_doc_length(self) -> int:
+        return max(map(max, self.doc_lengths))
 
     @property
     def padding_ratio(self) -> float:
         return 1.0 - self.real_tokens / self.input_ids.numel()
 
-    def model_inputs(self, hf: bool) -> dict[str, torch.Tensor]:
-        """Keyword inputs for a forward. flashlm's models derive positions from the left-padded mask
-        themselves; HF's forward does not (only its generate does), so HF also gets the same
-        position ids explicitly (cumsum(mask) - 1, clamped at 0)."""
-        kw: dict[str, torch.Tensor] = {"input_ids": self.input_ids}
+    def model_inputs(self, name: str) -> dict[str, Any]:
+        """Keyword inputs of model ``name`` for a forward. flashlm's models derive positions from the
+        left-padded mask themselves; HF's forward does not (only its generate does), so HF also gets the
+        same position ids explicitly (cumsum(mask) - 1, clamped at 0). Packed, the flash model also gets
+        cu_seqlens/max_seqlen, as a packing data loader would give it (no detection, no host read)."""
+        hf = name.startswith("hf-")
+        kw: dict[str, Any] = {"input_ids": self.input_ids}
+        if name == "flash" and self.cu_seqlens is not None:
+            kw.update(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_doc_length)
         if self.attention_mask is not None:
             kw["attention_mask"] = self.attention_mask
             if hf:
@@ -167,11 +176,14 @@ def make_batch(batch_size: int, seq_length: int, vocab_size: int, *, padding_rat
                 labels[r, start] = -100  # no loss for predicting a document's first token from the previous one
                 start += n
     real_tokens = sum(row_lengths)
+    cu = None
+    if docs:
+        cu = torch.tensor([0, *[n for row in docs for n in row]], dtype=torch.int64).cumsum(0).to(torch.int32)
 
     def to(t):
         return None if t is None else t.to(device)
 
-    return Batch(to(ids), to(mask), to(position_ids), to(labels), real_tokens, row_lengths, docs)
+    return Batch(to(ids), to(mask), to(position_ids), to(labels), real_tokens, row_lengths, docs, to(cu))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,8 +367,7 @@ def _timed_steps(step: Callable[[], Any], cfg: BenchConfig, tick: Callable[[], N
 
 
 def run_train(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[str, Any]:
-    hf = name.startswith("hf-")
-    inputs = batch.model_inputs(hf)
+    inputs = batch.model_inputs(name)
     extra = {}
     if name == "flash" and _accepts_named(model.forward, "return_logits"):
         extra["return_logits"] = False  # fused linear cross-entropy: no (tokens x vocab) logits
@@ -388,7 +399,7 @@ def run_train(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[st
 
 
 def run_forward(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[str, Any]:
-    inputs = batch.model_inputs(name.startswith("hf-"))
+    inputs = batch.model_inputs(name)
     fwd = torch.compile(model) if cfg.compile else model
     with torch.inference_mode(), _Memory(cfg.device) as mem:
         times = _timed_steps(lambda: fwd(**inputs, use_cache=False), cfg, tick)

@@ -27,6 +27,14 @@ def _ops():
     return bwd.fwd_op, decode.decode_op
 
 
+def _direct(*tensors) -> bool:
+    """Call the launcher itself, skipping the custom_op dispatch (tens of microseconds of host time
+    per call, which decode steps feel): only in eager mode and when no gradient is needed."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 class TritonBackend(Backend):
     name = "triton"
     capabilities = Capabilities(
@@ -78,6 +86,8 @@ class TritonBackend(Backend):
         """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D), lse (B, H, Sq) fp32."""
         _no_dropout(dropout_p)
         fwd, _ = _ops()
+        if _direct(q, k, v):
+            from .fwd import attn_fwd as fwd
         return fwd(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale), bool(causal),
                    int(window_size[0]), int(window_size[1]), float(softcap or 0.0), alibi_slopes)
 
@@ -89,6 +99,8 @@ class TritonBackend(Backend):
         if block_table is not None:
             raise ValueError("triton backend: block_table is only supported by flash_attn_with_kvcache")
         fwd, _ = _ops()
+        if _direct(q, k, v):
+            from .fwd import attn_fwd as fwd
         return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                    float(softmax_scale), bool(causal), int(window_size[0]), int(window_size[1]),
                    float(softcap or 0.0), alibi_slopes)
@@ -99,6 +111,8 @@ class TritonBackend(Backend):
         """q (B, Sq, H, D); cache (B_c, S_c, Hk, D) or paged (blocks, page, Hk, D) + block_table
         -> out (B, Sq, H, D), lse (B, H, Sq). cache_seqlens counts keys after the append."""
         _, decode = _ops()
+        if _direct():
+            from .decode import attn_decode as decode
         return decode(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       float(softmax_scale), bool(causal), int(window_size[0]), int(window_size[1]),
                       float(softcap or 0.0), alibi_slopes, int(num_splits or 0))

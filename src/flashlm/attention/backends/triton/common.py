@@ -69,11 +69,11 @@ def fwd_config(q: torch.Tensor, head_dim: int, seqlen_q: int) -> Cfg:
     bd = block_d(head_dim)
     if q.dtype == torch.float32:
         return Cfg(64, 32, 4, 2) if bd <= 128 else Cfg(32, 32, 4, 1)
-    if _hopper(q):
+    if _hopper(q):  # H100 sweep, D=128 bf16: 128x64/8 warps/3 stages 410 TFLOP/s at 4k causal (128x128: 382)
         if bd <= 64:
-            return Cfg(128, 128, 8, 3) if seqlen_q >= 1024 else Cfg(64, 64, 4, 3)
+            return Cfg(128, 64, 8, 3) if seqlen_q >= 1024 else Cfg(64, 64, 4, 3)
         if bd <= 128:
-            return Cfg(128, 128, 8, 3) if seqlen_q >= 1024 else Cfg(64, 64, 4, 3)
+            return Cfg(128, 64, 8, 3) if seqlen_q >= 1024 else Cfg(64, 64, 4, 3)
         return Cfg(128, 64, 8, 2)
     if bd <= 64:
         return Cfg(128, 64, 4, 3)
@@ -93,9 +93,9 @@ def bwd_config(q: torch.Tensor, head_dim: int) -> BwdCfg:
     bd = block_d(head_dim)
     if q.dtype == torch.float32:
         return BwdCfg(Cfg(32, 32, 4, 1), Cfg(32, 32, 4, 1))
-    if _hopper(q):
+    if _hopper(q):  # H100 sweep, D=128 bf16 4k causal fwd+bwd: 335 TFLOP/s (stages 2: 309)
         if bd <= 128:
-            return BwdCfg(Cfg(64, 128, 8, 2), Cfg(128, 64, 8, 2))
+            return BwdCfg(Cfg(64, 128, 8, 3), Cfg(128, 64, 8, 3))
         return BwdCfg(Cfg(32, 64, 8, 1), Cfg(64, 32, 8, 1))
     if bd <= 64:
         return BwdCfg(Cfg(32, 64, 4, 2), Cfg(64, 32, 4, 2))
