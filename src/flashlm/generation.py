@@ -3,10 +3,12 @@
 ``generate(model, input_ids, ...)`` works with both models:
 
 - the **flash** model (it has ``allocate_cache``): a static BSHD cache is allocated once for
-  ``prompt_len + max_new_tokens`` tokens per row; prefill writes each row's real tokens left-aligned
-  (padding removed), every decode step feeds one token per row and appends its key/value in place
-  through ``flash_attn_with_kvcache`` at the row's own ``cache_seqlens``. The decode step has fixed
-  shapes and reads nothing back to the host;
+  ``prompt_len + max_new_tokens`` tokens per row (rounded up to a multiple of 256); prefill writes each
+  row's real tokens left-aligned (padding removed), every decode step feeds one token per row and
+  appends its key/value in place through ``flash_attn_with_kvcache`` at the row's own
+  ``cache_seqlens``. The decode step (``flashlm.decode_graph.DecodeStep``) has fixed shapes and reads
+  nothing back to the host; with ``cuda_graph=True`` it is captured once per batch size in a CUDA
+  graph and replayed per token (prefill stays eager);
 - the **default** model: its dynamic cache, with the attention mask grown by one column per step and
   position ids taken from the mask.
 
@@ -37,7 +39,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GenerationOutput", "generate", "main", "sample_next_token", "top_k_filter", "top_p_filter"]
+from flashlm.decode_graph import (
+    DecodeStep,
+    SamplingKey,
+    cache_capacity,
+    graph_unavailable_reason,
+    graphed_decode_step,
+    release_graphs,
+)
+
+__all__ = ["GenerationOutput", "generate", "main", "release_graphs", "sample_next_token", "top_k_filter",
+           "top_p_filter"]
 
 
 @dataclass
@@ -52,12 +64,17 @@ class GenerationOutput:
             with a device synchronize on CUDA.
         per_token_s: mean seconds per decode step after the first token (``nan`` if fewer than two
             tokens were generated).
+        cuda_graph: whether the decode steps were replayed from a CUDA graph.
+        capture_s: seconds spent capturing that graph during this call (0 when it was reused); not
+            included in ``first_token_s``.
     """
 
     sequences: Tensor
     num_new_tokens: Tensor
     first_token_s: float
     per_token_s: float
+    cuda_graph: bool = False
+    capture_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -170,30 +187,39 @@ def _sync(device: torch.device) -> None:
 class _AsyncAllDone:
     """Tells whether every row has finished, without stalling the device.
 
-    On CUDA each step's flag is copied into a pinned host buffer with ``non_blocking=True`` and an
-    event is recorded; ``done()`` only reads flags whose event has completed. On CPU reading is free.
+    On CPU the flag is read at every step (free). On CUDA, every ``every`` steps the device flag is
+    copied into a pinned host slot with ``non_blocking=True`` and an event is recorded; :meth:`check`
+    reads only flags whose event has completed, so the loop may run a few steps past the last EOS
+    (those tokens are padding) but never stalls the GPU. To bound how far the host runs ahead of the
+    device (and so how many wasted steps get queued), it waits for the oldest pending event once more
+    than ``max_pending`` are outstanding: the device still has ``every * max_pending`` steps queued.
     """
 
-    def __init__(self, device: torch.device, steps: int) -> None:
+    def __init__(self, device: torch.device, steps: int, every: int = 8, max_pending: int = 2) -> None:
         self.cuda = device.type == "cuda"
+        self.every = every if self.cuda else 1
+        self.max_pending = max_pending
         self.pending: list[tuple[int, Any]] = []
         if self.cuda:
-            self.host = torch.zeros(steps, dtype=torch.bool, pin_memory=True)
+            self.host = torch.zeros(steps // self.every + 2, dtype=torch.bool, pin_memory=True)
         self.finished = False
 
-    def push(self, step: int, all_done: Tensor) -> None:
+    def check(self, step: int, all_done: Tensor) -> bool:
+        """Called after ``step`` tokens were recorded, with the device flag ``all_done`` (bool ``()``)."""
         if not self.cuda:
             self.finished = bool(all_done)
-            return
-        self.host[step].copy_(all_done, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.pending.append((step, event))
-
-    def done(self) -> bool:
+            return self.finished
+        if step % self.every == 0:
+            slot = step // self.every
+            self.host[slot].copy_(all_done, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((slot, event))
+            if len(self.pending) > self.max_pending:
+                self.pending[0][1].synchronize()  # a host wait on an old step, not a device stall
         while self.pending and self.pending[0][1].query():
-            step, _ = self.pending.pop(0)
-            self.finished = self.finished or bool(self.host[step])
+            slot, _ = self.pending.pop(0)
+            self.finished = self.finished or bool(self.host[slot])
         return self.finished
 
 
@@ -204,11 +230,25 @@ def _is_flash(model: torch.nn.Module) -> bool:
 def _emit(streamer: Any, tokens: Tensor) -> None:
     if streamer is None:
         return
-    host = tokens.detach().to("cpu")  # streaming needs the tokens on the host: one sync per step
+    # streaming needs the tokens on the host: one sync per step; a copy, since `tokens` may be a buffer
+    # that the next step overwrites
+    host = tokens.detach().to("cpu", copy=True)
     if hasattr(streamer, "put"):
         streamer.put(host)
     else:
         streamer(host)
+
+
+def _resolve_cuda_graph(cuda_graph: bool | str, model: torch.nn.Module, device: torch.device,
+                        key: SamplingKey) -> bool:
+    if cuda_graph not in (True, False, "auto"):
+        raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+    if cuda_graph is False:
+        return False
+    reason = graph_unavailable_reason(model, device, key)
+    if reason is not None and cuda_graph is True:
+        raise ValueError(f"cuda_graph=True: {reason} (cuda_graph='auto' falls back to eager decoding)")
+    return reason is None
 
 
 @torch.inference_mode()
@@ -216,7 +256,8 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
              streamer: Callable[[Tensor], Any] | Any | None = None,
-             generator: torch.Generator | None = None, pad_token_id: int | None = None) -> GenerationOutput:
+             generator: torch.Generator | None = None, pad_token_id: int | None = None,
+             cuda_graph: bool | str = False, max_cache_len: int | None = None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens per row after left-padded prompts.
 
     Args:
@@ -232,9 +273,16 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
             rows get ``pad_token_id``); an object with ``put``/``end`` (transformers' streamers) gets
             ``put(tokens)`` and, at the end, ``end()``. Streaming reads tokens back every step.
         pad_token_id: fills finished rows (default: the config's pad, else its EOS, else 0).
+        cuda_graph: flash model only. True: replay the decode step from a CUDA graph captured once per
+            batch size (and kept on the model, see ``flashlm.decode_graph``); raises ValueError where
+            that cannot work (CPU, default model, ...). "auto": the graph where it works, else eager.
+            False: eager. Greedy tokens are the same either way (same kernels, same cache capacity).
+        max_cache_len: flash model: slots per row of the static cache (default: prompt_len +
+            max_new_tokens rounded up to a multiple of 256, so a graph serves similar lengths).
 
     Returns:
-        :class:`GenerationOutput`.
+        :class:`GenerationOutput`. Its ``sequences`` end at the last step where some row was still
+        running (steps after every row's EOS are dropped).
     """
     config = getattr(model, "config", None)
     mask = _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
@@ -249,38 +297,93 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
             pad_token_id = eos_ids[0] if eos_ids else 0
     device = input_ids.device
     input_ids = input_ids.long()
-    batch, prompt_len = input_ids.shape
-    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+    key = SamplingKey(bool(do_sample), float(temperature), int(top_k), float(top_p), tuple(eos_ids),
+                      int(pad_token_id))
+    use_graph = _resolve_cuda_graph(cuda_graph, model, device, key)
     was_training = model.training
     model.eval()
-    flash = _is_flash(model)
+    try:
+        if _is_flash(model):
+            run = _generate_flash(model, input_ids, mask, max_new_tokens, key, streamer, generator, use_graph,
+                                  max_cache_len)
+        else:
+            run = _generate_default(model, input_ids, mask, max_new_tokens, key, streamer, generator)
+    finally:
+        model.train(was_training)
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    return _finish(input_ids, key, *run)
 
+
+def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
+                    streamer, generator: torch.Generator | None, use_graph: bool, max_cache_len: int | None):
+    """Prefill (eager) + fixed-shape decode steps, eager or replayed from a CUDA graph."""
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    needed = prompt_len + max_new_tokens
+    source_gen = None
+    capture_s = 0.0
+    if use_graph:
+        step, captured = graphed_decode_step(model, batch, needed, key, device=device, max_cache_len=max_cache_len)
+        capture_s = step.capture_s if captured else 0.0
+        cache = step.cache.reset()
+        if key.do_sample:  # draw from the caller's stream: copy its state in (and back out below)
+            source_gen = generator if generator is not None else torch.cuda.default_generators[step.device.index]
+            step.generator.set_state(source_gen.get_state())
+    else:
+        cache = model.allocate_cache(batch, cache_capacity(needed, max_cache_len), device=device)
+        step = DecodeStep(model, cache, batch, key, generator)
+    stopper = _AsyncAllDone(device, max_new_tokens) if key.eos_ids else None
+    try:
+        _sync(device)
+        t_start = time.perf_counter()
+        out = model(input_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # left padding puts every row's last real token at the last position
+        step.begin(out.logits[:, -1, :])
+        steps = 1
+        _sync(device)
+        t_first = time.perf_counter()
+        _emit(streamer, step.tokens)
+        while steps < max_new_tokens:
+            if stopper is not None and stopper.check(steps, step.all_done):
+                break
+            step()
+            steps += 1
+            _emit(streamer, step.tokens)
+        _sync(device)
+        t_end = time.perf_counter()
+    finally:
+        if source_gen is not None:
+            source_gen.set_state(step.generator.get_state())
+    return step.new_tokens(steps), t_start, t_first, t_end, steps, use_graph, capture_s
+
+
+def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
+                      streamer, generator: torch.Generator | None):
+    """The default model: its dynamic cache, the mask grown by one column per step."""
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    eos_tensor = torch.tensor(key.eos_ids, dtype=torch.long, device=device) if key.eos_ids else None
+    sample = {"do_sample": key.do_sample, "temperature": key.temperature, "top_k": key.top_k,
+              "top_p": key.top_p, "generator": generator}
     _sync(device)
     t_start = time.perf_counter()
-    if flash:
-        cache = model.allocate_cache(batch, prompt_len + max_new_tokens, device=device)
-        out = model(input_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    else:
-        # default model: position ids from the left-padded mask (first real token at 0)
-        full_mask = mask if mask is not None else torch.ones_like(input_ids)
-        position_ids = (full_mask.cumsum(-1) - 1).clamp_min(0)
-        out = model(input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        cache = out.past_key_values
-    # Left padding puts every row's last real token at the last position.
-    next_tokens = sample_next_token(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, generator=generator)
-    new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    # position ids from the left-padded mask (first real token at 0)
+    full_mask = mask if mask is not None else torch.ones_like(input_ids)
+    position_ids = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    cache = out.past_key_values
+    next_tokens = sample_next_token(out.logits[:, -1, :], **sample)
+    new_tokens = torch.full((batch, max_new_tokens), key.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stopper = _AsyncAllDone(device, max_new_tokens)
-
     steps = 0
     t_first = t_start
     while True:
-        # a finished row keeps feeding padding: fixed shapes, no row removal, no host read
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+        next_tokens = next_tokens.masked_fill(finished, key.pad_token_id)
         new_tokens[:, steps] = next_tokens
         if eos_tensor is not None:
-            finished = finished | torch.isin(next_tokens, eos_tensor)
+            finished = finished | (next_tokens[:, None] == eos_tensor).any(-1)
         steps += 1
         if steps == 1:
             _sync(device)
@@ -288,38 +391,38 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
         _emit(streamer, next_tokens)
         if steps == max_new_tokens:
             break
-        if eos_tensor is not None:
-            stopper.push(steps - 1, finished.all())
-            if stopper.done():
-                break
-        if flash:
-            out = model(next_tokens[:, None], past_key_values=cache, use_cache=True)
-        else:
-            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=-1)
-            position_ids = full_mask.sum(-1, keepdim=True) - 1
-            out = model(next_tokens[:, None], attention_mask=full_mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-        next_tokens = sample_next_token(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, generator=generator)
+        if eos_tensor is not None and stopper.check(steps, finished.all()):
+            break
+        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=-1)
+        position_ids = full_mask.sum(-1, keepdim=True) - 1
+        out = model(next_tokens[:, None], attention_mask=full_mask, position_ids=position_ids,
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        next_tokens = sample_next_token(out.logits[:, -1, :], **sample)
     _sync(device)
     t_end = time.perf_counter()
-    if streamer is not None and hasattr(streamer, "end"):
-        streamer.end()
-    model.train(was_training)
+    return new_tokens[:, :steps], t_start, t_first, t_end, steps, False, 0.0
 
-    new_tokens = new_tokens[:, :steps]
-    if eos_tensor is not None:
+
+def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: float, t_first: float,
+            t_end: float, steps: int, used_graph: bool, capture_s: float) -> GenerationOutput:
+    batch = input_ids.shape[0]
+    if key.eos_ids:
+        eos = torch.tensor(key.eos_ids, dtype=torch.long, device=new_tokens.device)
         # tokens up to and including the first EOS of each row count; later slots hold padding
-        is_eos = torch.isin(new_tokens, eos_tensor)
+        is_eos = (new_tokens[..., None] == eos).any(-1)
         after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
-        new_tokens = new_tokens.masked_fill(after_eos, pad_token_id)
+        new_tokens = new_tokens.masked_fill(after_eos, key.pad_token_id)
         num_new = (~after_eos).sum(-1)
+        # steps run after every row had stopped (the asynchronous stop check lags): drop them, so the
+        # result does not depend on how far the host ran ahead
+        new_tokens = new_tokens[:, : int(num_new.max())]
     else:
-        num_new = torch.full((batch,), steps, dtype=torch.long, device=device)
+        num_new = torch.full((batch,), steps, dtype=torch.long, device=new_tokens.device)
     per_token = (t_end - t_first) / (steps - 1) if steps > 1 else float("nan")
     return GenerationOutput(sequences=torch.cat([input_ids, new_tokens], dim=-1), num_new_tokens=num_new,
-                            first_token_s=t_first - t_start, per_token_s=per_token)
+                            first_token_s=t_first - t_start, per_token_s=per_token, cuda_graph=used_graph,
+                            capture_s=capture_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +476,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="replay the decode step from a CUDA graph (flash model on CUDA; elsewhere a note is "
+                        "printed and the eager loop runs)")
+    p.add_argument("--max-cache-len", type=int, default=None,
+                   help="slots per row of the flash model's static cache (default: prompt + new tokens, "
+                        "rounded up to 256)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (row 0)")
     p.add_argument("--json", action="store_true", help="print only one JSON object")
     return p
@@ -437,10 +546,20 @@ def main(argv: list[str] | None = None) -> int:
             print(piece, end="", flush=True)
 
     eos = args.eos_token_id if args.eos_token_id else None
+    cuda_graph = False
+    if args.compile:
+        from flashlm.decode_graph import SamplingKey, graph_unavailable_reason
+
+        why = graph_unavailable_reason(model, device, SamplingKey(do_sample=args.do_sample))
+        if why is None:
+            cuda_graph = True
+        else:
+            print(f"flashlm generate: --compile: {why}; running the eager decode loop", file=sys.stderr)
     try:
         out = generate(model, input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=generator)
+                       top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=generator,
+                       cuda_graph=cuda_graph, max_cache_len=args.max_cache_len)
     except (ValueError, TypeError) as e:
         print(f"flashlm generate: {e}", file=sys.stderr)
         return 2
@@ -453,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
               "first_token_ms": round(out.first_token_s * 1e3, 3),
               "per_token_ms": round(out.per_token_s * 1e3, 3) if math.isfinite(out.per_token_s) else None,
               "tokens_per_s": round(out.tokens_per_s, 1) if math.isfinite(out.tokens_per_s) else None,
+              "cuda_graph": out.cuda_graph, "capture_ms": round(out.capture_s * 1e3, 3),
               "new_token_ids": [out.sequences[i, width:width + int(n)].tolist()
                                 for i, n in enumerate(out.num_new_tokens)]}
     if tokenizer is not None:
@@ -462,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
             shown = result["text"][i] if tokenizer is not None else " ".join(map(str, ids))
             print(f"[{i}] {shown}")
         per = "n/a" if result["per_token_ms"] is None else f"{result['per_token_ms']:.2f} ms"
+        graph = f", CUDA graph captured in {result['capture_ms']:.0f} ms" if out.cuda_graph else ""
         print(f"first token {result['first_token_ms']:.2f} ms, per token {per} "
-              f"({args.attn}, {result['dtype']}, {device})")
+              f"({args.attn}, {result['dtype']}, {device}{graph})")
     print(json.dumps(result))
     return 0
 

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or folders")
     g.add_argument("--text-field", default="text", help="field holding the text in .jsonl lines")
     g.add_argument("--tokenizer", default=None,
-                   help="a tokenizer.json (tokenizers library); default: the --model folder's, else a "
-                        "byte-level BPE trained on --data and saved in --output")
+                   help="a tokenizer.json (tokenizers library); default: the --model folder's, else "
+                        "--output's (kept from an earlier run), else a byte-level BPE trained on --data "
+                        "and saved in --output")
     g.add_argument("--seq-length", type=int, default=1024, help="tokens per packed row")
     g.add_argument("--eval-fraction", type=float, default=0.01, help="share of rows held out for --eval-every")
     g.add_argument("--cache-dir", default=None, help="tokenized-data cache (default $FLASHLM_CACHE or ~/.cache/flashlm)")
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png, final/")
     g.add_argument("--eval-every", type=int, default=100, help="evaluate on the held-out rows every N steps (0: never)")
     g.add_argument("--eval-batches", type=int, default=8, help="micro-batches per evaluation")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N steps and at the last step (0: no checkpoints; the final model "
+                        "is still written to --output/final)")
     g.add_argument("--resume", default=None,
                    help="a checkpoint folder, a run folder (its latest checkpoint), or 'auto' (--output's latest if any)")
     g.add_argument("--stop-after", type=int, default=None,
@@ -611,7 +614,8 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
 
-            if (args.save_every and step % args.save_every == 0) or step == end_step:
+            periodic = args.save_every > 0 and (step % args.save_every == 0 or step == end_step)
+            if periodic or (step == end_step and args.stop_after is not None):
                 last_ckpt = ckpt.save_checkpoint(
                     out, step, model=model, optimizer=optimizer, scheduler=scheduler,
                     data_state=train_iter.state_dict(), train_args=train_args, tokenizer=tok,

@@ -377,7 +377,9 @@ def run_train(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[st
     first_loss: list[torch.Tensor] = []
 
     def step():
-        out = fwd(**inputs, labels=batch.labels, **extra)
+        # use_cache=False: no KV cache in training (HF builds one by default, and with one it also
+        # skips its packed-sequence mask, letting packed documents attend to each other)
+        out = fwd(**inputs, labels=batch.labels, use_cache=False, **extra)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

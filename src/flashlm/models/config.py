@@ -4,10 +4,13 @@
 ``__post_init__`` (clear ``ValueError``s naming the bad field) and derives ``head_dim`` and
 ``num_kv_heads`` when they are left as ``None``.
 
-HF interop is table-driven: `HF_ARCHITECTURES` maps a ``model_type`` ("llama", "mistral") to an
-`HFArchitecture` row that says which config.json keys map to which fields, the defaults transformers
-uses when a key is absent, the keys whose values we must check (``hidden_act`` must be "silu"), and
-which of our fields the architecture can express. Adding an architecture means adding a row.
+HF interop is table-driven: `HF_ARCHITECTURES` maps a ``model_type`` ("llama", "mistral", "qwen2",
+"qwen3", "gemma2") to an `HFArchitecture` row that says which config.json keys map to which fields,
+the defaults transformers uses when a key is absent, the keys whose values we must check
+(``hidden_act`` must be "silu"), the fields the HF class hard-codes (Qwen2's q/k/v bias, Gemma2's
+norms), which of our fields the architecture can express, and (where an architecture has its own
+rule for which layers slide) the functions that read and write that rule. Adding an architecture
+means adding a row.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +40,18 @@ class ModelConfig:
     "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}`` (Llama 3.1+).
     ``sliding_window`` W lets query i see keys j with i - W < j <= i (W tokens, itself included).
     ``attn_logit_softcap`` / ``final_logit_softcap`` apply ``cap * tanh(x / cap)`` to the scaled
-    attention scores / the output logits (None: off).
+    attention scores / the output logits (None: off). ``layer_types`` (None, or one of
+    "full_attention" / "sliding_attention" per layer) says which layers use the window; None means
+    every layer does (Mistral).
+
+    Family flags (all off for Llama): ``qkv_bias`` biases on q/k/v only (Qwen2; ``attention_bias``
+    puts them on q/k/v/o); ``qk_norm`` an RMSNorm over head_dim on each q and k head before RoPE
+    (Qwen3); ``hidden_act`` "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma2);
+    ``rms_norm_unit_offset`` norms scale by ``1 + weight`` in fp32 before the cast (Gemma);
+    ``post_norms`` extra norms on the attention and MLP outputs before the residual add, with
+    ``pre_feedforward_layernorm`` before the MLP (Gemma2); ``embed_scale`` multiplies the embeddings
+    by sqrt(hidden_size) (Gemma); ``query_pre_attn_scalar`` S scales scores by S**-0.5 instead of
+    head_dim**-0.5 (Gemma2).
     """
 
     vocab_size: int = 32000
@@ -62,6 +77,14 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    layer_types: list[str] | None = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    rms_norm_unit_offset: bool = False
+    post_norms: bool = False
+    embed_scale: bool = False
+    query_pre_attn_scalar: float | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -118,6 +141,29 @@ class ModelConfig:
             _check_token_id("eos_token_id", token, self.vocab_size)
         if isinstance(eos, tuple):
             self.eos_token_id = list(eos)
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES}, key=str)
+            if len(self.layer_types) != self.num_layers or bad:
+                raise ValueError(
+                    f"layer_types must be None or a list of num_layers={self.num_layers} entries from "
+                    f"{list(LAYER_TYPES)}, got {len(self.layer_types)} entries"
+                    + (f" with unknown values {bad}" if bad else "")
+                )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act must be one of {list(SUPPORTED_ACTIVATIONS)}, got {self.hidden_act!r}"
+            )
+        for name in ("qkv_bias", "qk_norm", "rms_norm_unit_offset", "post_norms", "embed_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        scalar = self.query_pre_attn_scalar
+        if scalar is not None and (
+            isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0
+        ):
+            raise ValueError(f"query_pre_attn_scalar must be None or a positive number, got {scalar!r}")
+        if scalar is not None and scalar == self.head_dim:
+            self.query_pre_attn_scalar = None  # the same scale; one spelling so configs compare equal
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -128,19 +174,34 @@ class ModelConfig:
     def sliding_window_for_layer(self, layer_idx: int) -> int | None:
         """Window (in tokens, itself included) of layer ``layer_idx``; None means full attention.
 
-        Every layer shares one window for Llama/Mistral; architectures that alternate local and
-        global layers override the rule here.
+        Without ``layer_types`` every layer shares one window (Mistral); with it only the
+        "sliding_attention" layers do (Qwen2's top layers from max_window_layers on, Gemma2's
+        even layers).
         """
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer_idx] != "sliding_attention":
+            return None
         return self.sliding_window
+
+    @property
+    def attention_scale(self) -> float:
+        """Multiplier of q.k before the softmax: query_pre_attn_scalar**-0.5 (Gemma2) or
+        head_dim**-0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def num_parameters(self) -> int:
         """Parameter count of the causal LM (tied embeddings counted once)."""
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.attention_bias or self.qkv_bias:
+            attn += d * (2 * self.num_kv_heads + self.num_heads)
         if self.attention_bias:
-            attn += d * (2 * self.num_kv_heads + self.num_heads) + h
+            attn += h
+        if self.qk_norm:
+            attn += 2 * d
         mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + mlp + (4 if self.post_norms else 2) * h
         embed = self.vocab_size * h
         return embed * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h
 
@@ -191,7 +252,7 @@ class ModelConfig:
         if missing:
             raise ValueError(f"HF config for {model_type!r} lacks required keys {missing}")
 
-        values: dict[str, Any] = {"architecture": model_type}
+        values: dict[str, Any] = {"architecture": model_type, **arch.fixed}
         mapping = {**_HF_COMMON_KEYS, **arch.keys}
         for hf_key, our_field in mapping.items():
             if hf_key in hf and (hf[hf_key] is not None or our_field in _NULLABLE_FIELDS):
@@ -202,6 +263,8 @@ class ModelConfig:
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if key in hf:
                 values[key] = hf[key]
+            elif key in arch.hf_defaults:
+                values[key] = arch.hf_defaults[key]
 
         bad = []
         for hf_key, allowed in arch.required_values.items():
@@ -217,7 +280,10 @@ class ModelConfig:
             )
 
         values["rope_theta"], values["rope_scaling"] = _rope_from_hf(hf, arch)
+        if arch.windows_from_hf is not None:  # the family's own rule for which layers slide
+            values.update(arch.windows_from_hf(hf, values["num_layers"]))
         known = set(mapping) | set(arch.required_values) | set(arch.unsupported) | _HF_BENIGN_KEYS
+        known |= set(arch.window_keys) | set(arch.ignored)
         known |= {
             "rope_theta",
             "rope_scaling",
@@ -239,15 +305,28 @@ class ModelConfig:
         (e.g. a sliding window on "llama"), since transformers would silently ignore it.
         """
         arch = HF_ARCHITECTURES[self.architecture]
+        wrong_fixed = [
+            f"{name}={getattr(self, name)!r} (it hard-codes {value!r})"
+            for name, value in arch.fixed.items()
+            if getattr(self, name) != value
+        ]
+        if wrong_fixed:
+            raise ValueError(
+                f"{arch.hf_class} cannot express {', '.join(wrong_fixed)}; build the config with "
+                f"get_preset(..., architecture={self.architecture!r}) or set those fields"
+            )
         defaults = ModelConfig()
         inexpressible = [
             name
             for name in _EXPRESSIBLE_FIELDS
-            if name not in arch.expressible and getattr(self, name) != getattr(defaults, name)
+            if not arch.can_express(name, getattr(self, name))
+            and getattr(self, name) != getattr(defaults, name)
         ]
         if inexpressible:
             options = [
-                k for k, a in HF_ARCHITECTURES.items() if all(n in a.expressible for n in inexpressible)
+                k
+                for k, a in HF_ARCHITECTURES.items()
+                if all(a.can_express(n, getattr(self, n)) for n in inexpressible)
             ]
             raise ValueError(
                 f"{arch.hf_class} cannot express {inexpressible} (set on this config); "
@@ -263,6 +342,10 @@ class ModelConfig:
         hf["pad_token_id"] = self.pad_token_id
         hf["bos_token_id"] = self.bos_token_id
         hf["eos_token_id"] = self.eos_token_id
+        if "query_pre_attn_scalar" in hf and hf["query_pre_attn_scalar"] is None:
+            hf["query_pre_attn_scalar"] = self.head_dim  # ours: None = head_dim; HF's default is 256
+        if arch.windows_to_hf is not None:
+            hf.update(arch.windows_to_hf(self))
         return hf
 
 
@@ -285,7 +368,7 @@ _HF_COMMON_KEYS = {
 }
 _HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # Fields where null is meaningful (derived, or "off"); a null elsewhere means "use the default".
-_NULLABLE_FIELDS = {"head_dim", "num_kv_heads", "sliding_window"}
+_NULLABLE_FIELDS = {"head_dim", "num_kv_heads", "sliding_window", "attn_logit_softcap", "final_logit_softcap"}
 # Fields that only some architectures' HF classes implement (checked by to_hf_config).
 _EXPRESSIBLE_FIELDS = (
     "attention_bias",
@@ -293,7 +376,17 @@ _EXPRESSIBLE_FIELDS = (
     "sliding_window",
     "attn_logit_softcap",
     "final_logit_softcap",
+    "layer_types",
+    "qkv_bias",
+    "qk_norm",
+    "hidden_act",
+    "rms_norm_unit_offset",
+    "post_norms",
+    "embed_scale",
+    "query_pre_attn_scalar",
 )
+LAYER_TYPES = ("full_attention", "sliding_attention")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # Keys that do not change the forward math.
 _HF_BENIGN_KEYS = {
     "architectures",
@@ -338,7 +431,11 @@ class HFArchitecture:
     hf_defaults: the value transformers' config class uses when a key is absent.
     required_values: key -> allowed values (first one is written on export); others raise.
     unsupported: key -> values that keep the math we implement; any other value raises.
-    expressible: which of `_EXPRESSIBLE_FIELDS` the HF class implements.
+    expressible: which of `_EXPRESSIBLE_FIELDS` the HF class implements (any value).
+    fixed: field -> the value the HF class hard-codes (set on import, required on export).
+    windows_from_hf(hf, num_layers) -> {"sliding_window", "layer_types"} and windows_to_hf(config)
+    -> config.json keys: the family's rule for which layers slide (None: the plain key mapping);
+    window_keys: the config.json keys that rule reads. ignored: keys the HF class does not read.
     """
 
     model_type: str
@@ -348,6 +445,72 @@ class HFArchitecture:
     required_values: dict[str, tuple] = field(default_factory=dict)
     unsupported: dict[str, tuple] = field(default_factory=dict)
     expressible: tuple[str, ...] = ()
+    fixed: dict[str, Any] = field(default_factory=dict)
+    windows_from_hf: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
+    windows_to_hf: Callable[[ModelConfig], dict[str, Any]] | None = None
+    window_keys: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+
+    def can_express(self, name: str, value: Any) -> bool:
+        return name in self.expressible or (name in self.fixed and self.fixed[name] == value)
+
+
+def _layer_types(config: ModelConfig) -> list[str]:
+    return [
+        "sliding_attention" if config.sliding_window_for_layer(i) is not None else "full_attention"
+        for i in range(config.num_layers)
+    ]
+
+
+def _hf_layer_types(hf: dict[str, Any]) -> list[str] | None:
+    """config.json ``layer_types``, refused when it names a kind of layer we do not implement
+    (even where no window makes it moot: the HF class might still treat such layers differently)."""
+    types = hf.get("layer_types")
+    if types is not None:
+        bad = sorted({t for t in types if t not in LAYER_TYPES}, key=str)
+        if bad:
+            raise ValueError(f"HF config layer_types has {bad}; flashlm implements {list(LAYER_TYPES)}")
+    return types
+
+
+def _qwen_windows_from_hf(hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Qwen2/Qwen3: a window only with ``use_sliding_window``; then the layers listed as
+    "sliding_attention" in ``layer_types`` or, without it, layers i >= ``max_window_layers``."""
+    types = _hf_layer_types(hf)
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
+    if window is None:
+        return {"sliding_window": None, "layer_types": None}
+    if types is None:
+        first = hf.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    return {"sliding_window": window, "layer_types": types}
+
+
+def _qwen_windows_to_hf(config: ModelConfig) -> dict[str, Any]:
+    types = _layer_types(config)
+    # max_window_layers for transformers < 4.53, which reads no layer_types (exact for a suffix).
+    first = types.index("sliding_attention") if "sliding_attention" in types else config.num_layers
+    return {
+        "use_sliding_window": config.sliding_window is not None,
+        "sliding_window": config.sliding_window,
+        "max_window_layers": first,
+        "layer_types": types,
+    }
+
+
+def _gemma2_windows_from_hf(hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Gemma2: ``layer_types`` or, without it, even layers (0, 2, ...) slide, odd layers are global."""
+    types = _hf_layer_types(hf)
+    window = hf.get("sliding_window", 4096)
+    if window is None:
+        return {"sliding_window": None, "layer_types": None}
+    if types is None:
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+    return {"sliding_window": window, "layer_types": types}
+
+
+def _gemma2_windows_to_hf(config: ModelConfig) -> dict[str, Any]:
+    return {"sliding_window": config.sliding_window, "layer_types": _layer_types(config)}
 
 
 _COMMON_HF_DEFAULTS = {
@@ -387,6 +550,91 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
         required_values={"hidden_act": ("silu",)},
         unsupported=dict(_COMMON_UNSUPPORTED),
         expressible=("sliding_window",),
+    ),
+    "qwen2": HFArchitecture(
+        model_type="qwen2",
+        hf_class="Qwen2ForCausalLM",
+        # Qwen2Config defaults; q/k/v always carry a bias, o_proj never.
+        hf_defaults={
+            **_COMMON_HF_DEFAULTS,
+            "max_position_embeddings": 32768,
+            "bos_token_id": None,
+            "eos_token_id": None,
+        },
+        required_values={"hidden_act": ("silu",)},
+        unsupported=dict(_COMMON_UNSUPPORTED),
+        expressible=("sliding_window", "layer_types"),
+        fixed={"qkv_bias": True},
+        windows_from_hf=_qwen_windows_from_hf,
+        windows_to_hf=_qwen_windows_to_hf,
+        window_keys=("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
+    ),
+    "qwen3": HFArchitecture(
+        model_type="qwen3",
+        hf_class="Qwen3ForCausalLM",
+        keys={"attention_bias": "attention_bias"},
+        # Qwen3Config defaults (head_dim 128 when absent); RMSNorm on q and k heads before RoPE.
+        hf_defaults={
+            **_COMMON_HF_DEFAULTS,
+            "max_position_embeddings": 32768,
+            "head_dim": 128,
+            "attention_bias": False,
+            "bos_token_id": None,
+            "eos_token_id": None,
+        },
+        required_values={"hidden_act": ("silu",)},
+        unsupported=dict(_COMMON_UNSUPPORTED),
+        expressible=("attention_bias", "sliding_window", "layer_types"),
+        fixed={"qk_norm": True},
+        windows_from_hf=_qwen_windows_from_hf,
+        windows_to_hf=_qwen_windows_to_hf,
+        window_keys=("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
+    ),
+    "gemma2": HFArchitecture(
+        model_type="gemma2",
+        hf_class="Gemma2ForCausalLM",
+        keys={
+            "attention_bias": "attention_bias",
+            "query_pre_attn_scalar": "query_pre_attn_scalar",
+            "attn_logit_softcapping": "attn_logit_softcap",
+            "final_logit_softcapping": "final_logit_softcap",
+        },
+        # Gemma2Config defaults.
+        hf_defaults={
+            **_COMMON_HF_DEFAULTS,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 8192,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "attention_bias": False,
+            "query_pre_attn_scalar": 256,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+        },
+        required_values={"hidden_activation": ("gelu_pytorch_tanh",)},
+        unsupported={**_COMMON_UNSUPPORTED, "use_bidirectional_attention": (None, False)},
+        expressible=(
+            "attention_bias",
+            "sliding_window",
+            "layer_types",
+            "attn_logit_softcap",
+            "final_logit_softcap",
+            "query_pre_attn_scalar",
+        ),
+        fixed={
+            "hidden_act": "gelu_pytorch_tanh",
+            "rms_norm_unit_offset": True,
+            "post_norms": True,
+            "embed_scale": True,
+        },
+        windows_from_hf=_gemma2_windows_from_hf,
+        windows_to_hf=_gemma2_windows_to_hf,
+        window_keys=("sliding_window", "layer_types"),
+        # Older Gemma2 exports also carry these; Gemma2ForCausalLM reads neither.
+        ignored=("hidden_act", "sliding_window_size", "cache_implementation"),
     ),
 }
 
@@ -513,12 +761,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
-    """The named preset (see `PRESETS`) as a validated `ModelConfig`, with optional field overrides."""
+    """The named preset (see `PRESETS`) as a validated `ModelConfig`, with optional field overrides.
+
+    ``architecture="gemma2"`` (or "qwen2", "qwen3") also sets the flags that family's HF class
+    hard-codes (`HFArchitecture.fixed`), unless overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     bad = sorted(set(overrides) - fields)
     if bad:
         raise ValueError(f"unknown ModelConfig fields {bad}")
-    values = {**PRESETS[name], **overrides}
+    # An architecture brings the fields its HF class hard-codes (Gemma2's norms, Qwen2's q/k/v bias).
+    arch = HF_ARCHITECTURES.get(overrides.get("architecture", PRESETS[name].get("architecture", "llama")))
+    values = {**PRESETS[name], **(arch.fixed if arch else {}), **overrides}
     return ModelConfig(**values)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .cache import DynamicCache
 from .config import ModelConfig
-from .layers import MLP, MultiHeadAttention, RMSNorm, RotaryEmbedding
+from .layers import MLP, MultiHeadAttention, RMSNorm, RotaryEmbedding, make_norm
 
 
 @dataclass
@@ -30,16 +30,26 @@ class CausalLMOutput:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (HF names: input_layernorm,
+    post_attention_layernorm before the MLP).
+
+    With ``config.post_norms`` (Gemma2) the outputs are normalized too, with HF Gemma2's names:
+    ``x + post_attention_layernorm(attn(input_layernorm(x)))`` then
+    ``x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``.
+    """
 
     attention_class = MultiHeadAttention
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.post_norms = config.post_norms
         self.self_attn = self.attention_class(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
+        if self.post_norms:
+            self.pre_feedforward_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
 
     def forward(self, hidden_states, cos, sin, attention_mask=None, past_key_values=None, **kwargs):
         """hidden_states (batch, q_len, hidden) -> same shape; see MultiHeadAttention.forward."""
@@ -52,8 +62,28 @@ class DecoderLayer(nn.Module):
             past_key_values=past_key_values,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        if not self.post_norms:
+            hidden_states = residual + hidden_states
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = residual + self.post_attention_layernorm(hidden_states)
+        mlp_out = self.mlp(self.pre_feedforward_layernorm(hidden_states))
+        return hidden_states + self.post_feedforward_layernorm(mlp_out)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose output is multiplied by ``scale`` cast to the weight's dtype first
+    (Gemma: sqrt(hidden_size), which rounds in bf16 exactly as transformers does). Living inside the
+    embedding module, the scaling reaches every model that calls ``embed_tokens`` (flash too)."""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, scale: float
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input_ids)
+        return out * torch.tensor(self.scale, dtype=out.dtype, device=out.device)
 
 
 class DefaultModel(nn.Module):
@@ -65,9 +95,14 @@ class DefaultModel(nn.Module):
         super().__init__()
         self.config = config
         # padding_idx as in HF: the pad row starts at zero and gets no gradient.
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        if config.embed_scale:
+            self.embed_tokens = ScaledEmbedding(
+                config.vocab_size, config.hidden_size, config.pad_token_id, config.hidden_size**0.5
+            )
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = make_norm(config)
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
@@ -198,8 +233,8 @@ class DefaultForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """HF's init: Linear/Embedding weights ~ N(0, initializer_range), biases 0, norms 1, the
-        padding embedding row 0."""
+        """HF's init: Linear/Embedding weights ~ N(0, initializer_range), biases 0, norms 1 (0 for
+        Gemma's ``1 + weight`` norms), the padding embedding row 0."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -211,7 +246,7 @@ class DefaultForCausalLM(nn.Module):
                 if module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
             elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+                module.reset_parameters()
 
     def forward(
         self,

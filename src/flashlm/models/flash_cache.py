@@ -10,6 +10,15 @@ concatenated or transposed: prefill scatters the prompt's keys into their slots,
 appends one key per row through ``flash_attn_with_kvcache`` (in place, at per-row offsets), and the
 model bumps ``cache_seqlens`` in place once per step. Shapes are fixed, the decode step reads no
 value back to the host, so a decode step can be captured in a CUDA graph (issue 7).
+
+Host-side bookkeeping and CUDA graphs: the cache keeps two host values so the model never reads the
+device to plan a forward: ``batch_size`` (None = empty: the next forward is a prefill) and
+``max_len_bound`` (an upper bound on any row's length, used by :meth:`check_room`). A graph replay runs
+no Python, so it updates ``cache_seqlens`` on the device but not these; whoever replays a captured
+decode step calls :meth:`check_room` before and :meth:`note_appended` after each replay (see
+``flashlm.decode_graph``). Nothing else on the decode path depends on a host value that changes between
+steps: the kernels see the full cache (its capacity ``max_seqlen`` is the key length they are sized
+for) and mask each row by ``cache_seqlens``.
 """
 
 from __future__ import annotations
@@ -129,8 +138,25 @@ class StaticKVCache:
         """Add ``lengths`` (int32 ``(batch_size,)`` or an int) to the rows' lengths, in place, once per
         forward after all layers have written; ``max_new`` is the host-side bound of that increase."""
         self.cache_seqlens[:batch_size] += lengths
+        self.note_appended(batch_size, max_new)
+
+    def note_appended(self, batch_size: int, max_new: int) -> None:
+        """Host-side half of :meth:`advance`: record that ``batch_size`` rows hold up to ``max_new`` more
+        tokens. Called on its own after a CUDA-graph replay, whose device half (``cache_seqlens += 1``)
+        ran inside the graph; keeps :meth:`check_room` truthful so eager and replayed steps can mix."""
         self.batch_size = batch_size
         self.max_len_bound += max_new
+
+    def prepare_for_capture(self, batch_size: int) -> StaticKVCache:
+        """Zero the rows' lengths and mark ``batch_size`` rows as held, so that a forward of one token per
+        row takes the model's decode path (used to warm up and capture a decode step). The warm-up steps
+        write k/v into the first slots: call :meth:`reset` before the real prefill."""
+        if batch_size > self.max_batch_size:
+            raise ValueError(f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}")
+        self.cache_seqlens.zero_()
+        self.batch_size = batch_size
+        self.max_len_bound = 0
+        return self
 
     def __repr__(self) -> str:
         return (f"StaticKVCache(layers={self.num_layers}, max_batch_size={self.max_batch_size}, "

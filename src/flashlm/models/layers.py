@@ -22,22 +22,40 @@ from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)``, computed in fp32 and cast back (as HF Llama does:
-    the cast to the input dtype happens before the weight multiply)."""
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, computed in fp32 and cast back (as
+    HF Llama does: the cast to the input dtype happens before the weight multiply).
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    ``unit_offset=True`` is Gemma's variant: the stored weight w is an offset, the scale is
+    ``1 + w`` (so w starts at 0), and the multiply happens in fp32 before the cast."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if unit_offset else torch.ones(hidden_size))
         self.eps = eps
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(0.0 if self.unit_offset else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        offset = ", unit_offset=True" if self.unit_offset else ""
+        return f"{self.weight.shape[0]}, eps={self.eps}{offset}"
+
+
+def make_norm(config: ModelConfig, size: int | None = None) -> RMSNorm:
+    """The family's RMSNorm over ``size`` (default hidden_size) features."""
+    return RMSNorm(
+        size or config.hidden_size, eps=config.rms_norm_eps, unit_offset=config.rms_norm_unit_offset
+    )
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -117,8 +135,15 @@ def apply_rope(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+_ACTIVATIONS = {
+    "silu": F.silu,  # SwiGLU (Llama, Mistral, Qwen)
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GeGLU (Gemma2)
+}
+
+
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))``; act is silu (SwiGLU) or tanh-approximated gelu
+    (GeGLU) per ``config.hidden_act``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -126,9 +151,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act_fn = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -170,10 +196,13 @@ def attention_mask_bhsd(
 class MultiHeadAttention(nn.Module):
     """Causal self-attention with GQA, RoPE, optional sliding window and logit softcap; eager math.
 
-    Parameters carry HF Llama names (q_proj, k_proj, v_proj, o_proj). ``forward`` runs:
-    `_project_qkv` (BSHD) -> transpose to BHSD -> `apply_rope` -> cache update (BHSD) -> `_attend`
-    (eager softmax in fp32) -> `_project_out`. A subclass with another kernel reuses the
-    projections and replaces `forward`/`_attend`.
+    Parameters carry HF names (q_proj, k_proj, v_proj, o_proj, and q_norm/k_norm with
+    ``config.qk_norm``). ``forward`` runs: `_project_qkv` (BSHD, q/k norms included) -> transpose
+    to BHSD -> `apply_rope` -> cache update (BHSD) -> `_attend` (eager softmax in fp32) ->
+    `_project_out`. A subclass with another kernel reuses the projections and replaces
+    `forward`/`_attend`; it reads the per-layer attention shape from the attributes set here:
+    ``scaling`` (softmax scale), ``sliding_window`` (W tokens or None, this layer's),
+    ``softcap`` (attention logit cap or None), ``attention_dropout``.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -184,23 +213,30 @@ class MultiHeadAttention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.num_kv_groups = config.num_kv_groups
         self.head_dim = config.head_dim
-        self.scaling = config.head_dim**-0.5
+        self.scaling = config.attention_scale
         self.sliding_window = config.sliding_window_for_layer(layer_idx)
         self.softcap = config.attn_logit_softcap
         self.attention_dropout = config.attention_dropout
-        h, d, bias = config.hidden_size, config.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        h, d = config.hidden_size, config.head_dim
+        qkv_bias = config.attention_bias or config.qkv_bias  # Qwen2: q/k/v biased, o_proj not
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.attention_bias)
+        if config.qk_norm:  # Qwen3: RMSNorm over head_dim, shared by all heads, before RoPE
+            self.q_norm = make_norm(config, d)
+            self.k_norm = make_norm(config, d)
 
     def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k and v
-        (batch, seqlen, kv_heads, head_dim): BSHD views of the projections, no copy."""
+        (batch, seqlen, kv_heads, head_dim): BSHD views of the projections (no copy), except q/k
+        with ``config.qk_norm``, which are normalized per head here, before any RoPE."""
         b, s, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def _project_out(self, attn_output: torch.Tensor) -> torch.Tensor:
@@ -219,7 +255,7 @@ class MultiHeadAttention(nn.Module):
         — BHSD, after RoPE and the cache — and ``attention_mask`` the (batch, kv_len) padding mask or
         None. Returns (batch, q_len, heads, head_dim) BSHD.
 
-        Scores are scaled by head_dim**-0.5, soft-capped if configured, masked (causal bottom-right,
+        Scores are scaled by ``self.scaling``, soft-capped if configured, masked (causal bottom-right,
         window, padding) with the dtype's lowest value as transformers does (so fully padded query
         rows stay finite), softmaxed in fp32 and cast back to q's dtype before the value product.
         """

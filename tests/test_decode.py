@@ -1,0 +1,248 @@
+"""Fixed-shape decode steps (flashlm.decode_graph) and generate(cuda_graph=...): issue 7.
+
+CPU: the graph-free path (the same DecodeStep that the GPU captures) gives the tokens of the default
+model and of a cache-free loop, with left padding and per-row EOS; the cache's host bookkeeping; the
+argument checks. CUDA (@pytest.mark.cuda): the graph path gives the eager path's tokens (greedy and
+sampled) at batch 1 and 4 with left padding, and a replayed / eager decode step makes no host sync.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashlm.decode_graph import (
+    CUDAGraphDecodeStep,
+    DecodeStep,
+    SamplingKey,
+    cache_capacity,
+    graph_unavailable_reason,
+    graphed_decode_step,
+    release_graphs,
+)
+from flashlm.generation import generate, main
+from flashlm.models.config import get_preset
+from flashlm.models.default import DefaultForCausalLM
+from flashlm.models.flash import FlashForCausalLM
+from flashlm.models.flash_cache import StaticKVCache
+
+PROMPTS = [[5, 17, 99, 3, 44, 7], [8, 120], [33, 61, 200, 9], [250]]
+
+
+def make_pair(device="cpu", dtype=torch.float32, **overrides):
+    config = get_preset("tiny", **overrides)
+    default = DefaultForCausalLM(config)
+    flash = FlashForCausalLM(config)
+    flash.load_state_dict(default.state_dict())
+    return default.to(device, dtype).eval(), flash.to(device, dtype).eval()
+
+
+def left_padded(rows, device="cpu"):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def naive_greedy(model, prompt, steps):
+    seq = torch.tensor(prompt)[None]
+    for _ in range(steps):
+        seq = torch.cat([seq, model(seq).logits[0, -1].argmax().view(1, 1)], dim=1)
+    return seq[0, len(prompt):].tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU: the graph-free path
+# --------------------------------------------------------------------------------------------------
+def test_decode_step_left_padded_matches_default_and_cache_free_loop():
+    default, flash = make_pair()
+    ids, mask = left_padded(PROMPTS)
+    with torch.inference_mode():
+        cache = flash.allocate_cache(4, 32)
+        step = DecodeStep(flash, cache, 4, SamplingKey())
+        out = flash(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        step.begin(out.logits[:, -1])
+        for _ in range(6):
+            step()
+    assert int(step.step_idx) == 7
+    assert cache.cache_seqlens.tolist() == [len(p) + 6 for p in PROMPTS]  # left-aligned rows, +1 per step
+    assert cache.max_len_bound == ids.shape[1] + 6
+    tokens = step.new_tokens(7)
+    for row, prompt in enumerate(PROMPTS):
+        assert tokens[row].tolist() == naive_greedy(flash, prompt, 7)
+    ref = generate(default, ids, attention_mask=mask, max_new_tokens=7, eos_token_id=[])
+    assert torch.equal(tokens, ref.sequences[:, ids.shape[1]:])
+
+
+def test_cuda_graph_auto_on_cpu_is_the_eager_path():
+    _, flash = make_pair()
+    ids, mask = left_padded(PROMPTS)
+    a = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], cuda_graph=False)
+    b = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], cuda_graph="auto")
+    c = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], max_cache_len=12)
+    assert not a.cuda_graph and not b.cuda_graph and a.capture_s == 0.0
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.sequences, c.sequences)
+
+
+def test_per_row_eos_finished_rows_emit_padding():
+    default, flash = make_pair()
+    ids, mask = left_padded(PROMPTS)
+    free = generate(flash, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]).sequences[:, ids.shape[1]:]
+    eos = int(free[1, 1])  # row 1 stops at its second token; other rows wherever that id shows up
+    out = generate(flash, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[eos, 255], pad_token_id=0)
+    ref = generate(default, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[eos, 255], pad_token_id=0)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.num_new_tokens, ref.num_new_tokens)
+    got = out.sequences[:, ids.shape[1]:]
+    for row in range(len(PROMPTS)):
+        hits = [i for i, t in enumerate(free[row].tolist()) if t in (eos, 255)]
+        stop = hits[0] + 1 if hits else 8
+        assert int(out.num_new_tokens[row]) == stop
+        assert got[row, :stop].tolist() == free[row, :stop].tolist()
+        assert (got[row, stop:] == 0).all()
+    assert got.shape[1] == int(out.num_new_tokens.max())  # steps after the last EOS are dropped
+
+
+def test_finished_rows_feed_padding_and_all_done_flag():
+    _, flash = make_pair()
+    ids, mask = left_padded(PROMPTS[:2])
+    first = generate(flash, ids, attention_mask=mask, max_new_tokens=1, eos_token_id=[]).sequences[:, -1]
+    with torch.inference_mode():
+        cache = flash.allocate_cache(2, 16)
+        step = DecodeStep(flash, cache, 2, SamplingKey(eos_ids=(int(first[0]),), pad_token_id=7))
+        out = flash(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        step.begin(out.logits[:, -1])
+        assert step.finished.tolist() == [True, int(first[1]) == int(first[0])]
+        step()
+    assert step.tokens[0] == 7 and step.history[0, 1] == 7  # row 0 finished: it feeds padding
+    assert bool(step.all_done) == bool(step.finished.all())
+
+
+def test_cache_host_bookkeeping_for_replayed_steps():
+    cache = StaticKVCache(2, 3, 8, 2, 4)
+    cache.prepare_for_capture(2)
+    assert not cache.is_empty and cache.cache_seqlens.tolist() == [0, 0, 0]
+    cache.reset().advance(2, torch.tensor([5, 3], dtype=torch.int32), 5)  # a prefill
+    for _ in range(3):  # what a graph replay's caller records (the device half ran in the graph)
+        cache.check_room(2, 1)
+        cache.note_appended(2, 1)
+    assert cache.max_len_bound == 8 and cache.cache_seqlens[:2].tolist() == [5, 3]
+    with pytest.raises(ValueError, match="room for 8 tokens"):
+        cache.check_room(2, 1)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        cache.prepare_for_capture(4)
+
+
+def test_capacity_and_argument_errors():
+    assert cache_capacity(10) == 256 and cache_capacity(256) == 256 and cache_capacity(257) == 512
+    assert cache_capacity(10, 12) == 12
+    with pytest.raises(ValueError, match="max_cache_len"):
+        cache_capacity(10, 9)
+    default, flash = make_pair()
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="max_cache_len"):
+        generate(flash, ids, max_new_tokens=4, max_cache_len=6)
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        generate(flash, ids, cuda_graph="yes")
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        generate(flash, ids, cuda_graph=True)
+    with pytest.raises(ValueError, match="needs the flash model"):
+        generate(default, ids, cuda_graph=True)
+    assert "CUDA device" in graph_unavailable_reason(flash, torch.device("cpu"), SamplingKey())
+    assert release_graphs(flash) == 0
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        graphed_decode_step(flash, 1, 8, SamplingKey(), device="cpu")
+
+
+def test_cli_compile_on_cpu_falls_back_with_a_note(capsys):
+    assert main(["--model", "tiny", "--prompt-ids", "5,17,99", "--prompt-ids", "8", "--max-new-tokens", "4",
+                 "--device", "cpu", "--compile", "--json", "--eos-token-id", "1000"]) == 0
+    captured = capsys.readouterr()
+    assert "--compile" in captured.err and "eager" in captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["cuda_graph"] is False and result["num_new_tokens"] == [4, 4]
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA: the graph path
+# --------------------------------------------------------------------------------------------------
+GPU_MODEL = {"hidden_size": 256, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch4-left-padded"])
+def test_graph_greedy_identical_to_eager(rows):
+    _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
+    ids, mask = left_padded(rows, "cuda")
+    eager = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=False)
+    graph = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
+    assert graph.cuda_graph and graph.capture_s > 0 and not eager.cuda_graph
+    assert torch.equal(graph.sequences, eager.sequences)
+    again = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
+    assert again.capture_s == 0.0  # reused, not re-captured
+    assert torch.equal(again.sequences, eager.sequences)
+    # per-row EOS through the graph: the same rows stop at the same tokens
+    eos = [int(eager.sequences[-1, ids.shape[1] + 3])]
+    e = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, cuda_graph=False)
+    g = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, cuda_graph=True)
+    assert torch.equal(g.sequences, e.sequences) and torch.equal(g.num_new_tokens, e.num_new_tokens)
+    assert release_graphs(flash) == 1
+
+
+@pytest.mark.cuda
+def test_graph_sampling_matches_eager_with_the_same_generator():
+    _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
+    ids, mask = left_padded(PROMPTS, "cuda")
+    kw = {"attention_mask": mask, "max_new_tokens": 16, "do_sample": True, "temperature": 1.3, "top_k": 40,
+          "top_p": 0.9, "eos_token_id": []}
+    g_eager = torch.Generator("cuda").manual_seed(3)
+    g_graph = torch.Generator("cuda").manual_seed(3)
+    eager = generate(flash, ids, generator=g_eager, cuda_graph=False, **kw)
+    graph = generate(flash, ids, generator=g_graph, cuda_graph=True, **kw)
+    assert graph.cuda_graph
+    assert torch.equal(graph.sequences, eager.sequences)
+    assert torch.equal(g_eager.get_state(), g_graph.get_state())  # the caller's stream advanced alike
+    other = generate(flash, ids, generator=torch.Generator("cuda").manual_seed(4), cuda_graph=True, **kw)
+    assert not torch.equal(other.sequences, graph.sequences)
+    release_graphs(flash)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_decode_steps_make_no_host_sync(do_sample):
+    _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
+    ids, mask = left_padded(PROMPTS, "cuda")
+    key = SamplingKey(do_sample=do_sample, top_k=20, top_p=0.9, eos_ids=(3,), pad_token_id=0)
+    gen = torch.Generator("cuda").manual_seed(0) if do_sample else None
+    with torch.inference_mode():
+        graphed, _ = graphed_decode_step(flash, 4, ids.shape[1] + 16, key, device="cuda")
+        eager = DecodeStep(flash, flash.allocate_cache(4, graphed.capacity), 4, key, gen)
+        for step in (graphed, eager):
+            cache = step.cache.reset()
+            out = flash(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            step.begin(out.logits[:, -1])
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")  # any device->host read below raises
+            try:
+                for _ in range(8):
+                    step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            assert int(step.step_idx) == 9
+    assert isinstance(graphed, CUDAGraphDecodeStep)
+    release_graphs(flash)
+
+
+@pytest.mark.cuda
+def test_attention_data_checks_refuse_capture(monkeypatch):
+    _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
+    ids = torch.tensor([[5, 6, 7]], device="cuda")
+    monkeypatch.setenv("FLASHLM_ATTN_CHECKS", "1")
+    with pytest.raises(ValueError, match="FLASHLM_ATTN_CHECKS"):
+        generate(flash, ids, max_new_tokens=4, cuda_graph=True)
+    assert not generate(flash, ids, max_new_tokens=4, cuda_graph="auto").cuda_graph
