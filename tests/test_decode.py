@@ -246,3 +246,31 @@ def test_attention_data_checks_refuse_capture(monkeypatch):
     with pytest.raises(ValueError, match="FLASHLM_ATTN_CHECKS"):
         generate(flash, ids, max_new_tokens=4, cuda_graph=True)
     assert not generate(flash, ids, max_new_tokens=4, cuda_graph="auto").cuda_graph
+
+
+# --------------------------------------------------------------------------------------------------
+# The decode benchmark (CPU smoke run: the command works and its JSON holds what it says)
+# --------------------------------------------------------------------------------------------------
+def test_decode_bench_cpu_smoke(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from flashlm.bench.decode import main as bench_main
+
+    out = tmp_path / "decode.json"
+    rc = bench_main(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "2", "--contexts", "8",
+                     "--new-tokens", "3", "--repeats", "1", "--models", "flashlm-graph,flashlm-eager,hf-dynamic",
+                     "--output", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    by_impl = {p["impl"]: p for p in data["points"]}
+    assert by_impl["flashlm-graph"]["status"] == "skipped"
+    for impl in ("flashlm-eager", "hf-dynamic"):
+        p = by_impl[impl]
+        assert p["status"] == "ok" and p["first_token_ms"] > 0 and p["batch"] == 2 and p["context"] == 8
+        config = get_preset("tiny")
+        kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+        assert p["bytes_per_step"] == data["weight_bytes_per_step"] + kv * 2 * (8 + 3 / 2)
+    # same weights, fp32: transformers' greedy tokens are flashlm's
+    assert by_impl["hf-dynamic"]["token_agreement_with_flashlm"] == 1.0
+    assert data["command"].startswith("flashlm bench decode") and "| impl" in data["table"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["targets"]["per_token_ms_b1_ctx128"] == 1.2
+    assert bench_main(["--models", "nope"]) == 2

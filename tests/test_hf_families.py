@@ -21,36 +21,36 @@ transformers.utils.logging.disable_progress_bar()
 TOL = 1e-4
 VOCAB = 128
 DECODE_STEPS = 4
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=96,
-    max_position_embeddings=128,
-    initializer_range=0.1,  # larger weights than HF's 0.02 so softcaps and windows change the logits
-)
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+    "max_position_embeddings": 128,
+    "initializer_range": 0.1,  # larger weights than HF's 0.02 so softcaps and windows change the logits
+}
 # Each family with the features that set it apart switched on; windows (5 tokens) shorter than the
 # sequences (12-16), so a wrong window rule shows.
 FAMILIES = {
-    "llama": ("LlamaConfig", dict(attention_bias=True)),
-    "mistral": ("MistralConfig", dict(sliding_window=5)),
+    "llama": ("LlamaConfig", {"attention_bias": True}),
+    "mistral": ("MistralConfig", {"sliding_window": 5}),
     # layer 0 global, layers 1-2 sliding (i >= max_window_layers); q/k/v biases
-    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),
     # head_dim explicit (16 != 48 / 4), q/k norms, biases on q/k/v/o
-    "qwen3": ("Qwen3Config", dict(head_dim=16, attention_bias=True)),
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "attention_bias": True}),
     # alternating sliding layers, both softcaps, query_pre_attn_scalar != head_dim, GeGLU, (1 + w)
     # norms, pre/post norms, sqrt(hidden) embedding scale, tied embeddings
     "gemma2": (
         "Gemma2Config",
-        dict(
-            head_dim=16,
-            query_pre_attn_scalar=10,
-            attn_logit_softcapping=2.0,
-            final_logit_softcapping=3.0,
-            sliding_window=5,
-        ),
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 10,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": 5,
+        },
     ),
 }
 
@@ -63,7 +63,10 @@ def _flash_available() -> bool:
     return True
 
 
-ATTNS = ["default", pytest.param("flash", marks=pytest.mark.skipif(not _flash_available(), reason="no flash"))]
+ATTNS = [
+    "default",
+    pytest.param("flash", marks=pytest.mark.skipif(not _flash_available(), reason="no flash")),
+]
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +122,17 @@ def compare(ours, theirs, attn, gen):
     full = theirs(total, attention_mask=total_mask, position_ids=hf_positions(total_mask)).logits
     if attn == "flash":
         cache = ours.allocate_cache(batch, prompt + DECODE_STEPS)
-        out = ours(total[:, :prompt], attention_mask=total_mask[:, :prompt], past_key_values=cache, use_cache=True)
+        out = ours(
+            total[:, :prompt], attention_mask=total_mask[:, :prompt], past_key_values=cache, use_cache=True
+        )
     else:
         out = ours(total[:, :prompt], attention_mask=total_mask[:, :prompt], use_cache=True)
     steps = [out.logits[:, -1:]]
     for t in range(prompt, prompt + DECODE_STEPS - 1):
         step_mask = None if attn == "flash" else total_mask[:, : t + 1]  # flash: the cache keeps lengths
-        out = ours(total[:, t : t + 1], attention_mask=step_mask, past_key_values=out.past_key_values,
-                   use_cache=True)
+        out = ours(
+            total[:, t : t + 1], attention_mask=step_mask, past_key_values=out.past_key_values, use_cache=True
+        )
         steps.append(out.logits)
     diffs["prefill + decode"] = (torch.cat(steps, 1) - full[:, prompt - 1 : -1]).abs().max().item()
     return diffs
@@ -140,8 +146,11 @@ def test_family_matches_transformers(family, attn, hf_checkpoints, tmp_path):
     ours = from_pretrained(folder, attn=attn, dtype=torch.float32)
     assert ours.config.architecture == family and not ours.load_report.missing_keys
     diffs = compare(ours, theirs, attn, torch.Generator().manual_seed(1))
-    print(f"\n{family:<7} {attn:<7} " + "  ".join(f"{k} {v:.2e}" for k, v in diffs.items())
-          + f"  ({time.perf_counter() - start:.1f} s)")
+    print(
+        f"\n{family:<7} {attn:<7} "
+        + "  ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+        + f"  ({time.perf_counter() - start:.1f} s)"
+    )
     assert all(d < TOL for d in diffs.values()), diffs
 
     # flashlm's save loads back into transformers as the same class with the same logits
@@ -151,7 +160,9 @@ def test_family_matches_transformers(family, attn, hf_checkpoints, tmp_path):
     assert hf_json["model_type"] == family
     assert hf_json["architectures"] == [HF_ARCHITECTURES[family].hf_class]
     assert ModelConfig.from_hf_config(saved) == ours.config
-    back = transformers.AutoModelForCausalLM.from_pretrained(saved, attn_implementation="eager", dtype=torch.float32)
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        saved, attn_implementation="eager", dtype=torch.float32
+    )
     assert type(back).__name__ == HF_ARCHITECTURES[family].hf_class
     ids = torch.randint(0, VOCAB, (2, 14))
     with torch.no_grad():
@@ -166,7 +177,11 @@ def test_family_features_are_exercised(hf_checkpoints):
     assert qwen2.qkv_bias and not qwen2.attention_bias
     assert qwen3.qk_norm and qwen3.head_dim == 16 and qwen3.attention_bias
     assert [gemma2.sliding_window_for_layer(i) for i in range(3)] == [5, None, 5]
-    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap, gemma2.query_pre_attn_scalar) == (2.0, 3.0, 10)
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap, gemma2.query_pre_attn_scalar) == (
+        2.0,
+        3.0,
+        10,
+    )
     assert gemma2.hidden_act == "gelu_pytorch_tanh" and gemma2.tie_word_embeddings
     assert gemma2.rms_norm_unit_offset and gemma2.post_norms and gemma2.embed_scale
     assert configs["mistral"].sliding_window_for_layer(2) == 5
@@ -175,8 +190,12 @@ def test_family_features_are_exercised(hf_checkpoints):
     ids = torch.randint(0, VOCAB, (1, 16))
     with torch.no_grad():
         reference = theirs(ids).logits
-        for change in (dict(attn_logit_softcap=None), dict(final_logit_softcap=None), dict(layer_types=None),
-                       dict(query_pre_attn_scalar=None)):
+        for change in (
+            {"attn_logit_softcap": None},
+            {"final_logit_softcap": None},
+            {"layer_types": None},
+            {"query_pre_attn_scalar": None},
+        ):
             model = MODEL_CLASSES["default"](gemma2.replace(**change)).eval()
             model.load_state_dict(from_pretrained(folder).state_dict())
             assert (model(ids).logits - reference).abs().max() > 1e-3, change
@@ -192,13 +211,23 @@ def _hf_json(family, **changes):
 @pytest.mark.parametrize(
     "family, changes, message",
     [
-        ("llama", {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}, "unsupported HF model_type 'phi3'"),
+        (
+            "llama",
+            {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]},
+            "unsupported HF model_type 'phi3'",
+        ),
         ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
         ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
         ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "'yarn'"),
         ("qwen3", {"hidden_act": "relu"}, "hidden_act='relu'"),
-        ("qwen3", {"layer_types": ["full_attention", "chunked_attention", "full_attention"],
-                   "use_sliding_window": True}, "chunked_attention"),
+        (
+            "qwen3",
+            {
+                "layer_types": ["full_attention", "chunked_attention", "full_attention"],
+                "use_sliding_window": True,
+            },
+            "chunked_attention",
+        ),
     ],
 )
 def test_unsupported_configs_are_named(family, changes, message):
@@ -216,7 +245,11 @@ def test_to_hf_config_refuses_family_mismatches():
     with pytest.raises(ValueError, match=r"LlamaForCausalLM cannot express \['qk_norm'\].*qwen3"):
         get_preset("tiny", qk_norm=True).to_hf_config()
     with pytest.raises(ValueError, match=r"MistralForCausalLM cannot express \['layer_types'\]"):
-        get_preset("tiny", architecture="mistral", sliding_window=4,
-                   layer_types=["full_attention", "sliding_attention"]).to_hf_config()
+        get_preset(
+            "tiny",
+            architecture="mistral",
+            sliding_window=4,
+            layer_types=["full_attention", "sliding_attention"],
+        ).to_hf_config()
     with pytest.raises(ValueError, match="layer_types must be None or a list of num_layers=2"):
         get_preset("tiny", layer_types=["full_attention"])

@@ -10,27 +10,32 @@ transformers.utils.logging.disable_progress_bar()
 
 TOL = 1e-4
 VOCAB = 128
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=96,
-    max_position_embeddings=128,
-    initializer_range=0.1,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+    "max_position_embeddings": 128,
+    "initializer_range": 0.1,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
-    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
-    "mistral": ("MistralConfig", dict(sliding_window=5)),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),
+    "mistral": ("MistralConfig", {"sliding_window": 5}),
     "gemma2": (
         "Gemma2Config",
-        dict(head_dim=16, query_pre_attn_scalar=10, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
-             sliding_window=5),
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 10,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": 5,
+        },
     ),
 }
 NAME = flashlm_hf.register()
@@ -82,13 +87,19 @@ def test_matches_eager(family):
         alone = torch.cat([eager(s).logits for s in seqs], 1)
         diffs["packed vs separate"] = (ours(packed, position_ids=positions).logits - alone).abs().max().item()
         cu = torch.tensor([0, 7, 11, 20], dtype=torch.int32)  # DataCollatorWithFlattening's kwargs
-        out = ours(packed, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+        out = ours(
+            packed, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9
+        )
         diffs["packed (cu_seq_lens)"] = (out.logits - alone).abs().max().item()
 
         ids, mask = left_padded(3, 10, gen)
-        kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
         same_tokens = torch.equal(ours.generate(ids, **kwargs), eager.generate(ids, **kwargs))
-    print(f"\n{family:<8}" + "  ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f"  generate equal {same_tokens}")
+    print(
+        f"\n{family:<8}"
+        + "  ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+        + f"  generate equal {same_tokens}"
+    )
     assert all(d < TOL for d in diffs.values()), diffs
     assert same_tokens
 
@@ -113,8 +124,13 @@ def test_static_cache_generation():
     eager, ours = twins("llama")
     ids, mask = left_padded(2, 10, torch.Generator().manual_seed(3))
     for m in (mask, torch.ones_like(mask)):  # padded, and unpadded (generate then drops the mask)
-        kwargs = dict(attention_mask=m, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                      cache_implementation="static")
+        kwargs = {
+            "attention_mask": m,
+            "max_new_tokens": 6,
+            "do_sample": False,
+            "pad_token_id": 0,
+            "cache_implementation": "static",
+        }
         assert torch.equal(ours.generate(ids, **kwargs), eager.generate(ids, **kwargs))
 
 

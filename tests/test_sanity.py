@@ -18,7 +18,7 @@ def test_sanity_command_passes(capsys):
     assert "passed" in out
 
 
-def test_sanity_comparison_catches_a_wrong_model(tmp_path):
+def test_sanity_catches_a_wrong_model_and_exits_1(tmp_path, capsys):
     import transformers
 
     from flashlm.models import build_model, save_pretrained
@@ -32,9 +32,16 @@ def test_sanity_comparison_catches_a_wrong_model(tmp_path):
         ours.model.rotary_emb.inv_freq.mul_(1.01)
     diffs = sanity.compare(ours, theirs, batch=2, seqlen=16, seed=0, device="cpu")
     assert len(diffs) == 3 and all(d > 1e-4 for d in diffs.values()), diffs
+    # the command's verdict on these differences: FAIL lines and exit code 1
+    assert sanity.report(diffs, tol=1e-4) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL (> 0.0001)") == 3 and "FAILED" in out
+    assert sanity.report({name: 0.0 for name in diffs}, tol=1e-4) == 0
 
 
-def test_sanity_tolerance_exit_code(capsys):
-    # tol < 0 cannot be met by any diff: the command must say FAIL and exit 1
-    assert sanity.main(["--seqlen", "8", "--batch", "2", "--tol", "-1"]) == 1
-    assert "FAIL" in capsys.readouterr().out
+@pytest.mark.parametrize("tol", ["-1", "-1e-9", "nan", "inf", "abc"])
+def test_sanity_refuses_bad_tolerance(tol, capsys):
+    with pytest.raises(SystemExit) as exc:
+        sanity.main(["--tol", tol])
+    assert exc.value.code == 2  # argparse's usage error, before any model is built
+    assert "--tol" in capsys.readouterr().err

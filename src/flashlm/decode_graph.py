@@ -89,6 +89,7 @@ class DecodeStep:
     ``(batch, vocab)``, then call the object once per further token.
     """
 
+    @torch.no_grad()
     def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch_size: int, key: SamplingKey,
                  generator: torch.Generator | None = None) -> None:
         from flashlm.generation import sample_next_token  # generation imports this module
@@ -120,6 +121,7 @@ class DecodeStep:
             self.finished |= (next_tokens[:, None] == self.eos).any(-1)
             self.all_done.copy_(self.finished.all())
 
+    @torch.no_grad()
     def begin(self, logits: Tensor) -> None:
         """Sample and record the first new token from the prefill's last logits ``(batch, vocab)``."""
         self.finished.zero_()
@@ -127,6 +129,7 @@ class DecodeStep:
         self.step_idx.zero_()
         self._record(self._sample(logits))
 
+    @torch.no_grad()
     def forward_step(self) -> None:
         """The captured body: one token per row through the model, sampled and recorded in place."""
         out = self.model(self.tokens[:, None], past_key_values=self.cache)
@@ -171,13 +174,14 @@ class CUDAGraphDecodeStep(DecodeStep):
     ``self.generator.set_state(...)``). ``capture_s``: seconds spent warming up and capturing.
     """
 
+    @torch.no_grad()
     def __init__(self, model: torch.nn.Module, batch_size: int, capacity: int, key: SamplingKey, *,
                  device: torch.device, dtype: torch.dtype | None = None, warmup_steps: int = 2) -> None:
         device = torch.device(device)
         reason = graph_unavailable_reason(model, device, key)
         if reason is not None:
             raise ValueError(reason)
-        if device.index is None:
+        if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         cache = model.allocate_cache(batch_size, capacity, dtype=dtype, device=device)
         generator = torch.Generator(device=device) if key.do_sample else None

@@ -165,7 +165,9 @@ def attention_forward(
             and q_len == k.shape[1]
             and q_len > 1
         ):
-            packed = _packing_data(position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids)
+            packed = _packing_data(
+                position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+            )
             if packed is not None:
                 cu_q = cu_k = packed[0]
                 max_q = max_k = packed[1]

@@ -10,6 +10,7 @@ abs difference of each and exits 1 if any exceeds the tolerance (1e-4).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -34,8 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=48, help="prompt length (default 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--tol", type=float, default=1e-4, help="max allowed abs logit difference (default 1e-4)")
+    p.add_argument(
+        "--tol", type=_tolerance, default=1e-4, help="max allowed abs logit difference, >= 0 (default 1e-4)"
+    )
     return p
+
+
+def _tolerance(text: str) -> float:
+    """argparse type for --tol: a finite number >= 0 (a negative one could never pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def sanity_config(name: str):
@@ -137,12 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{config.num_parameters() / 1e6:.2f}M params, batch {args.batch}, seqlen {args.seqlen}"
     )
     diffs = compare(ours, theirs, args.batch, args.seqlen, args.seed, args.device)
+    return report(diffs, args.tol, time.perf_counter() - start)
+
+
+def report(diffs: dict[str, float], tol: float, seconds: float | None = None) -> int:
+    """Print one line per comparison (ok, or FAIL when the difference exceeds ``tol``) and a
+    summary; return the exit code, 1 if any failed."""
     failed = False
     for name, diff in diffs.items():
-        ok = diff <= args.tol
+        ok = diff <= tol
         failed |= not ok
-        print(f"  {name:<28} max abs diff {diff:.3e}  {'ok' if ok else f'FAIL (> {args.tol:g})'}")
-    print(f"{'FAILED' if failed else 'passed'} in {time.perf_counter() - start:.1f} s")
+        print(f"  {name:<28} max abs diff {diff:.3e}  {'ok' if ok else f'FAIL (> {tol:g})'}")
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    print(f"{'FAILED' if failed else 'passed'}{took}")
     return 1 if failed else 0
 
 

@@ -1,7 +1,8 @@
 """The default model: a LLaMA decoder with eager BHSD attention, the reference for everything else.
 
 With the same weights it gives the same logits as ``transformers.LlamaForCausalLM`` (and
-``MistralForCausalLM`` with a sliding window) in fp32; tests/test_default_model.py checks that.
+``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma2ForCausalLM`` with their
+config flags) in fp32; tests/test_default_model.py and tests/test_hf_families.py check that.
 Parameter names are HF's, so state dicts load both ways unchanged.
 """
 

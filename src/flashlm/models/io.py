@@ -1,7 +1,7 @@
 """Save and load models as HF checkpoint folders: config.json + safetensors (optionally sharded).
 
-Parameter names are HF's, so a transformers Llama/Mistral folder loads here and ours loads in
-transformers. Tied embeddings are stored once (``model.embed_tokens.weight``) as transformers does.
+Parameter names are HF's, so a transformers Llama/Mistral/Qwen2/Qwen3/Gemma2 folder loads here and
+ours loads in transformers. Tied embeddings are stored once (``model.embed_tokens.weight``) as transformers does.
 """
 
 from __future__ import annotations

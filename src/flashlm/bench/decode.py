@@ -1,0 +1,431 @@
+"""`flashlm bench decode`: decode latency, tokens/s and achieved GB/s (issue 7).
+
+    python -m flashlm.bench.decode [--preset llama-1b] [--batch-sizes 1,8,32] [--contexts 128,2048,8192]
+        [--models flashlm-graph,flashlm-eager,hf-dynamic,hf-static-compile] [--new-tokens 64]
+        [--repeats 2] [--hf-compile-configs 1x128] [--output decode.json]
+
+Implementations, all on the same random weights (bf16 on CUDA) and the same prompts (no padding):
+
+- ``flashlm-graph``: ``flashlm.generation.generate(cuda_graph=True)``: eager prefill, decode step
+  replayed from a CUDA graph captured once per batch size (captured in the warm-up call);
+- ``flashlm-eager``: the same fixed-shape decode step launched from Python;
+- ``hf-dynamic``: transformers' ``LlamaForCausalLM.generate`` (sdpa, DynamicCache);
+- ``hf-static-compile``: the same with ``cache_implementation="static"``, which transformers >= 4.5x
+  compiles itself on CUDA (``torch.compile(mode="reduce-overhead")`` of the decode forward, see
+  ``GenerationConfig.compile_config``). Each new shape recompiles (about a minute), so by default it
+  runs only at the grid points of ``--hf-compile-configs`` (``1x128``: the issue's anchor; ``all``).
+
+Timing, the same for every implementation: T(n) = wall time of one generate call making n new tokens
+(device synchronized before and after), median over ``--repeats`` calls after one warm-up call.
+first token = T(1) (prefill + first sample); per token = (T(1 + N) - T(1)) / N with N = ``--new-tokens``.
+tokens/s = batch / per token. GB/s = bytes a decode step must read / per token, where bytes = the
+weights (unique parameters; an untied input embedding only reads ``batch`` rows, so it is left out)
++ KV cache bytes of the mean context ``batch x (context + N / 2)``. EOS is disabled: every row makes
+exactly n tokens.
+
+Writes one JSON (``--output``) with the environment, the command, every grid point and a summary
+against the issue's targets; prints a table; the last stdout line is the summary as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+IMPLS = ("flashlm-graph", "flashlm-eager", "hf-dynamic", "hf-static-compile")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PEAK_GBS_H100 = 3000.0  # ~3 TB/s HBM3 seen on the H100 (DESIGN.md); the issue's bandwidth limit
+TARGETS = {"per_token_ms_b1_ctx128": 1.2, "first_token_ms_b1_ctx128": 15.0, "tokens_per_s_b32": 20000.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+def _ints(value: str, flag: str) -> list[int]:
+    try:
+        xs = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {value!r}") from None
+    if not xs or any(x < 1 for x in xs):
+        raise ValueError(f"{flag} needs positive integers, got {value!r}")
+    return xs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flashlm bench decode",
+        description="Decode benchmark: per-token latency, tokens/s and GB/s of flashlm (CUDA graph and eager "
+                    "decode) next to transformers' generate (dynamic cache; static cache + compile).")
+    p.add_argument("--preset", default=None, help="model preset (default: llama-1b on CUDA, tiny on CPU)")
+    p.add_argument("--batch-sizes", default=None, help="default: 1,8,32 on CUDA, 1,2 on CPU")
+    p.add_argument("--contexts", default=None, help="prompt lengths; default: 128,2048,8192 on CUDA, 16,32 on CPU")
+    p.add_argument("--models", default=",".join(IMPLS), help=f"comma-separated among {', '.join(IMPLS)}")
+    p.add_argument("--new-tokens", type=int, default=None, help="N decode steps timed (default 64; 8 on CPU)")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
+    p.add_argument("--hf-compile-configs", default="1x128",
+                   help="grid points (BATCHxCONTEXT, comma-separated, or 'all') where hf-static-compile runs")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--attn-backend", default=None, help="force a flashlm.attention backend for flashlm rows")
+    p.add_argument("--peak-gbs", type=float, default=PEAK_GBS_H100, help="memory bandwidth for the %%-of-peak column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = args.device.type == "cuda"
+    args.preset = args.preset or ("llama-1b" if cuda else "tiny")
+    args.batch_sizes = _ints(args.batch_sizes or ("1,8,32" if cuda else "1,2"), "--batch-sizes")
+    args.contexts = _ints(args.contexts or ("128,2048,8192" if cuda else "16,32"), "--contexts")
+    args.new_tokens = args.new_tokens if args.new_tokens is not None else (64 if cuda else 8)
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens must be >= 2, got {args.new_tokens}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    args.torch_dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in IMPLS]
+    if bad or not args.models:
+        raise ValueError(f"--models: unknown {bad or 'empty'}; choose among {', '.join(IMPLS)}")
+    if args.hf_compile_configs.strip() == "all":
+        args.hf_compile_points = None
+    else:
+        try:
+            args.hf_compile_points = {tuple(int(v) for v in x.lower().split("x")) for x in
+                                      args.hf_compile_configs.split(",") if x.strip()}
+        except ValueError:
+            raise ValueError("--hf-compile-configs takes BATCHxCONTEXT items (e.g. 1x128,8x2048) or 'all', "
+                             f"got {args.hf_compile_configs!r}") from None
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and byte counts
+# --------------------------------------------------------------------------------------------------
+def weight_read_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: unique parameters (tied embeddings counted once), minus
+    an untied input embedding (a lookup reads only ``batch`` rows of it)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    emb = model.model.embed_tokens.weight  # flashlm and transformers' Llama share these names
+    if model.lm_head.weight.data_ptr() != emb.data_ptr():
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV-cache bytes per cached token of one row: k and v x layers x kv_heads x head_dim x element."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def build_hf(flash: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM (sdpa) holding the flash model's weights (copied)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_dict = flash.config.to_hf_config()
+    hf_dict = {k: v for k, v in hf_dict.items() if k not in ("architectures", "model_type")}
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(LlamaConfig(**hf_dict), attn_implementation="sdpa")
+    hf = hf.to(dtype).eval()
+    missing, unexpected = hf.load_state_dict(flash.state_dict(), strict=False)
+    params = {n for n, _ in hf.named_parameters()}
+    if [m for m in missing if m in params] or unexpected:
+        raise RuntimeError(f"weights did not map onto transformers' Llama: missing {missing}, "
+                           f"unexpected {unexpected}")
+    gen = hf.generation_config  # random weights: never stop early, never warn about padding
+    gen.eos_token_id = None
+    gen.pad_token_id = 0
+    return hf
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------
+Runner = Callable[[torch.Tensor, int], torch.Tensor]  # (input_ids, n) -> new tokens (batch, n)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def make_runner(impl: str, flash, hf, max_cache_len: int) -> Runner:
+    if impl.startswith("flashlm"):
+        from flashlm.generation import generate
+
+        graph = impl == "flashlm-graph"
+
+        def ours(ids, n):
+            # eos_token_id=[]: no EOS at all; one cache capacity for every call of a grid point, so the
+            # graph captured in the warm-up call serves all of them
+            out = generate(flash, ids, max_new_tokens=n, eos_token_id=[], cuda_graph=graph,
+                           max_cache_len=max_cache_len)
+            if graph and not out.cuda_graph:
+                raise RuntimeError("flashlm-graph: generate did not use a CUDA graph")
+            return out.sequences[:, ids.shape[1]:]
+
+        return ours
+    kw: dict[str, Any] = {"cache_implementation": "static"} if impl == "hf-static-compile" else {"disable_compile": True}
+
+    def theirs(ids, n):
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, **kw)
+        return out[:, ids.shape[1]:]
+
+    return theirs
+
+
+def measure(run: Runner, ids: torch.Tensor, n: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """first token = median T(1); per token = (median T(1 + n) - median T(1)) / n (see the module doc)."""
+    def timed(k: int) -> tuple[float, torch.Tensor]:
+        _sync(device)
+        t0 = time.perf_counter()
+        tokens = run(ids, k)
+        _sync(device)
+        return time.perf_counter() - t0, tokens
+
+    t_warm, _ = timed(1 + n)  # warm-up: Triton JIT, graph capture, torch.compile
+    # T(1 + n) right after the warm-up of the same shape (transformers keeps its static cache between
+    # calls of one shape; a T(1) call in between could make it re-allocate and re-record), then T(1)
+    runs = [timed(1 + n) for _ in range(repeats)]
+    tn = statistics.median(t for t, _ in runs)
+    t1 = statistics.median(timed(1)[0] for _ in range(repeats))
+    tokens = runs[-1][1]
+    if tokens.shape[1] != 1 + n:
+        raise RuntimeError(f"generation made {tokens.shape[1]} tokens, expected {1 + n}")
+    per_token = (tn - t1) / n
+    return {"first_token_ms": t1 * 1e3, "per_token_ms": per_token * 1e3, "total_ms": tn * 1e3,
+            "warmup_ms": t_warm * 1e3, "tokens_per_s": ids.shape[0] / per_token if per_token > 0 else None,
+            "_tokens": tokens}
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return {"status": "oom" if oom else "error", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+
+
+def _skip_reason(impl: str, args: argparse.Namespace, batch: int, ctx: int) -> str | None:
+    if impl == "flashlm-graph" and args.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if impl.startswith("hf-"):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            return "transformers is not installed (pip install 'flashlm[hf]')"
+    if impl == "hf-static-compile":
+        if args.device.type != "cuda":
+            return "transformers compiles generate only on accelerators"
+        if args.hf_compile_points is not None and (batch, ctx) not in args.hf_compile_points:
+            return "not in --hf-compile-configs (each shape recompiles)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def _f(v: Any, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def format_table(points: list[dict[str, Any]]) -> str:
+    head = (f"| {'impl':<18}| batch | context | first token ms | ms/token | tokens/s | GB/s | % peak | "
+            f"graph == eager |\n|{'-' * 19}|------:|--------:|---------------:|---------:|---------:|-----:|"
+            f"-------:|:--------------:|")
+    rows = [head]
+    for p in points:
+        if p["status"] != "ok":
+            note = p.get("reason") or p.get("error", "")
+            rows.append(f"| {p['impl']:<18}| {p['batch']:>5} | {p['context']:>7} | {p['status']}: {note[:60]} "
+                        "| | | | | |")
+            continue
+        same = p.get("graph_tokens_equal_eager")
+        rows.append(f"| {p['impl']:<18}| {p['batch']:>5} | {p['context']:>7} | {_f(p['first_token_ms']):>14} | "
+                    f"{_f(p['per_token_ms'], 3):>8} | {_f(p['tokens_per_s'], 0):>8} | {_f(p.get('gb_per_s'), 0):>4} | "
+                    f"{_f(p.get('pct_of_peak'), 0):>6} | {'' if same is None else str(same):^14} |")
+    return "\n".join(rows)
+
+
+def summarize(points: list[dict[str, Any]]) -> dict[str, Any]:
+    def get(impl, batch, ctx, key):
+        for p in points:
+            if p["impl"] == impl and p["batch"] == batch and p["context"] == ctx and p["status"] == "ok":
+                return p[key]
+        return None
+
+    s: dict[str, Any] = {"targets": TARGETS}
+    for impl in IMPLS:
+        s[impl] = {"per_token_ms_b1_ctx128": get(impl, 1, 128, "per_token_ms"),
+                   "first_token_ms_b1_ctx128": get(impl, 1, 128, "first_token_ms"),
+                   "tokens_per_s_b32_ctx128": get(impl, 32, 128, "tokens_per_s")}
+    g, h = s["flashlm-graph"], s["hf-static-compile"]
+    if g["per_token_ms_b1_ctx128"] and h["per_token_ms_b1_ctx128"]:
+        s["speedup_vs_hf_static_compile_b1_ctx128"] = h["per_token_ms_b1_ctx128"] / g["per_token_ms_b1_ctx128"]
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace, log: Callable[[str], None] = print,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every (batch, context, implementation); ``checkpoint(partial results)`` after each point
+    (so a run cut short by a time limit still leaves its JSON)."""
+    from flashlm.attention import use_backend
+    from flashlm.decode_graph import cache_capacity, release_graphs
+    from flashlm.models import build_model
+    from flashlm.models.config import get_preset
+
+    device, dtype = args.device, args.torch_dtype
+    torch.manual_seed(args.seed)
+    config = get_preset(args.preset)
+    flash = build_model(config, attn="flash", device=device, dtype=dtype).eval()
+    notes: list[str] = []
+    hf = None
+    if any(m.startswith("hf-") for m in args.models) and _skip_reason("hf-dynamic", args, 0, 0) is None:
+        try:
+            hf = build_hf(flash, device, dtype)
+        except Exception as e:  # noqa: BLE001 the flashlm rows still run; the HF rows say why not
+            notes.append(f"transformers model could not be built: {type(e).__name__}: {e}")
+    w_bytes = weight_read_bytes(flash)
+    kv_tok = kv_bytes_per_token(config, dtype)
+    n = args.new_tokens
+    log(f"decode bench: {args.preset} {str(dtype).replace('torch.', '')} on {device}; weights read per step "
+        f"{w_bytes / 1e9:.3f} GB, KV {kv_tok} B per token per row; N = {n} new tokens, {args.repeats} repeats")
+    points: list[dict[str, Any]] = []
+
+    def results() -> dict[str, Any]:
+        return {"benchmark": "decode", "preset": args.preset, "dtype": str(dtype).replace("torch.", ""),
+                "device": str(device), "new_tokens": n, "repeats": args.repeats,
+                "weight_bytes_per_step": w_bytes, "kv_bytes_per_token_per_row": kv_tok, "peak_gbs": args.peak_gbs,
+                "method": "first token = median T(1); per token = (median T(1+N) - median T(1)) / N; T = wall "
+                          "time of one generate call, device synchronized; GB/s = (weights + KV of batch x "
+                          "(context + N/2)) / per token",
+                "points": points, "summary": summarize(points), "notes": notes}
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for batch in args.batch_sizes:
+        for ctx in args.contexts:
+            ids = torch.randint(3, config.vocab_size, (batch, ctx), generator=gen).to(device)
+            max_cache_len = cache_capacity(ctx + 1 + n)
+            tokens: dict[str, torch.Tensor] = {}
+            for impl in args.models:
+                point: dict[str, Any] = {"impl": impl, "batch": batch, "context": ctx, "new_tokens": n}
+                reason = _skip_reason(impl, args, batch, ctx)
+                if reason is None and impl.startswith("hf-") and hf is None:
+                    reason = "no transformers model (see notes)"
+                if reason is not None:
+                    point.update(status="skipped", reason=reason)
+                    points.append(point)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    runner = make_runner(impl, flash, hf, max_cache_len)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    if impl.startswith("flashlm") and args.attn_backend:
+                        with use_backend(args.attn_backend):
+                            res = measure(runner, ids, n, args.repeats, device)
+                    else:
+                        res = measure(runner, ids, n, args.repeats, device)
+                    tokens[impl] = res.pop("_tokens").cpu()
+                    point.update(status="ok", **res)
+                    read = w_bytes + kv_tok * batch * (ctx + n / 2)
+                    point["bytes_per_step"] = read
+                    if point["per_token_ms"] > 0:
+                        point["gb_per_s"] = read / (point["per_token_ms"] / 1e3) / 1e9
+                        point["pct_of_peak"] = 100 * point["gb_per_s"] / args.peak_gbs
+                    if device.type == "cuda":
+                        point["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                    if impl == "hf-static-compile":
+                        point["compiled"] = getattr(hf, "_compiled_call", None) is not None
+                except Exception as e:  # noqa: BLE001 one point failing (OOM, compile error) must not end the sweep
+                    point.update(_error(e))
+                point["wall_s"] = time.perf_counter() - t0
+                if impl == "flashlm-graph":
+                    release_graphs(flash)  # the next grid point has another cache shape
+                _free(device)
+                points.append(point)
+                if checkpoint is not None:
+                    checkpoint(results())
+                log(f"  {impl:<18} batch {batch:>3} ctx {ctx:>5}: " + (
+                    f"first {point['first_token_ms']:.2f} ms, {point['per_token_ms']:.3f} ms/token, "
+                    f"{_f(point.get('gb_per_s'), 0)} GB/s ({point['wall_s']:.1f} s)" if point["status"] == "ok"
+                    else f"{point['status']}: {point.get('error', '')}"))
+            # correctness riders: same greedy tokens graph vs eager (same kernels); agreement with HF
+            if "flashlm-graph" in tokens and "flashlm-eager" in tokens:
+                same = bool(torch.equal(tokens["flashlm-graph"], tokens["flashlm-eager"]))
+                for p in points[-len(args.models):]:
+                    if p["impl"] == "flashlm-graph" and p["status"] == "ok":
+                        p["graph_tokens_equal_eager"] = same
+            ours = tokens.get("flashlm-eager", tokens.get("flashlm-graph"))
+            if ours is not None and "hf-dynamic" in tokens:
+                for p in points[-len(args.models):]:
+                    if p["impl"] == "hf-dynamic" and p["status"] == "ok":
+                        p["token_agreement_with_flashlm"] = float((tokens["hf-dynamic"] == ours).float().mean())
+    return results()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        print(f"flashlm bench decode: {e}", file=sys.stderr)
+        return 2
+    command = "flashlm bench decode " + shlex.join(argv)
+    try:
+        from flashlm.bench.report import environment, write_json
+    except ImportError as e:  # the report module is optional here: fall back to plain json
+        env: dict[str, Any] = {"torch": torch.__version__, "error": str(e)}
+        write_json = None
+    else:
+        env = environment()
+
+    def save(partial: dict[str, Any]) -> None:
+        if not args.output:
+            return
+        partial = {**partial, "command": command, "environment": env, "table": format_table(partial["points"])}
+        if write_json is not None:
+            write_json(partial, args.output)
+        else:
+            with open(args.output, "w") as f:
+                json.dump(partial, f, indent=2, default=str)
+
+    results = run(args, checkpoint=save)
+    save(results)
+    results.update(command=command, environment=env, table=format_table(results["points"]))
+    print(results["table"])
+    for note in results["notes"]:
+        print(f"note: {note}")
+    if args.output:
+        print(f"wrote {args.output}")
+    print(json.dumps(results["summary"], default=lambda x: None))
+    return 0 if all(p["status"] in ("ok", "skipped") for p in results["points"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
