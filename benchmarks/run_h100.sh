@@ -40,6 +40,8 @@ bench() {  # bench NAME FLAGS...
 
 bench seed_small_bs2x256 --model small --batch-size 2 --seq-length 256 --warmup-steps 10 --benchmark-steps 20 \
   --compare "default,flash,hf-sdpa,hf-eager$extra"
+bench seed_small_bs2x256_graph --model small --batch-size 2 --seq-length 256 --warmup-steps 10 --benchmark-steps 20 \
+  --cases generate --compile --compare "default,flash,hf-sdpa"
 bench long_small_bs8x2048 --model small --batch-size 8 --seq-length 2048 --warmup-steps 3 --benchmark-steps 10 \
   --compare "default,flash,hf-sdpa$extra"
 bench train_llama1b_bs8x2048 --model llama-1b --batch-size 8 --seq-length 2048 --warmup-steps 3 --benchmark-steps 10 \

@@ -156,3 +156,19 @@ def test_register_refuses_flash_names_and_bad_masks():
     k = v = torch.randn(1, 2, 5, 12)
     with pytest.raises(ValueError, match="2-D padding mask"):
         flashlm_hf.attention_forward(ours.model.layers[0].self_attn, q, k, v, torch.zeros(1, 1, 5, 5))
+
+
+def test_inference_mode_padded_batches_change_between_forwards():
+    """Under torch.inference_mode (no version counters) a new mask in each forward is honoured."""
+    eager, ours = twins("llama")
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (3, 12), generator=gen)
+    for lengths in ([12, 7, 3], [5, 12, 9]):
+        mask = torch.zeros(3, 12, dtype=torch.long)
+        for row, n in enumerate(lengths):
+            mask[row, 12 - n :] = 1
+        with torch.inference_mode():
+            want = eager(ids, attention_mask=mask).logits
+            got = ours(ids, attention_mask=mask).logits
+        real = mask.bool()
+        assert (got - want)[real].abs().max() < TOL

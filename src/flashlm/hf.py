@@ -65,14 +65,20 @@ class _PerTensorMemo:
         self.entries: OrderedDict[int, tuple[weakref.ref, int, Any]] = OrderedDict()
 
     def __call__(self, t: Tensor) -> Any:
+        # inference-mode tensors have no version counter; the memo is also cleared at layer 0 of
+        # every forward (attention_forward), so an in-place change between forwards is still seen
+        version = -1 if t.is_inference() else t._version
         hit = self.entries.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == t._version:
+        if hit is not None and hit[0]() is t and hit[1] == version:
             return hit[2]
         value = self.fn(t)
-        self.entries[id(t)] = (weakref.ref(t), t._version, value)
+        self.entries[id(t)] = (weakref.ref(t), version, value)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return value
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 def _packing(position_ids: Tensor) -> tuple[Tensor, int] | None:
@@ -144,6 +150,10 @@ def attention_forward(
         window = (-1, -1)
     else:  # W tokens, itself included; non-causal (encoders) looks W - 1 both ways, as HF does
         window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
+
+    if getattr(module, "layer_idx", 0) == 0:  # a new forward: metadata is computed afresh
+        _unpad_data.clear()
+        _packing_data.clear()
 
     q = query.transpose(1, 2)  # BSHD views, no copy
     k = key.transpose(1, 2)

@@ -51,7 +51,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _data_checks(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" or os.environ.get("FLASHLM_ATTN_CHECKS") == "1"
+    if t.device.type == "cpu":
+        return True
+    # reading device data syncs, which a CUDA graph being captured cannot do
+    return os.environ.get("FLASHLM_ATTN_CHECKS") == "1" and not torch.cuda.is_current_stream_capturing()
 
 
 def _tensor(x, name: str, ndim: int | tuple[int, ...], layout: str) -> torch.Tensor:

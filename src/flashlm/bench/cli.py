@@ -4,6 +4,7 @@
                   [--compare default,flash,hf-sdpa] [--cases train,forward,generate] [--output r.json]
                   [--plot r.png] ...
     flashlm bench kernels ...      attention kernel benchmark (flashlm.bench.kernels)
+    flashlm bench decode ...       fast-decode benchmark (flashlm.bench.decode)
 
 On CPU the defaults become the ``tiny`` preset in fp32: that run checks the command works; its
 numbers say nothing about GPU speed. See docs/bench.md.
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default uses the mask, flash runs varlen")
     p.add_argument("--packed", action="store_true",
                    help="rows packed with several documents, position_ids restarting at 0 per document")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models for train/forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models for train/forward; replay the flash decode step from a CUDA graph")
     p.add_argument("--compare", default="default,flash,hf-sdpa",
                    help=f"comma-separated models among {', '.join(MODEL_NAMES)}")
     p.add_argument("--cases", default="train,forward,generate",
@@ -177,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "kernels":
         return _kernels(argv[1:])
+    if argv and argv[0] == "decode":
+        from flashlm.bench import decode
+
+        return int(decode.main(argv[1:]) or 0)
     from flashlm.bench import report
     from flashlm.bench.models import run_benchmark
 

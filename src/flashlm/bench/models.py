@@ -43,7 +43,7 @@ MODEL_NAMES = ("default", "flash", "hf-eager", "hf-sdpa", "hf-liger", "hf-flashl
 GENERATION_ONLY = {"hf-static": "HF sdpa with a static cache in generate (transformers compiles its decode step on CUDA)"}
 CASE_NAMES = ("train", "forward", "generate", "decode")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HF_ATTN = {"hf-eager": "eager", "hf-sdpa": "sdpa", "hf-liger": "sdpa", "hf-flashlm": "flashlm", "hf-static": "sdpa"}
+HF_ATTN = {"hf-eager": "eager", "hf-sdpa": "sdpa", "hf-liger": "sdpa", "hf-flashlm": None, "hf-static": "sdpa"}
 
 
 @dataclass
@@ -328,17 +328,18 @@ def load_model(name: str, path: str, cfg: BenchConfig) -> torch.nn.Module:
         return from_pretrained(path, attn=name, device=cfg.device, dtype=dtype).eval()
     from transformers import AutoModelForCausalLM
 
+    attn_implementation = HF_ATTN.get(name)
     if name == "hf-flashlm":
         from flashlm import hf
 
-        hf.register()
+        attn_implementation = hf.register()  # the name transformers accepts ("FlashLM")
     try:  # transformers' "Loading weights" bar would interleave with ours
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=HF_ATTN[name], dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype)
     if name == "hf-liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -438,8 +439,9 @@ def _generate_fn(name: str, model, cfg: BenchConfig) -> tuple[GenerateFn, bool]:
 
         kw = {}
         compiled = False
-        if cfg.compile and _accepts_named(generate, "compile"):
-            kw["compile"], compiled = True, True
+        if cfg.compile and name == "flash":  # --compile: the flash decode step replayed from a CUDA graph
+            kw["cuda_graph"] = "auto"
+            compiled = torch.device(cfg.device).type == "cuda"
 
         def ours(ids, mask, n):
             # eos_token_id=[]: no EOS at all (None would mean the config's), so every row makes n tokens.

@@ -84,7 +84,9 @@ class ScaledEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = super().forward(input_ids)
-        return out * torch.tensor(self.scale, dtype=out.dtype, device=out.device)
+        # the scale rounded to the output dtype, as a Python float: no host-to-device copy per call
+        # (which would also break CUDA-graph capture); bf16 * float computes like bf16 * bf16 0-dim
+        return out * float(torch.tensor(self.scale, dtype=out.dtype))
 
 
 class DefaultModel(nn.Module):
