@@ -28,7 +28,7 @@ def attention_core(q, k, v, *, q_lens=None, k_lo=None, k_hi=None, softmax_scale:
     ``c <= diag + right`` (causal: right = 0) and ``c >= diag - left`` (-1 = unbounded).
 
     Returns out (batch, seqlen_q, nheads, d_v) in fp32 (input dtype if not upcast), lse (batch, nheads,
-    seqlen_q) fp32 (-inf for rows with no visible key, whose out is 0), and when return_probs the
+    seqlen_q) fp32 (+inf for rows with no visible key, whose out is 0, as flash-attn 2 returns), and when return_probs the
     probabilities (batch, nheads, seqlen_q, seqlen_k) with dropped entries negated (flash-attn's S_dmask).
     """
     B, Sq, H, D = q.shape
@@ -75,7 +75,9 @@ def attention_core(q, k, v, *, q_lens=None, k_lo=None, k_hi=None, softmax_scale:
     e = torch.exp(s - m)
     z = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(z > 0, z, torch.ones_like(z))
-    lse = (m + torch.log(z)).squeeze(-1).detach()  # log(0) = -inf on empty rows
+    lse = (m + torch.log(z)).squeeze(-1).detach()
+    # empty rows: log(0) = -inf; flash-attn 2's kernels (and PyTorch's) report +inf there
+    lse = torch.where(z.squeeze(-1) > 0, lse, torch.full_like(lse, float("inf")))
     probs = p
     if dropout_p > 0:
         keep_drop = torch.rand(p.shape, device=dev) >= dropout_p
