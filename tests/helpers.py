@@ -1,0 +1,57 @@
+"""Setup shared by several test files: twin default/flash models, left-padded prompts, a cache-free
+greedy loop, and a one-thread fixture for tests made of tiny tensors."""
+
+import pytest
+import torch
+
+from flashlm.models.config import get_preset
+from flashlm.models.default import DefaultForCausalLM
+from flashlm.models.flash import FlashForCausalLM
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is ~50x faster than two on a loaded 2-core CI box, where
+    OpenMP workers spin against the other processes. Use as ``pytestmark = usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_pair(device="cpu", dtype=None, **overrides):
+    """A default and a flash model of the tiny preset (with ``overrides``), identical weights, eval mode."""
+    config = get_preset("tiny", **overrides)
+    default = DefaultForCausalLM(config).to(device)
+    flash = FlashForCausalLM(config).to(device)
+    flash.load_state_dict(default.state_dict())
+    if dtype is not None:
+        default, flash = default.to(dtype), flash.to(dtype)
+    return default.eval(), flash.eval()
+
+
+def left_padded_prompts(rows, device="cpu"):
+    """Token-id lists -> left-padded (ids (batch, width) int64 with 0 at padding, mask (batch, width))."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def left_padded_mask(batch, seqlen):
+    """(batch, seqlen) int64 mask whose row r starts with 3 * r padding positions."""
+    mask = torch.ones(batch, seqlen, dtype=torch.long)
+    for r in range(batch):
+        mask[r, : 3 * r] = 0
+    return mask
+
+
+def naive_greedy(model, prompt, steps):
+    """Greedy decoding by re-running the full sequence each step (no cache)."""
+    seq = torch.tensor(prompt)[None]
+    for _ in range(steps):
+        seq = torch.cat([seq, model(seq).logits[0, -1].argmax().view(1, 1)], dim=1)
+    return seq[0, len(prompt):].tolist()
