@@ -74,8 +74,9 @@ def _check_qkv_dtypes_devices(q, named: dict[str, torch.Tensor]) -> None:
             raise TypeError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}; all must match")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all must be on one device")
-    for name, t in (("q", q), *named.items()):
-        if t.stride(-1) != 1 and name in ("k_cache", "v_cache"):
+    for name in ("k_cache", "v_cache"):  # written in place, so they cannot be made contiguous here
+        t = named.get(name)
+        if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1) to be updated in place")
 
 
@@ -208,8 +209,8 @@ def _call(kind, q, nheads_k, head_dim_v, seqlen_q, seqlen_k, causal, window, sof
     return AttnCall(
         kind=kind, device_type=q.device.type, compute_capability=registry.compute_capability(q.device),
         dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=head_dim_v, nheads=q.shape[-2], nheads_k=nheads_k,
-        seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal, window=window != (-1, -1) and not causal
-        or (causal and window[0] >= 0), softcap=softcap > 0, alibi=alibi_slopes is not None,
+        # window is normalized by _window: with causal it is (left, 0) or (-1, -1) for plain causal
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal, window=window != (-1, -1), softcap=softcap > 0, alibi=alibi_slopes is not None,
         dropout=dropout_p > 0, needs_grad=needs_grad, deterministic=deterministic, paged=paged,
         return_attn_probs=probs, page_block_size=page_block_size, leftpad=leftpad,
         seqlens_equal=(seqlen_q == seqlen_k) if seqlens_equal is None else seqlens_equal)
@@ -274,10 +275,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                          alibi_slopes, deterministic, return_attn_probs)
     be = registry.select(call, backend)
     kwargs = {"dropout_p": float(dropout_p), "softmax_scale": scale, "causal": causal, "window_size": window,
-                  "softcap": float(softcap), "alibi_slopes": alibi_slopes, "deterministic": deterministic}
-    if call.return_attn_probs:
-        out, lse, probs = be.dense(_contig(q), _contig(k), _contig(v), **kwargs, return_probs=True)
-        return out, lse, probs
+              "softcap": float(softcap), "alibi_slopes": alibi_slopes, "deterministic": deterministic}
+    if call.return_attn_probs:  # (out, lse, S_dmask) from a backend declaring attn_probs
+        return be.dense(_contig(q), _contig(k), _contig(v), **kwargs, return_probs=True)
     out, lse = be.dense(_contig(q), _contig(k), _contig(v), **kwargs)
     return (out, lse, _empty_probs(q)) if return_attn_probs else out
 
@@ -373,8 +373,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                           deterministic, return_attn_probs, block_table)
     be = registry.select(call, backend)
     kwargs = {"dropout_p": float(dropout_p), "softmax_scale": scale, "causal": causal, "window_size": window,
-                  "softcap": float(softcap), "alibi_slopes": alibi_slopes, "deterministic": deterministic,
-                  "block_table": block_table}
+              "softcap": float(softcap), "alibi_slopes": alibi_slopes, "deterministic": deterministic,
+              "block_table": block_table}
     args = (_contig(q), _contig(k), _contig(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if call.return_attn_probs:
         return be.varlen(*args, **kwargs, return_probs=True)

@@ -33,6 +33,7 @@ AUTO = ("auto", "", None)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("flashlm_attn_backend", default=None)
 _loaded: dict[str, Backend | None] = {}
 _load_errors: dict[str, str] = {}
+_unavailable: dict[str, str | None] = {}  # name -> why it cannot run here (None: it can); fixed per process
 _warned: set[str] = set()
 _choice_cache: dict[tuple, str] = {}
 
@@ -68,11 +69,12 @@ def get_backend(name: str) -> Backend:
 
 
 def unavailable_reason(name: str) -> str | None:
-    """Why backend ``name`` cannot run here at all, or None."""
-    backend = _load(name)
-    if backend is None:
-        return _load_errors.get(name, "not loadable")
-    return backend.unavailable_reason()
+    """Why backend ``name`` cannot run here at all, or None. Cached until ``reset_cache()``."""
+    if name not in _unavailable:
+        backend = _load(name)
+        _unavailable[name] = (_load_errors.get(name, "not loadable") if backend is None
+                              else backend.unavailable_reason())
+    return _unavailable[name]
 
 
 def available_backends() -> list[str]:
@@ -135,11 +137,12 @@ class Explanation:
 
 
 def explain_call(call: AttnCall, backend: str | None = None) -> Explanation:
+    """Which backend would serve ``call`` (honouring the forced one, as ``select``) and every refusal."""
     name, how = forced_backend(backend)
-    names = [name] if name is not None else list(_order.ORDER)
     if name is not None and name not in _order.ORDER:
         return Explanation(call, None, how, {name: f"unknown backend; known: {', '.join(_order.ORDER)}"})
-    reasons = {n: refusal(n, call) for n in (list(_order.ORDER) if name is None else names)}
+    names = [name] if name is not None else list(_order.ORDER)
+    reasons = {n: refusal(n, call) for n in names}
     chosen = next((n for n in names if reasons[n] is None), None)
     return Explanation(call, chosen, how, reasons)
 
@@ -187,11 +190,13 @@ def reset_cache() -> None:
     _choice_cache.clear()
     _loaded.clear()
     _load_errors.clear()
+    _unavailable.clear()
     _warned.clear()
 
 
 @cache
 def compute_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None for other devices; cached (it is asked on every call)."""
     if device.type != "cuda":
         return None
     return tuple(torch.cuda.get_device_capability(device))

@@ -49,8 +49,8 @@ def _kwargs(fn: str, **kw):
 
 
 def _split(res):
-    out, lse = res[0], res[1]
-    return out, lse
+    """(out, lse) of a ``return_lse=True`` result."""
+    return res[0], res[1]
 
 
 class FA4Backend(Backend):

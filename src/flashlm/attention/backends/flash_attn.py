@@ -8,6 +8,7 @@ present too) serves the rest. Keyword arguments are passed only when the install
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -43,6 +44,7 @@ def _load():
     return _fa2, _fa3
 
 
+@functools.cache  # inspect.signature costs tens of microseconds, and _call runs on every attention call
 def _params(fn) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 

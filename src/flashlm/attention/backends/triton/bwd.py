@@ -13,10 +13,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, bwd_config, dot_precision, window_bounds
-from .fwd import _tanh, fwd_op, scale_args
-
-LOG2E = 1.4426950408889634
+from .common import (
+    alibi_batch_stride,
+    banded_key_range,
+    block_d,
+    bshd_strides,
+    bwd_config,
+    dot_precision,
+    mask_scores,
+    tanh,
+    varlen_bounds,
+    window_bounds,
+)
+from .fwd import fwd_op, scale_args
 
 
 @triton.jit
@@ -69,7 +78,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start, end,
             delta = tl.load(delta_ptrs + start_m)
         qkT = tl.dot(k, qT, input_precision=DOT_PREC)
         if SOFTCAP:
-            tT = _tanh(qkT * qk_scale)
+            tT = tanh(qkT * qk_scale)
             sT = tT * softcap
         else:
             sT = qkT * qk_scale
@@ -107,10 +116,7 @@ def _dkdv_kernel(
     q_start = 0
     k_start = 0
     if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
+        q_start, seqlen_q, k_start, seqlen_k = varlen_bounds(CuQ, CuK, b)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -187,18 +193,14 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, end, rows, offs_n, 
             v = tl.load(v_ptrs + start_n * stride_vs, mask=d_mask[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if SOFTCAP:
-            t = _tanh(qk * qk_scale)
+            t = tanh(qk * qk_scale)
             s = t * softcap
         else:
             s = qk * qk_scale
         if ALIBI:
             s = s - slope * tl.abs((rows[:, None] + off - cols[None, :]).to(tl.float32))
         if MASKED:
-            valid = cols[None, :] < seqlen_k
-            if BANDED:
-                valid = valid & (cols[None, :] >= rows[:, None] + off - wl)
-                valid = valid & (cols[None, :] <= rows[:, None] + off + wr)
-            s = tl.where(valid, s, float("-inf"))
+            s = mask_scores(s, rows, cols, seqlen_k, off, wl, wr, BANDED)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -227,10 +229,7 @@ def _dq_kernel(
     q_start = 0
     k_start = 0
     if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
+        q_start, seqlen_q, k_start, seqlen_k = varlen_bounds(CuQ, CuK, b)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -257,13 +256,7 @@ def _dq_kernel(
     if ALIBI:
         slope = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
     if BANDED:  # same key ranges as the forward
-        m_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
-        lo = tl.maximum(m0 + off - wl, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(m_last + off + wr + 1, seqlen_k)
-        full_lo = (tl.maximum(m_last + off - wl, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
-        full_hi = tl.maximum(tl.minimum(m0 + off + wr + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
-        full_hi = tl.maximum(full_hi, full_lo)
+        lo, full_lo, full_hi, hi = banded_key_range(m0, seqlen_q, seqlen_k, off, wl, wr, BLOCK_M, BLOCK_N)
     else:
         lo = 0
         full_lo = 0
@@ -282,10 +275,6 @@ def _dq_kernel(
     dq = dq * softmax_scale
     tl.store(DQ + b64 * stride_dqb + r64 * stride_dqs + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qmask)
-
-
-def _bshd_strides(t, varlen: bool):
-    return (0, t.stride(0), t.stride(1)) if varlen else t.stride()[:3]
 
 
 def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -314,17 +303,17 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     delta = torch.empty_like(lse)
     banded, wl, wr = window_bounds(causal, (window_left, window_right))
     qk_scale, cap = scale_args(softmax_scale, softcap)
-    stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    stride_ab = alibi_batch_stride(alibi_slopes)
     bd = block_d(head_dim)
     cfg = bwd_config(q, head_dim)
     dummy = lse
     cuq = cu_seqlens_q if varlen else dummy
     cuk = cu_seqlens_k if varlen else dummy
     al = alibi_slopes if alibi_slopes is not None else dummy
-    flags = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "EVEN_D": head_dim == bd, "IS_VARLEN": varlen, "BANDED": banded, "SOFTCAP": softcap > 0,
-                 "ALIBI": alibi_slopes is not None, "DOT_PREC": dot_precision(q.dtype)}
-    sq, sk, sv = (_bshd_strides(t, varlen) for t in (q, k, v))
-    sdo, so = _bshd_strides(dout, varlen), _bshd_strides(out, varlen)
+    flags = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "EVEN_D": head_dim == bd, "IS_VARLEN": varlen, "BANDED": banded,
+             "SOFTCAP": softcap > 0, "ALIBI": alibi_slopes is not None, "DOT_PREC": dot_precision(q.dtype)}
+    sq, sk, sv = (bshd_strides(t, varlen) for t in (q, k, v))
+    sdo, so = bshd_strides(dout, varlen), bshd_strides(out, varlen)
     pre_m = 64 if q.is_cuda else 16
     _bwd_preprocess[(triton.cdiv(max(seqlen_q, 1), pre_m), batch * nheads)](
         out, dout, delta, cuq, *so, *sdo, stride_lb, stride_lh, nheads, seqlen_q,
@@ -337,14 +326,14 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     c = cfg.kv
     _dkdv_kernel[(triton.cdiv(max(seqlen_k, 1), c.block_n), batch * nheads_k)](
         q, k, v, dout, lse, delta, dk, dv, cuq, cuk, al,
-        *sq, *sk, *sv, *sdo, *_bshd_strides(dk, varlen), *_bshd_strides(dv, varlen),
+        *sq, *sk, *sv, *sdo, *bshd_strides(dk, varlen), *bshd_strides(dv, varlen),
         stride_lb, stride_lh, stride_ab,
         nheads_k, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, qk_scale, cap, wl, wr,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **flags)
     c = cfg.q
     _dq_kernel[(triton.cdiv(max(seqlen_q, 1), c.block_m), batch * nheads)](
         q, k, v, dout, lse, delta, dq, cuq, cuk, al,
-        *sq, *sk, *sv, *sdo, *_bshd_strides(dq, varlen), stride_lb, stride_lh, stride_ab,
+        *sq, *sk, *sv, *sdo, *bshd_strides(dq, varlen), stride_lb, stride_lh, stride_ab,
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, qk_scale, cap, wl, wr,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **flags)
     return dq, dk, dv

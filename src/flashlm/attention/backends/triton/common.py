@@ -1,4 +1,5 @@
-"""Shared helpers of the Triton kernels: launch configurations and small host utilities.
+"""Shared helpers of the Triton kernels: launch configurations, small host utilities and the
+``@triton.jit`` device functions that several kernels inline (tanh, varlen offsets, key ranges, masks).
 
 Configurations are a table, not ``triton.autotune``: autotuning benchmarks every config on the first
 call of each new key, which in training (a new ``max_seqlen`` every packed batch) or decoding
@@ -14,6 +15,8 @@ import os
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 BIG = 1 << 30  # "unbounded" window side; keeps i + off +- BIG inside int32
 
@@ -128,3 +131,57 @@ def window_bounds(causal: bool, window_size: tuple[int, int]) -> tuple[bool, int
     left = BIG if left < 0 else int(left)
     right = BIG if right < 0 else int(right)
     return (left != BIG or right != BIG), left, right
+
+
+def bshd_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, seq, head) strides of a BSHD tensor; a varlen THD tensor has batch stride 0."""
+    return (0, t.stride(0), t.stride(1)) if varlen else t.stride()[:3]
+
+
+def alibi_batch_stride(alibi_slopes: torch.Tensor | None) -> int:
+    """Batch stride of alibi_slopes (batch, nheads); 0 for (nheads,) slopes shared by every row, or none."""
+    return alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# device functions (inlined into the kernels that call them)
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def varlen_bounds(CuQ, CuK, b):
+    """(q_start, seqlen_q, k_start, seqlen_k) of sequence b from cu_seqlens_q/k."""
+    q_start = tl.load(CuQ + b)
+    seqlen_q = tl.load(CuQ + b + 1) - q_start
+    k_start = tl.load(CuK + b)
+    seqlen_k = tl.load(CuK + b + 1) - k_start
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def banded_key_range(m0, seqlen_q, seqlen_k, off, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys that query rows [m0, m0 + BLOCK_M) may see under a band, in BLOCK_N steps:
+    [lo, full_lo) masked, [full_lo, full_hi) unmasked (every row sees every key), [full_hi, hi) masked."""
+    m_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo = tl.maximum(m0 + off - wl, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(m_last + off + wr + 1, seqlen_k)
+    full_lo = (tl.maximum(m_last + off - wl, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+    full_hi = tl.maximum(tl.minimum(m0 + off + wr + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def mask_scores(s, rows, cols, seqlen_k, off, wl, wr, BANDED: tl.constexpr):
+    """s (rows, cols) with -inf where key cols[j] >= seqlen_k or, when BANDED, lies outside
+    [rows[i] + off - wl, rows[i] + off + wr]."""
+    valid = cols[None, :] < seqlen_k
+    if BANDED:
+        valid = valid & (cols[None, :] >= rows[:, None] + off - wl)
+        valid = valid & (cols[None, :] <= rows[:, None] + off + wr)
+    return tl.where(valid, s, float("-inf"))

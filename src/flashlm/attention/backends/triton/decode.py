@@ -15,8 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, decode_config, device_info, dot_precision, next_pow2, window_bounds
-from .fwd import _tanh, scale_args
+from .common import (
+    alibi_batch_stride,
+    block_d,
+    decode_config,
+    device_info,
+    dot_precision,
+    next_pow2,
+    tanh,
+    window_bounds,
+)
+from .fwd import scale_args
 
 
 @triton.jit
@@ -86,7 +95,7 @@ def _decode_kernel(
         k = tl.load(K + kv_row_k[:, None] + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if SOFTCAP:
-            s = _tanh(qk * qk_scale) * softcap
+            s = tanh(qk * qk_scale) * softcap
         else:
             s = qk * qk_scale
         if ALIBI:
@@ -174,7 +183,7 @@ def attn_decode(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftp
     l_part = torch.empty((batch, seqlen_q, nheads, num_splits), device=q.device, dtype=torch.float32)
     banded, wl, wr = window_bounds(causal, (window_left, window_right))
     qk_scale, cap = scale_args(softmax_scale, softcap)
-    stride_ab = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    stride_ab = alibi_batch_stride(alibi_slopes)
     dummy = cache_seqlens
     bd = block_d(head_dim)
     _decode_kernel[(num_splits, batch * nheads_k, n_row_blocks)](

@@ -15,15 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, dot_precision, fwd_config, window_bounds
+from .common import (
+    alibi_batch_stride,
+    banded_key_range,
+    block_d,
+    bshd_strides,
+    dot_precision,
+    fwd_config,
+    mask_scores,
+    tanh,
+    varlen_bounds,
+    window_bounds,
+)
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -43,18 +48,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, rows, offs_n, d_mas
             k = tl.load(k_ptrs + start_n * stride_ks, mask=d_mask[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if SOFTCAP:
-            s = _tanh(qk * qk_scale) * softcap  # qk_scale = scale / cap, softcap = cap * log2(e)
+            s = tanh(qk * qk_scale) * softcap  # qk_scale = scale / cap, softcap = cap * log2(e)
         else:
             s = qk * qk_scale  # qk_scale = scale * log2(e)
         if ALIBI:
             dist = (rows[:, None] + off - cols[None, :]).to(tl.float32)
             s = s - slope * tl.abs(dist)
         if MASKED:
-            valid = cols[None, :] < seqlen_k
-            if BANDED:
-                valid = valid & (cols[None, :] >= rows[:, None] + off - wl)
-                valid = valid & (cols[None, :] <= rows[:, None] + off + wr)
-            s = tl.where(valid, s, float("-inf"))
+            s = mask_scores(s, rows, cols, seqlen_k, off, wl, wr, BANDED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:  # a row may have seen only masked keys so far: avoid (-inf) - (-inf)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -94,10 +95,7 @@ def _fwd_kernel(
     h = pid_bh % nheads
     hk = h // group
     if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
+        q_start, seqlen_q, k_start, seqlen_k = varlen_bounds(CuQ, CuK, b)
     else:
         q_start = 0
         k_start = 0
@@ -124,13 +122,7 @@ def _fwd_kernel(
 
     # Key ranges: [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked.
     if BANDED:
-        m_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
-        lo = tl.maximum(m0 + off - wl, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(m_last + off + wr + 1, seqlen_k)
-        full_lo = (tl.maximum(m_last + off - wl, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
-        full_hi = tl.maximum(tl.minimum(m0 + off + wr + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
-        full_hi = tl.maximum(full_hi, full_lo)
+        lo, full_lo, full_hi, hi = banded_key_range(m0, seqlen_q, seqlen_k, off, wl, wr, BLOCK_M, BLOCK_N)
     else:
         lo = 0
         full_lo = 0
@@ -183,24 +175,18 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_
         total_q, nheads, head_dim = q.shape
         nheads_k = k.shape[1]
         lse = torch.empty((nheads, total_q), device=q.device, dtype=torch.float32)
-        sq = (0, q.stride(0), q.stride(1))
-        sk = (0, k.stride(0), k.stride(1))
-        sv = (0, v.stride(0), v.stride(1))
         stride_lb, stride_lh = 0, lse.stride(0)
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     else:
         batch, seqlen_q, nheads, head_dim = q.shape
         seqlen_k, nheads_k = k.shape[1], k.shape[2]
         lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
-        sq, sk, sv = q.stride()[:3], k.stride()[:3], v.stride()[:3]
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    so = out.stride()[:3] if not varlen else (0, out.stride(0), out.stride(1))
+    sq, sk, sv, so = (bshd_strides(t, varlen) for t in (q, k, v, out))
     banded, wl, wr = window_bounds(causal, (window_left, window_right))
     qk_scale, cap = scale_args(softmax_scale, softcap)
-    stride_ab = 0
-    if alibi_slopes is not None:
-        stride_ab = alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0
+    stride_ab = alibi_batch_stride(alibi_slopes)
     cfg = fwd_config(q, head_dim, seqlen_q)
     grid = (triton.cdiv(max(seqlen_q, 1), cfg.block_m), batch * nheads)
     if batch * nheads == 0 or q.numel() == 0:
