@@ -1,5 +1,6 @@
-"""Setup shared by several test files: twin default/flash models, left-padded prompts, a cache-free
-greedy loop, and a one-thread fixture for tests made of tiny tensors."""
+"""Setup shared by several test files: twin default/flash models, left-padded prompts and masks, a
+cache-free greedy loop, a tiny transformers config, and a one-thread fixture for tests made of tiny
+tensors. (pytest puts tests/ on sys.path, so test files import this as ``helpers``.)"""
 
 import pytest
 import torch
@@ -8,11 +9,24 @@ from flashlm.models.config import get_preset
 from flashlm.models.default import DefaultForCausalLM
 from flashlm.models.flash import FlashForCausalLM
 
+# A tiny transformers config (GQA 4/2 heads, 3 layers) shared by the HF comparison tests.
+HF_TINY = {
+    "vocab_size": 128,
+    "hidden_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+    "max_position_embeddings": 128,
+    "initializer_range": 0.1,  # larger weights than HF's 0.02 so softcaps and windows change the logits
+}
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is ~50x faster than two on a loaded 2-core CI box, where
-    OpenMP workers spin against the other processes. Use as ``pytestmark = usefixtures("one_thread")``."""
+    OpenMP workers spin against the other processes. Autouse: importing it into a test module
+    applies it to that module's tests."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -7,22 +7,13 @@ import json
 
 import pytest
 import torch
+from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from flashlm.bench import cli
 from flashlm.bench.models import make_batch
 
 FAST = ["--warmup-steps", "1", "--benchmark-steps", "2", "--seq-length", "32", "--new-tokens", "4",
         "--no-progress", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls are microseconds; two OpenMP threads on a shared 2-core runner spend
-    milliseconds per call waiting for each other, which only slows the test down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

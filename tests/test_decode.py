@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from helpers import left_padded_prompts, make_pair, naive_greedy
 
 from flashlm.decode_graph import (
     CUDAGraphDecodeStep,
@@ -24,36 +25,9 @@ from flashlm.decode_graph import (
 )
 from flashlm.generation import generate, main
 from flashlm.models.config import get_preset
-from flashlm.models.default import DefaultForCausalLM
-from flashlm.models.flash import FlashForCausalLM
 from flashlm.models.flash_cache import StaticKVCache
 
 PROMPTS = [[5, 17, 99, 3, 44, 7], [8, 120], [33, 61, 200, 9], [250]]
-
-
-def make_pair(device="cpu", dtype=torch.float32, **overrides):
-    config = get_preset("tiny", **overrides)
-    default = DefaultForCausalLM(config)
-    flash = FlashForCausalLM(config)
-    flash.load_state_dict(default.state_dict())
-    return default.to(device, dtype).eval(), flash.to(device, dtype).eval()
-
-
-def left_padded(rows, device="cpu"):
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def naive_greedy(model, prompt, steps):
-    seq = torch.tensor(prompt)[None]
-    for _ in range(steps):
-        seq = torch.cat([seq, model(seq).logits[0, -1].argmax().view(1, 1)], dim=1)
-    return seq[0, len(prompt):].tolist()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,7 +35,7 @@ def naive_greedy(model, prompt, steps):
 # --------------------------------------------------------------------------------------------------
 def test_decode_step_left_padded_matches_default_and_cache_free_loop():
     default, flash = make_pair()
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded_prompts(PROMPTS)
     with torch.inference_mode():
         cache = flash.allocate_cache(4, 32)
         step = DecodeStep(flash, cache, 4, SamplingKey())
@@ -81,7 +55,7 @@ def test_decode_step_left_padded_matches_default_and_cache_free_loop():
 
 def test_cuda_graph_auto_on_cpu_is_the_eager_path():
     _, flash = make_pair()
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded_prompts(PROMPTS)
     a = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], cuda_graph=False)
     b = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], cuda_graph="auto")
     c = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], max_cache_len=12)
@@ -91,7 +65,7 @@ def test_cuda_graph_auto_on_cpu_is_the_eager_path():
 
 def test_per_row_eos_finished_rows_emit_padding():
     default, flash = make_pair()
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded_prompts(PROMPTS)
     free = generate(flash, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]).sequences[:, ids.shape[1]:]
     eos = int(free[1, 1])  # row 1 stops at its second token; other rows wherever that id shows up
     out = generate(flash, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[eos, 255], pad_token_id=0)
@@ -109,7 +83,7 @@ def test_per_row_eos_finished_rows_emit_padding():
 
 def test_finished_rows_feed_padding_and_all_done_flag():
     _, flash = make_pair()
-    ids, mask = left_padded(PROMPTS[:2])
+    ids, mask = left_padded_prompts(PROMPTS[:2])
     first = generate(flash, ids, attention_mask=mask, max_new_tokens=1, eos_token_id=[]).sequences[:, -1]
     with torch.inference_mode():
         cache = flash.allocate_cache(2, 16)
@@ -177,7 +151,7 @@ GPU_MODEL = {"hidden_size": 256, "num_heads": 4, "num_kv_heads": 2, "intermediat
 @pytest.mark.parametrize("rows", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch4-left-padded"])
 def test_graph_greedy_identical_to_eager(rows):
     _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
-    ids, mask = left_padded(rows, "cuda")
+    ids, mask = left_padded_prompts(rows, "cuda")
     eager = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=False)
     graph = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
     assert graph.cuda_graph and graph.capture_s > 0 and not eager.cuda_graph
@@ -196,7 +170,7 @@ def test_graph_greedy_identical_to_eager(rows):
 @pytest.mark.cuda
 def test_graph_sampling_matches_eager_with_the_same_generator():
     _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
-    ids, mask = left_padded(PROMPTS, "cuda")
+    ids, mask = left_padded_prompts(PROMPTS, "cuda")
     kw = {"attention_mask": mask, "max_new_tokens": 16, "do_sample": True, "temperature": 1.3, "top_k": 40,
           "top_p": 0.9, "eos_token_id": []}
     g_eager = torch.Generator("cuda").manual_seed(3)
@@ -215,7 +189,7 @@ def test_graph_sampling_matches_eager_with_the_same_generator():
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
 def test_decode_steps_make_no_host_sync(do_sample):
     _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
-    ids, mask = left_padded(PROMPTS, "cuda")
+    ids, mask = left_padded_prompts(PROMPTS, "cuda")
     key = SamplingKey(do_sample=do_sample, top_k=20, top_p=0.9, eos_ids=(3,), pad_token_id=0)
     gen = torch.Generator("cuda").manual_seed(0) if do_sample else None
     with torch.inference_mode():

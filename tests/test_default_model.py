@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import left_padded_mask
 
 from flashlm.models.cache import DynamicCache
 from flashlm.models.config import HF_ARCHITECTURES, get_preset
@@ -37,13 +38,6 @@ def hf_positions(mask):
 
 def make(**changes):
     return DefaultForCausalLM(get_preset("tiny", **changes)).eval()
-
-
-def left_padded_mask(batch, seqlen):
-    mask = torch.ones(batch, seqlen, dtype=torch.long)
-    for r in range(batch):
-        mask[r, : 3 * r] = 0
-    return mask
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])

@@ -12,10 +12,10 @@ import copy
 
 import pytest
 import torch
+from helpers import make_pair
 
 from flashlm.models import from_pretrained, save_pretrained
 from flashlm.models.config import get_preset
-from flashlm.models.default import DefaultForCausalLM
 from flashlm.models.flash import (
     FlashAttentionMixin,
     FlashForCausalLM,
@@ -26,17 +26,6 @@ from flashlm.models.flash_cache import StaticKVCache
 from flashlm.models.layers import RotaryEmbedding, apply_rope
 
 ATOL, RTOL = 2e-5, 1e-4  # fp32: reference attention (einsum) vs eager matmul, summation order only
-
-
-def make_pair(device="cpu", dtype=None, **overrides):
-    """A default and a flash model with identical weights (eval mode)."""
-    config = get_preset("tiny", **overrides)
-    default = DefaultForCausalLM(config).to(device)
-    flash = FlashForCausalLM(config).to(device)
-    flash.load_state_dict(default.state_dict())
-    if dtype is not None:
-        default, flash = default.to(dtype), flash.to(dtype)
-    return default.eval(), flash.eval()
 
 
 def left_padded(lengths, seqlen, vocab=256, device="cpu", generator=None):

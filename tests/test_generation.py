@@ -6,47 +6,17 @@ import json
 
 import pytest
 import torch
+from helpers import left_padded_prompts, make_pair, naive_greedy
 
 from flashlm.generation import generate, main, sample_next_token, top_k_filter, top_p_filter
-from flashlm.models.config import get_preset
-from flashlm.models.default import DefaultForCausalLM
-from flashlm.models.flash import FlashForCausalLM
-
-
-def make_pair(**overrides):
-    config = get_preset("tiny", **overrides)
-    default = DefaultForCausalLM(config)
-    flash = FlashForCausalLM(config)
-    flash.load_state_dict(default.state_dict())
-    return default.eval(), flash.eval()
-
-
-def left_padded(rows):
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
 
 PROMPTS = [[5, 17, 99, 3, 44, 7], [8, 120], [33, 61, 200, 9]]
-
-
-def naive_greedy(model, prompt, steps):
-    """Greedy decoding by re-running the full sequence each step (no cache)."""
-    seq = torch.tensor(prompt)[None]
-    for _ in range(steps):
-        nxt = model(seq).logits[0, -1].argmax()
-        seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
-    return seq[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"sliding_window": 3, "attn_logit_softcap": 4.0}])
 def test_greedy_identical_for_default_and_flash(overrides):
     default, flash = make_pair(**overrides)
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded_prompts(PROMPTS)
     out_f = generate(flash, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     out_d = generate(default, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     assert out_f.sequences.shape == (3, ids.shape[1] + 8)
@@ -61,7 +31,7 @@ def test_greedy_identical_for_default_and_flash(overrides):
 
 def test_eos_stops_each_row():
     _, flash = make_pair()
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded_prompts(PROMPTS)
     free = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
     new = free.sequences[:, ids.shape[1]:]
     eos = int(new[1, 2])  # row 1's third token becomes "EOS"
@@ -99,7 +69,7 @@ def test_right_padding_is_refused():
 
 def test_sampling_reproducible_with_generator():
     default, flash = make_pair()
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded_prompts(PROMPTS)
     kw = {"attention_mask": mask, "max_new_tokens": 10, "do_sample": True, "temperature": 1.5, "top_k": 50,
           "top_p": 0.95, "eos_token_id": []}
     a = generate(flash, ids, generator=torch.Generator().manual_seed(7), **kw).sequences
@@ -143,7 +113,7 @@ def test_top_k_and_top_p_filters():
 
 def test_streamer_gets_every_step():
     _, flash = make_pair()
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded_prompts(PROMPTS)
     seen = []
     out = generate(flash, ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[], streamer=seen.append)
     assert len(seen) == 4 and all(t.shape == (3,) and t.device.type == "cpu" for t in seen)

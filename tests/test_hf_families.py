@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from helpers import HF_TINY, left_padded_mask
 
 from flashlm.models import MODEL_CLASSES, from_pretrained, save_pretrained
 from flashlm.models.config import HF_ARCHITECTURES, ModelConfig
@@ -19,18 +20,9 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
 TOL = 1e-4
-VOCAB = 128
+VOCAB = HF_TINY["vocab_size"]
 DECODE_STEPS = 4
-COMMON = {
-    "vocab_size": VOCAB,
-    "hidden_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 96,
-    "max_position_embeddings": 128,
-    "initializer_range": 0.1,  # larger weights than HF's 0.02 so softcaps and windows change the logits
-}
+COMMON = HF_TINY
 # Each family with the features that set it apart switched on; windows (5 tokens) shorter than the
 # sequences (12-16), so a wrong window rule shows.
 FAMILIES = {
@@ -91,13 +83,6 @@ def hf_checkpoints(tmp_path_factory):
 def hf_positions(mask):
     """Position ids as transformers' generate derives them from a left-padded mask."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
-def left_padded_mask(batch, seqlen):
-    mask = torch.ones(batch, seqlen, dtype=torch.long)
-    for r in range(batch):
-        mask[r, : 3 * r] = 0
-    return mask
 
 
 @torch.no_grad()

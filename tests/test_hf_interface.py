@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import HF_TINY, left_padded_mask
 
 import flashlm.hf as flashlm_hf
 
@@ -9,16 +10,9 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
 TOL = 1e-4
-VOCAB = 128
+VOCAB = HF_TINY["vocab_size"]
 COMMON = {
-    "vocab_size": VOCAB,
-    "hidden_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 96,
-    "max_position_embeddings": 128,
-    "initializer_range": 0.1,
+    **HF_TINY,
     "pad_token_id": 0,
     "bos_token_id": 1,
     "eos_token_id": 2,
@@ -59,9 +53,7 @@ def twins(family):
 
 def left_padded(batch, seqlen, gen):
     ids = torch.randint(3, VOCAB, (batch, seqlen), generator=gen)
-    mask = torch.ones(batch, seqlen, dtype=torch.long)
-    for r in range(batch):
-        mask[r, : 3 * r] = 0
+    mask = left_padded_mask(batch, seqlen)
     return ids.masked_fill(mask == 0, 0), mask
 
 

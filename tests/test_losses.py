@@ -5,20 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from flashlm.losses import ChunkedLinearCrossEntropy, cross_entropy, liger_available, linear_cross_entropy
 
 UPSTREAM = 1.7  # one shared non-unit upstream gradient: the backward must scale by it
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is ~50x faster than two on a loaded 2-core CI box, where
-    # OpenMP workers spin against the other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _reference(hidden, weight, labels, bias=None, softcap=None, ignore_index=-100, reduction="mean"):

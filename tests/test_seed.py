@@ -6,23 +6,18 @@ Run them alone with ``python -m flashlm.tests_seed`` or ``pytest -k seed``.
 from __future__ import annotations
 
 import torch
+from helpers import make_pair
 
 from flashlm.generation import generate
 from flashlm.losses import cross_entropy
-from flashlm.models.config import get_preset
-from flashlm.models.default import DefaultForCausalLM
-from flashlm.models.flash import FlashForCausalLM
 from flashlm.models.flash_cache import StaticKVCache
 
 ATOL, RTOL = 2e-5, 1e-4
 
 
 def _models(**overrides):
-    config = get_preset("tiny", **overrides)
-    default = DefaultForCausalLM(config)
-    flash = FlashForCausalLM(config)
-    flash.load_state_dict(default.state_dict())
-    return config, default.eval(), flash.eval()
+    default, flash = make_pair(**overrides)
+    return flash.config, default, flash
 
 
 def test_seed_basic_forward():

@@ -11,22 +11,13 @@ import sys
 
 import pytest
 import torch
+from helpers import one_thread  # noqa: F401  (autouse fixture)
 from safetensors.torch import load_file
 
 from flashlm import train as T
 from flashlm.checkpoint import ConfigMismatchError
 
 BASE = ["--model", "tiny", "--attn", "default", "--vocab-size", "512", "--seq-length", "64", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is ~50x faster than two on a loaded 2-core CI box, where
-    # OpenMP workers spin against the other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write_corpus(root, n_docs=300, seed=0):

@@ -160,6 +160,13 @@ def graph_unavailable_reason(model: torch.nn.Module, device: torch.device, key: 
     return None
 
 
+def _with_index(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: graphs and their caches are tied to one card."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _signature(model: torch.nn.Module) -> tuple[Any, ...]:
     # a captured graph reads the parameters at their addresses: replaced or moved weights need a new one
     return tuple(p.data_ptr() for p in model.parameters())
@@ -181,8 +188,7 @@ class CUDAGraphDecodeStep(DecodeStep):
         reason = graph_unavailable_reason(model, device, key)
         if reason is not None:
             raise ValueError(reason)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _with_index(device)
         cache = model.allocate_cache(batch_size, capacity, dtype=dtype, device=device)
         generator = torch.Generator(device=device) if key.do_sample else None
         super().__init__(model, cache, batch_size, key, generator)
@@ -237,9 +243,7 @@ def graphed_decode_step(model: torch.nn.Module, batch_size: int, needed: int, ke
     Returns (step, captured_now). A new capture replaces the previous graph of that batch size (and
     frees its cache); :func:`release_graphs` frees them all.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _with_index(torch.device(device))
     graphs: dict[int, CUDAGraphDecodeStep] = model.__dict__.setdefault(_GRAPHS_ATTR, {})
     step = graphs.get(batch_size)
     if step is not None and step.matches(model, batch_size, needed, key, device, dtype) and (

@@ -362,16 +362,20 @@ def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tok
                       streamer, generator: torch.Generator | None):
     """The default model: its dynamic cache, the mask grown by one column per step."""
     device = input_ids.device
-    batch = input_ids.shape[0]
+    batch, prompt_len = input_ids.shape
     eos_tensor = torch.tensor(key.eos_ids, dtype=torch.long, device=device) if key.eos_ids else None
     sample = {"do_sample": key.do_sample, "temperature": key.temperature, "top_k": key.top_k,
               "top_p": key.top_p, "generator": generator}
     _sync(device)
     t_start = time.perf_counter()
     # position ids from the left-padded mask (first real token at 0)
-    full_mask = mask if mask is not None else torch.ones_like(input_ids)
-    position_ids = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    prompt_mask = mask if mask is not None else torch.ones_like(input_ids)
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    # the mask of every step, allocated once: step t passes the first prompt_len + t columns (a view)
+    full_mask = torch.ones((batch, prompt_len + max_new_tokens), dtype=prompt_mask.dtype, device=device)
+    full_mask[:, :prompt_len] = prompt_mask
+    real_tokens = prompt_mask.sum(-1, keepdim=True)  # (batch, 1) int64: tokens in each prompt
     cache = out.past_key_values
     next_tokens = sample_next_token(out.logits[:, -1, :], **sample)
     new_tokens = torch.full((batch, max_new_tokens), key.pad_token_id, dtype=torch.long, device=device)
@@ -393,10 +397,9 @@ def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tok
             break
         if eos_tensor is not None and stopper.check(steps, finished.all()):
             break
-        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=-1)
-        position_ids = full_mask.sum(-1, keepdim=True) - 1
-        out = model(next_tokens[:, None], attention_mask=full_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True)
+        # the new token is the steps-th after the prompt: position = real tokens before it
+        out = model(next_tokens[:, None], attention_mask=full_mask[:, : prompt_len + steps],
+                    position_ids=real_tokens + (steps - 1), past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         next_tokens = sample_next_token(out.logits[:, -1, :], **sample)
     _sync(device)

@@ -42,8 +42,9 @@ from typing import Any
 
 import torch
 
+from flashlm.bench.models import DTYPES, kv_bytes_per_token, weight_bytes
+
 IMPLS = ("flashlm-graph", "flashlm-eager", "hf-dynamic", "hf-static-compile")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEAK_GBS_H100 = 3000.0  # ~3 TB/s HBM3 seen on the H100 (DESIGN.md); the issue's bandwidth limit
 TARGETS = {"per_token_ms_b1_ctx128": 1.2, "first_token_ms_b1_ctx128": 15.0, "tokens_per_s_b32": 20000.0}
 
@@ -118,20 +119,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def weight_read_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: unique parameters (tied embeddings counted once), minus
     an untied input embedding (a lookup reads only ``batch`` rows of it)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+    total = weight_bytes(model)
     emb = model.model.embed_tokens.weight  # flashlm and transformers' Llama share these names
     if model.lm_head.weight.data_ptr() != emb.data_ptr():
         total -= emb.numel() * emb.element_size()
     return total
-
-
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """KV-cache bytes per cached token of one row: k and v x layers x kv_heads x head_dim x element."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def build_hf(flash: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -255,14 +255,6 @@ def _error_record(exc: BaseException) -> dict[str, Any]:
 # Model loading
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _accepts_named(fn: Callable, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
