@@ -129,7 +129,7 @@ def test_clear_errors(corpus, cache, tmp_path):
     (empty / "a.txt").write_text("\n \n")
     fails(ValueError, "hold no text", data=empty)
     fails(ValueError, "no .txt or .jsonl files", data=tmp_path / "err")  # exists, no data files
-    fails(ValueError, "--seq-length 1000 exceeds the model's max_position_embeddings 256", "--seq-length", 1000)
+    fails(ValueError, "--seq-length 1000 exceeds the model's max_position_embeddings 512", "--seq-length", 1000)
     big = _tokenizer_json(tmp_path / "big.json", 700, corpus)
     fails(ValueError, r"tokenizer/vocab mismatch: .* has 700 tokens but the model's vocab_size is 512",
           "--tokenizer", big)
@@ -151,7 +151,7 @@ def test_main_reports_errors_in_one_line(corpus, tmp_path, capsys):
     rc = T.main([*BASE, "--data", str(corpus), "--output", str(tmp_path), "--seq-length", "999"])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["flashlm train: error: --seq-length 999 exceeds the model's max_position_embeddings 256"]
+    assert err == ["flashlm train: error: --seq-length 999 exceeds the model's max_position_embeddings 512"]
 
 
 def test_flops_and_schedule():
