@@ -293,20 +293,80 @@ def test_rotary(interleaved):
 
 
 def test_custom_ops_trace_under_compile():
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from flashlm.attention.backends.triton.rotary import _rotary
+
     q, k, v = inputs((1, 8, 2, 16), (1, 8, 1, 16), torch.float32, grad=True)
+    angle = torch.rand(1, 8, 4, device=DEV)
+    cos, sin = angle.cos(), angle.sin()
+    targets = []
+
+    def record(gm, example_inputs):  # the AOT forward and backward graphs
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
 
     def f(q, k, v):
-        out, _ = dense(q, k, v, causal=True)
+        out, _ = dense(_rotary(q, cos, sin, False, False), k, v, causal=True)
         return out.square().sum()
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(f, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
     loss = compiled(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
+    # Compiled code calls the custom ops (eager calls take autograd.Functions around the same launchers).
+    for op in ("flashlm_triton.fwd", "flashlm_triton.bwd", "flashlm_triton.rotary"):
+        assert any(t.startswith(op) for t in targets), (op, targets)
     ref_loss = f(q, k, v)
     ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
     torch.testing.assert_close(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+def test_eager_autograd_functions_match_custom_ops():
+    """Eager calls needing gradients take autograd.Functions (less host time than the custom ops'
+    dispatch): same launchers, so bitwise the same outputs and gradients as the ops."""
+    from flashlm.attention.backends.triton.bwd import fwd_op
+    from flashlm.attention.backends.triton.rotary import _rotary
+
+    def check(eager, op, args, grad_fn):
+        assert type(eager[0].grad_fn).__name__ == grad_fn
+        assert eager[1].requires_grad == op[1].requires_grad  # lse: as the op (gradient ignored)
+        do = torch.randn_like(op[0])
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        for e, o in zip(eager, op):
+            assert torch.equal(e, o)
+        for ge, go in zip(torch.autograd.grad(eager[0], leaves, do), torch.autograd.grad(op[0], leaves, do)):
+            assert torch.equal(ge, go)
+
+    # dense: GQA, causal + window
+    q, k, v = inputs((2, 19, 4, 32), (2, 23, 2, 32), torch.float32, grad=True)
+    args = (q, k, v, None, None, 19, 23, 32 ** -0.5, True, 5, -1, 0.0, None)
+    check(dense(q, k, v, causal=True, window=(5, -1)), fwd_op(*args), args, "AttnFunctionBackward")
+    # varlen: softcap + alibi (a saved optional tensor)
+    cu = torch.tensor([0, 7, 20], device=DEV, dtype=torch.int32)
+    q, k, v = inputs((20, 4, 24), (20, 2, 24), torch.float32, grad=True)
+    alibi = torch.rand(4, device=DEV)
+    eager = BACKEND.varlen(q, k, v, cu, cu, 13, 13, dropout_p=0.0, softmax_scale=0.2, causal=True,
+                           window_size=(-1, -1), softcap=3.0, alibi_slopes=alibi, deterministic=True)
+    args = (q, k, v, cu, cu, 13, 13, 0.2, True, -1, -1, 3.0, alibi)
+    check(eager, fwd_op(*args), args, "AttnFunctionBackward")
+    # rotary (apply_rotary_bshd takes this path on CUDA; CPU tensors take the torch reference there)
+    x = torch.randn(2, 5, 3, 40, device=DEV, requires_grad=True)
+    angle = torch.rand(2, 5, 12, device=DEV)
+    cos, sin = angle.cos(), angle.sin()
+    for interleaved in (False, True):
+        args = (x, cos, sin, interleaved, False)
+        eager, op = _rotary(*args), rotary_op(*args)
+        check((eager, x), (op, x), args, "RotaryFunctionBackward")
+        # differentiable twice, like the op (its backward calls the op)
+        g = torch.randn_like(op, requires_grad=True)
+        (ge,), (go,) = (torch.autograd.grad(f(*args), x, g, create_graph=True) for f in (_rotary, rotary_op))
+        assert torch.equal(ge, go) and ge.requires_grad
+        assert torch.equal(torch.autograd.grad(ge.sum(), g)[0], torch.autograd.grad(go.sum(), g)[0])
+    with torch.no_grad():  # no gradient needed: the launcher itself, no graph
+        assert torch.equal(_rotary(x, cos, sin, False, False), rotary_op(x, cos, sin, False, False))
 
 
 def test_capabilities_and_refusals():

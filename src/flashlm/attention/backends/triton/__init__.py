@@ -6,6 +6,11 @@ Kernels (one op per module, each a ``torch.library.custom_op`` so torch.compile 
   decode.py  split-KV decode over a (paged) KV cache + combine (``flashlm_triton::decode``)
   rotary.py  fused RoPE in BSHD with per-row positions (``apply_rotary_bshd``)
 
+Eager calls skip the custom ops' dispatch, which costs 100-300 us of host time per call and per
+generated backward (small shapes are host-bound): without gradients they call the launchers
+directly, with gradients a plain ``torch.autograd.Function`` (``bwd.AttnFunction``,
+``rotary.RotaryFunction``) around the same launchers. Only torch.compile tracing sees the ops.
+
 The kernel modules are imported on first use, not here: Triton decides at decoration time whether a
 kernel runs compiled or in its CPU interpreter (TRITON_INTERPRET=1), and the registry imports this
 package early. On CPU the entry points work under the interpreter (tests call them directly); the
@@ -20,19 +25,36 @@ import torch
 
 from ..base import AttnCall, Backend, Capabilities
 
+try:
+    from torch.compiler import is_compiling
+except ImportError:  # torch < 2.3
+    def is_compiling() -> bool:
+        import torch._dynamo
 
-def _ops():
-    from . import bwd, decode  # bwd registers the autograd formula of flashlm_triton::fwd
-
-    return bwd.fwd_op, decode.decode_op
+        return torch._dynamo.is_compiling()
 
 
-def _direct(*tensors) -> bool:
-    """Call the launcher itself, skipping the custom_op dispatch (tens of microseconds of host time
-    per call, which decode steps feel): only in eager mode and when no gradient is needed."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fwd(q, k, v):
+    """The forward entry point: the custom op under torch.compile; in eager mode the launcher itself
+    when no gradient is needed, else an autograd.Function around the same launchers (the custom op's
+    dispatch and generated backward cost 100-300 us of host time per call, which small steps feel)."""
+    from . import bwd  # bwd registers the autograd formula of flashlm_triton::fwd
+
+    if is_compiling():
+        return bwd.fwd_op
+    if _needs_grad(q, k, v):
+        return bwd.AttnFunction.apply
+    return bwd.attn_fwd
+
+
+def _decode():
+    from . import decode
+
+    return decode.decode_op if is_compiling() else decode.attn_decode
 
 
 class TritonBackend(Backend):
@@ -85,9 +107,7 @@ class TritonBackend(Backend):
               window_size: tuple[int, int], softcap: float, alibi_slopes, deterministic: bool):
         """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D), lse (B, H, Sq) fp32."""
         _no_dropout(dropout_p)
-        fwd, _ = _ops()
-        if _direct(q, k, v):
-            from .fwd import attn_fwd as fwd
+        fwd = _fwd(q, k, v)
         return fwd(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale), bool(causal),
                    int(window_size[0]), int(window_size[1]), float(softcap or 0.0), alibi_slopes)
 
@@ -98,9 +118,7 @@ class TritonBackend(Backend):
         _no_dropout(dropout_p)
         if block_table is not None:
             raise ValueError("triton backend: block_table is only supported by flash_attn_with_kvcache")
-        fwd, _ = _ops()
-        if _direct(q, k, v):
-            from .fwd import attn_fwd as fwd
+        fwd = _fwd(q, k, v)
         return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                    float(softmax_scale), bool(causal), int(window_size[0]), int(window_size[1]),
                    float(softcap or 0.0), alibi_slopes)
@@ -110,9 +128,7 @@ class TritonBackend(Backend):
                 softcap: float, alibi_slopes, num_splits: int):
         """q (B, Sq, H, D); cache (B_c, S_c, Hk, D) or paged (blocks, page, Hk, D) + block_table
         -> out (B, Sq, H, D), lse (B, H, Sq). cache_seqlens counts keys after the append."""
-        _, decode = _ops()
-        if _direct():
-            from .decode import attn_decode as decode
+        decode = _decode()
         return decode(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       float(softmax_scale), bool(causal), int(window_size[0]), int(window_size[1]),
                       float(softcap or 0.0), alibi_slopes, int(num_splits or 0))

@@ -6,7 +6,9 @@ is owned by one program looping over key blocks. The backward is therefore deter
 construction, at the cost of recomputing the scores twice. The softmax is recomputed from the
 forward's log-sum-exp; Delta = rowsum(dO * O) comes from a small preprocessing kernel.
 
-Importing this module also registers the autograd formula of ``flashlm_triton::fwd``.
+Importing this module also registers the autograd formula of ``flashlm_triton::fwd`` (what
+torch.compile traces) and defines ``AttnFunction``, its eager twin: the same launchers, saved tensors,
+outputs and gradients without the custom ops' host-side dispatch.
 """
 
 import torch
@@ -25,7 +27,7 @@ from .common import (
     varlen_bounds,
     window_bounds,
 )
-from .fwd import fwd_op, scale_args
+from .fwd import attn_fwd, fwd_op, scale_args
 
 
 @triton.jit
@@ -364,14 +366,39 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (max_q, max_k, scale, causal, wl, wr, cap)
 
 
-def _backward(ctx, dout, dlse):
+def _grads(ctx, dout, bwd):
     # dlse is ignored (as in flash-attn): the lse output is not differentiable.
     q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
     max_q, max_k, scale, causal, wl, wr, cap = ctx.params
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, wl, wr, cap, alibi)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, wl, wr, cap, alibi)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
+def _backward(ctx, dout, dlse):
+    return _grads(ctx, dout, bwd_op)
+
+
 fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class AttnFunction(torch.autograd.Function):
+    """Eager twin of ``flashlm_triton::fwd`` with its autograd formula (same arguments, launchers,
+    saved tensors, outputs and gradients; lse requires grad but its gradient is ignored, as there).
+    A custom op call costs ~100-300 us of host time in its dispatch and again in its generated
+    backward; this costs a few tens. Not traceable by torch.compile: compiled code calls ``fwd_op``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                window_left, window_right, softcap, alibi_slopes):
+        out, lse = attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            causal, window_left, window_right, softcap, alibi_slopes)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # as the op: bwd_op has no autograd formula
+    def backward(ctx, dout, dlse):
+        return _grads(ctx, dout, attn_bwd)

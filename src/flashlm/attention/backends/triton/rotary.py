@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from . import is_compiling
+
 try:
     import triton
     import triton.language as tl
@@ -134,6 +136,36 @@ def _rotary_backward(ctx, grad):
 rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 
 
+class RotaryFunction(torch.autograd.Function):
+    """Eager twin of ``flashlm_triton::rotary`` with its autograd formula (same launcher, outputs and
+    gradients, differentiable twice like the op) without the op's ~150 us host-side dispatch per call
+    and per generated backward. Not traceable by torch.compile: compiled code calls ``rotary_op``."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved, conjugate):
+        ctx.save_for_backward(cos, sin)
+        ctx.flags = (interleaved, conjugate)
+        return _rotary_launch(x, cos, sin, interleaved, conjugate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        interleaved, conjugate = ctx.flags
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        return _rotary(grad, cos, sin, interleaved, not conjugate), None, None, None, None
+
+
+def _rotary(x, cos, sin, interleaved: bool, conjugate: bool) -> torch.Tensor:
+    """The custom op under torch.compile; in eager mode the launcher itself when no gradient is
+    needed, else ``RotaryFunction``."""
+    if is_compiling():
+        return rotary_op(x, cos, sin, interleaved, conjugate)
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        return RotaryFunction.apply(x, cos, sin, interleaved, conjugate)
+    return _rotary_launch(x, cos, sin, interleaved, conjugate)
+
+
 def apply_rotary_bshd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       interleaved: bool = False) -> torch.Tensor:
     """Rotate x (batch, seqlen, nheads, headdim) by per-row angles; returns a new tensor in x's dtype.
@@ -152,5 +184,5 @@ def apply_rotary_bshd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if x.is_cuda and triton is not None:
         if x.stride(-1) != 1:
             x = x.contiguous()
-        return rotary_op(x, cos, sin, interleaved, False)
+        return _rotary(x, cos, sin, interleaved, False)
     return apply_rotary_bshd_ref(x, cos, sin, interleaved)
