@@ -124,18 +124,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
             if need_h or need_w or need_b:
                 # d loss / d logits = softmax - onehot on valid rows, 0 on ignored rows
-                g = torch.exp(logits - lse.unsqueeze(1))
+                # in place on the (c, V) fp32 block: each pass over it costs as much as the matmul's
+                # output, so the row mask and the 1/n scale are folded into one per-row factor
+                g = logits.sub_(lse.unsqueeze(1)).exp_()
                 g.scatter_add_(1, safe_y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                g = g * v_c.unsqueeze(1)
-                if grad_scale is not None:
-                    g = g * grad_scale
+                row_scale = v_c.to(acc) if grad_scale is None else torch.where(v_c, grad_scale, 0.0)
+                g.mul_(row_scale.unsqueeze(1))
                 if softcap is not None:
-                    g = g * (1.0 - capped * capped)  # d(c*tanh(x/c))/dx = 1 - tanh^2
+                    g.mul_(1.0 - capped * capped)  # d(c*tanh(x/c))/dx = 1 - tanh^2
+                g_in = g.to(hidden.dtype)  # one cast serves both matmuls (tensor cores for bf16)
                 if need_h:
-                    grad_h[start:end] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                    g_w = g_in if weight.dtype == hidden.dtype else g.to(weight.dtype)
+                    grad_h[start:end] = (g_w @ weight).to(hidden.dtype)
                 if need_w:
-                    # matmul in the input dtype (tensor cores for bf16), accumulate chunks in fp32
-                    grad_w.add_((g.to(hidden.dtype).t() @ h_c).to(acc))
+                    # accumulate chunks in fp32; add_ promotes the (V, H) product without an fp32 copy
+                    grad_w.add_(g_in.t() @ h_c)
                 if need_b:
                     grad_b.add_(g.sum(0))
 
