@@ -212,3 +212,12 @@ def test_fsdp2_two_gloo_processes_match_one_process_and_resume(corpus, cache, tm
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+    # The 2-rank DCP checkpoint resumes in one process (batch 4 = the same global rows): DCP gathers
+    # the model and AdamW shards into full tensors and the run continues as the uninterrupted one.
+    res = T.train([*BASE, *map(str, common), "--batch-size", "4", "--output", str(tmp_path / "n_to_1"),
+                   "--resume", str(ckpt)])
+    torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(single.losses[2:]), rtol=1e-5, atol=1e-6)
+    c = _params(tmp_path / "n_to_1" / "final")
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5)

@@ -17,7 +17,8 @@ newest one.
 
 Single process: the model goes through ``flashlm.models.save_pretrained`` and the optimizer through
 ``torch.save``. FSDP2: the sharded model and optimizer state go through DCP (every rank writes its
-shards, resharding on load is DCP's job), and a consolidated full state dict is gathered to rank 0
+shards; DCP reshards on load, so an N-rank checkpoint resumes on M ranks or in one process), and a
+consolidated full state dict is gathered to rank 0
 (``full_state_dict=True, cpu_offload=True``) and written as safetensors in ``model/``.
 """
 
@@ -27,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -270,8 +272,8 @@ def load_checkpoint(
     under FSDP2). Returns the train state (``step``, ``data``, ``train_args``, ...).
 
     Raises ``ConfigMismatchError`` before touching the model if the checkpoint's model config differs
-    from ``model.config``, and ``ValueError`` if a sharded checkpoint meets an unsharded run or
-    vice versa.
+    from ``model.config``, and ``ValueError`` if a single-process checkpoint meets an FSDP2 run (an FSDP2
+    checkpoint resumes on any number of ranks, one process included: DCP reshards it).
     """
     path = Path(path)
     state = read_train_state(path)
@@ -279,18 +281,22 @@ def load_checkpoint(
         raise ValueError(f"--resume: {path} has checkpoint format {state.get('format')}, expected {FORMAT_VERSION}")
     check_config(state["config"], model.config)
     sharded = is_sharded(model)
-    if sharded != state["sharded"]:
-        kinds = {True: "FSDP2 (sharded)", False: "single-process"}
+    if sharded and not state["sharded"]:
         raise ValueError(
-            f"--resume: {path} is a {kinds[state['sharded']]} checkpoint but this run is {kinds[sharded]}; "
-            f"load its model/ folder with --model {path / 'model'} instead"
+            f"--resume: {path} is a single-process checkpoint but this run is FSDP2 (sharded); its "
+            f"optimizer state cannot be resharded: start from its weights with --model {path / 'model'}"
         )
-    if sharded:
+    if state["sharded"]:
+        # DCP reshards on load: an FSDP2 checkpoint of N ranks resumes on M ranks, or in one process
+        # (no process group: DCP then reads every shard into full tensors).
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(model, optimizer)
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
+        with warnings.catch_warnings():
+            # one process loading on purpose; DCP warns that it assumes so
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
     else:
         from flashlm.models.io import load_state_dict_from_folder
