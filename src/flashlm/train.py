@@ -631,6 +631,10 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
         result.tokens_per_s = timed_tokens / timed_s
         result.mfu = fpt * result.tokens_per_s / (peak * dd.world_size) if peak else None
     result.peak_mem_gib = _peak_mem_gib(device)
+    # every rank's peak during training (the summary reports them all under FSDP2)
+    peaks = torch.zeros(dd.world_size, device=device)
+    peaks[dd.rank] = result.peak_mem_gib
+    peaks = dd.sum(peaks).tolist()
     if end_step == args.max_steps:
         result.final_dir = out / "final"
         ckpt.export_model(model, result.final_dir, tokenizer=tok)
@@ -639,7 +643,8 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
     if dd.main:
         summary = {"steps": end_step, "final_loss": result.losses[-1] if result.losses else None,
                    "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "peak_mem_gib": result.peak_mem_gib,
-                   "flops_per_token": fpt, "world_size": dd.world_size, "dtype": dtype, "attn": args.attn}
+                   "peak_mem_gib_per_rank": peaks, "flops_per_token": fpt, "world_size": dd.world_size,
+                   "dtype": dtype, "attn": args.attn}
         print(json.dumps(summary))
     return result
 
