@@ -231,12 +231,13 @@ def test_decode_bench_cpu_smoke(tmp_path, capsys):
 
     out = tmp_path / "decode.json"
     rc = bench_main(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "2", "--contexts", "8",
-                     "--new-tokens", "3", "--repeats", "1", "--models", "flashlm-graph,flashlm-eager,hf-dynamic",
-                     "--output", str(out)])
+                     "--new-tokens", "3", "--repeats", "1", "--models",
+                     "flashlm-graph,flashlm-graph-inductor,flashlm-eager,hf-dynamic", "--output", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     by_impl = {p["impl"]: p for p in data["points"]}
-    assert by_impl["flashlm-graph"]["status"] == "skipped"
+    assert by_impl["flashlm-graph"]["status"] == by_impl["flashlm-graph-inductor"]["status"] == "skipped"
+    assert data["inductor_mode"] == "default"
     for impl in ("flashlm-eager", "hf-dynamic"):
         p = by_impl[impl]
         assert p["status"] == "ok" and p["first_token_ms"] > 0 and p["batch"] == 2 and p["context"] == 8

@@ -9,7 +9,12 @@ tensor it touches has a fixed shape and address, and nothing is read back to the
 - :class:`DecodeStep` runs that step eagerly (CPU, or ``cuda_graph=False``): the graph-free path;
 - :class:`CUDAGraphDecodeStep` captures the very same step once (per batch size) in a
   ``torch.cuda.CUDAGraph`` with static input/output buffers and replays it per token: one launch per
-  token instead of ~15 kernels x layers launched from Python.
+  token instead of ~15 kernels x layers launched from Python;
+- either one with ``compile=True`` (or an inductor mode, see :data:`COMPILE_MODES`) runs the step body
+  through ``torch.compile(fullgraph=True, dynamic=False)`` first: inductor fuses the norms, residual
+  adds, SwiGLU, RoPE, cache append and sampling into a few Triton kernels (C++ on the CPU), and the
+  graph captures those instead of the ~400 small eager kernels. The CUDA graph stays ours (no
+  ``mode="reduce-overhead"``): it also holds the sampling generator and the bookkeeping buffers.
 
 What keeps the replay correct without Python running in between:
 
@@ -24,16 +29,29 @@ What keeps the replay correct without Python running in between:
 - the step index, the token history ``(batch, capacity)`` and the "all rows finished" flag live in
   device buffers; the host copies the flag without blocking every few steps.
 
-Capturability of the decode path: the flash model's decode forward runs no data-dependent check
-(``FlashForCausalLM.forward`` skips the token-range check for one token per row on a non-empty cache)
-and ``flash_attn_with_kvcache`` reads no device value on CUDA unless ``FLASHLM_ATTN_CHECKS=1``
-(then ``cache_seqlens.min()/max()`` are read back: that is refused here with a clear error).
+Capturability of the decode path: the step runs ``FlashForCausalLM.decode_logits``, the decode body
+of the model's forward with no host check and no host bookkeeping (the cache's room check and its
+host-side length bound are done around the step by :meth:`DecodeStep.__call__`), and
+``flash_attn_with_kvcache`` reads no device value on CUDA unless ``FLASHLM_ATTN_CHECKS=1`` (then
+``cache_seqlens.min()/max()`` are read back: that is refused here with a clear error).
+
+What keeps the compiled body one graph, compiled once: it is a function of tensors only (tokens,
+cache, parameters, buffers) with no data-dependent branch and no Python value that changes between
+tokens (Dynamo would guard on it and recompile every token); the sampling noise is drawn eagerly from
+the step's generator into a buffer before the body runs (Dynamo cannot trace an explicit generator);
+the attention backend is chosen by an opaque op at run time (``flashlm::kvcache_attention``), the cache
+append and RoPE stay torch ops the compiler sees. Each step compiles its own copy of the body (Dynamo
+caches per code object, so steps of other shapes are neither recompiles of it nor share its cache
+limit), and every call after the first runs under ``torch.compiler.set_stance("fail_on_recompile")``:
+an accidental recompile raises, with Dynamo's guard failure, instead of silently slowing down.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +61,8 @@ from torch import Tensor
 if TYPE_CHECKING:  # keep `import flashlm.generation` light: the models package loads on first use
     from flashlm.models.flash_cache import StaticKVCache
 
-__all__ = ["CAPACITY_MULTIPLE", "CUDAGraphDecodeStep", "DecodeStep", "SamplingKey", "cache_capacity",
-           "graph_unavailable_reason", "graphed_decode_step", "release_graphs"]
+__all__ = ["CAPACITY_MULTIPLE", "COMPILE_MODES", "CUDAGraphDecodeStep", "DecodeStep", "SamplingKey",
+           "cache_capacity", "compile_mode", "graph_unavailable_reason", "graphed_decode_step", "release_graphs"]
 
 # Cache capacities are rounded up to this many tokens so that one captured graph serves prompts of
 # similar lengths (a graph is tied to its cache's shape and addresses).
@@ -62,6 +80,28 @@ class SamplingKey:
     top_p: float = 1.0
     eos_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+
+
+# torch.compile modes for the decode step. No mode that makes CUDA graphs ("reduce-overhead",
+# "max-autotune"): the step's graph is captured here, with the sampling generator registered in it.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(compile: bool | str | None) -> str | None:
+    """The torch.compile mode asked for by a ``compile`` argument: None (False/None: no compile),
+    ``"default"`` (True) or one of :data:`COMPILE_MODES`; ValueError otherwise."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return "default"
+    if isinstance(compile, str) and compile in COMPILE_MODES:
+        return compile
+    if compile in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"compile={compile!r} makes torch.compile capture its own CUDA graphs; the decode step "
+                         "is captured by flashlm (cuda_graph=True): use compile=True or "
+                         f"{' / '.join(map(repr, COMPILE_MODES))}")
+    raise ValueError(f"compile must be False, True or one of {', '.join(map(repr, COMPILE_MODES))}; "
+                     f"got {compile!r}")
 
 
 def cache_capacity(needed: int, max_cache_len: int | None = None) -> int:
@@ -84,6 +124,13 @@ class DecodeStep:
         all_done: bool ``()``: every row has finished.
         history: int64 ``(batch, capacity)``: column ``i`` holds the ``i``-th new token.
         step_idx: int64 ``(1,)``: how many new tokens were recorded.
+        race: fp32 ``(batch, vocab)`` when sampling: the Exp(1) noise of the step, drawn from
+            ``generator`` before the body runs (None for greedy).
+
+    ``compile``: False, True (``torch.compile`` mode "default") or a mode of :data:`COMPILE_MODES`: the
+    step body (model, sampling, recording) runs compiled; the first call compiles it (or call
+    :meth:`warm_up` on the empty cache first), a later recompile raises. ``compile_s``: seconds the
+    compiling call took.
 
     Usage: prefill the cache with the model, then :meth:`begin` with the prefill's last logits
     ``(batch, vocab)``, then call the object once per further token.
@@ -91,12 +138,16 @@ class DecodeStep:
 
     @torch.no_grad()
     def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch_size: int, key: SamplingKey,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, *, compile: bool | str = False) -> None:
         from flashlm.generation import sample_next_token  # generation imports this module
 
+        if not hasattr(model, "decode_logits"):
+            raise ValueError(f"DecodeStep needs the flash model (FlashForCausalLM, static cache); got "
+                             f"{type(model).__name__}")
         self._sample_fn = sample_next_token
         self.model, self.cache, self.batch_size, self.key = model, cache, batch_size, key
         self.generator = generator
+        self.compile_mode = compile_mode(compile)
         dev = cache.device
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.finished = torch.zeros(batch_size, dtype=torch.bool, device=dev)
@@ -104,11 +155,25 @@ class DecodeStep:
         self.history = torch.zeros(batch_size, cache.max_seqlen, dtype=torch.long, device=dev)
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.eos = torch.tensor(key.eos_ids, dtype=torch.long, device=dev) if key.eos_ids else None
+        self.race = (torch.ones(batch_size, model.config.vocab_size, dtype=torch.float32, device=dev)
+                     if key.do_sample else None)
+        self.compile_s = 0.0
+        self._compiled = False  # whether the compiled body has run once (later compiles are errors)
+        self._compiled_body = None
+        if self.compile_mode is not None:
+            # Dynamo keeps compiled graphs, and counts recompiles, per code object: a copy of the body's
+            # code per step means another step's shapes are neither a recompile of this one nor share
+            # its cache limit (one body per batch size and capacity, several models, a benchmark sweep).
+            # An unbound function called with self: no reference cycle keeps a dropped step's cache alive.
+            fn = type(self)._step_body
+            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                     fn.__closure__)
+            self._compiled_body = torch.compile(own, fullgraph=True, dynamic=False, mode=self.compile_mode)
 
-    def _sample(self, logits: Tensor) -> Tensor:
+    def _pick(self, logits: Tensor) -> Tensor:
         k = self.key
         return self._sample_fn(logits, do_sample=k.do_sample, temperature=k.temperature, top_k=k.top_k,
-                               top_p=k.top_p, generator=self.generator)
+                               top_p=k.top_p, race=self.race)
 
     def _record(self, next_tokens: Tensor) -> None:
         # a finished row keeps producing padding: fixed shapes, no row removal, no host read
@@ -121,23 +186,60 @@ class DecodeStep:
             self.finished |= (next_tokens[:, None] == self.eos).any(-1)
             self.all_done.copy_(self.finished.all())
 
+    def _draw(self) -> None:
+        # eager, before the body: Dynamo cannot trace a draw from an explicit generator. Same shape,
+        # dtype and generator as sample_next_token's own draw, so the same numbers.
+        if self.race is not None:
+            self.race.exponential_(1.0, generator=self.generator)
+
+    def _step_body(self) -> None:
+        """What gets compiled and captured: one token per row through the model (the cache append and
+        the device-side length bump included), sampled and recorded in place. Tensors only: no host
+        check, no host bookkeeping, no data-dependent branch."""
+        logits = self.model.decode_logits(self.tokens[:, None], self.cache)
+        self._record(self._pick(logits))
+
     @torch.no_grad()
     def begin(self, logits: Tensor) -> None:
         """Sample and record the first new token from the prefill's last logits ``(batch, vocab)``."""
         self.finished.zero_()
         self.all_done.zero_()
         self.step_idx.zero_()
-        self._record(self._sample(logits))
+        self._draw()
+        self._record(self._pick(logits))
 
     @torch.no_grad()
-    def forward_step(self) -> None:
-        """The captured body: one token per row through the model, sampled and recorded in place."""
-        out = self.model(self.tokens[:, None], past_key_values=self.cache)
-        self._record(self._sample(out.logits[:, -1, :]))
+    def forward_step(self, draw: bool = True) -> None:
+        """The device work of one step: draw the sampling noise (unless ``draw=False``), run the
+        (compiled) body."""
+        if draw:
+            self._draw()
+        if self._compiled_body is None:
+            self._step_body()
+        elif self._compiled:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                self._compiled_body(self)
+        else:
+            t0 = time.perf_counter()
+            self._compiled_body(self)
+            self.compile_s = time.perf_counter() - t0
+            self._compiled = True
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile the body now, on the cache before its prefill: runs one step on rows that pretend to
+        be empty (its k/v land in slots the prefill overwrites), draws no noise (the generator's stream
+        stays the caller's), then resets the cache. Nothing to do without ``compile`` or once compiled."""
+        if self.compile_mode is None or self._compiled:
+            return
+        self.cache.prepare_for_capture(self.batch_size)
+        self.forward_step(draw=False)
+        self.cache.reset()
 
     def __call__(self) -> None:
-        # eager: the model's forward checks the cache's room and does its host bookkeeping itself
+        self.cache.check_room(self.batch_size, 1)  # host-only: refuse an overflow before any kernel
         self.forward_step()
+        self.cache.note_appended(self.batch_size, 1)  # the device half (cache_seqlens += 1) ran inside
 
     def new_tokens(self, steps: int) -> Tensor:
         """int64 ``(batch, steps)``: the tokens recorded so far (a copy: the buffer is reused)."""
@@ -178,20 +280,26 @@ class CUDAGraphDecodeStep(DecodeStep):
     Owns its cache (``model.allocate_cache(batch_size, capacity)``): prefill into ``self.cache`` after
     ``self.cache.reset()``, then :meth:`begin`, then call the object per token. With sampling it owns a
     device generator registered with the graph (copy a caller's state in with
-    ``self.generator.set_state(...)``). ``capture_s``: seconds spent warming up and capturing.
+    ``self.generator.set_state(...)``). ``compile``: capture the torch.compile'd body (see
+    :class:`DecodeStep`); it compiles in the first warm-up step. ``capture_s``: seconds spent warming
+    up (compiling included, ``compile_s`` of them) and capturing.
     """
 
     @torch.no_grad()
     def __init__(self, model: torch.nn.Module, batch_size: int, capacity: int, key: SamplingKey, *,
-                 device: torch.device, dtype: torch.dtype | None = None, warmup_steps: int = 2) -> None:
+                 device: torch.device, dtype: torch.dtype | None = None, warmup_steps: int = 2,
+                 compile: bool | str = False) -> None:
         device = torch.device(device)
         reason = graph_unavailable_reason(model, device, key)
         if reason is not None:
             raise ValueError(reason)
+        if compile_mode(compile) is not None and warmup_steps < 1:
+            raise ValueError("a compiled step needs warmup_steps >= 1: compiling (and inductor's autotuning) "
+                             "cannot happen while a CUDA graph captures")
         device = _with_index(device)
         cache = model.allocate_cache(batch_size, capacity, dtype=dtype, device=device)
         generator = torch.Generator(device=device) if key.do_sample else None
-        super().__init__(model, cache, batch_size, key, generator)
+        super().__init__(model, cache, batch_size, key, generator, compile=compile)
         self.device = device
         self.capacity = capacity
         self.signature = _signature(model)
@@ -202,8 +310,8 @@ class CUDAGraphDecodeStep(DecodeStep):
         self.capture_s = time.perf_counter() - t0
 
     def _capture(self, warmup_steps: int) -> None:
-        # Warm up on a side stream (Triton JIT, cuBLAS handles, allocator), as torch.cuda.graphs asks,
-        # on a cache that pretends to hold empty rows so the model takes its decode path.
+        # Warm up on a side stream (torch.compile and inductor's autotuning, Triton JIT, cuBLAS handles,
+        # allocator), as torch.cuda.graphs asks, on a cache whose rows pretend to be empty.
         self.cache.prepare_for_capture(self.batch_size)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -221,11 +329,11 @@ class CUDAGraphDecodeStep(DecodeStep):
         self.cache.reset()
 
     def matches(self, model: torch.nn.Module, batch_size: int, needed: int, key: SamplingKey,
-                device: torch.device, dtype: torch.dtype | None) -> bool:
-        """Whether this graph can serve a call (same model weights, batch, sampling, dtype, device and
-        enough capacity)."""
+                device: torch.device, dtype: torch.dtype | None, compile: bool | str = False) -> bool:
+        """Whether this graph can serve a call (same model weights, batch, sampling, dtype, device,
+        compile mode and enough capacity)."""
         return (self.model is model and self.batch_size == batch_size and self.capacity >= needed
-                and self.key == key and self.device == device
+                and self.key == key and self.device == device and self.compile_mode == compile_mode(compile)
                 and (dtype is None or self.cache.dtype == dtype) and self.signature == _signature(model))
 
     def __call__(self) -> None:
@@ -236,23 +344,28 @@ class CUDAGraphDecodeStep(DecodeStep):
 
 def graphed_decode_step(model: torch.nn.Module, batch_size: int, needed: int, key: SamplingKey, *,
                         device: torch.device | str, dtype: torch.dtype | None = None,
-                        max_cache_len: int | None = None) -> tuple[CUDAGraphDecodeStep, bool]:
+                        max_cache_len: int | None = None,
+                        compile: bool | str = False) -> tuple[CUDAGraphDecodeStep, bool]:
     """The captured decode step of ``model`` for ``batch_size`` rows and at least ``needed`` cache slots,
-    reused across calls (one per batch size, kept on the model) or captured now.
+    reused across calls (one per batch size, kept on the model) or captured now; ``compile`` as in
+    :class:`DecodeStep` (graph + torch.compile; a graph of another compile mode is replaced).
 
     Returns (step, captured_now). A new capture replaces the previous graph of that batch size (and
     frees its cache); :func:`release_graphs` frees them all.
     """
     device = _with_index(torch.device(device))
+    compile_mode(compile)  # refuse a bad mode before anything is freed
     graphs: dict[int, CUDAGraphDecodeStep] = model.__dict__.setdefault(_GRAPHS_ATTR, {})
     step = graphs.get(batch_size)
-    if step is not None and step.matches(model, batch_size, needed, key, device, dtype) and (
+    if step is not None and step.matches(model, batch_size, needed, key, device, dtype, compile) and (
             max_cache_len is None or step.capacity == max_cache_len):
         return step, False
     graphs.pop(batch_size, None)
-    del step  # free the old cache and graph pool before allocating the new ones
+    if step is not None:
+        del step  # free the old cache and graph pool before allocating the new ones
+        gc.collect()  # compiled code may hold references in cycles
     capacity = cache_capacity(needed, max_cache_len)
-    step = CUDAGraphDecodeStep(model, batch_size, capacity, key, device=device, dtype=dtype)
+    step = CUDAGraphDecodeStep(model, batch_size, capacity, key, device=device, dtype=dtype, compile=compile)
     graphs[batch_size] = step
     return step, True
 
@@ -262,6 +375,8 @@ def release_graphs(model: torch.nn.Module) -> int:
     graphs = model.__dict__.pop(_GRAPHS_ATTR, {})
     n = len(graphs)
     graphs.clear()
-    if n and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if n:
+        gc.collect()  # compiled code may hold references in cycles: free the caches and pools now
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return n

@@ -8,7 +8,8 @@
   appends its key/value in place through ``flash_attn_with_kvcache`` at the row's own
   ``cache_seqlens``. The decode step (``flashlm.decode_graph.DecodeStep``) has fixed shapes and reads
   nothing back to the host; with ``cuda_graph=True`` it is captured once per batch size in a CUDA
-  graph and replayed per token (prefill stays eager);
+  graph and replayed per token (prefill stays eager); with ``compile=True`` its body runs through
+  ``torch.compile`` (inductor fuses its small kernels), captured in that graph on CUDA;
 - the **default** model: its dynamic cache, with the attention mask grown by one column per step and
   position ids taken from the mask.
 
@@ -43,6 +44,7 @@ from flashlm.decode_graph import (
     DecodeStep,
     SamplingKey,
     cache_capacity,
+    compile_mode,
     graph_unavailable_reason,
     graphed_decode_step,
     release_graphs,
@@ -65,8 +67,10 @@ class GenerationOutput:
         per_token_s: mean seconds per decode step after the first token (``nan`` if fewer than two
             tokens were generated).
         cuda_graph: whether the decode steps were replayed from a CUDA graph.
-        capture_s: seconds spent capturing that graph during this call (0 when it was reused); not
-            included in ``first_token_s``.
+        capture_s: seconds spent preparing the decode step during this call: compiling it and/or
+            capturing its graph (0 when a captured graph was reused); not included in
+            ``first_token_s``.
+        compile_mode: the torch.compile mode the decode step ran with (None: not compiled).
     """
 
     sequences: Tensor
@@ -75,6 +79,7 @@ class GenerationOutput:
     per_token_s: float
     cuda_graph: bool = False
     capture_s: float = 0.0
+    compile_mode: str | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -110,23 +115,28 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
 
 
 def sample_next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0,
-                      generator: torch.Generator | None = None) -> Tensor:
+                      top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                      race: Tensor | None = None) -> Tensor:
     """Pick one token per row from ``logits`` ``(batch, vocab)``; returns int64 ``(batch,)``.
 
     Greedy (``argmax``) unless ``do_sample``. Sampling divides by ``temperature``, applies top-k then
     top-p, and draws by the exponential race ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` (the index of
     the first of independent exponential clocks with rates ``p_i`` to ring: distributed as ``p``).
     No host synchronization. ``generator`` (on the logits' device) makes draws reproducible.
+    ``race``: the E_i already drawn, fp32 ``(batch, vocab)`` (``torch.empty(...).exponential_(1.0,
+    generator=...)`` gives the numbers this function would draw itself); then nothing is drawn here,
+    which keeps a compiled caller free of generator calls.
     """
     if not do_sample:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     probs = torch.softmax(logits, dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    # E == 0 would give 0/0 = nan for a filtered-out token (argmax picks nan): clamp it away.
-    race.clamp_min_(torch.finfo(race.dtype).tiny)
+    if race is None:
+        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # E == 0 would give 0/0 = nan for a filtered-out token (argmax picks nan): clamp it away
+    # (out of place: a caller's buffer stays as drawn).
+    race = race.clamp_min(torch.finfo(race.dtype).tiny)
     return (probs / race).argmax(dim=-1)
 
 
@@ -257,7 +267,8 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
              streamer: Callable[[Tensor], Any] | Any | None = None,
              generator: torch.Generator | None = None, pad_token_id: int | None = None,
-             cuda_graph: bool | str = False, max_cache_len: int | None = None) -> GenerationOutput:
+             cuda_graph: bool | str = False, max_cache_len: int | None = None,
+             compile: bool | str = False) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens per row after left-padded prompts.
 
     Args:
@@ -279,6 +290,13 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
             False: eager. Greedy tokens are the same either way (same kernels, same cache capacity).
         max_cache_len: flash model: slots per row of the static cache (default: prompt_len +
             max_new_tokens rounded up to a multiple of 256, so a graph serves similar lengths).
+        compile: flash model only. True (mode "default") or a mode of
+            ``flashlm.decode_graph.COMPILE_MODES``: the decode step's body runs through
+            ``torch.compile`` (fullgraph, static shapes), inductor fusing its elementwise work; with
+            the CUDA graph, the graph captures the compiled step (compiled once per captured graph);
+            without one (CPU, ``cuda_graph=False``), each call compiles before its prefill (inductor
+            caches on disk). Fused kernels round differently: low-precision tokens may differ from
+            the uncompiled path's where two logits nearly tie. False: not compiled.
 
     Returns:
         :class:`GenerationOutput`. Its ``sequences`` end at the last step where some row was still
@@ -300,12 +318,16 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     key = SamplingKey(bool(do_sample), float(temperature), int(top_k), float(top_p), tuple(eos_ids),
                       int(pad_token_id))
     use_graph = _resolve_cuda_graph(cuda_graph, model, device, key)
+    mode = compile_mode(compile)
+    if mode is not None and not _is_flash(model):
+        raise ValueError(f"compile={compile!r} needs the flash model (FlashForCausalLM): its decode step has "
+                         f"fixed shapes; got {type(model).__name__}")
     was_training = model.training
     model.eval()
     try:
         if _is_flash(model):
             run = _generate_flash(model, input_ids, mask, max_new_tokens, key, streamer, generator, use_graph,
-                                  max_cache_len)
+                                  max_cache_len, mode)
         else:
             run = _generate_default(model, input_ids, mask, max_new_tokens, key, streamer, generator)
     finally:
@@ -316,15 +338,18 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
 
 
 def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
-                    streamer, generator: torch.Generator | None, use_graph: bool, max_cache_len: int | None):
-    """Prefill (eager) + fixed-shape decode steps, eager or replayed from a CUDA graph."""
+                    streamer, generator: torch.Generator | None, use_graph: bool, max_cache_len: int | None,
+                    mode: str | None):
+    """Prefill (eager) + fixed-shape decode steps (compiled or not), launched or replayed from a CUDA
+    graph."""
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     needed = prompt_len + max_new_tokens
     source_gen = None
     capture_s = 0.0
     if use_graph:
-        step, captured = graphed_decode_step(model, batch, needed, key, device=device, max_cache_len=max_cache_len)
+        step, captured = graphed_decode_step(model, batch, needed, key, device=device, max_cache_len=max_cache_len,
+                                             compile=mode)
         capture_s = step.capture_s if captured else 0.0
         cache = step.cache.reset()
         if key.do_sample:  # draw from the caller's stream: copy its state in (and back out below)
@@ -332,7 +357,9 @@ def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_token
             step.generator.set_state(source_gen.get_state())
     else:
         cache = model.allocate_cache(batch, cache_capacity(needed, max_cache_len), device=device)
-        step = DecodeStep(model, cache, batch, key, generator)
+        step = DecodeStep(model, cache, batch, key, generator, compile=mode)
+        step.warm_up()  # compile now, on the empty cache, outside the timed loop (no-op uncompiled)
+        capture_s = step.compile_s
     stopper = _AsyncAllDone(device, max_new_tokens) if key.eos_ids else None
     try:
         _sync(device)
@@ -355,7 +382,7 @@ def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_token
     finally:
         if source_gen is not None:
             source_gen.set_state(step.generator.get_state())
-    return step.new_tokens(steps), t_start, t_first, t_end, steps, use_graph, capture_s
+    return step.new_tokens(steps), t_start, t_first, t_end, steps, use_graph, capture_s, mode
 
 
 def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
@@ -404,11 +431,11 @@ def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tok
         next_tokens = sample_next_token(out.logits[:, -1, :], **sample)
     _sync(device)
     t_end = time.perf_counter()
-    return new_tokens[:, :steps], t_start, t_first, t_end, steps, False, 0.0
+    return new_tokens[:, :steps], t_start, t_first, t_end, steps, False, 0.0, None
 
 
 def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: float, t_first: float,
-            t_end: float, steps: int, used_graph: bool, capture_s: float) -> GenerationOutput:
+            t_end: float, steps: int, used_graph: bool, capture_s: float, mode: str | None) -> GenerationOutput:
     batch = input_ids.shape[0]
     if key.eos_ids:
         eos = torch.tensor(key.eos_ids, dtype=torch.long, device=new_tokens.device)
@@ -425,7 +452,7 @@ def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: fl
     per_token = (t_end - t_first) / (steps - 1) if steps > 1 else float("nan")
     return GenerationOutput(sequences=torch.cat([input_ids, new_tokens], dim=-1), num_new_tokens=num_new,
                             first_token_s=t_first - t_start, per_token_s=per_token, cuda_graph=used_graph,
-                            capture_s=capture_s)
+                            capture_s=capture_s, compile_mode=mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,6 +460,10 @@ def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: fl
 # --------------------------------------------------------------------------------------------
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+# --compile VALUE -> generate(compile=...) with cuda_graph=True
+_COMPILE_CHOICES = {"inductor": True, "max-autotune": "max-autotune-no-cudagraphs", "graph": False}
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -479,9 +510,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--compile", action="store_true",
-                   help="replay the decode step from a CUDA graph (flash model on CUDA; elsewhere a note is "
-                        "printed and the eager loop runs)")
+    p.add_argument("--compile", nargs="?", const="inductor", choices=sorted(_COMPILE_CHOICES), default=None,
+                   help="flash model on CUDA (elsewhere a note is printed and the eager loop runs): replay the "
+                        "decode step from a CUDA graph; 'inductor' (the default) captures the step compiled by "
+                        "torch.compile, 'max-autotune' the same with inductor's autotuning (slower to "
+                        "compile), 'graph' the uncompiled step")
     p.add_argument("--max-cache-len", type=int, default=None,
                    help="slots per row of the flash model's static cache (default: prompt + new tokens, "
                         "rounded up to 256)")
@@ -550,19 +583,20 @@ def main(argv: list[str] | None = None) -> int:
 
     eos = args.eos_token_id if args.eos_token_id else None
     cuda_graph = False
-    if args.compile:
+    compile_step: bool | str = False
+    if args.compile is not None:
         from flashlm.decode_graph import SamplingKey, graph_unavailable_reason
 
         why = graph_unavailable_reason(model, device, SamplingKey(do_sample=args.do_sample))
         if why is None:
-            cuda_graph = True
+            cuda_graph, compile_step = True, _COMPILE_CHOICES[args.compile]
         else:
             print(f"flashlm generate: --compile: {why}; running the eager decode loop", file=sys.stderr)
     try:
         out = generate(model, input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=generator,
-                       cuda_graph=cuda_graph, max_cache_len=args.max_cache_len)
+                       cuda_graph=cuda_graph, max_cache_len=args.max_cache_len, compile=compile_step)
     except (ValueError, TypeError) as e:
         print(f"flashlm generate: {e}", file=sys.stderr)
         return 2
@@ -575,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
               "first_token_ms": round(out.first_token_s * 1e3, 3),
               "per_token_ms": round(out.per_token_s * 1e3, 3) if math.isfinite(out.per_token_s) else None,
               "tokens_per_s": round(out.tokens_per_s, 1) if math.isfinite(out.tokens_per_s) else None,
-              "cuda_graph": out.cuda_graph, "capture_ms": round(out.capture_s * 1e3, 3),
+              "cuda_graph": out.cuda_graph, "compile_mode": out.compile_mode,
+              "capture_ms": round(out.capture_s * 1e3, 3),
               "new_token_ids": [out.sequences[i, width:width + int(n)].tolist()
                                 for i, n in enumerate(out.num_new_tokens)]}
     if tokenizer is not None:
@@ -585,7 +620,10 @@ def main(argv: list[str] | None = None) -> int:
             shown = result["text"][i] if tokenizer is not None else " ".join(map(str, ids))
             print(f"[{i}] {shown}")
         per = "n/a" if result["per_token_ms"] is None else f"{result['per_token_ms']:.2f} ms"
-        graph = f", CUDA graph captured in {result['capture_ms']:.0f} ms" if out.cuda_graph else ""
+        graph = ""
+        if out.cuda_graph:
+            what = f"torch.compile ({out.compile_mode}) + CUDA graph" if out.compile_mode else "CUDA graph"
+            graph = f", {what} prepared in {result['capture_ms']:.0f} ms"
         print(f"first token {result['first_token_ms']:.2f} ms, per token {per} "
               f"({args.attn}, {result['dtype']}, {device}{graph})")
     print(json.dumps(result))

@@ -51,6 +51,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _data_checks(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # a data-dependent branch would break the traced graph
+        return False
     if t.device.type == "cpu":
         return True
     # reading device data syncs, which a CUDA graph being captured cannot do
@@ -442,6 +444,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     rotated at those positions before it is stored; q is rotated at cache_seqlens + i when causal or
     windowed, else at cache_seqlens for every query. No backward.
 
+    Under torch.compile (fullgraph) no data is checked and the attention itself is one opaque op,
+    ``flashlm::kvcache_attention``, whose backend is chosen when it runs; the rotary and the append
+    stay torch ops (in place on the caches).
+
     Arguments:
         q: (batch, seqlen_q, nheads, headdim).
         k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with block_table the paged
@@ -544,10 +550,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _check_alibi(alibi_slopes, H, B, q.device)
     scale = _scale(softmax_scale, D)
     window = _window(window_size, causal, capacity)
-    call = _call("kvcache", q, Hk, v_cache.shape[3], Sq, capacity, causal, window, softcap, alibi_slopes,
-                 0.0, False, False, paged=paged, page_block_size=page, leftpad=cache_leftpad is not None,
-                 seqlens_equal=False)
-    be = registry.select(call, backend)
+    # The registry's choice reads a context variable, the environment and module-level caches: Dynamo
+    # cannot trace it (and guards on those caches would recompile). Compiled code calls one opaque op
+    # for the attention proper instead, which chooses when it runs; the rotary and the in-place append
+    # below stay torch ops that the compiler sees (and fuses).
+    be = None
+    if not torch.compiler.is_compiling():
+        call = _call("kvcache", q, Hk, v_cache.shape[3], Sq, capacity, causal, window, softcap, alibi_slopes,
+                     0.0, False, False, paged=paged, page_block_size=page, leftpad=cache_leftpad is not None,
+                     seqlens_equal=False)
+        be = registry.select(call, backend)
 
     with torch.no_grad():
         seqlens = cache_seqlens
@@ -571,11 +583,45 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             k_cache.index_put_(idx, k)
             v_cache.index_put_(idx, v)
             seqlens = (cache_seqlens + s_new).to(torch.int32)
-        out, lse = be.kvcache(_contig(q), k_cache, v_cache, seqlens, cache_batch_idx=cache_batch_idx,
-                              cache_leftpad=cache_leftpad, block_table=block_table, softmax_scale=scale,
-                              causal=causal, window_size=window, softcap=float(softcap),
-                              alibi_slopes=alibi_slopes, num_splits=num_splits)
+        if be is None:
+            out, lse = kvcache_attention_op(_contig(q), k_cache, v_cache, seqlens, cache_batch_idx, cache_leftpad,
+                                            block_table, scale, causal, window[0], window[1], float(softcap),
+                                            alibi_slopes, num_splits, backend)
+        else:
+            out, lse = be.kvcache(_contig(q), k_cache, v_cache, seqlens, cache_batch_idx=cache_batch_idx,
+                                  cache_leftpad=cache_leftpad, block_table=block_table, softmax_scale=scale,
+                                  causal=causal, window_size=window, softcap=float(softcap),
+                                  alibi_slopes=alibi_slopes, num_splits=num_splits)
     return (out, lse) if return_softmax_lse else out
+
+
+_KVCACHE_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? cache_batch_idx, "
+                   "Tensor? cache_leftpad, Tensor? block_table, float softmax_scale, bool causal, int window_left, "
+                   "int window_right, float softcap, Tensor? alibi_slopes, int num_splits, str? backend) "
+                   "-> (Tensor, Tensor)")
+
+
+@torch.library.custom_op("flashlm::kvcache_attention", mutates_args=(), schema=_KVCACHE_SCHEMA)
+def kvcache_attention_op(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                         softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, num_splits,
+                         backend):
+    """The attention half of ``flash_attn_with_kvcache`` (keys already appended, ``cache_seqlens``
+    counting them) as one op for compiled code: at run time it is the eager function without k/v,
+    so the backend is chosen (``use_backend``, ``FLASHLM_ATTN_BACKEND``, the registry) when the
+    compiled graph runs, or when a CUDA graph captures it. Returns (out, lse) like the backends."""
+    out, lse = flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad, block_table=block_table, softmax_scale=softmax_scale, causal=causal,
+        window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
+        num_splits=num_splits, return_softmax_lse=True, backend=backend)
+    # the compiler assumes the fake's contiguous layout for what follows
+    return out.contiguous(), lse.contiguous()
+
+
+@kvcache_attention_op.register_fake
+def _(q, k_cache, v_cache, *args):
+    b, sq, h, _ = q.shape
+    return q.new_empty((b, sq, h, v_cache.shape[-1])), q.new_empty((b, h, sq), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------

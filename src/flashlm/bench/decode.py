@@ -1,13 +1,17 @@
 """`flashlm bench decode`: decode latency, tokens/s and achieved GB/s (issue 7).
 
     python -m flashlm.bench.decode [--preset llama-1b] [--batch-sizes 1,8,32] [--contexts 128,2048,8192]
-        [--models flashlm-graph,flashlm-eager,hf-dynamic,hf-static-compile] [--new-tokens 64]
-        [--repeats 2] [--hf-compile-configs 1x128] [--output decode.json]
+        [--models flashlm-graph,flashlm-graph-inductor,flashlm-eager,hf-dynamic,hf-static-compile]
+        [--new-tokens 64] [--repeats 2] [--hf-compile-configs 1x128] [--inductor-mode default]
+        [--output decode.json]
 
 Implementations, all on the same random weights (bf16 on CUDA) and the same prompts (no padding):
 
 - ``flashlm-graph``: ``flashlm.generation.generate(cuda_graph=True)``: eager prefill, decode step
   replayed from a CUDA graph captured once per batch size (captured in the warm-up call);
+- ``flashlm-graph-inductor``: ``generate(cuda_graph=True, compile=...)``: the decode step compiled by
+  ``torch.compile`` (inductor, ``--inductor-mode``; fullgraph, static shapes) and captured in the
+  CUDA graph (compiled and captured in the warm-up call);
 - ``flashlm-eager``: the same fixed-shape decode step launched from Python;
 - ``hf-dynamic``: transformers' ``LlamaForCausalLM.generate`` (sdpa, DynamicCache);
 - ``hf-static-compile``: the same with ``cache_implementation="static"``, which transformers >= 4.5x
@@ -25,6 +29,21 @@ exactly n tokens.
 
 Writes one JSON (``--output``) with the environment, the command, every grid point and a summary
 against the issue's targets; prints a table; the last stdout line is the summary as one JSON object.
+
+JSON: top level ``benchmark``, ``preset``, ``dtype``, ``device``, ``new_tokens``, ``repeats``,
+``inductor_mode``, ``weight_bytes_per_step``, ``kv_bytes_per_token_per_row``, ``peak_gbs``, ``method``,
+``points``, ``summary``, ``notes``, ``command``, ``environment``, ``table``. Each point: ``impl``,
+``batch``, ``context``, ``new_tokens``, ``status`` (ok / skipped + ``reason`` / error or oom +
+``error``), ``first_token_ms``, ``per_token_ms``, ``total_ms`` (T(1 + N)), ``warmup_ms`` (the first
+call: compile, capture, JIT), ``tokens_per_s``, ``bytes_per_step``, ``gb_per_s``, ``pct_of_peak``,
+``peak_memory_gb`` (CUDA), ``wall_s``; riders: ``graph_tokens_equal_eager`` (flashlm-graph*: the greedy
+tokens equal flashlm-eager's; exact for flashlm-graph, whose replay runs the eager kernels, while
+inductor's fused kernels round differently, so in bf16 a near tie can flip a token),
+``token_agreement_with_eager`` (flashlm-graph-inductor: fraction of equal tokens), ``compile_mode``
+(flashlm-graph-inductor), ``token_agreement_with_flashlm`` (hf-dynamic), ``compiled``
+(hf-static-compile). ``summary``: per implementation ``per_token_ms_b1_ctx128``,
+``first_token_ms_b1_ctx128``, ``tokens_per_s_b32_ctx128``, plus ``speedup_vs_hf_static_compile_b1_ctx128``
+(flashlm-graph) and ``speedup_inductor_vs_graph_b1_ctx128`` when both rows ran.
 """
 
 from __future__ import annotations
@@ -43,8 +62,10 @@ from typing import Any
 import torch
 
 from flashlm.bench.models import DTYPES, kv_bytes_per_token, weight_bytes
+from flashlm.decode_graph import COMPILE_MODES
 
-IMPLS = ("flashlm-graph", "flashlm-eager", "hf-dynamic", "hf-static-compile")
+IMPLS = ("flashlm-graph", "flashlm-graph-inductor", "flashlm-eager", "hf-dynamic", "hf-static-compile")
+GRAPH_IMPLS = ("flashlm-graph", "flashlm-graph-inductor")
 PEAK_GBS_H100 = 3000.0  # ~3 TB/s HBM3 seen on the H100 (DESIGN.md); the issue's bandwidth limit
 TARGETS = {"per_token_ms_b1_ctx128": 1.2, "first_token_ms_b1_ctx128": 15.0, "tokens_per_s_b32": 20000.0}
 
@@ -65,14 +86,18 @@ def _ints(value: str, flag: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flashlm bench decode",
-        description="Decode benchmark: per-token latency, tokens/s and GB/s of flashlm (CUDA graph and eager "
-                    "decode) next to transformers' generate (dynamic cache; static cache + compile).")
+        description="Decode benchmark: per-token latency, tokens/s and GB/s of flashlm (CUDA graph with and "
+                    "without torch.compile, eager decode) next to transformers' generate (dynamic cache; static "
+                    "cache + compile).")
     p.add_argument("--preset", default=None, help="model preset (default: llama-1b on CUDA, tiny on CPU)")
     p.add_argument("--batch-sizes", default=None, help="default: 1,8,32 on CUDA, 1,2 on CPU")
     p.add_argument("--contexts", default=None, help="prompt lengths; default: 128,2048,8192 on CUDA, 16,32 on CPU")
     p.add_argument("--models", default=",".join(IMPLS), help=f"comma-separated among {', '.join(IMPLS)}")
     p.add_argument("--new-tokens", type=int, default=None, help="N decode steps timed (default 64; 8 on CPU)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
+    p.add_argument("--inductor-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode of flashlm-graph-inductor (max-autotune-no-cudagraphs: slower to "
+                        "compile, autotunes the matmuls)")
     p.add_argument("--hf-compile-configs", default="1x128",
                    help="grid points (BATCHxCONTEXT, comma-separated, or 'all') where hf-static-compile runs")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -165,19 +190,20 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def make_runner(impl: str, flash, hf, max_cache_len: int) -> Runner:
+def make_runner(impl: str, flash, hf, max_cache_len: int, inductor_mode: str = "default") -> Runner:
     if impl.startswith("flashlm"):
         from flashlm.generation import generate
 
-        graph = impl == "flashlm-graph"
+        graph = impl in GRAPH_IMPLS
+        compile = inductor_mode if impl == "flashlm-graph-inductor" else False
 
         def ours(ids, n):
             # eos_token_id=[]: no EOS at all; one cache capacity for every call of a grid point, so the
-            # graph captured in the warm-up call serves all of them
+            # graph captured (and compiled) in the warm-up call serves all of them
             out = generate(flash, ids, max_new_tokens=n, eos_token_id=[], cuda_graph=graph,
-                           max_cache_len=max_cache_len)
+                           max_cache_len=max_cache_len, compile=compile)
             if graph and not out.cuda_graph:
-                raise RuntimeError("flashlm-graph: generate did not use a CUDA graph")
+                raise RuntimeError(f"{impl}: generate did not use a CUDA graph")
             return out.sequences[:, ids.shape[1]:]
 
         return ours
@@ -221,7 +247,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 def _skip_reason(impl: str, args: argparse.Namespace, batch: int, ctx: int) -> str | None:
-    if impl == "flashlm-graph" and args.device.type != "cuda":
+    if impl in GRAPH_IMPLS and args.device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     if impl.startswith("hf-"):
         try:
@@ -244,18 +270,18 @@ def _f(v: Any, digits: int = 2) -> str:
 
 
 def format_table(points: list[dict[str, Any]]) -> str:
-    head = (f"| {'impl':<18}| batch | context | first token ms | ms/token | tokens/s | GB/s | % peak | "
-            f"graph == eager |\n|{'-' * 19}|------:|--------:|---------------:|---------:|---------:|-----:|"
+    head = (f"| {'impl':<23}| batch | context | first token ms | ms/token | tokens/s | GB/s | % peak | "
+            f"graph == eager |\n|{'-' * 24}|------:|--------:|---------------:|---------:|---------:|-----:|"
             f"-------:|:--------------:|")
     rows = [head]
     for p in points:
         if p["status"] != "ok":
             note = p.get("reason") or p.get("error", "")
-            rows.append(f"| {p['impl']:<18}| {p['batch']:>5} | {p['context']:>7} | {p['status']}: {note[:60]} "
+            rows.append(f"| {p['impl']:<23}| {p['batch']:>5} | {p['context']:>7} | {p['status']}: {note[:60]} "
                         "| | | | | |")
             continue
         same = p.get("graph_tokens_equal_eager")
-        rows.append(f"| {p['impl']:<18}| {p['batch']:>5} | {p['context']:>7} | {_f(p['first_token_ms']):>14} | "
+        rows.append(f"| {p['impl']:<23}| {p['batch']:>5} | {p['context']:>7} | {_f(p['first_token_ms']):>14} | "
                     f"{_f(p['per_token_ms'], 3):>8} | {_f(p['tokens_per_s'], 0):>8} | {_f(p.get('gb_per_s'), 0):>4} | "
                     f"{_f(p.get('pct_of_peak'), 0):>6} | {'' if same is None else str(same):^14} |")
     return "\n".join(rows)
@@ -276,6 +302,9 @@ def summarize(points: list[dict[str, Any]]) -> dict[str, Any]:
     g, h = s["flashlm-graph"], s["hf-static-compile"]
     if g["per_token_ms_b1_ctx128"] and h["per_token_ms_b1_ctx128"]:
         s["speedup_vs_hf_static_compile_b1_ctx128"] = h["per_token_ms_b1_ctx128"] / g["per_token_ms_b1_ctx128"]
+    i = s["flashlm-graph-inductor"]
+    if g["per_token_ms_b1_ctx128"] and i["per_token_ms_b1_ctx128"]:
+        s["speedup_inductor_vs_graph_b1_ctx128"] = g["per_token_ms_b1_ctx128"] / i["per_token_ms_b1_ctx128"]
     return s
 
 
@@ -312,6 +341,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
     def results() -> dict[str, Any]:
         return {"benchmark": "decode", "preset": args.preset, "dtype": str(dtype).replace("torch.", ""),
                 "device": str(device), "new_tokens": n, "repeats": args.repeats,
+                "inductor_mode": args.inductor_mode,
                 "weight_bytes_per_step": w_bytes, "kv_bytes_per_token_per_row": kv_tok, "peak_gbs": args.peak_gbs,
                 "method": "first token = median T(1); per token = (median T(1+N) - median T(1)) / N; T = wall "
                           "time of one generate call, device synchronized; GB/s = (weights + KV of batch x "
@@ -335,7 +365,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
                     continue
                 t0 = time.perf_counter()
                 try:
-                    runner = make_runner(impl, flash, hf, max_cache_len)
+                    runner = make_runner(impl, flash, hf, max_cache_len, args.inductor_mode)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     if impl.startswith("flashlm") and args.attn_backend:
@@ -354,25 +384,31 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
                         point["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                     if impl == "hf-static-compile":
                         point["compiled"] = getattr(hf, "_compiled_call", None) is not None
+                    if impl == "flashlm-graph-inductor":
+                        point["compile_mode"] = args.inductor_mode
                 except Exception as e:  # noqa: BLE001 one point failing (OOM, compile error) must not end the sweep
                     point.update(_error(e))
                 point["wall_s"] = time.perf_counter() - t0
-                if impl == "flashlm-graph":
+                if impl in GRAPH_IMPLS:
                     release_graphs(flash)  # the next grid point has another cache shape
                 _free(device)
                 points.append(point)
                 if checkpoint is not None:
                     checkpoint(results())
-                log(f"  {impl:<18} batch {batch:>3} ctx {ctx:>5}: " + (
+                log(f"  {impl:<23} batch {batch:>3} ctx {ctx:>5}: " + (
                     f"first {point['first_token_ms']:.2f} ms, {point['per_token_ms']:.3f} ms/token, "
                     f"{_f(point.get('gb_per_s'), 0)} GB/s ({point['wall_s']:.1f} s)" if point["status"] == "ok"
                     else f"{point['status']}: {point.get('error', '')}"))
-            # correctness riders: same greedy tokens graph vs eager (same kernels); agreement with HF
-            if "flashlm-graph" in tokens and "flashlm-eager" in tokens:
-                same = bool(torch.equal(tokens["flashlm-graph"], tokens["flashlm-eager"]))
-                for p in points[-len(args.models):]:
-                    if p["impl"] == "flashlm-graph" and p["status"] == "ok":
-                        p["graph_tokens_equal_eager"] = same
+            # correctness riders: same greedy tokens graph vs eager (same kernels; inductor's fused ones
+            # round differently: its agreement is recorded too); agreement with HF
+            for graph_impl in GRAPH_IMPLS:
+                if graph_impl in tokens and "flashlm-eager" in tokens:
+                    same = tokens[graph_impl] == tokens["flashlm-eager"]
+                    for p in points[-len(args.models):]:
+                        if p["impl"] == graph_impl and p["status"] == "ok":
+                            p["graph_tokens_equal_eager"] = bool(same.all())
+                            if graph_impl == "flashlm-graph-inductor":
+                                p["token_agreement_with_eager"] = float(same.float().mean())
             ours = tokens.get("flashlm-eager", tokens.get("flashlm-graph"))
             if ours is not None and "hf-dynamic" in tokens:
                 for p in points[-len(args.models):]:

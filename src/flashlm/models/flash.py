@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flashlm.attention.interface import apply_rotary
 from flashlm.attention.padding import (
     get_unpad_data,
     index_first_axis,
@@ -74,7 +75,8 @@ def rope_tables(cos: Tensor, sin: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     kernel: the half-width tables (batch, seqlen, head_dim // 2) it takes, as views expanded to the batch
     (done here once, not per layer); elsewhere the full tables unchanged.
     """
-    if cos.is_cuda and _triton_rotary() is not None:
+    # compiled code (CUDA implies triton there) checks no import: it rotates in torch, see apply_rope_bshd
+    if cos.is_cuda and (torch.compiler.is_compiling() or _triton_rotary() is not None):
         half = cos.shape[-1] // 2
         # views: the kernel reads cos/sin through their strides (a broadcast batch stride 0 is fine)
         return cos[..., :half].expand(batch, -1, -1), sin[..., :half].expand(batch, -1, -1)
@@ -89,10 +91,15 @@ def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Ten
     with duplicated halves, rotated here in torch with the tables cast to q's dtype first, exactly as
     the default model's ``apply_rope`` does (fp32 results agree bit for bit); or the half-width tables
     (batch, seqlen, head_dim // 2) from :func:`rope_tables`, which go to the fused Triton kernel
-    ``apply_rotary_bshd`` (CUDA).
+    ``apply_rotary_bshd`` (CUDA). Compiled without gradients (a compiled decode step), the half-width
+    tables take that kernel's math (fp32, one rounding) written in torch ops, which inductor fuses
+    with the neighbouring elementwise work (the cache append, ...) instead of launching the opaque
+    kernel op twice per layer; compiled training keeps the kernel's op and its backward.
     """
     head_dim = q.shape[-1]
     if cos.shape[-1] != head_dim:  # half-width tables
+        if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            return apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
         rotary = _triton_rotary() if q.is_cuda else None
         if rotary is not None:
             return rotary(q, cos, sin), rotary(k, cos, sin)
@@ -314,6 +321,17 @@ class _Plan(NamedTuple):
     cache_lengths: Tensor | int | None  # tokens added per row to the cache (None: no cache)
 
 
+def _append_plan(input_ids: Tensor, cache: StaticKVCache, position_ids: Tensor | None) -> _Plan:
+    """Tokens appended to every row of a non-empty cache, no padding: the kernel appends k/v at each
+    row's ``cache_seqlens`` and positions continue from there. Reads no host state of the cache."""
+    batch, seqlen = input_ids.shape
+    before = cache.seqlens(batch)  # live: the layers read it before the lengths are bumped
+    if position_ids is None:
+        position_ids = before.long()[:, None] + torch.arange(seqlen, device=input_ids.device)
+    meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before, append=True)
+    return _Plan(meta, input_ids, position_ids, None, False, seqlen)
+
+
 def _positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     """(1, total) position of each packed token inside its sequence (no host sync)."""
     t = torch.arange(total, device=cu_seqlens.device)
@@ -384,12 +402,9 @@ class FlashModel(DefaultModel):
         if cu_seqlens is not None:
             raise ValueError("cu_seqlens (packing) cannot be combined with a non-empty cache")
         cache.check_room(batch, seqlen)
-        before = cache.seqlens(batch)  # live view: the layers read it before `advance` bumps it
         if attention_mask is None:
-            if position_ids is None:
-                position_ids = before.long()[:, None] + torch.arange(seqlen, device=input_ids.device)
-            meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before, append=True)
-            return _Plan(meta, input_ids, position_ids, None, False, seqlen)
+            return _append_plan(input_ids, cache, position_ids)
+        before = cache.seqlens(batch)  # live view: the layers read it before `advance` bumps it
         if seqlen == 1:
             raise ValueError("a decode step on a StaticKVCache takes no attention_mask: the cache keeps each "
                              "row's length (cache_seqlens); pass attention_mask=None")
@@ -415,13 +430,33 @@ class FlashModel(DefaultModel):
         """Final hidden states in the compute layout — (batch, seqlen, hidden), or (1, total, hidden)
         for unpadded/packed batches — and the plan that maps them back (see `forward`)."""
         plan = self._plan(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens, max_seqlen)
+        hidden_states = self._run(plan)
+        if past_key_values is not None:
+            past_key_values.advance(input_ids.shape[0], plan.cache_lengths, input_ids.shape[1])
+        return hidden_states, plan
+
+    def _run(self, plan: _Plan) -> Tensor:
+        """Embedding, RoPE tables, layers and final norm of a planned forward (every forward's body)."""
         hidden_states = self.embed_tokens(plan.token_ids)
         cos, sin = rope_tables(*self.rotary_emb(plan.position_ids), hidden_states.shape[0])
         for layer in self.layers:
             hidden_states = layer(hidden_states, cos, sin, meta=plan.meta)
-        if past_key_values is not None:
-            past_key_values.advance(input_ids.shape[0], plan.cache_lengths, input_ids.shape[1])
-        return self.norm(hidden_states), plan
+        return self.norm(hidden_states)
+
+    def decode_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """The decode core: ``input_ids`` (batch, seqlen) appended to a non-empty ``cache`` without a
+        mask (one token per row when decoding); returns the final hidden states (batch, seqlen, hidden).
+
+        A pure tensor function of the tokens, the parameters and the cache tensors: it plans and runs
+        exactly what :meth:`forward` does for that input and bumps ``cache_seqlens`` on the device,
+        but it runs no host check and leaves the cache's host bookkeeping alone, so torch.compile
+        traces it into one graph that no per-token Python value invalidates. The caller checks room
+        before (``cache.check_room(batch, seqlen)``) and records the append after
+        (``cache.note_appended(batch, seqlen)``).
+        """
+        hidden_states = self._run(_append_plan(input_ids, cache, None))
+        cache.bump(input_ids.shape[0], input_ids.shape[1])
+        return hidden_states
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: StaticKVCache | None = None,
@@ -524,6 +559,14 @@ class FlashForCausalLM(DefaultForCausalLM):
                                             targets, bias=self.lm_head.bias,
                                             softcap=self.config.final_logit_softcap)
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def decode_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """Logits (batch, vocab) of the last of ``input_ids`` (batch, seqlen), appended to a non-empty
+        ``cache``: the body of ``forward(input_ids, past_key_values=cache)`` for a decode step, as a
+        pure tensor function (see :meth:`FlashModel.decode_tokens`: no host check, no host
+        bookkeeping; the caller runs ``cache.check_room`` before and ``cache.note_appended`` after).
+        What ``flashlm.decode_graph`` runs, compiles and captures."""
+        return self._logits(self.model.decode_tokens(input_ids, cache)[:, -1])
 
     def _logits(self, hidden: Tensor) -> Tensor:
         logits = self.lm_head(hidden)

@@ -14,9 +14,10 @@ value back to the host, so a decode step can be captured in a CUDA graph (issue 
 Host-side bookkeeping and CUDA graphs: the cache keeps two host values so the model never reads the
 device to plan a forward: ``batch_size`` (None = empty: the next forward is a prefill) and
 ``max_len_bound`` (an upper bound on any row's length, used by :meth:`check_room`). A graph replay runs
-no Python, so it updates ``cache_seqlens`` on the device but not these; whoever replays a captured
-decode step calls :meth:`check_room` before and :meth:`note_appended` after each replay (see
-``flashlm.decode_graph``). Nothing else on the decode path depends on a host value that changes between
+no Python, so it updates ``cache_seqlens`` on the device but not these; a compiled decode step
+(``FlashForCausalLM.decode_logits`` under ``torch.compile``) must not touch them either, since Dynamo
+would guard on a Python int that changes every token and recompile. Whoever replays or runs such a
+step calls :meth:`check_room` before and :meth:`note_appended` after it (see ``flashlm.decode_graph``). Nothing else on the decode path depends on a host value that changes between
 steps: the kernels see the full cache (its capacity ``max_seqlen`` is the key length they are sized
 for) and mask each row by ``cache_seqlens``.
 """
@@ -102,12 +103,14 @@ class StaticKVCache:
         return self
 
     def layer(self, layer_idx: int, batch_size: int) -> tuple[Tensor, Tensor]:
-        """The k/v cache views of one layer for the first ``batch_size`` rows (contiguous views)."""
-        return self.k[layer_idx][:batch_size], self.v[layer_idx][:batch_size]
+        """The k/v cache of one layer for the first ``batch_size`` rows (the tensors themselves when
+        every row is used, else contiguous views)."""
+        return _rows(self.k[layer_idx], batch_size), _rows(self.v[layer_idx], batch_size)
 
     def seqlens(self, batch_size: int) -> Tensor:
-        """int32 ``(batch_size,)`` view of ``cache_seqlens`` (the live tensor, updated in place)."""
-        return self.cache_seqlens[:batch_size]
+        """int32 ``(batch_size,)``: ``cache_seqlens`` of the first rows (the live tensor or a view of it,
+        updated in place)."""
+        return _rows(self.cache_seqlens, batch_size)
 
     def check_room(self, batch_size: int, new_tokens: int) -> None:
         """Raise before any kernel runs if ``new_tokens`` more tokens per row could overflow the cache.
@@ -137,13 +140,18 @@ class StaticKVCache:
     def advance(self, batch_size: int, lengths: Tensor | int, max_new: int) -> None:
         """Add ``lengths`` (int32 ``(batch_size,)`` or an int) to the rows' lengths, in place, once per
         forward after all layers have written; ``max_new`` is the host-side bound of that increase."""
-        self.cache_seqlens[:batch_size] += lengths
+        self.bump(batch_size, lengths)
         self.note_appended(batch_size, max_new)
+
+    def bump(self, batch_size: int, lengths: Tensor | int) -> None:
+        """Device half of :meth:`advance`: ``cache_seqlens[:batch_size] += lengths`` in place, nothing
+        else. What a compiled or captured decode step runs (its caller does the host half)."""
+        self.seqlens(batch_size).add_(lengths)
 
     def note_appended(self, batch_size: int, max_new: int) -> None:
         """Host-side half of :meth:`advance`: record that ``batch_size`` rows hold up to ``max_new`` more
-        tokens. Called on its own after a CUDA-graph replay, whose device half (``cache_seqlens += 1``)
-        ran inside the graph; keeps :meth:`check_room` truthful so eager and replayed steps can mix."""
+        tokens. Called on its own after a CUDA-graph replay or a compiled decode step, whose device half
+        (:meth:`bump`) ran inside; keeps :meth:`check_room` truthful so any kinds of steps can mix."""
         self.batch_size = batch_size
         self.max_len_bound += max_new
 
@@ -162,3 +170,9 @@ class StaticKVCache:
         return (f"StaticKVCache(layers={self.num_layers}, max_batch_size={self.max_batch_size}, "
                 f"max_seqlen={self.max_seqlen}, kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device})")
+
+
+def _rows(t: Tensor, batch_size: int) -> Tensor:
+    # The tensor itself when every row is used: a compiled step then updates the cache in place
+    # without a slice view, which inductor could otherwise turn into a copy of the whole cache.
+    return t if batch_size == t.shape[0] else t[:batch_size]
