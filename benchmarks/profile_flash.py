@@ -1,6 +1,8 @@
 """Profile the flash model's forward on a padded batch (which backend, where the time goes)."""
 import sys
+
 import torch
+
 from flashlm.attention import explain
 from flashlm.bench.models import make_batch  # noqa: F401  (same inputs as the bench)
 from flashlm.models import build_model
