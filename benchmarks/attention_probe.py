@@ -32,6 +32,15 @@ def judge(out, ref32, ref_lp):
     return {"err": err, "ref_lp_err": base, "ok": bool(err <= 2 * base + 1e-3)}
 
 
+def judge_grads(out, r32, rlp, inputs):
+    """judge() of dq, dk, dv: the backend's against the fp32 and low-precision references' (same dout)."""
+    g = torch.randn_like(out)
+    d_be = torch.autograd.grad(out, inputs, g)
+    d32 = torch.autograd.grad(r32, inputs, g)
+    dlp = torch.autograd.grad(rlp.float(), inputs, g)
+    return [judge(a, b, c) for a, b, c in zip(d_be, d32, dlp)]
+
+
 def dense_case(be, B, Sq, Sk, H, Hk, D, causal, grad):
     q, k, v = rnd(B, Sq, H, D, grad=grad), rnd(B, Sk, Hk, D, grad=grad), rnd(B, Sk, Hk, D, grad=grad)
     kw = {"dropout_p": 0.0, "softmax_scale": D ** -0.5, "causal": causal, "window_size": (-1, -1), "softcap": 0.0,
@@ -49,11 +58,7 @@ def dense_case(be, B, Sq, Sk, H, Hk, D, causal, grad):
             v.float().repeat_interleave(rep, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
         res["matches_top_left"] = (out.float() - tl).abs().max().item() < 0.05
     if grad:
-        g = torch.randn_like(out)
-        d_be = torch.autograd.grad(out, (q, k, v), g)
-        d32 = torch.autograd.grad(r32, (q, k, v), g)
-        dlp = torch.autograd.grad(rlp.float(), (q, k, v), g)
-        res["bwd"] = [judge(a, b, c) for a, b, c in zip(d_be, d32, dlp)]
+        res["bwd"] = judge_grads(out, r32, rlp, (q, k, v))
     return res
 
 
@@ -74,11 +79,7 @@ def varlen_case(be, lens_q, lens_k, H, Hk, D, causal, grad):
     except Exception as exc:  # noqa: BLE001
         res["lse_err"] = repr(exc)
     if grad:
-        g = torch.randn_like(out)
-        d_be = torch.autograd.grad(out, (q, k, v), g)
-        d32 = torch.autograd.grad(r32, (q, k, v), g)
-        dlp = torch.autograd.grad(rlp.float(), (q, k, v), g)
-        res["bwd"] = [judge(a, b, c) for a, b, c in zip(d_be, d32, dlp)]
+        res["bwd"] = judge_grads(out, r32, rlp, (q, k, v))
     return res
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 
 
@@ -90,8 +89,7 @@ def main() -> None:
                 linestyle=":")
         ax.set_xlabel("step")
         ax.set_ylabel("train loss")
-        ax.set_title(re.sub(r"\s+", " ", f"llama-1b, seq 2048, 8 rows/GPU: {n}-GPU scaling "
-                                         f"{100 * out['scaling_efficiency']:.0f}%"))
+        ax.set_title(f"llama-1b, seq 2048, 8 rows/GPU: {n}-GPU scaling {100 * out['scaling_efficiency']:.0f}%")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
