@@ -1,5 +1,5 @@
 """Setup shared by several test files: twin default/flash models, left-padded prompts and masks, a
-cache-free greedy loop, a tiny transformers config, and a one-thread fixture for tests made of tiny
+cache-free greedy loop, a tiny transformers config and its per-family variants, and a one-thread fixture for tests made of tiny
 tensors. (pytest puts tests/ on sys.path, so test files import this as ``helpers``.)"""
 
 import pytest
@@ -20,6 +20,38 @@ HF_TINY = {
     "max_position_embeddings": 128,
     "initializer_range": 0.1,  # larger weights than HF's 0.02 so softcaps and windows change the logits
 }
+
+# HF config class per family (on top of HF_TINY), with the features that set it apart switched on;
+# windows (5 tokens) shorter than the sequences (12-16), so a wrong window rule shows.
+HF_FAMILIES = {
+    "llama": ("LlamaConfig", {"attention_bias": True}),
+    "mistral": ("MistralConfig", {"sliding_window": 5}),
+    # layer 0 global, layers 1-2 sliding (i >= max_window_layers); q/k/v biases
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),
+    # head_dim explicit (16 != 48 / 4), q/k norms, biases on q/k/v/o
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "attention_bias": True}),
+    # alternating sliding layers, both softcaps, query_pre_attn_scalar != head_dim, GeGLU, (1 + w)
+    # norms, pre/post norms, sqrt(hidden) embedding scale, tied embeddings
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 10,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": 5,
+        },
+    ),
+}
+
+
+def jitter_vectors(model, scale=0.3):
+    """Move every 1-D parameter (norm weights, biases) off its 0/1 init in place, drawing from the
+    global RNG, so that a dropped or misplaced norm or bias changes the logits."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(scale * torch.randn_like(p))
 
 
 @pytest.fixture(autouse=True, scope="module")

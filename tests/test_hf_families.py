@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import HF_TINY, left_padded_mask
+from helpers import HF_FAMILIES, HF_TINY, jitter_vectors, left_padded_mask
 
 from flashlm.models import MODEL_CLASSES, from_pretrained, save_pretrained
 from flashlm.models.config import HF_ARCHITECTURES, ModelConfig
@@ -23,28 +23,6 @@ TOL = 1e-4
 VOCAB = HF_TINY["vocab_size"]
 DECODE_STEPS = 4
 COMMON = HF_TINY
-# Each family with the features that set it apart switched on; windows (5 tokens) shorter than the
-# sequences (12-16), so a wrong window rule shows.
-FAMILIES = {
-    "llama": ("LlamaConfig", {"attention_bias": True}),
-    "mistral": ("MistralConfig", {"sliding_window": 5}),
-    # layer 0 global, layers 1-2 sliding (i >= max_window_layers); q/k/v biases
-    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),
-    # head_dim explicit (16 != 48 / 4), q/k norms, biases on q/k/v/o
-    "qwen3": ("Qwen3Config", {"head_dim": 16, "attention_bias": True}),
-    # alternating sliding layers, both softcaps, query_pre_attn_scalar != head_dim, GeGLU, (1 + w)
-    # norms, pre/post norms, sqrt(hidden) embedding scale, tied embeddings
-    "gemma2": (
-        "Gemma2Config",
-        {
-            "head_dim": 16,
-            "query_pre_attn_scalar": 10,
-            "attn_logit_softcapping": 2.0,
-            "final_logit_softcapping": 3.0,
-            "sliding_window": 5,
-        },
-    ),
-}
 
 
 def _flash_available() -> bool:
@@ -65,14 +43,11 @@ ATTNS = [
 def hf_checkpoints(tmp_path_factory):
     """family -> (folder, transformers model): tiny random models saved sharded by transformers."""
     out = {}
-    for family, (config_name, extra) in FAMILIES.items():
+    for family, (config_name, extra) in HF_FAMILIES.items():
         torch.manual_seed(0)
         cfg = getattr(transformers, config_name)(**COMMON, **extra)
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-        with torch.no_grad():  # norms and biases off their 0/1 init, so a dropped one shows
-            for p in model.parameters():
-                if p.dim() == 1:
-                    p.add_(0.3 * torch.randn_like(p))
+        jitter_vectors(model)
         folder = tmp_path_factory.mktemp(family) / "hf"
         model.save_pretrained(folder, max_shard_size="50KB")
         assert (folder / "model.safetensors.index.json").is_file()  # the sharded layout
@@ -124,7 +99,7 @@ def compare(ours, theirs, attn, gen):
 
 
 @pytest.mark.parametrize("attn", ATTNS)
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
 def test_family_matches_transformers(family, attn, hf_checkpoints, tmp_path):
     start = time.perf_counter()
     folder, theirs = hf_checkpoints[family]
@@ -187,7 +162,7 @@ def test_family_features_are_exercised(hf_checkpoints):
 
 
 def _hf_json(family, **changes):
-    config_name, extra = FAMILIES[family]
+    config_name, extra = HF_FAMILIES[family]
     hf = getattr(transformers, config_name)(**COMMON, **extra).to_dict()
     hf.update(changes)
     return hf

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import HF_TINY, left_padded_mask
+from helpers import HF_FAMILIES, HF_TINY, jitter_vectors, left_padded_mask
 
 import flashlm.hf as flashlm_hf
 
@@ -17,21 +17,8 @@ COMMON = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-FAMILIES = {
-    "llama": ("LlamaConfig", {}),
-    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),
-    "mistral": ("MistralConfig", {"sliding_window": 5}),
-    "gemma2": (
-        "Gemma2Config",
-        {
-            "head_dim": 16,
-            "query_pre_attn_scalar": 10,
-            "attn_logit_softcapping": 2.0,
-            "final_logit_softcapping": 3.0,
-            "sliding_window": 5,
-        },
-    ),
-}
+# plain Llama (no biases) and the families whose attention differs: windows, softcaps, scalings
+FAMILIES = {"llama": ("LlamaConfig", {}), **{f: HF_FAMILIES[f] for f in ("qwen2", "mistral", "gemma2")}}
 NAME = flashlm_hf.register()
 
 
@@ -43,10 +30,7 @@ def twins(family):
     eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME)
     assert ours.config._attn_implementation == NAME
-    with torch.no_grad():
-        for p in eager.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn_like(p))
+    jitter_vectors(eager)
     ours.load_state_dict(eager.state_dict())
     return eager.eval(), ours.eval()
 
