@@ -157,3 +157,80 @@ def test_config_json_values_of_the_wrong_type_are_refused(model, tmp_path, key, 
     (ck / "config.json").write_text(json.dumps(hf))
     with pytest.raises(InputError, match=rf"config.json.*{key} must"):
         from_pretrained(ck)
+
+
+# --------------------------------------------------------------------------------- models, generate
+
+
+@pytest.mark.parametrize("attn", ["default", "flash"])
+def test_labels_and_cached_tokens_past_the_vocab_are_refused(attn):
+    model = build_model(TINY, attn=attn).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    labels = ids.clone()
+    labels[0, 0] = -100  # ignored: fine
+    model(ids, labels=labels)
+    for bad in (64, -5):
+        labels[1, 2] = bad
+        with pytest.raises(InputError, match="labels out of range"):
+            model(ids, labels=labels)
+    if attn == "flash":
+        cache = model.allocate_cache(2, 8)
+        model(ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(InputError, match="input_ids out of range"):
+            model(torch.tensor([[64], [1]]), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("attn", ["default", "flash"])
+def test_generate_checks_pad_and_eos_ids_and_length_up_front(attn):
+    from flashlm.generation import generate
+
+    model = build_model(TINY, attn=attn).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    first = generate(model, ids, max_new_tokens=1, eos_token_id=[]).sequences[:, -1]
+    eos = int(first[0])  # row 0 finishes at once, so a bad pad id would be written right away
+    for kwargs, match in [({"pad_token_id": 1000, "eos_token_id": eos}, "pad_token_id must be an int in"),
+                          ({"pad_token_id": -1, "eos_token_id": eos}, "pad_token_id must be an int in"),
+                          ({"eos_token_id": [eos, 64]}, "eos_token_id must be an int in")]:
+        with pytest.raises(InputError, match=match):
+            generate(model, ids, max_new_tokens=3, **kwargs)
+    long = torch.randint(0, 64, (1, TINY.max_position_embeddings + 1))
+    with pytest.raises(InputError, match="exceeds the model's max_position_embeddings 512"):
+        generate(model, long, max_new_tokens=1)
+    with pytest.raises(InputError, match="plus max_new_tokens"):
+        generate(model, long[:, :500], max_new_tokens=20)
+
+
+def test_generate_cli_names_a_bad_tokenizer_file(tmp_path, capsys):
+    from flashlm.generation import main
+
+    bad = tmp_path / "tok.json"
+    bad.write_text('{"not": "a tokenizer"}')
+    assert main(["--model", "tiny", "--prompt", "hi", "--tokenizer", str(bad), "--device", "cpu"]) == 2
+    assert "is not a valid tokenizer.json" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- sanity, bench
+
+
+def test_sanity_refuses_empty_shapes(capsys):
+    from flashlm import sanity
+
+    for argv in (["--batch", "0"], ["--seqlen", "-3"]):
+        with pytest.raises(SystemExit) as exc:
+            sanity.main(argv)
+        assert exc.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert sanity.main(["--seqlen", "510"]) == 2
+    assert "exceeds the model's max_position_embeddings" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_folder_as_output_before_running(tmp_path, capsys):
+    from flashlm.bench import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = ["--model", "tiny", "--device", "cpu", "--compare", "default", "--cases", "forward",
+            "--warmup-steps", "0", "--benchmark-steps", "1", "--seq-length", "8", "--no-progress"]
+    assert cli.main([*argv, "--output", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "is a folder" in err
+    assert sorted(os.listdir(tmp_path)) == ["data"] and not os.listdir(data)  # no stray data.tmp

@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashlm.errors import InputError
+
 from .cache import DynamicCache
 from .config import ModelConfig
 from .layers import MLP, MultiHeadAttention, RMSNorm, RotaryEmbedding, make_norm
+
+IGNORE_INDEX = -100  # labels skipped by the loss (HF's convention)
 
 
 @dataclass
@@ -163,14 +167,7 @@ def check_inputs(
     batch, q_len = input_ids.shape
     if q_len == 0:
         raise ValueError("input_ids has zero tokens")
-    if input_ids.numel():
-        lo, hi = torch.aminmax(input_ids)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= config.vocab_size:
-            raise ValueError(
-                f"input_ids out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
-                f"(allowed [0, {config.vocab_size - 1}])"
-            )
+    check_token_range(config, input_ids)
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
@@ -198,9 +195,28 @@ def check_inputs(
             )
         if position_ids.dtype.is_floating_point:
             raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
-    if labels is not None and tuple(labels.shape) != (batch, q_len):
-        raise ValueError(
-            f"labels must have the shape of input_ids {(batch, q_len)}, got {tuple(labels.shape)}"
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (batch, q_len):
+            raise ValueError(
+                f"labels must have the shape of input_ids {(batch, q_len)}, got {tuple(getattr(labels, 'shape', ()))}"
+            )
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        check_token_range(config, labels.masked_fill(labels == IGNORE_INDEX, 0), "labels", IGNORE_INDEX)
+
+
+def check_token_range(config: ModelConfig, ids: torch.Tensor, name: str = "input_ids",
+                      ignore_index: int | None = None) -> None:
+    """``InputError`` when ``ids`` holds a value outside [0, vocab_size) (one host read: on the GPU
+    an out-of-range id would be a device-side assert that kills the process's CUDA context)."""
+    if not ids.numel():
+        return
+    lo, hi = (int(x) for x in torch.aminmax(ids))
+    if lo < 0 or hi >= config.vocab_size:
+        ignored = f" or {ignore_index} (ignored)" if ignore_index is not None else ""
+        raise InputError(
+            f"{name} out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
+            f"(allowed [0, {config.vocab_size - 1}]{ignored})"
         )
 
 
