@@ -142,3 +142,16 @@ def test_a_damaged_log_line_before_the_end_is_named(corpus, cache, tmp_path):
     (out / "metrics.jsonl").write_text("garbage\n" + lines[1] + "\n")
     with pytest.raises(InputError, match=r"metrics.jsonl:1 is not a JSON record"):
         _run(corpus, cache, out, "--max-steps", 3, "--resume", "auto")
+
+
+def test_a_damaged_token_cache_is_remade(corpus, tmp_path):
+    from flashlm import data as D
+
+    tok = D.train_tokenizer(D.read_documents([corpus]), 300)
+    tokens, offsets = D.tokenize_corpus([corpus], tok, cache_dir=tmp_path)
+    (cached,) = (tmp_path / "tokens").iterdir()
+    cached.write_bytes(cached.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="cache .* is unreadable"):
+        again, offsets_again = D.tokenize_corpus([corpus], tok, cache_dir=tmp_path)
+    assert torch.equal(again, tokens) and torch.equal(offsets_again, offsets)
+    assert [p.name for p in (tmp_path / "tokens").iterdir()] == [cached.name]  # re-written, no .tmp left

@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     """`flashlm train` entry point: 0 on success, 2 with a one-line message on bad input."""
     try:
         train(argv)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as e:
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
         print(f"flashlm train: error: {e}", file=sys.stderr)
         return 2
     return 0
