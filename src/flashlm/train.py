@@ -46,11 +46,12 @@ from flashlm.errors import InputError
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 DTYPES = ("auto", "bf16", "fp32")
 MAX_LR = 1.0
-# Training args a resume may change (how the run is watched, saved or computed, not what it computes);
-# batch size and accumulation may change too (the data position is kept in rows), with a warning.
-RESUME_MAY_CHANGE = {"data", "cache_dir", "tokenizer", "output", "resume", "stop_after", "no_progress",
-                     "eval_every", "eval_batches", "save_every", "device", "compile", "activation_checkpointing",
-                     "peak_tflops", "batch_size", "grad_accum"}
+# Training args a resume may change (how the run is watched, saved or computed, not what it computes;
+# --model and --vocab-size are guarded by the model-config check); batch size and accumulation may
+# change too (the data position is kept in rows), with a warning.
+RESUME_MAY_CHANGE = {"model", "vocab_size", "data", "cache_dir", "tokenizer", "output", "resume", "stop_after",
+                     "no_progress", "eval_every", "eval_batches", "save_every", "device", "compile",
+                     "activation_checkpointing", "peak_tflops", "batch_size", "grad_accum"}
 # Files and folders that mark --output as holding a run (tokenizer.json alone does not: it is reused).
 RUN_MARKERS = ("metrics.jsonl", ckpt.CHECKPOINTS, "final", "loss.png")
 DEFAULT_BPE_VOCAB = 512
