@@ -167,7 +167,6 @@ def check_inputs(
     batch, q_len = input_ids.shape
     if q_len == 0:
         raise ValueError("input_ids has zero tokens")
-    check_token_range(config, input_ids)
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
@@ -202,22 +201,27 @@ def check_inputs(
             )
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-        check_token_range(config, labels.masked_fill(labels == IGNORE_INDEX, 0), "labels", IGNORE_INDEX)
+    check_token_range(config, input_ids, labels)
 
 
-def check_token_range(config: ModelConfig, ids: torch.Tensor, name: str = "input_ids",
-                      ignore_index: int | None = None) -> None:
-    """``InputError`` when ``ids`` holds a value outside [0, vocab_size) (one host read: on the GPU
-    an out-of-range id would be a device-side assert that kills the process's CUDA context)."""
-    if not ids.numel():
+def check_token_range(config: ModelConfig, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """``InputError`` when ``input_ids`` (or ``labels``, apart from -100) hold a value outside
+    [0, vocab_size). One host read for both: on the GPU an out-of-range id would be a device-side
+    assert that kills the process's CUDA context."""
+    named = [("input_ids", input_ids)]
+    if labels is not None:
+        named.append(("labels", labels.masked_fill(labels == IGNORE_INDEX, 0)))
+    named = [(n, t) for n, t in named if t.numel()]
+    if not named:
         return
-    lo, hi = (int(x) for x in torch.aminmax(ids))
-    if lo < 0 or hi >= config.vocab_size:
-        ignored = f" or {ignore_index} (ignored)" if ignore_index is not None else ""
-        raise InputError(
-            f"{name} out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
-            f"(allowed [0, {config.vocab_size - 1}]{ignored})"
-        )
+    bounds = torch.stack([torch.stack(torch.aminmax(t)).to(input_ids.device, torch.int64) for _, t in named]).tolist()
+    for (name, _), (lo, hi) in zip(named, bounds):
+        if lo < 0 or hi >= config.vocab_size:
+            ignored = f" or {IGNORE_INDEX} (ignored)" if name == "labels" else ""
+            raise InputError(
+                f"{name} out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
+                f"(allowed [0, {config.vocab_size - 1}]{ignored})"
+            )
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
