@@ -194,10 +194,8 @@ def test_generate_checks_pad_and_eos_ids_and_length_up_front(attn):
         with pytest.raises(InputError, match=match):
             generate(model, ids, max_new_tokens=3, **kwargs)
     long = torch.randint(0, 64, (1, TINY.max_position_embeddings + 1))
-    with pytest.raises(InputError, match="exceeds the model's max_position_embeddings 512"):
+    with pytest.raises(InputError, match=r"prompt \(513 tokens\) exceeds the model's max_position_embeddings 512"):
         generate(model, long, max_new_tokens=1)
-    with pytest.raises(InputError, match="plus max_new_tokens"):
-        generate(model, long[:, :500], max_new_tokens=20)
 
 
 def test_generate_cli_names_a_bad_tokenizer_file(tmp_path, capsys):
