@@ -156,7 +156,10 @@ def commit(tmp: str, target: str) -> None:
         old = f"{tmp}-old"
         os.replace(target, old)
         os.replace(tmp, target)
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):  # the save itself succeeded: say so rather than raise
+            warnings.warn(f"saved {target!r}, but the previous version at {old!r} could not be removed; "
+                          "the next save to it retries", stacklevel=3)
     else:
         os.replace(tmp, target)
 
