@@ -232,3 +232,25 @@ def test_bench_refuses_a_folder_as_output_before_running(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--output" in err and "is a folder" in err
     assert sorted(os.listdir(tmp_path)) == ["data"] and not os.listdir(data)  # no stray data.tmp
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["default", "flash"])
+def test_out_of_vocab_ids_on_cuda_are_refused_and_the_context_survives(attn):
+    """On the GPU an id past the vocab would be a device-side assert that loses the process's CUDA
+    context: the checks must refuse it first, and the model must keep working after."""
+    model = build_model(TINY, attn=attn, device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (2, 6), device="cuda")
+    labels = ids.clone()
+    labels[1, 2] = 64
+    with pytest.raises(InputError, match="labels out of range"):
+        model(ids, labels=labels)
+    with pytest.raises(InputError, match="input_ids out of range"):
+        model(ids + 64)
+    if attn == "flash":
+        cache = model.allocate_cache(2, 8)
+        model(ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(InputError, match="input_ids out of range"):
+            model(torch.tensor([[64], [1]], device="cuda"), past_key_values=cache, use_cache=True)
+    assert torch.isfinite(model(ids, labels=ids).loss)  # the context is intact
+    torch.cuda.synchronize()
