@@ -134,7 +134,7 @@ def test_capacity_and_argument_errors():
 
 def test_cli_compile_on_cpu_falls_back_with_a_note(capsys):
     assert main(["--model", "tiny", "--prompt-ids", "5,17,99", "--prompt-ids", "8", "--max-new-tokens", "4",
-                 "--device", "cpu", "--compile", "--json", "--eos-token-id", "1000"]) == 0
+                 "--device", "cpu", "--compile", "--json", "--no-eos"]) == 0
     captured = capsys.readouterr()
     assert "--compile" in captured.err and "eager" in captured.err
     result = json.loads(captured.out.strip().splitlines()[-1])

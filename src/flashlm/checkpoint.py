@@ -36,6 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flashlm import folders
+from flashlm.errors import InputError
+
 __all__ = [
     "CHECKPOINTS",
     "ConfigMismatchError",
@@ -49,7 +52,12 @@ CHECKPOINTS = "checkpoints"
 FORMAT_VERSION = 1
 
 
-class ConfigMismatchError(ValueError):
+# What a training checkpoint folder holds (a folder with anything else is not replaced).
+CHECKPOINT_ENTRIES = ("train_state.pt", "rng_rank*.pt")
+CHECKPOINT_DIRS = ("model", "dcp")
+
+
+class ConfigMismatchError(InputError):
     """Resuming from a checkpoint saved for another model configuration."""
 
 
@@ -122,37 +130,71 @@ def _write_full_state_dict(state: dict[str, torch.Tensor], config, path: Path) -
 def export_model(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
     """Write ``model`` as an HF folder at ``path`` (collective under FSDP2: call on every rank).
 
-    Unsharded: ``flashlm.models.save_pretrained`` (atomic on its own). FSDP2: the full state dict is
-    gathered to rank 0's CPU and written there. ``tokenizer`` (a ``tokenizers.Tokenizer``) is saved
-    beside the weights as tokenizer.json.
+    Unsharded: ``flashlm.models.save_pretrained``. FSDP2: the full state dict is gathered to rank 0's
+    CPU and written there. ``tokenizer`` (a ``tokenizers.Tokenizer``) is saved beside the weights as
+    tokenizer.json. Either way the folder is written beside ``path`` and swapped in complete; a
+    ``path`` that is not a checkpoint folder (or empty, or absent) is refused before anything is written.
     """
     path = Path(path)
+    target = folders.check_replaceable(path, "checkpoint")  # every rank: all refuse, or none does
+
+    def write_tokenizer(folder) -> None:
+        if tokenizer is not None:
+            tokenizer.save(str(Path(folder) / "tokenizer.json"))
+
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if _rank() == 0:
-            _write_full_state_dict(full, model.config, path)
+            tmp = folders.stage(target)
+            try:
+                _write_full_state_dict(full, model.config, Path(tmp))
+                write_tokenizer(tmp)
+                folders.commit(tmp, target)
+            except BaseException:
+                folders.discard(tmp)
+                raise
     elif _rank() == 0:
         from flashlm.models import save_pretrained
 
-        save_pretrained(model, path)
-    if tokenizer is not None and _rank() == 0:
-        tokenizer.save(str(path / "tokenizer.json"))
+        save_pretrained(model, target, extra_files=write_tokenizer)
     _barrier()
 
 
 # ------------------------------------------------------------------------------------ checkpoints
 
 
+def _check_step_folder(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is absent or a training checkpoint folder."""
+    folders.check_replaceable(path, "training checkpoint", CHECKPOINT_ENTRIES, CHECKPOINT_DIRS, "train_state.pt")
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove ``.tmp-step_*`` folders of killed saves; put back a ``.old-step_*`` folder whose step
+    folder a crash left missing (the swap died between its two renames)."""
+    if not root.is_dir():
+        return
+    for p in sorted(root.glob(".old-step_*")):
+        final = root / p.name[len(".old-"):]
+        if final.exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.replace(p, final)
+            warnings.warn(f"restored {final} from {p.name}, left by an interrupted checkpoint save", stacklevel=3)
+    for p in root.glob(".tmp-step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+        warnings.warn(f"removed {p}, the temporary folder of an interrupted checkpoint save", stacklevel=3)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``; an existing ``dst`` is swapped out first, then deleted."""
+    """Move folder ``src`` to ``dst`` (checked by `_check_step_folder`); an existing ``dst`` is
+    swapped out first, then deleted."""
     if dst.exists():
         old = dst.with_name(f".old-{dst.name}")
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
         os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old)
     else:
         os.replace(src, dst)
 
@@ -182,8 +224,9 @@ def save_checkpoint(
     name = f"step_{step:07d}"
     final, tmp = root / name, root / f".tmp-{name}"
     rank = _rank()
+    _check_step_folder(final)  # every rank, before anything is written
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _clean_leftovers(root)
         tmp.mkdir(parents=True)
     _barrier()
 
@@ -218,35 +261,83 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``<output_dir>/checkpoints`` (None if there is none)."""
-    root = Path(output_dir) / CHECKPOINTS
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root`` newest first: the one ``latest`` names, then step_* by step."""
+    if not root.is_dir():
+        return []
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     latest = root / "latest"
-    if latest.is_file():
-        cand = root / latest.read_text().strip()
-        if (cand / "train_state.pt").is_file():
-            return cand
-    steps = sorted(p for p in root.glob("step_*") if (p / "train_state.pt").is_file()) if root.is_dir() else []
-    return steps[-1] if steps else None
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    if named is not None and named in steps:
+        steps.remove(named)
+        steps.insert(0, named)
+    return steps
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Cheap integrity check of a checkpoint folder: train_state.pt opens (its zip directory is read,
+    through mmap: the tensors are not) and the weights' headers are complete. ``InputError`` naming
+    the damaged file."""
+    path = Path(path)
+    state_file = path / "train_state.pt"
+    if not state_file.is_file():
+        raise InputError(f"{path} holds no train_state.pt: not a (complete) training checkpoint")
+    state = read_train_state(path, mmap=True)
+    if state.get("sharded"):
+        if not (path / "dcp" / ".metadata").is_file():
+            raise InputError(f"{path / 'dcp'} lacks its .metadata: the sharded checkpoint is incomplete")
+    else:
+        from flashlm.models.io import _open_safetensors, checkpoint_files
+
+        for file in checkpoint_files(path / "model"):
+            with _open_safetensors(file):
+                pass
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest intact checkpoint under ``<output_dir>/checkpoints`` (None if there is none). A
+    damaged one (torn train_state.pt, truncated weights: a disk filled up, a copy cut short) is
+    skipped with a warning that names the file, falling back to the one before."""
+    for cand in _candidates(Path(output_dir) / CHECKPOINTS):
+        try:
+            verify_checkpoint(cand)
+        except (InputError, FileNotFoundError) as e:
+            if (cand / "train_state.pt").is_file():  # a folder without it is a killed save's, no news
+                warnings.warn(f"skipping damaged checkpoint {cand}: {e}", stacklevel=2)
+            continue
+        return cand
+    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run's output folder (then its latest checkpoint)."""
+    """A checkpoint folder (verified: `verify_checkpoint`), or a run's output folder (then its newest
+    intact checkpoint)."""
     p = Path(path)
     if (p / "train_state.pt").is_file():
+        verify_checkpoint(p)
         return p
     found = latest_checkpoint(p)
     if found is None:
         raise FileNotFoundError(
             f"--resume: {p} is neither a checkpoint folder (with train_state.pt) nor a run folder "
-            f"with checkpoints under {p / CHECKPOINTS}"
+            f"with intact checkpoints under {p / CHECKPOINTS}"
         )
     return found
 
 
-def read_train_state(path: str | os.PathLike) -> dict:
-    """``train_state.pt`` of a checkpoint folder (plain containers and tensors only)."""
-    return torch.load(Path(path) / "train_state.pt", weights_only=False, map_location="cpu")
+def read_train_state(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """``train_state.pt`` of a checkpoint folder (plain containers and tensors only); ``InputError``
+    naming the file when it cannot be read."""
+    file = Path(path) / "train_state.pt"
+    try:
+        state = torch.load(file, weights_only=False, map_location="cpu", mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:  # torch's zip reader raises RuntimeError
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise InputError(f"{file} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise InputError(f"{file} is not a flashlm train state")
+    return state
 
 
 def check_config(saved: dict, config, where: str = "checkpoint") -> None:
@@ -278,11 +369,11 @@ def load_checkpoint(
     path = Path(path)
     state = read_train_state(path)
     if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"--resume: {path} has checkpoint format {state.get('format')}, expected {FORMAT_VERSION}")
+        raise InputError(f"--resume: {path} has checkpoint format {state.get('format')}, expected {FORMAT_VERSION}")
     check_config(state["config"], model.config)
     sharded = is_sharded(model)
     if sharded and not state["sharded"]:
-        raise ValueError(
+        raise InputError(
             f"--resume: {path} is a single-process checkpoint but this run is FSDP2 (sharded); its "
             f"optimizer state cannot be resharded: start from its weights with --model {path / 'model'}"
         )

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,8 +231,12 @@ def tokenize_corpus(
     ).hexdigest()[:32]
     path = cache_root / "tokens" / f"{key}.pt"
     if path.is_file():
-        blob = torch.load(path, weights_only=True)
-        return blob["tokens"], blob["offsets"]
+        try:
+            blob = torch.load(path, weights_only=True)
+            return blob["tokens"], blob["offsets"]
+        except (RuntimeError, OSError, KeyError, EOFError) as e:  # a damaged cache is re-made, not fatal
+            warnings.warn(f"tokenized-data cache {path} is unreadable ({str(e).splitlines()[0]}); "
+                          "tokenizing again", stacklevel=2)
 
     chunks: list[torch.Tensor] = []
     lengths: list[int] = []
@@ -256,14 +261,16 @@ def tokenize_corpus(
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
 
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         torch.save({"tokens": tokens, "offsets": offsets}, tmp)
         os.replace(tmp, path)
-    except OSError:
-        pass  # an unwritable cache only costs a re-tokenization next time
+    except (OSError, RuntimeError):  # an unwritable cache only costs a re-tokenization next time
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
     return tokens, offsets
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import os
 import sys
 import time
@@ -49,6 +50,7 @@ from flashlm.decode_graph import (
     graphed_decode_step,
     release_graphs,
 )
+from flashlm.errors import InputError
 
 __all__ = ["GenerationOutput", "generate", "main", "release_graphs", "sample_next_token", "top_k_filter",
            "top_p_filter"]
@@ -186,6 +188,27 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
     return mask
 
 
+def _check_ids_and_length(config: Any, eos_ids: list[int], pad_token_id: Any, prompt_len: int) -> None:
+    """EOS and pad ids must be token ids of the model (a pad id past the vocab would fail mid-run,
+    when the first row finishes); the prompt must fit the model's positions. New tokens may run past
+    them, as in transformers (benchmarks time a full-length prompt plus a few tokens)."""
+    vocab = getattr(config, "vocab_size", None)
+    for name, ids in (("eos_token_id", eos_ids), ("pad_token_id", [pad_token_id])):
+        for i in ids:
+            try:
+                value = None if isinstance(i, bool) else operator.index(i)
+            except TypeError:
+                value = None
+            if value is None or value < 0 or (vocab is not None and value >= vocab):
+                raise InputError(f"{name} must be an int in [0, vocab_size={vocab}), got {i!r}")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and prompt_len > max_pos:
+        raise InputError(
+            f"the prompt ({prompt_len} tokens) exceeds the model's max_position_embeddings {max_pos}: "
+            "positions past it were never trained (flashlm train refuses such rows too); shorten the prompt"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -313,6 +336,7 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
         pad_token_id = getattr(config, "pad_token_id", None)
         if pad_token_id is None:
             pad_token_id = eos_ids[0] if eos_ids else 0
+    _check_ids_and_length(config, eos_ids, pad_token_id, input_ids.shape[1])
     device = input_ids.device
     input_ids = input_ids.long()
     key = SamplingKey(bool(do_sample), float(temperature), int(top_k), float(top_p), tuple(eos_ids),
@@ -507,6 +531,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds random preset weights and sampling")
     p.add_argument("--eos-token-id", type=int, action="append",
                    help="end-of-sequence id (repeatable; default: the config's)")
+    p.add_argument("--no-eos", action="store_true", help="no end-of-sequence id: every row runs --max-new-tokens")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
@@ -536,7 +561,10 @@ def _load_tokenizer(path: str | None, model_arg: str):
         from tokenizers import Tokenizer
     except ImportError as e:
         raise ImportError("--prompt needs the 'tokenizers' package: pip install 'flashlm[train]'") from e
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 (the Rust side raises a bare Exception)
+        raise InputError(f"--tokenizer {path!r} is not a valid tokenizer.json ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             piece = tokenizer.decode([tok]) if tokenizer is not None else f" {tok}"
             print(piece, end="", flush=True)
 
-    eos = args.eos_token_id if args.eos_token_id else None
+    eos = [] if args.no_eos else (args.eos_token_id or None)
     cuda_graph = False
     compile_step: bool | str = False
     if args.compile is not None:

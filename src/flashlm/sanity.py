@@ -31,14 +31,25 @@ def _parser() -> argparse.ArgumentParser:
         help="model shape: 'sanity' (default: 4 layers, GQA, llama3 RoPE scaling, ~1M params) "
         "or a named preset",
     )
-    p.add_argument("--batch", type=int, default=3, help="batch size (default 3)")
-    p.add_argument("--seqlen", type=int, default=48, help="prompt length (default 48)")
+    p.add_argument("--batch", type=_positive_int, default=3, help="batch size, >= 1 (default 3)")
+    p.add_argument("--seqlen", type=_positive_int, default=48, help="prompt length, >= 1 (default 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
         "--tol", type=_tolerance, default=1e-4, help="max allowed abs logit difference, >= 0 (default 1e-4)"
     )
     return p
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for --batch / --seqlen: an int >= 1 (0 rows or tokens compare nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
 
 
 def _tolerance(text: str) -> float:
@@ -138,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     config = sanity_config(args.preset)
+    if args.seqlen + DECODE_STEPS > config.max_position_embeddings:
+        print(f"flashlm sanity: error: --seqlen {args.seqlen} + {DECODE_STEPS} decode steps exceeds the model's "
+              f"max_position_embeddings {config.max_position_embeddings}", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"flashlm sanity: error: --device {args.device}: CUDA is not available here", file=sys.stderr)
+        return 2
     hf_cls = _hf_class(config.architecture)
     torch.manual_seed(args.seed)
     model = build_model(config, attn="default", device=args.device, dtype=torch.float32)

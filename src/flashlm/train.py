@@ -41,9 +41,21 @@ from torch import nn
 
 from flashlm import checkpoint as ckpt
 from flashlm import data as fdata
+from flashlm.errors import InputError
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 DTYPES = ("auto", "bf16", "fp32")
+MAX_LR = 1.0
+# Training args a resume may change (how the run is watched, saved or computed, not what it computes;
+# --model and --vocab-size are guarded by the model-config check); batch size and accumulation may
+# change too (the data position is kept in rows), with a warning.
+RESUME_MAY_CHANGE = {"model", "vocab_size", "data", "cache_dir", "tokenizer", "output", "resume", "stop_after",
+                     "no_progress", "eval_every", "eval_batches", "save_every", "device", "compile",
+                     "activation_checkpointing", "peak_tflops", "batch_size", "grad_accum"}
+# Files and folders that mark --output as holding a run (tokenizer.json alone does not: it is reused).
+RUN_MARKERS = ("metrics.jsonl", ckpt.CHECKPOINTS, "final", "loss.png")
+DEFAULT_BPE_VOCAB = 512
+DEFAULT_SEQ_LENGTH = 1024
 
 
 # ----------------------------------------------------------------------------------------------- args
@@ -60,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn", default="flash", choices=("flash", "default"),
                    help="model class; 'default' (eager) does not isolate packed documents from each other")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="vocab size of a preset model (and of the BPE trained without --tokenizer)")
+                   help="vocab size of a preset model (and of the BPE trained without --tokenizer); default: "
+                        f"the preset's, raised to fit the tokenizer (a trained BPE gets >= {DEFAULT_BPE_VOCAB})")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or folders")
     g.add_argument("--text-field", default="text", help="field holding the text in .jsonl lines")
@@ -68,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tokenizer.json (tokenizers library); default: the --model folder's, else "
                         "--output's (kept from an earlier run), else a byte-level BPE trained on --data "
                         "and saved in --output")
-    g.add_argument("--seq-length", type=int, default=1024, help="tokens per packed row")
+    g.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per packed row (default: 1024, or the model's max_position_embeddings if smaller)")
     g.add_argument("--eval-fraction", type=float, default=0.01, help="share of rows held out for --eval-every")
     g.add_argument("--cache-dir", default=None, help="tokenized-data cache (default $FLASHLM_CACHE or ~/.cache/flashlm)")
     g.add_argument("--seed", type=int, default=0, help="model init, document and row shuffling")
@@ -107,13 +121,29 @@ def check_args(args: argparse.Namespace) -> None:
     """Range checks that need no model or data; raise ValueError naming the flag."""
     positive = ("seq_length", "batch_size", "grad_accum", "max_steps", "eval_batches")
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("eval_every", "save_every"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for name in ("lr", "min_lr_ratio", "weight_decay", "max_grad_norm", "eval_fraction", "peak_tflops"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):  # argparse's float() takes "nan" and "inf"
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 < args.lr <= MAX_LR:
+        raise InputError(
+            f"--lr must be in (0, {MAX_LR}], got {args.lr}: AdamW moves each weight by about lr per step "
+            "(weights start near 0.02; language models train at 1e-5 .. 1e-2)"
+        )
+    if args.weight_decay < 0 or args.lr * args.weight_decay >= 1:
+        raise InputError(
+            f"--weight-decay must be >= 0 with lr * weight_decay < 1 (AdamW multiplies weights by "
+            f"1 - lr * weight_decay each step), got {args.weight_decay} at --lr {args.lr}"
+        )
+    if args.max_grad_norm < 0:
+        raise InputError(f"--max-grad-norm must be >= 0 (0: off), got {args.max_grad_norm}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise InputError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.warmup_steps is not None and not 0 <= args.warmup_steps <= args.max_steps:
@@ -124,6 +154,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ValueError(f"--vocab-size must be >= 1, got {args.vocab_size}")
+    check_device(args.device)
+
+
+def check_device(device_arg: str | None) -> None:
+    """Refuse a --device that torch does not know or this machine does not have."""
+    if device_arg is None:
+        return
+    try:
+        device = torch.device(device_arg)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device_arg!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device_arg}: CUDA is not available here (use --device cpu, or omit --device)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # -------------------------------------------------------------------------------------- distributed
@@ -265,6 +310,61 @@ def lr_lambda(max_steps: int, warmup: int, min_ratio: float):
 # --------------------------------------------------------------------------------------- the setup
 
 
+def _refuse_used_folder(out: Path, hint: str) -> None:
+    """A run folder belongs to one run: refuse to start another in a folder that holds one."""
+    used = [m for m in RUN_MARKERS if (out / m).exists()]
+    if used:
+        raise InputError(
+            f"--output {out} holds an earlier run ({', '.join(used)}); {hint}, or choose a new --output "
+            "(or delete the old run)"
+        )
+
+
+def _resume_dir(args, out: Path) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), refusing a resume that would mix two runs
+    in --output."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        found = ckpt.latest_checkpoint(out)
+        if found is None and any((out / m).exists() for m in ("final", "loss.png")):
+            _refuse_used_folder(out, "it has no checkpoint to resume (it finished with --save-every 0?)")
+        return found
+    found = ckpt.resolve_checkpoint(args.resume)
+    if out.resolve() not in found.resolve().parents:  # a checkpoint of another run, into this folder
+        _refuse_used_folder(out, f"resuming {found} there would mix two runs' logs")
+    return found
+
+
+def check_resume_args(saved: dict, args) -> list[str]:
+    """Refuse (``InputError``) a resume whose training args differ from the saved run's beyond
+    `RESUME_MAY_CHANGE`; return the changed batch-shape args (allowed, worth a warning)."""
+    now = vars(args)
+    diffs = [f"--{k.replace('_', '-')} {saved[k]!r} (saved) != {now[k]!r} (now)" for k in sorted(saved)
+             if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if diffs:
+        raise InputError(
+            "--resume: the checkpoint belongs to a run with other settings: " + "; ".join(diffs)
+            + ". Resume with the same flags, or start a new run from its weights with --model <checkpoint>/model "
+            "and a new --output"
+        )
+    return [k for k in ("batch_size", "grad_accum") if k in saved and saved[k] != now.get(k)]
+
+
+def check_finite_params(model: nn.Module, dd: Dist, step: int) -> None:
+    """Raise ``FloatingPointError`` naming the first parameter holding NaN/inf (on any rank), so no
+    checkpoint or final model is written with broken weights. One host read per save."""
+    local = [(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters()]
+    bad = torch.stack([(~torch.isfinite(p.detach())).any() for p in local]).float()
+    bad = dd.sum(bad)
+    if bool(bad.any()):
+        name = next(n for (n, _), b in zip(model.named_parameters(), bad.tolist()) if b)
+        raise FloatingPointError(
+            f"parameter {name} holds NaN/inf after step {step} (the loss can stay finite while an unused "
+            "weight is broken); nothing was saved. Check the starting weights and lower --lr"
+        )
+
+
 def _check_output(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -304,15 +404,18 @@ def setup_tokenizer(args, config, hf_folder, files, out: Path, dd: Dist):
     if tok_path is None and hf_folder is not None and (hf_folder / "tokenizer.json").is_file():
         tok_path = hf_folder / "tokenizer.json"
     trained_path = out / "tokenizer.json"
+    # A preset's vocab without --vocab-size is a default, not a choice: it follows the tokenizer.
+    implicit_vocab = hf_folder is None and args.vocab_size is None
     if tok_path is None:
-        if config.vocab_size < 257:
+        if config.vocab_size < 257 and not implicit_vocab:
             raise ValueError(
                 f"--model {args.model} has vocab_size {config.vocab_size}, too small for a trained byte-level "
                 "BPE (>= 257: 256 bytes + EOS); pass --vocab-size (e.g. 512) or --tokenizer"
             )
         # Rank 0 trains once; the others wait and read the saved file (same tokenizer everywhere).
         if dd.main and not trained_path.is_file():
-            tok = fdata.train_tokenizer(fdata.read_documents(files, args.text_field), config.vocab_size)
+            bpe_size = max(config.vocab_size, DEFAULT_BPE_VOCAB) if implicit_vocab else config.vocab_size
+            tok = fdata.train_tokenizer(fdata.read_documents(files, args.text_field), bpe_size)
             tmp = out / ".tokenizer.json.tmp"
             tok.save(str(tmp))
             os.replace(tmp, trained_path)
@@ -320,6 +423,13 @@ def setup_tokenizer(args, config, hf_folder, files, out: Path, dd: Dist):
         tok_path = trained_path
     tok = fdata.load_tokenizer(tok_path)
     n_tok = tok.get_vocab_size(with_added_tokens=True)
+    if n_tok > config.vocab_size and implicit_vocab:
+        vocab = max(DEFAULT_BPE_VOCAB, -(-n_tok // 64) * 64)  # a multiple of 64: friendlier matmul shapes
+        if dd.main:
+            print(f"flashlm train: the tokenizer has {n_tok} tokens, more than --model {args.model}'s "
+                  f"vocab_size {config.vocab_size}; using vocab_size {vocab} (choose it with --vocab-size)",
+                  file=sys.stderr)
+        config = config.replace(vocab_size=vocab)
     if n_tok > config.vocab_size:
         raise ValueError(
             f"tokenizer/vocab mismatch: {tok_path} has {n_tok} tokens but the model's vocab_size is "
@@ -362,12 +472,32 @@ def _peak_mem_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
 
 
+def _read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) pairs of metrics.jsonl. A last line cut by a kill is dropped with a warning;
+    a damaged line before it raises ``InputError`` naming the file and line."""
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    out = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict):
+            if i == len(lines):
+                print(f"flashlm train: dropping the torn last line of {path} (the run was killed while "
+                      "writing it)", file=sys.stderr)
+                break
+            raise InputError(f"{path}:{i} is not a JSON record: the log is damaged; repair or delete that line")
+        out.append((ln, rec))
+    return out
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after ``step`` (a run killed after its last checkpoint logged steps that the
-    resumed run logs again)."""
+    resumed run logs again), and a torn last line."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = [ln for ln, rec in _read_metrics(path) if rec.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -383,7 +513,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
     except ImportError:
         print("flashlm train: matplotlib not installed, no loss.png (pip install 'flashlm[plot]')", file=sys.stderr)
         return None
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    rows = [rec for _, rec in _read_metrics(metrics_path)]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -428,9 +558,14 @@ def evaluate(model, eval_ds, batch_size: int, n_batches: int, dd: Dist, device, 
 def train(argv_or_args: list[str] | argparse.Namespace | None = None) -> TrainResult:
     """Run training (see `build_parser` for the flags). Raises ValueError/FileNotFoundError with a clear
     message for bad input before any training step."""
-    args = argv_or_args if isinstance(argv_or_args, argparse.Namespace) else build_parser().parse_args(argv_or_args)
+    if isinstance(argv_or_args, argparse.Namespace):
+        args = argparse.Namespace(**vars(argv_or_args))  # a copy: defaults resolved here stay here
+    else:
+        args = build_parser().parse_args(argv_or_args)
     check_args(args)
     out = Path(args.output)
+    if args.resume is None:
+        _refuse_used_folder(out, "pass --resume auto to continue it")
     _check_output(out)
     dd, device = init_distributed(args.device)
     try:
@@ -448,21 +583,22 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
 
     # ---- config, tokenizer, data (all checks before the model is built)
     config, hf_folder = _resolve_model_config(args)
+    if args.seq_length is None:
+        args.seq_length = min(DEFAULT_SEQ_LENGTH, config.max_position_embeddings)
     if args.seq_length > config.max_position_embeddings:
         raise ValueError(
             f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
             f"{config.max_position_embeddings}"
         )
-    resume_dir = None
-    if args.resume == "auto":
-        resume_dir = ckpt.latest_checkpoint(out)
-    elif args.resume is not None:
-        resume_dir = ckpt.resolve_checkpoint(args.resume)
+    resume_dir = _resume_dir(args, out)
     files = fdata.find_files(args.data)
     tok, eos_id, config = setup_tokenizer(args, config, hf_folder, files, out, dd)
+    changed = []
     if resume_dir is not None:
-        # Fail on a config mismatch before any tokenization or model building.
-        ckpt.check_config(ckpt.read_train_state(resume_dir)["config"], config)
+        # Fail on a config or settings mismatch before any tokenization or model building.
+        saved = ckpt.read_train_state(resume_dir)
+        ckpt.check_config(saved["config"], config)
+        changed = check_resume_args(saved.get("train_args", {}), args)
 
     # Rank 0 tokenizes (and fills the cache) first; the others then read the cache.
     if dd.main:
@@ -508,9 +644,6 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
         state = ckpt.load_checkpoint(resume_dir, model=model, optimizer=optimizer, scheduler=scheduler)
         train_iter.load_state_dict(state["data"])
         start_step = state["step"]
-        saved_args = state.get("train_args", {})
-        changed = [k for k in ("seq_length", "batch_size", "grad_accum", "lr", "max_steps", "seed")
-                   if k in saved_args and saved_args[k] != getattr(args, k)]
         if changed and dd.main:
             print(f"flashlm train: resuming with changed {changed}: the run will not match an "
                   "uninterrupted one", file=sys.stderr)
@@ -616,6 +749,7 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
 
             periodic = args.save_every > 0 and (step % args.save_every == 0 or step == end_step)
             if periodic or (step == end_step and args.stop_after is not None):
+                check_finite_params(model, dd, step)
                 last_ckpt = ckpt.save_checkpoint(
                     out, step, model=model, optimizer=optimizer, scheduler=scheduler,
                     data_state=train_iter.state_dict(), train_args=train_args, tokenizer=tok,
@@ -636,6 +770,7 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
     peaks[dd.rank] = result.peak_mem_gib
     peaks = dd.sum(peaks).tolist()
     if end_step == args.max_steps:
+        check_finite_params(model, dd, end_step)
         result.final_dir = out / "final"
         ckpt.export_model(model, result.final_dir, tokenizer=tok)
         if dd.main:
@@ -653,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     """`flashlm train` entry point: 0 on success, 2 with a one-line message on bad input."""
     try:
         train(argv)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as e:
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
         print(f"flashlm train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,7 @@ import sys
 import torch
 
 from flashlm.bench.models import CASE_NAMES, DTYPES, MODEL_NAMES, BenchConfig
+from flashlm.errors import InputError
 
 DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
                  "fp32": "fp32", "float32": "fp32", "float": "fp32"}
@@ -97,6 +98,20 @@ def _check_model(model: str) -> None:
         raise ValueError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
 
 
+def _check_output_file(flag: str, path: str | None) -> None:
+    """Refuse, before the run, an output path that no file can be written to (a folder, a file
+    under a file): the results would be lost after minutes of measuring."""
+    if path is None:
+        return
+    if path == "" or os.path.isdir(path):
+        raise InputError(f"{flag} {path!r} is a folder; give a file name, e.g. {os.path.join(path or '.', 'r.json')!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path!r} cannot be written: {parent!r} is not a writable folder")
+
+
 def _check_backend(name: str) -> None:
     from flashlm.attention import available_backends, known_backends
 
@@ -153,6 +168,8 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, argparse.Namespace, list[s
             check_plot_available()
         except ImportError as e:
             raise ValueError(str(e)) from None
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        _check_output_file(flag, path)
     _check_model(model)
     if args.attn_backend is not None:
         _check_backend(args.attn_backend)

@@ -217,11 +217,16 @@ def write_json(results: dict, path: str) -> None:
     """Write ``results`` (with the table) as indented JSON; non-finite floats become null."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(results), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_jsonable(results), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # never leave a stray results file beside the target
+        raise
 
 
 def check_plot_available() -> None:

@@ -11,9 +11,12 @@ HF interop (`ModelConfig.from_hf_config` / `.to_hf_config`) is table-driven: the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from flashlm.errors import InputError
 
 from .hf_config import (
     HF_ARCHITECTURES,
@@ -90,6 +93,7 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in (
             "vocab_size",
             "hidden_size",
@@ -103,40 +107,40 @@ class ModelConfig:
             self.num_kv_heads = self.num_heads
         _check_positive_int("num_kv_heads", self.num_kv_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise InputError(
                 f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}) "
                 "for grouped-query attention"
             )
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(
+                raise InputError(
                     f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
                     "when head_dim is not given (head_dim = hidden_size // num_heads)"
                 )
             self.head_dim = self.hidden_size // self.num_heads
         _check_positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+            raise InputError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.architecture not in HF_ARCHITECTURES:
-            raise ValueError(
+            raise InputError(
                 f"architecture must be one of {sorted(HF_ARCHITECTURES)}, got {self.architecture!r}"
             )
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+            raise InputError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         self.rope_theta = float(self.rope_theta)
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+            raise InputError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.sliding_window is not None:
             _check_positive_int("sliding_window", self.sliding_window)
         for name in ("attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be None or a positive number, got {value!r}")
+                raise InputError(f"{name} must be None or a positive number, got {value!r}")
         if not (isinstance(self.attention_dropout, (int, float)) and 0.0 <= self.attention_dropout < 1.0):
-            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+            raise InputError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
-            raise ValueError(f"initializer_range must be a positive number, got {self.initializer_range!r}")
+            raise InputError(f"initializer_range must be a positive number, got {self.initializer_range!r}")
         for name in ("pad_token_id", "bos_token_id"):
             _check_token_id(name, getattr(self, name), self.vocab_size)
         eos = self.eos_token_id
@@ -148,13 +152,13 @@ class ModelConfig:
             self.layer_types = list(self.layer_types)
             bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES}, key=str)
             if len(self.layer_types) != self.num_layers or bad:
-                raise ValueError(
+                raise InputError(
                     f"layer_types must be None or a list of num_layers={self.num_layers} entries from "
                     f"{list(LAYER_TYPES)}, got {len(self.layer_types)} entries"
                     + (f" with unknown values {bad}" if bad else "")
                 )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(
+            raise InputError(
                 f"hidden_act must be one of {list(SUPPORTED_ACTIVATIONS)}, got {self.hidden_act!r}"
             )
         for name in ("qkv_bias", "qk_norm", "rms_norm_unit_offset", "post_norms", "embed_scale"):
@@ -164,7 +168,7 @@ class ModelConfig:
         if scalar is not None and (
             isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0
         ):
-            raise ValueError(f"query_pre_attn_scalar must be None or a positive number, got {scalar!r}")
+            raise InputError(f"query_pre_attn_scalar must be None or a positive number, got {scalar!r}")
         if scalar is not None and scalar == self.head_dim:
             self.query_pre_attn_scalar = None  # the same scale; one spelling so configs compare equal
 
@@ -253,26 +257,26 @@ def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | 
     if rope_type in (None, "default"):
         extra = sorted(set(scaling) - {"rope_type", "type"})
         if extra:
-            raise ValueError(f"rope_scaling of type 'default' takes no parameters, got {extra}")
+            raise InputError(f"rope_scaling of type 'default' takes no parameters, got {extra}")
         return None
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
+        raise InputError(
             f"rope_scaling rope_type {rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)} or None"
         )
     missing = [k for k in _LLAMA3_ROPE_KEYS if k not in scaling]
     if missing:
-        raise ValueError(f"rope_scaling of type 'llama3' lacks {missing}")
+        raise InputError(f"rope_scaling of type 'llama3' lacks {missing}")
     extra = sorted(set(scaling) - set(_LLAMA3_ROPE_KEYS) - {"rope_type", "type"})
     if extra:
-        raise ValueError(f"rope_scaling of type 'llama3' has unsupported keys {extra}")
+        raise InputError(f"rope_scaling of type 'llama3' has unsupported keys {extra}")
     out = {"rope_type": "llama3"}
     for key in _LLAMA3_ROPE_KEYS:
         value = scaling[key]
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-            raise ValueError(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
+            raise InputError(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
         out[key] = value
     if out["high_freq_factor"] <= out["low_freq_factor"]:
-        raise ValueError(
+        raise InputError(
             f"rope_scaling high_freq_factor ({out['high_freq_factor']}) must exceed "
             f"low_freq_factor ({out['low_freq_factor']})"
         )
@@ -283,16 +287,43 @@ def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | 
     return out
 
 
+# Fields of a JSON-ish type that __post_init__ would otherwise accept in a wrong type ("false" is a
+# true string, True an int): checked first, so a config.json typo is refused instead of changing the math.
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm",
+                "rms_norm_unit_offset", "post_norms", "embed_scale")
+_NUMBER_FIELDS = ("rope_theta", "rms_norm_eps", "attention_dropout", "initializer_range",
+                  "attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar")
+_STR_FIELDS = ("architecture", "hidden_act")
+
+
+def _check_types(config: ModelConfig) -> None:
+    """InputError for a bool field that is not a bool, a number that is not a finite int/float (or is
+    a bool), a name that is not a str."""
+    for name in _BOOL_FIELDS:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be true or false (a bool), got {value!r} ({type(value).__name__})")
+    for name in _NUMBER_FIELDS:
+        value = getattr(config, name)
+        if value is None and name not in ("rope_theta", "rms_norm_eps", "attention_dropout", "initializer_range"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value!r} ({type(value).__name__})")
+    for name in _STR_FIELDS:
+        if not isinstance(getattr(config, name), str):
+            raise InputError(f"{name} must be a string, got {getattr(config, name)!r}")
+
+
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_token_id(name: str, value: Any, vocab_size: int) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
-        raise ValueError(f"{name} must be None or an int in [0, vocab_size={vocab_size}), got {value!r}")
+        raise InputError(f"{name} must be None or an int in [0, vocab_size={vocab_size}), got {value!r}")
 
 
 # ---- presets ----------------------------------------------------------------------------------
@@ -352,11 +383,11 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     ``architecture="gemma2"`` (or "qwen2", "qwen3") also sets the flags that family's HF class
     hard-codes (`HFArchitecture.fixed`), unless overridden."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     bad = sorted(set(overrides) - fields)
     if bad:
-        raise ValueError(f"unknown ModelConfig fields {bad}")
+        raise InputError(f"unknown ModelConfig fields {bad}")
     # An architecture brings the fields its HF class hard-codes (Gemma2's norms, Qwen2's q/k/v bias).
     arch = HF_ARCHITECTURES.get(overrides.get("architecture", PRESETS[name].get("architecture", "llama")))
     values = {**PRESETS[name], **(arch.fixed if arch else {}), **overrides}

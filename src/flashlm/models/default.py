@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashlm.errors import InputError
+
 from .cache import DynamicCache
 from .config import ModelConfig
 from .layers import MLP, MultiHeadAttention, RMSNorm, RotaryEmbedding, make_norm
+
+IGNORE_INDEX = -100  # labels skipped by the loss (HF's convention)
 
 
 @dataclass
@@ -163,14 +167,6 @@ def check_inputs(
     batch, q_len = input_ids.shape
     if q_len == 0:
         raise ValueError("input_ids has zero tokens")
-    if input_ids.numel():
-        lo, hi = torch.aminmax(input_ids)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= config.vocab_size:
-            raise ValueError(
-                f"input_ids out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
-                f"(allowed [0, {config.vocab_size - 1}])"
-            )
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
@@ -198,10 +194,34 @@ def check_inputs(
             )
         if position_ids.dtype.is_floating_point:
             raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
-    if labels is not None and tuple(labels.shape) != (batch, q_len):
-        raise ValueError(
-            f"labels must have the shape of input_ids {(batch, q_len)}, got {tuple(labels.shape)}"
-        )
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (batch, q_len):
+            raise ValueError(
+                f"labels must have the shape of input_ids {(batch, q_len)}, got {tuple(getattr(labels, 'shape', ()))}"
+            )
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    check_token_range(config, input_ids, labels)
+
+
+def check_token_range(config: ModelConfig, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """``InputError`` when ``input_ids`` (or ``labels``, apart from -100) hold a value outside
+    [0, vocab_size). One host read for both: on the GPU an out-of-range id would be a device-side
+    assert that kills the process's CUDA context."""
+    named = [("input_ids", input_ids)]
+    if labels is not None:
+        named.append(("labels", labels.masked_fill(labels == IGNORE_INDEX, 0)))
+    named = [(n, t) for n, t in named if t.numel()]
+    if not named:
+        return
+    bounds = torch.stack([torch.stack(torch.aminmax(t)).to(input_ids.device, torch.int64) for _, t in named]).tolist()
+    for (name, _), (lo, hi) in zip(named, bounds):
+        if lo < 0 or hi >= config.vocab_size:
+            ignored = f" or {IGNORE_INDEX} (ignored)" if name == "labels" else ""
+            raise InputError(
+                f"{name} out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
+                f"(allowed [0, {config.vocab_size - 1}]{ignored})"
+            )
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

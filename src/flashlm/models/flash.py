@@ -47,7 +47,14 @@ from flashlm.attention.padding import (
 from flashlm.losses import cross_entropy, linear_cross_entropy
 
 from .config import ModelConfig
-from .default import CausalLMOutput, DecoderLayer, DefaultForCausalLM, DefaultModel, check_inputs
+from .default import (
+    CausalLMOutput,
+    DecoderLayer,
+    DefaultForCausalLM,
+    DefaultModel,
+    check_inputs,
+    check_token_range,
+)
 from .flash_cache import StaticKVCache
 from .layers import MultiHeadAttention, rotate_half
 
@@ -533,9 +540,12 @@ class FlashForCausalLM(DefaultForCausalLM):
         batch, seqlen = input_ids.shape if input_ids.dim() == 2 else (0, 0)
         decoding = past_key_values is not None and not past_key_values.is_empty and seqlen == 1
         if decoding:
-            # no token-range check here (it reads the device): decode tokens come from the model
             if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
                 raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+            # A caller's token past the vocab would be a device-side assert (the process's CUDA
+            # context lost): one host read per step here. generate() decodes through decode_logits,
+            # whose tokens come from the model, without it.
+            check_token_range(self.config, input_ids)
         else:
             check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0)
         if return_logits is None:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flashlm.errors import InputError
+
 if TYPE_CHECKING:
     from .config import ModelConfig
 
@@ -341,8 +343,13 @@ def config_from_hf(cls: type[ModelConfig], path_or_dict: str | os.PathLike | dic
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no HF config.json at {path!r}")
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path} is not valid JSON ({e}): the config.json is damaged") from None
+        if not isinstance(hf, dict):
+            raise InputError(f"{path} holds a JSON {type(hf).__name__}, not a config object")
     model_type = hf.get("model_type")
     if model_type is None:  # some exports only carry "architectures"
         names = hf.get("architectures") or []
@@ -400,7 +407,11 @@ def config_from_hf(cls: type[ModelConfig], path_or_dict: str | os.PathLike | dic
     unknown = sorted(k for k in hf if k not in known)
     if unknown:
         warnings.warn(f"HF {model_type} config keys ignored by flashlm: {unknown}", stacklevel=3)  # the caller of ModelConfig.from_hf_config
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:  # name the file: the field names are ours, not config.json's
+        where = "config" if isinstance(path_or_dict, dict) else repr(os.fspath(path_or_dict))
+        raise InputError(f"HF {where}: {e}") from None
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:

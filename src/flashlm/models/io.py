@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from flashlm import folders
+from flashlm.errors import InputError
 
 from .config import ModelConfig
 
@@ -34,14 +35,23 @@ class LoadReport:
 
 
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = size.strip().upper()
-    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * mult)
-    return int(text)
+    """Bytes from an int or a string like "500MB" / "2GiB" / "1000"; InputError otherwise."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    value = None
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        text = size.strip().upper()
+        unit = next((u for u in sorted(units, key=len, reverse=True) if text.endswith(u)), "")
+        try:
+            value = int(float(text[: len(text) - len(unit)]) * units.get(unit, 1))
+        except (ValueError, OverflowError):
+            value = None
+    if value is None or value < 1:
+        raise InputError(
+            f"max_shard_size must be a positive number of bytes or a string like '500MB' or '2GiB', got {size!r}"
+        )
+    return value
 
 
 def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,26 +73,32 @@ def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
+def save_pretrained(
+    model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB", extra_files=None
+) -> str:
     """Write ``model`` (a flashlm causal LM with ``.config``) to the folder ``path``: config.json (HF
     format, with the weights' dtype) and model.safetensors, or model-0000i-of-0000n.safetensors plus
     model.safetensors.index.json when the weights exceed ``max_shard_size`` (bytes or "500MB").
+    ``extra_files(folder)``, when given, writes more files (a tokenizer.json) into the new folder
+    before it is swapped in.
 
     Atomic: everything is written to a temporary folder beside ``path`` and renamed into place, so
-    a crash never leaves a half-written checkpoint; an existing folder at ``path`` is replaced.
-    Returns the path.
+    a crash never leaves a half-written checkpoint. ``path`` may be absent, an empty folder, or an
+    existing checkpoint folder (config.json, weights, tokenizer files), which is replaced; anything
+    else (a file, a folder with other files, the working directory) raises ``InputError`` before
+    anything is written. Temporary folders left by killed saves are removed. Returns the path.
     """
     from safetensors.torch import save_file
 
     config: ModelConfig = model.config
     hf_config = config.to_hf_config()  # raises before anything is written if not expressible
+    limit = _parse_size(max_shard_size)
     tensors = _tensors_to_save(model)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
     hf_config["torch_dtype"] = _DTYPE_NAMES.get(dtype, "float32")
 
     # Greedy sharding in state-dict order, as transformers does.
-    limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -93,11 +109,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: i
         shards[-1][name] = tensor
         size += nbytes
 
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    target = folders.check_replaceable(path, "checkpoint")
+    tmp = folders.stage(target)
     try:
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
@@ -113,17 +126,37 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: i
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             with open(os.path.join(tmp, SAFE_INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if os.path.exists(path):
-            old = f"{tmp}-old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
+        if extra_files is not None:
+            extra_files(tmp)
+        folders.commit(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        folders.discard(tmp)
         raise
-    return path
+    return target
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``; ``InputError`` naming the file when it is not valid JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{os.fspath(path)} is not valid JSON ({e}); the file is damaged or not a config") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{os.fspath(path)} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
+def _open_safetensors(file: str):
+    """``safe_open`` with the file named in the error when it is truncated or not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise InputError(f"{file} is not a readable safetensors file ({e}): truncated or damaged?") from None
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[str]:
@@ -131,8 +164,12 @@ def checkpoint_files(path: str | os.PathLike) -> list[str]:
     path = os.fspath(path)
     index = os.path.join(path, SAFE_INDEX_NAME)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(
+                f"{index} has no weight_map (a dict of tensor name -> shard file): the index is damaged; "
+                "restore it or re-save the checkpoint"
+            )
         files = sorted(set(weight_map.values()))
         absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if absent:
@@ -150,20 +187,26 @@ def checkpoint_files(path: str | os.PathLike) -> list[str]:
 
 def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The floating dtype stored in the checkpoint (from config.json, else the first tensor)."""
-    with open(os.path.join(os.fspath(path), CONFIG_NAME), encoding="utf-8") as f:
-        hf = json.load(f)
+    hf = read_json(os.path.join(os.fspath(path), CONFIG_NAME))
     name = hf.get("torch_dtype") or hf.get("dtype")
     if name in _NAME_DTYPES:
         return _NAME_DTYPES[name]
-    from safetensors import safe_open
-
-    with safe_open(checkpoint_files(path)[0], framework="pt") as f:
+    with _open_safetensors(checkpoint_files(path)[0]) as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             t = f.get_slice(key)
             dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(t.get_dtype())
             if dt is not None:
                 return dt
     return None
+
+
+def _get_tensor(f, key: str, file: str) -> torch.Tensor:
+    from safetensors import SafetensorError
+
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise InputError(f"{file}: cannot read tensor {key!r} ({e}): the file is truncated or damaged") from None
 
 
 @torch.no_grad()
@@ -174,14 +217,12 @@ def load_state_dict_from_folder(
     device). Raises ``ValueError`` listing missing keys unless ``allow_missing``; unexpected keys
     are reported, not fatal. For tied models a stored ``lm_head.weight`` is ignored (transformers
     does the same); a checkpoint with only ``lm_head.weight`` fills the shared embedding."""
-    from safetensors import safe_open
-
     params = dict(model.state_dict(keep_vars=True))
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: set[str] = set()
     unexpected: list[str] = []
     for file in checkpoint_files(path):
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if key not in params:
                     unexpected.append(key)
@@ -189,7 +230,7 @@ def load_state_dict_from_folder(
                 if tied and key == "lm_head.weight":
                     continue  # the shared tensor is filled from model.embed_tokens.weight
                 target = params[key]
-                tensor = f.get_tensor(key)
+                tensor = _get_tensor(f, key, file)
                 if tensor.shape != target.shape:
                     raise ValueError(
                         f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, "
@@ -200,7 +241,7 @@ def load_state_dict_from_folder(
     if tied and "model.embed_tokens.weight" not in loaded and "lm_head.weight" in params:
         # Only the output projection was stored: fill the shared tensor from it.
         for file in checkpoint_files(path):
-            with safe_open(file, framework="pt") as f:
+            with _open_safetensors(file) as f:
                 if "lm_head.weight" in f.keys():  # noqa: SIM118
                     params["lm_head.weight"].copy_(f.get_tensor("lm_head.weight"))
                     loaded.add("model.embed_tokens.weight")

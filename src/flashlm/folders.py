@@ -1,0 +1,169 @@
+"""Replace a folder without ever destroying what the user keeps there.
+
+Every writer that replaces a whole folder (``save_pretrained``, training checkpoints, ``final/``)
+goes through :func:`stage` / :func:`commit`: the new content is written into a hidden temporary
+folder beside the target and swapped in only when complete, so a crash never leaves a half-written
+folder under the real name. Before anything is written, :func:`check_replaceable` refuses a target
+that is not ours to replace: a plain file, the working directory, or a folder holding anything but
+the files this kind of folder is made of (a project folder, ``"."``, a folder of notes).
+
+Temporary folders are named ``.<name>.tmp-<pid>-<hex>`` (and ``...-old`` for the previous content
+during the swap). A save first removes such leftovers of earlier saves whose process is gone (a
+killed save), and restores an ``-old`` folder when a crash fell between the two renames of a swap.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterable
+
+from flashlm.errors import InputError
+
+__all__ = ["HF_CHECKPOINT_ENTRIES", "check_replaceable", "clean_leftovers", "commit", "discard", "stage"]
+
+# What an HF checkpoint folder holds (transformers' save_pretrained, tokenizers, flashlm): a folder
+# holding only these (and config.json) may be replaced by a new checkpoint; anything else is refused.
+HF_CHECKPOINT_ENTRIES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+def _unexpected(path: str, entries: Iterable[str], dirs: Iterable[str]) -> list[str]:
+    """Names in folder ``path`` that match none of the file patterns ``entries`` (or, for
+    subfolders, none of ``dirs``)."""
+    bad = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        patterns = dirs if os.path.isdir(full) and not os.path.islink(full) else entries
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            bad.append(name + ("/" if os.path.isdir(full) else ""))
+    return bad
+
+
+def check_replaceable(
+    path: str | os.PathLike,
+    what: str,
+    entries: Iterable[str] = HF_CHECKPOINT_ENTRIES,
+    dirs: Iterable[str] = (),
+    marker: str | None = "config.json",
+) -> str:
+    """Refuse (``InputError``) to replace ``path`` unless it is absent, an empty folder, or a folder
+    of ``what`` (holding ``marker`` and only files matching ``entries`` / subfolders matching
+    ``dirs``). A folder we may replace but cannot empty raises ``PermissionError``. Touches nothing.
+
+    Returns the absolute, symlink-resolved target (a link to a checkpoint replaces the folder it
+    points at, and the link keeps pointing there).
+    """
+    raw = os.fspath(path)
+    if raw == "":
+        raise InputError(f"an empty path names no folder for the {what}: give a folder name")
+    target = os.path.realpath(raw)
+    cwd = os.path.realpath(os.getcwd())
+    if target == cwd or cwd.startswith(target.rstrip(os.sep) + os.sep):
+        raise InputError(
+            f"refusing to replace {raw!r}: it is the working directory (or holds it); save the {what} "
+            "into a new subfolder instead"
+        )
+    if not os.path.lexists(target):
+        return target
+    if not os.path.isdir(target):
+        raise InputError(f"refusing to save the {what} to {raw!r}: it is an existing file, not a folder")
+    if not os.listdir(target):
+        return target
+    bad = _unexpected(target, entries, dirs)
+    if marker is not None and not os.path.exists(os.path.join(target, marker)):
+        bad = bad or [f"(no {marker})"]
+    if bad:
+        raise InputError(
+            f"refusing to replace {raw!r}: it is not a {what} folder (it holds {bad[:8]}"
+            f"{' ...' if len(bad) > 8 else ''}), and replacing it would delete those; choose a new or "
+            "empty folder, or remove them first"
+        )
+    for root, subdirs, _ in os.walk(target):
+        for d in [root, *(os.path.join(root, s) for s in subdirs)]:
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise PermissionError(
+                    f"cannot replace {raw!r}: {d!r} is read-only, so its files could not be removed "
+                    "after the swap; make it writable or save elsewhere"
+                )
+    return target
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_leftovers(target: str) -> None:
+    """Remove the temporary folders of earlier saves to ``target`` whose process is gone; restore
+    ``target`` from an ``-old`` folder when a save died between moving it aside and swapping in."""
+    parent, name = os.path.split(target)
+    prefix = f".{name}.tmp-"
+    if not os.path.isdir(parent):
+        return
+    leftovers = sorted(n for n in os.listdir(parent) if n.startswith(prefix))
+    for n in leftovers:
+        pid = n[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue  # a save in progress in another process
+        full = os.path.join(parent, n)
+        if n.endswith("-old") and not os.path.lexists(target):
+            os.replace(full, target)
+            warnings.warn(f"restored {target!r} from {full!r}, left by an interrupted save", stacklevel=3)
+            continue
+        shutil.rmtree(full, ignore_errors=True)
+        warnings.warn(f"removed {full!r}, the temporary folder of an interrupted save", stacklevel=3)
+
+
+def stage(target: str) -> str:
+    """Create and return an empty temporary folder beside ``target`` (after cleaning leftovers)."""
+    clean_leftovers(target)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit(tmp: str, target: str) -> None:
+    """Swap the complete folder ``tmp`` in at ``target`` (checked by `check_replaceable`); the old
+    folder is moved aside first and deleted after."""
+    if os.path.lexists(target):
+        old = f"{tmp}-old"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):  # the save itself succeeded: say so rather than raise
+            warnings.warn(f"saved {target!r}, but the previous version at {old!r} could not be removed; "
+                          "the next save to it retries", stacklevel=3)
+    else:
+        os.replace(tmp, target)
+
+
+def discard(tmp: str) -> None:
+    """Remove a temporary folder after a failed save."""
+    shutil.rmtree(tmp, ignore_errors=True)
