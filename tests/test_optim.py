@@ -99,3 +99,16 @@ def test_mismatched_state_is_refused():
     state["master_weights"] = state["master_weights"][:1]
     with pytest.raises(ValueError, match="master weights"):
         opt.load_state_dict(state)
+
+
+def test_model_dtype_casts_an_fp32_model_and_keeps_its_exact_init_as_masters():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    init = [p.detach().clone() for p in model.parameters()]
+    opt = MasterWeightAdamW([{"params": list(model.parameters())}], model_dtype=torch.bfloat16, lr=1e-3)
+    for p, m, p0 in zip(model.parameters(), opt._masters, init):
+        assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
+        assert torch.equal(m, p0) and torch.equal(p.detach(), p0.to(torch.bfloat16))
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in model.parameters())
+    assert any(not torch.equal(m, p0) for m, p0 in zip(opt._masters, init))

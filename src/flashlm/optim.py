@@ -30,14 +30,24 @@ class MasterWeightAdamW(torch.optim.AdamW):
     parameters are the fp32 masters, so LR schedulers, ``state_dict`` and ``load_state_dict`` work
     as for AdamW; ``state_dict`` also carries the master weights (a resume continues bit for bit).
     ``step`` reads the model parameters' ``.grad``, steps the masters and copies them back rounded.
+
+    ``model_dtype``: cast the model's fp32 parameters to this dtype in place (``param.data``: the
+    Parameter objects, and so the module's names and ties, stay) after taking their fp32 values as
+    the masters, so a model built and initialized in fp32 trains in bf16 from its exact fp32 init.
     """
 
-    def __init__(self, param_groups: Iterable[dict[str, Any]], **adamw_kwargs: Any) -> None:
+    def __init__(self, param_groups: Iterable[dict[str, Any]], *, model_dtype: torch.dtype | None = None,
+                 **adamw_kwargs: Any) -> None:
         self.model_params: list[nn.Parameter] = []
         master_groups = []
         for group in param_groups:
             params = list(group["params"])
-            masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
+            if model_dtype is not None:
+                masters = [p.detach().clone() if p.dtype == torch.float32 else p.detach().float() for p in params]
+                for p in params:
+                    p.data = p.data.to(model_dtype)
+            else:
+                masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
             self.model_params += params
             master_groups.append({**group, "params": masters})
         super().__init__(master_groups, **adamw_kwargs)

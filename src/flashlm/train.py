@@ -9,9 +9,13 @@ decoder layer and then the root are wrapped with FSDP2 ``fully_shard`` (bf16 com
 reduction, fp32 sharded master weights and optimizer state). Data, checkpoints and metrics: see
 docs/training.md, `flashlm.data`, `flashlm.checkpoint`.
 
-Precision (``--dtype``): parameters and AdamW state are always fp32. ``bf16`` runs the forward and
-backward in bf16: under ``torch.autocast`` in one process, through FSDP2's
-``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` under torchrun. ``fp32`` computes in fp32.
+Precision (``--dtype``): master weights and AdamW state are always fp32. ``bf16`` runs the forward
+and backward in bf16: in one process the model's parameters are bf16 and
+:class:`flashlm.optim.MasterWeightAdamW` steps fp32 copies of them (``--precision master``, the
+default: activations, norms' inputs and the residual stream stay bf16) or, with ``--precision
+autocast``, the parameters stay fp32 under ``torch.autocast`` (fp32 residual stream, ~1.5x the
+activation memory); under torchrun FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)`` does the same as "master". ``fp32`` computes in fp32.
 
 MFU: model FLOPs per token = 6 * N_matmul + 6 * L * S * (heads * head_dim), where N_matmul counts the
 parameters used in matmuls (all but the input embedding; the LM head counted even when tied) and the
@@ -42,6 +46,7 @@ from torch import nn
 from flashlm import checkpoint as ckpt
 from flashlm import data as fdata
 from flashlm.errors import InputError
+from flashlm.optim import MasterWeightAdamW
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 DTYPES = ("auto", "bf16", "fp32")
@@ -97,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
     g = p.add_argument_group("performance")
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--precision", default="master", choices=("master", "autocast"),
+                   help="bf16 in one process: bf16 parameters + fp32 master weights in the optimizer "
+                        "(master, default) or fp32 parameters under torch.autocast")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in backward")
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
@@ -284,13 +292,18 @@ def apply_fsdp(model: nn.Module, bf16: bool) -> None:
     fully_shard(model, **kwargs)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.95, eps 1e-8); matrices decay, norms and biases do not."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   model_dtype: torch.dtype | None = None) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95, eps 1e-8); matrices decay, norms and biases do not. With ``model_dtype``
+    the model's parameters are cast to it and the optimizer steps fp32 master copies
+    (:class:`~flashlm.optim.MasterWeightAdamW`)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if model_dtype is not None:
+        return MasterWeightAdamW(groups, model_dtype=model_dtype, lr=lr, betas=(0.9, 0.95), eps=1e-8)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -633,7 +646,8 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
             layer.compile()  # in place: parameter names unchanged
     if dd.enabled:
         apply_fsdp(model, bf16)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    master = bf16 and not dd.enabled and args.precision == "master"
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, torch.bfloat16 if master else None)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, args.max_steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.max_steps, warmup, args.min_lr_ratio))
 
@@ -653,9 +667,9 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
         metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
     dd.barrier()
 
-    # bf16 in one process: autocast. Under FSDP2 the MixedPrecisionPolicy casts instead.
+    # bf16 in one process: bf16 parameters (master) or autocast. Under FSDP2 the MixedPrecisionPolicy casts.
     def autocast():
-        if bf16 and not dd.enabled:
+        if bf16 and not dd.enabled and not master:
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
