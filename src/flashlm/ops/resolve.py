@@ -1,0 +1,87 @@
+"""Choose each op's implementation once, when a model is built: ``resolve(kernels, device) -> Ops``.
+
+``kernels``:
+  "torch":  the torch references (the CPU default: the Triton interpreter is slow). Under
+            torch.compile inductor fuses them with their neighbours.
+  "triton": our fused Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1 for tests).
+  "liger":  Liger-Kernel where it has the exact op (rms_norm, add_rms_norm; imported lazily), ours
+            for the rest (Liger's SwiGLU takes separate gate/up tensors and its RoPE BHSD q/k:
+            neither fits the fused layouts). Under torch.compile the Liger entries run our custom
+            ops (Liger's autograd Functions crashed compiled training on the H200, issue 16).
+  "auto":   "triton" on CUDA with Triton installed (Liger where installed and measured faster: see
+            ``_LIGER_FASTER``), else "torch".
+
+The model keeps the returned :class:`Ops` and calls its fields in ``forward``: no lookups per call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from flashlm.errors import InputError
+
+from . import rms_norm as _rms
+from . import rotary as _rot
+from . import swiglu as _swi
+from ._dispatch import triton
+
+KERNELS = ("auto", "liger", "triton", "torch")
+
+# Ops for which Liger's kernel measured faster than ours on the GPU (GPU_NOTES.md / ops_bench.py);
+# "auto" takes Liger only for these. Empty until measured.
+_LIGER_FASTER: frozenset = frozenset()
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The callables a model uses (signatures as the public functions of ``flashlm.ops``) and, in
+    ``names``, which implementation each one is ("torch", "triton", "liger")."""
+
+    rms_norm: Callable
+    add_rms_norm: Callable
+    swiglu: Callable
+    rotary_qkv: Callable
+    rotary: Callable
+    names: dict = field(default_factory=dict)
+
+
+_TORCH = {"rms_norm": _rms.rms_norm_ref, "add_rms_norm": _rms.add_rms_norm_ref, "swiglu": _swi.swiglu_ref,
+          "rotary_qkv": _rot.rotary_qkv_ref, "rotary": _rot.rotary_ref}
+_TRITON = {"rms_norm": _rms.rms_norm, "add_rms_norm": _rms.add_rms_norm, "swiglu": _swi.swiglu,
+           "rotary_qkv": _rot.rotary_qkv, "rotary": _rot.rotary}
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def resolve(kernels: str = "auto", device: torch.device | str | None = None) -> Ops:
+    """The :class:`Ops` for ``kernels`` ("auto" | "liger" | "triton" | "torch") on ``device``
+    (default: CPU). Raises InputError for an unknown name, "triton" where Triton cannot run, and
+    "liger" where Liger-Kernel is not installed."""
+    if kernels not in KERNELS:
+        raise InputError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    device = torch.device(device if device is not None else "cpu")
+    if kernels == "torch" or (kernels == "auto" and (device.type != "cuda" or triton is None)):
+        return Ops(**_TORCH, names=dict.fromkeys(_TORCH, "torch"))
+    if not _triton_usable(device):
+        raise InputError(f"kernels={kernels!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 on "
+                         f"CPU, for tests); got device {device}, triton "
+                         f"{'installed' if triton is not None else 'not installed'}; use kernels='torch'")
+    chosen, names = dict(_TRITON), dict.fromkeys(_TRITON, "triton")
+    if kernels == "triton":
+        return Ops(**chosen, names=names)
+    from . import liger
+
+    found = liger.functions()
+    if kernels == "liger" and not found:
+        raise InputError("kernels='liger' needs Liger-Kernel (pip install liger-kernel); use 'auto' to "
+                         "fall back to flashlm's Triton kernels")
+    for name, fn in found.items():
+        if kernels == "liger" or name in _LIGER_FASTER:
+            chosen[name], names[name] = fn, "liger"
+    return Ops(**chosen, names=names)
