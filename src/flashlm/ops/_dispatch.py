@@ -48,6 +48,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def row_warps(block: int) -> int:
+    """Warps for a program owning one row of ``block`` elements (Liger's table)."""
+    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
 _NUM_SMS: dict = {}
 
 
