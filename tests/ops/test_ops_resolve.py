@@ -56,3 +56,13 @@ def test_ops_compile_fullgraph_and_match_eager(kernels):
     torch.testing.assert_close(out, eager)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_resolve_auto_on_cuda_takes_the_measured_table():
+    """Only builds the namespace: nothing runs on the device, so this holds on a CPU machine too."""
+    from flashlm.ops.resolve import _AUTO
+
+    chosen = ops.resolve("auto", "cuda")
+    assert {k: v for k, v in chosen.names.items() if v != "liger"} == {
+        k: v for k, v in _AUTO.items() if chosen.names[k] != "liger"}
+    assert chosen.rms_norm is ops.rms_norm_aten and chosen.swiglu is ops.swiglu

@@ -88,3 +88,20 @@ def test_bad_input_is_refused():
         ops.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
     with pytest.raises(InputError, match="residual must match"):
         ops.add_rms_norm(torch.randn(2, 8), torch.randn(2, 8, dtype=torch.float16), torch.randn(8), 1e-6)
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_aten_variant_within_dao_rule(unit_offset):
+    """F.rms_norm rounds once instead of HF's twice: within Dao's rule of the reference, forward and
+    backward; Gemma's offset and mixed dtypes take the Triton kernel (exact semantics)."""
+    x, r, w = _draw((3, 7, 130), unit_offset)
+    dtype = torch.float16
+    truth_in, low_in, got_in = (leaf(x, torch.float32), leaf(r, torch.float32), leaf(w, torch.float32)), \
+        (leaf(x, dtype), leaf(r, dtype), leaf(w, dtype)), (leaf(x, dtype), leaf(r, dtype), leaf(w, dtype))
+    truth = ops.add_rms_norm_ref(*truth_in, 1e-6, unit_offset)
+    ref = ops.add_rms_norm_ref(*low_in, 1e-6, unit_offset)
+    got = ops.add_rms_norm_aten(*got_in, 1e-6, unit_offset)
+    judge(got, ref, tuple(t.to(dtype) for t in truth), dtype, "(y, new_residual)")
+    gy, gs = torch.randn(x.shape), torch.randn(x.shape)
+    judge(grads(got, got_in, [gy.to(dtype), gs.to(dtype)]), grads(ref, low_in, [gy.to(dtype), gs.to(dtype)]),
+          grads(truth, truth_in, [gy, gs]), dtype, "grad", factor=3.0)

@@ -8,8 +8,9 @@
             for the rest (Liger's SwiGLU takes separate gate/up tensors and its RoPE BHSD q/k:
             neither fits the fused layouts). Under torch.compile the Liger entries run our custom
             ops (Liger's autograd Functions crashed compiled training on the H200, issue 16).
-  "auto":   "triton" on CUDA with Triton installed (Liger where installed and measured faster: see
-            ``_LIGER_FASTER``), else "torch".
+  "auto":   on CUDA with Triton installed, per op the implementation measured cheapest (``_AUTO``:
+            torch's fused ``F.rms_norm`` for rms_norm, our Triton kernels for the fused ops; Liger
+            only for ops in ``_LIGER_FASTER``); else "torch".
 
 The model keeps the returned :class:`Ops` and calls its fields in ``forward``: no lookups per call.
 """
@@ -31,15 +32,21 @@ from ._dispatch import triton
 
 KERNELS = ("auto", "liger", "triton", "torch")
 
-# Ops for which Liger's kernel measured faster than ours on the GPU (GPU_NOTES.md / ops_bench.py);
-# "auto" takes Liger only for these. Empty until measured.
+# "auto" on CUDA, per op. H200 facts (GPU_NOTES.md 06:00): a Triton launch costs ~24 us of host time,
+# a trivial aten op ~14 us, F.rms_norm fwd+bwd 159 us (one fused kernel forward, C++ autograd), so
+# one aten op beats one Triton kernel, while fusing 2+ aten ops into one kernel pays. Re-measure with
+# benchmarks/ops_bench.py and edit here.
+_AUTO = {"rms_norm": "aten", "add_rms_norm": "triton", "swiglu": "triton", "rotary_qkv": "triton",
+         "rotary": "triton"}
+# Ops for which Liger's kernel measured faster than ours; "auto" takes Liger only for these. Empty:
+# Liger's Python wrappers cost more host time than plain torch at small shapes (GPU_NOTES.md 06:00).
 _LIGER_FASTER: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
 class Ops:
     """The callables a model uses (signatures as the public functions of ``flashlm.ops``) and, in
-    ``names``, which implementation each one is ("torch", "triton", "liger")."""
+    ``names``, which implementation each one is ("torch", "aten", "triton", "liger")."""
 
     rms_norm: Callable
     add_rms_norm: Callable
@@ -51,6 +58,7 @@ class Ops:
 
 _TORCH = {"rms_norm": _rms.rms_norm_ref, "add_rms_norm": _rms.add_rms_norm_ref, "swiglu": _swi.swiglu_ref,
           "rotary_qkv": _rot.rotary_qkv_ref, "rotary": _rot.rotary_ref}
+_ATEN = {"rms_norm": _rms.rms_norm_aten, "add_rms_norm": _rms.add_rms_norm_aten}
 _TRITON = {"rms_norm": _rms.rms_norm, "add_rms_norm": _rms.add_rms_norm, "swiglu": _swi.swiglu,
            "rotary_qkv": _rot.rotary_qkv, "rotary": _rot.rotary}
 
@@ -75,6 +83,10 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None) -> 
     chosen, names = dict(_TRITON), dict.fromkeys(_TRITON, "triton")
     if kernels == "triton":
         return Ops(**chosen, names=names)
+    if kernels == "auto":
+        for name, impl in _AUTO.items():
+            if impl == "aten":
+                chosen[name], names[name] = _ATEN[name], "aten"
     from . import liger
 
     found = liger.functions()
