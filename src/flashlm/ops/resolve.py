@@ -25,10 +25,13 @@ import torch
 
 from flashlm.errors import InputError
 
-from . import rms_norm as _rms
-from . import rotary as _rot
-from . import swiglu as _swi
 from ._dispatch import triton
+
+# import the functions, not the submodules: the package's names rms_norm, swiglu and rotary are the
+# public functions, which shadow their submodules once flashlm.ops is imported
+from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
+from .rotary import rotary, rotary_qkv, rotary_qkv_ref, rotary_ref
+from .swiglu import swiglu, swiglu_ref
 
 KERNELS = ("auto", "liger", "triton", "torch")
 
@@ -56,11 +59,11 @@ class Ops:
     names: dict = field(default_factory=dict)
 
 
-_TORCH = {"rms_norm": _rms.rms_norm_ref, "add_rms_norm": _rms.add_rms_norm_ref, "swiglu": _swi.swiglu_ref,
-          "rotary_qkv": _rot.rotary_qkv_ref, "rotary": _rot.rotary_ref}
-_ATEN = {"rms_norm": _rms.rms_norm_aten, "add_rms_norm": _rms.add_rms_norm_aten}
-_TRITON = {"rms_norm": _rms.rms_norm, "add_rms_norm": _rms.add_rms_norm, "swiglu": _swi.swiglu,
-           "rotary_qkv": _rot.rotary_qkv, "rotary": _rot.rotary}
+_TORCH = {"rms_norm": rms_norm_ref, "add_rms_norm": add_rms_norm_ref, "swiglu": swiglu_ref,
+          "rotary_qkv": rotary_qkv_ref, "rotary": rotary_ref}
+_ATEN = {"rms_norm": rms_norm_aten, "add_rms_norm": add_rms_norm_aten}
+_TRITON = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "rotary_qkv": rotary_qkv,
+           "rotary": rotary}
 
 
 def _triton_usable(device: torch.device) -> bool:
