@@ -90,6 +90,8 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None) -> 
         for name, impl in _AUTO.items():
             if impl == "aten":
                 chosen[name], names[name] = _ATEN[name], "aten"
+    if kernels == "auto" and not _LIGER_FASTER:  # do not even import Liger
+        return Ops(**chosen, names=names)
     from . import liger
 
     found = liger.functions()
