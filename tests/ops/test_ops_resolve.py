@@ -65,4 +65,11 @@ def test_resolve_auto_on_cuda_takes_the_measured_table():
     chosen = ops.resolve("auto", "cuda")
     assert {k: v for k, v in chosen.names.items() if v != "liger"} == {
         k: v for k, v in _AUTO.items() if chosen.names[k] != "liger"}
-    assert chosen.rms_norm is ops.rms_norm_aten and chosen.swiglu is ops.swiglu
+    assert chosen.rms_norm is ops.rms_norm_aten and chosen.swiglu is ops.swiglu_sized
+    assert chosen.rotary_qkv is ops.rotary_qkv
+
+
+def test_resolve_auto_for_a_compiled_model_takes_torch():
+    """Inductor fuses the references itself; our ops would stay opaque custom ops in its graph."""
+    assert set(ops.resolve("auto", "cuda", compiled=True).names.values()) == {"torch"}
+    assert ops.resolve("triton", "cpu", compiled=True).names["swiglu"] == "triton"  # explicit choice kept

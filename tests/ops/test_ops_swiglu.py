@@ -36,3 +36,14 @@ def test_swiglu_non_contiguous_grad_and_rows():
 def test_odd_width_is_refused():
     with pytest.raises(InputError, match="2 \\* intermediate"):
         ops.swiglu(torch.randn(2, 7))
+
+
+def test_swiglu_sized_switches_at_the_threshold(monkeypatch):
+    import sys
+
+    module = sys.modules["flashlm.ops.swiglu"]
+    gu = torch.randn(3, 4, 2 * 30, dtype=torch.float16)
+    monkeypatch.setattr(module, "SIZED_MIN_NUMEL", gu.numel() + 1)
+    assert ops.swiglu_sized(gu).equal(ops.swiglu_ref(gu))
+    monkeypatch.setattr(module, "SIZED_MIN_NUMEL", gu.numel())
+    assert ops.swiglu_sized(gu).equal(ops.swiglu(gu))

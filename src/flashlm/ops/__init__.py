@@ -17,7 +17,7 @@ Models choose the implementations once with :func:`resolve` ("auto" | "liger" | 
 from .resolve import KERNELS, Ops, resolve
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
 from .rotary import rotary, rotary_qkv, rotary_qkv_ref, rotary_ref
-from .swiglu import swiglu, swiglu_ref
+from .swiglu import swiglu, swiglu_ref, swiglu_sized
 
 __all__ = [
     "KERNELS",
@@ -35,4 +35,5 @@ __all__ = [
     "rotary_ref",
     "swiglu",
     "swiglu_ref",
+    "swiglu_sized",
 ]
