@@ -1,0 +1,67 @@
+"""The one dispatch helper every op shares: which of its three entry points runs a call.
+
+- under torch.compile: the ``torch.library.custom_op`` (opaque to inductor, with a fake and an
+  autograd formula, so ``fullgraph=True`` traces it without graph breaks);
+- eager with gradients: the ``torch.autograd.Function`` calling the Triton launcher directly (the
+  custom op's dispatcher and generated backward cost 100-300 us of host time per call);
+- eager without gradients: the launcher itself.
+
+The choice is made per call (the same model runs eager and compiled), but it costs two cheap checks,
+not a lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+try:
+    from torch.compiler import is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling
+
+try:
+    import triton
+except ImportError:  # CPU-only installs: only the torch references work
+    triton = None
+
+
+def dispatch(function: type[torch.autograd.Function], launch: Callable, compiled: Callable) -> Callable:
+    """A callable taking the op's positional arguments and running ``compiled`` under torch.compile,
+    ``function.apply`` in eager mode with grad enabled, else ``launch``. All three take the same
+    arguments and return the same outputs."""
+    apply = function.apply
+    grad_enabled = torch.is_grad_enabled
+
+    def call(*args):
+        if is_compiling():
+            return compiled(*args)
+        if grad_enabled():
+            return apply(*args)
+        return launch(*args)
+
+    return call
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def row_warps(block: int) -> int:
+    """Warps for a program owning one row of ``block`` elements (Liger's table)."""
+    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+_NUM_SMS: dict = {}
+
+
+def num_programs(device: torch.device) -> int:
+    """The number of persistent programs a row-looping kernel launches: 4 per SM on CUDA (one
+    8-warp program per SM left the H200 latency-bound: the llama-1b add_rms_norm backward ran at half
+    the speed of aten's, GPU_NOTES 06:20); a few under the CPU interpreter. Cached per device."""
+    n = _NUM_SMS.get(device)
+    if n is None:
+        n = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        _NUM_SMS[device] = n
+    return n
