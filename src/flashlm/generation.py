@@ -17,7 +17,7 @@ Prompts are batched **left-padded** (``attention_mask`` 0 on the left of each ro
 with ``padding_side="left"``). Right-padded prompts are refused: a decoder would append new tokens
 after the padding.
 
-Sampling (greedy, temperature, top-k, top-p) draws with the exponential race
+Sampling (greedy, temperature, top-k, top-p; `flashlm.sampling`) draws with the exponential race
 ``argmax(p / E)``, ``E ~ Exp(1)``, which samples from ``p`` like ``torch.multinomial`` but without a
 device-to-host synchronization. Early stopping on EOS is checked *asynchronously* on CUDA: the
 "all rows finished" flag of step t is copied to pinned memory without blocking and read once its
@@ -42,13 +42,13 @@ from torch import Tensor
 
 from flashlm.decode_graph import (
     DecodeStep,
-    SamplingKey,
     cache_capacity,
     compile_mode,
     graph_unavailable_reason,
     graphed_decode_step,
     release_graphs,
 )
+from flashlm.sampling import SamplingKey, sample_next_token, top_k_filter, top_p_filter
 
 __all__ = ["GenerationOutput", "generate", "main", "release_graphs", "sample_next_token", "top_k_filter",
            "top_p_filter"]
@@ -87,57 +87,6 @@ class GenerationOutput:
         if not math.isfinite(self.per_token_s) or self.per_token_s <= 0:
             return float("nan")
         return self.sequences.shape[0] / self.per_token_s
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------
-def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
-    """Keep the ``top_k`` largest logits of each row ``(batch, vocab)``, set the rest to -inf.
-    Ties at the k-th value are all kept. ``top_k <= 0`` or ``>= vocab`` keeps everything."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Nucleus filter on ``(batch, vocab)`` logits: keep the smallest set of most likely tokens whose
-    probability sum reaches ``top_p`` (the most likely token is always kept), -inf elsewhere."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    # mass strictly before each token: drop a token once the tokens before it already reach top_p
-    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                      race: Tensor | None = None) -> Tensor:
-    """Pick one token per row from ``logits`` ``(batch, vocab)``; returns int64 ``(batch,)``.
-
-    Greedy (``argmax``) unless ``do_sample``. Sampling divides by ``temperature``, applies top-k then
-    top-p, and draws by the exponential race ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` (the index of
-    the first of independent exponential clocks with rates ``p_i`` to ring: distributed as ``p``).
-    No host synchronization. ``generator`` (on the logits' device) makes draws reproducible.
-    ``race``: the E_i already drawn, fp32 ``(batch, vocab)`` (``torch.empty(...).exponential_(1.0,
-    generator=...)`` gives the numbers this function would draw itself); then nothing is drawn here,
-    which keeps a compiled caller free of generator calls.
-    """
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-    probs = torch.softmax(logits, dim=-1)
-    if race is None:
-        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    # E == 0 would give 0/0 = nan for a filtered-out token (argmax picks nan): clamp it away
-    # (out of place: a caller's buffer stays as drawn).
-    race = race.clamp_min(torch.finfo(race.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda_graph = False
     compile_step: bool | str = False
     if args.compile is not None:
-        from flashlm.decode_graph import SamplingKey, graph_unavailable_reason
+        from flashlm.decode_graph import graph_unavailable_reason
 
         why = graph_unavailable_reason(model, device, SamplingKey(do_sample=args.do_sample))
         if why is None:
