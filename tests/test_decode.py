@@ -285,5 +285,37 @@ def test_decode_bench_cpu_smoke(tmp_path, capsys):
     # same weights, fp32: transformers' greedy tokens are flashlm's
     assert by_impl["hf-dynamic"]["token_agreement_with_flashlm"] == 1.0
     assert data["command"].startswith("flashlm bench decode") and "| impl" in data["table"]
+    # CPU: no bandwidth figure, so no %-of-peak column rather than a made-up one, and a note says so
+    assert data["peak_gbs"] is None and data["peak_basis"] is None and "% peak" not in data["table"]
+    assert "pct_of_peak" not in by_impl["flashlm-eager"]
+    assert any("no %-of-peak column" in n for n in data["notes"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["targets"]["per_token_ms_b1_ctx128"] == 1.2
     assert bench_main(["--models", "nope"]) == 2
+    assert bench_main(["--device", "cpu", "--peak-gbs", "0"]) == 2
+
+
+@pytest.mark.parametrize(("name", "gpu", "gbs", "basis"), [
+    ("NVIDIA H200", "H200", 4300.0, "measured copy"),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 3000.0, "measured copy"),
+    ("NVIDIA H100 PCIe", None, None, None),  # HBM2e, 2 TB/s: not the SXM card's figure
+    ("NVIDIA H200 NVL", None, None, None),
+    ("NVIDIA A100-SXM4-80GB", None, None, None),
+    (None, None, None, None),  # the CPU
+])
+def test_decode_bench_peak_bandwidth_by_gpu_name(name, gpu, gbs, basis):
+    from flashlm.bench.bandwidth import GPU_BANDWIDTH, peak_bandwidth
+    from flashlm.bench.decode import format_table
+
+    peak = peak_bandwidth(name)
+    if gpu is None:
+        assert peak is None
+    else:
+        assert (peak.gpu, peak.gbs, peak.basis) == (gpu, gbs, basis)
+        assert GPU_BANDWIDTH[gpu].datasheet_gbs == {"H200": 4800.0, "H100 SXM": 3350.0}[gpu]
+        assert f"{gbs:.0f} GB/s ({gpu}, measured copy; datasheet" in peak.label
+    given = peak_bandwidth(name, 1234.0)  # --peak-gbs wins on any GPU, and says it was given
+    assert (given.gbs, given.basis, given.gpu) == (1234.0, "--peak-gbs", None)
+    point = {"impl": "flashlm-graph", "batch": 1, "context": 128, "status": "ok", "first_token_ms": 9.0,
+             "per_token_ms": 1.0, "tokens_per_s": 1000.0, "gb_per_s": 2150.0, "pct_of_peak": 50.0}
+    assert "% peak" in format_table([point], given.label) and "(given by --peak-gbs)" in format_table([point], given.label)
+    assert "% peak" not in format_table([point])
