@@ -517,12 +517,21 @@ def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def _release_graphs(model) -> None:
+    """Free the CUDA graphs (and their caches) generate() kept on a flashlm model, so that later cases and
+    grid points neither hold nor count that memory."""
+    from flashlm.decode_graph import release_graphs
+
+    release_graphs(model)
+
+
 def run_generate(name: str, model, batch: Batch, cfg: BenchConfig, tick, model_config=None) -> dict[str, Any]:
     fn, compiled = _generate_fn(name, model, cfg)
     n = cfg.new_tokens
     with torch.inference_mode(), _Memory(cfg.device) as mem:
         res, tokens = _measure_generation(fn, batch.input_ids, batch.attention_mask, n, cfg, tick)
     res.update(status="ok", compiled=compiled, **mem.record())
+    _release_graphs(model)
     if model_config is not None and res["per_token_ms"] > 0:
         avg_ctx = max(batch.row_lengths) + n / 2  # mean cache length over the decode steps
         read = weight_bytes(model) + kv_bytes_per_token(model_config, cfg.torch_dtype) * batch.input_ids.shape[0] * avg_ctx
@@ -549,6 +558,7 @@ def run_decode(name: str, model, cfg: BenchConfig, tick, model_config) -> dict[s
             except Exception as e:  # noqa: BLE001 one grid point failing (OOM at batch 32 x 8k) must not end the sweep
                 point.update(_error_record(e))
                 _free(cfg.device)
+            _release_graphs(model)
             grid.append(point)
     return {"status": "ok", "compiled": compiled, "grid": grid}
 
