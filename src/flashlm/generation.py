@@ -214,7 +214,7 @@ def _emit(streamer: Any, tokens: Tensor) -> None:
 _logged_fallbacks: set[str] = set()
 
 
-def resolve_cuda_graph(cuda_graph: bool | str, model: torch.nn.Module, device: torch.device,
+def _resolve_cuda_graph(cuda_graph: bool | str, model: torch.nn.Module, device: torch.device,
                        key: SamplingKey) -> str | None:
     """Why ``generate(cuda_graph=...)`` decodes eagerly here, or None when it replays a CUDA graph.
 
@@ -294,7 +294,7 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     input_ids = input_ids.long()
     key = SamplingKey(bool(do_sample), float(temperature), int(top_k), float(top_p), tuple(eos_ids),
                       int(pad_token_id))
-    fallback = resolve_cuda_graph(cuda_graph, model, device, key)
+    fallback = _resolve_cuda_graph(cuda_graph, model, device, key)
     use_graph = fallback is None
     mode = compile_mode(compile)
     if mode is not None and not _is_flash(model):
