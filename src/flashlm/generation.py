@@ -215,7 +215,7 @@ _logged_fallbacks: set[str] = set()
 
 
 def _resolve_cuda_graph(cuda_graph: bool | str, model: torch.nn.Module, device: torch.device,
-                       key: SamplingKey) -> str | None:
+                        key: SamplingKey) -> str | None:
     """Why ``generate(cuda_graph=...)`` decodes eagerly here, or None when it replays a CUDA graph.
 
     "auto": the graph wherever :func:`flashlm.decode_graph.graph_unavailable_reason` finds nothing
