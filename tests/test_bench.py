@@ -64,6 +64,24 @@ def test_cpu_run_writes_json_and_table(seed_run, capsys):
         assert "| Flash | Speedup | Improvement |" in results["table"]
 
 
+def test_cpu_run_records_which_decode_path_ran(seed_run):
+    """generate()'s default decode path (cuda_graph="auto") is what the bench times; on CPU it is eager,
+    and each row says why; the table shows the path of every model."""
+    _, out = seed_run
+    results = json.loads((out / "r.json").read_text())
+    assert results["config"]["cuda_graph"] == "auto"
+    models = results["models"]
+    gen = models["default"]["cases"]["generate"]
+    assert gen["decode_path"] == "eager" and "needs the flash model" in gen["graph_fallback"]
+    if models["flash"]["status"] == "ok":
+        gen = models["flash"]["cases"]["generate"]
+        assert gen["decode_path"] == "eager" and "CUDA graphs need a CUDA device" in gen["graph_fallback"]
+    if models["hf-sdpa"]["status"] == "ok":
+        assert models["hf-sdpa"]["cases"]["generate"]["decode_path"] == "hf-dynamic"
+    row = next(line for line in results["table"].splitlines() if line.startswith("| Decode path |"))
+    assert row.startswith("| Decode path | eager |")
+
+
 def test_cpu_run_same_weights_same_results(seed_run):
     """Every row loads the same checkpoint: same first-step loss, logits and greedy tokens (fp32)."""
     pytest.importorskip("transformers")

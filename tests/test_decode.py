@@ -9,6 +9,7 @@ sampled) at batch 1 and 4 with left padding, and a replayed / eager decode step 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from flashlm.decode_graph import (
     graphed_decode_step,
     release_graphs,
 )
+from flashlm.errors import InputError
 from flashlm.generation import generate, main
 from flashlm.models.config import get_preset
 from flashlm.models.flash_cache import StaticKVCache
@@ -53,14 +55,32 @@ def test_decode_step_left_padded_matches_default_and_cache_free_loop():
     assert torch.equal(tokens, ref.sequences[:, ids.shape[1]:])
 
 
-def test_cuda_graph_auto_on_cpu_is_the_eager_path():
-    _, flash = make_pair()
+def test_cuda_graph_auto_on_cpu_is_the_eager_path_and_says_why(caplog):
+    default, flash = make_pair()
     ids, mask = left_padded_prompts(PROMPTS)
     a = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], cuda_graph=False)
-    b = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], cuda_graph="auto")
+    with caplog.at_level(logging.INFO, logger="flashlm.generation"):
+        b = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])  # "auto" by default
     c = generate(flash, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], max_cache_len=12)
     assert not a.cuda_graph and not b.cuda_graph and a.capture_s == 0.0
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.sequences, c.sequences)
+    assert a.graph_fallback == "cuda_graph=False" and a.decode_path == "eager"
+    assert "CUDA graphs need a CUDA device; the inputs are on cpu" in b.graph_fallback
+    # said once per reason in the log (a loop of calls does not repeat it), always in the result
+    assert sum("CUDA graphs need a CUDA device" in r.getMessage() for r in caplog.records) <= 1
+    assert c.graph_fallback == b.graph_fallback
+    d = generate(default, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert not d.cuda_graph and "needs the flash model" in d.graph_fallback
+
+
+def test_cuda_graph_true_where_it_cannot_work_is_an_input_error():
+    default, flash = make_pair()
+    ids = torch.tensor([[5, 6, 7]])
+    for model, why in ((flash, "CUDA graphs need a CUDA device"), (default, "CUDA-graph decoding needs the flash")):
+        with pytest.raises(InputError, match=f"cuda_graph=True: {why}"):
+            generate(model, ids, max_new_tokens=3, cuda_graph=True)
+    with pytest.raises(RuntimeError, match="cuda_graph must be"):  # catchable as flash-attn's error type
+        generate(flash, ids, cuda_graph="yes")
 
 
 def test_per_row_eos_finished_rows_emit_padding():
@@ -116,16 +136,10 @@ def test_capacity_and_argument_errors():
     assert cache_capacity(10, 12) == 12
     with pytest.raises(ValueError, match="max_cache_len"):
         cache_capacity(10, 9)
-    default, flash = make_pair()
+    _, flash = make_pair()
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match="max_cache_len"):
         generate(flash, ids, max_new_tokens=4, max_cache_len=6)
-    with pytest.raises(ValueError, match="cuda_graph must be"):
-        generate(flash, ids, cuda_graph="yes")
-    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        generate(flash, ids, cuda_graph=True)
-    with pytest.raises(ValueError, match="needs the flash model"):
-        generate(default, ids, cuda_graph=True)
     assert "CUDA device" in graph_unavailable_reason(flash, torch.device("cpu"), SamplingKey())
     assert release_graphs(flash) == 0
     with pytest.raises(ValueError, match="CUDA graphs need"):
@@ -139,6 +153,17 @@ def test_cli_compile_on_cpu_falls_back_with_a_note(capsys):
     assert "--compile" in captured.err and "eager" in captured.err
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["cuda_graph"] is False and result["num_new_tokens"] == [4, 4]
+    assert result["decode_path"] == "eager" and "CUDA device" in result["graph_fallback"]
+
+
+def test_cli_cuda_graph_flag_on_cpu(capsys):
+    base = ["--model", "tiny", "--prompt-ids", "5,17,99", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(base) == 0  # --cuda-graph auto (default): eager, and the line says why
+    assert "eager decode: CUDA graphs need a CUDA device" in capsys.readouterr().out
+    assert main([*base, "--cuda-graph", "on"]) == 2
+    assert "cuda_graph=True: CUDA graphs need a CUDA device" in capsys.readouterr().err
+    assert main([*base, "--cuda-graph", "off", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["graph_fallback"] == "cuda_graph=False"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +190,19 @@ def test_graph_greedy_identical_to_eager(rows):
     g = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, cuda_graph=True)
     assert torch.equal(g.sequences, e.sequences) and torch.equal(g.num_new_tokens, e.num_new_tokens)
     assert release_graphs(flash) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_default_generate_on_cuda_takes_the_graph_with_eager_tokens(dtype):
+    """Fast by default: generate() without cuda_graph= replays the graph on CUDA, same greedy tokens."""
+    _, flash = make_pair("cuda", dtype, **GPU_MODEL)
+    ids, mask = left_padded_prompts(PROMPTS, "cuda")
+    eager = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=False)
+    auto = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
+    assert auto.cuda_graph and auto.graph_fallback is None and auto.decode_path == "cuda_graph"
+    assert torch.equal(auto.sequences, eager.sequences)
+    release_graphs(flash)
 
 
 @pytest.mark.cuda
@@ -247,5 +285,37 @@ def test_decode_bench_cpu_smoke(tmp_path, capsys):
     # same weights, fp32: transformers' greedy tokens are flashlm's
     assert by_impl["hf-dynamic"]["token_agreement_with_flashlm"] == 1.0
     assert data["command"].startswith("flashlm bench decode") and "| impl" in data["table"]
+    # CPU: no bandwidth figure, so no %-of-peak column rather than a made-up one, and a note says so
+    assert data["peak_gbs"] is None and data["peak_basis"] is None and "% peak" not in data["table"]
+    assert "pct_of_peak" not in by_impl["flashlm-eager"]
+    assert any("no %-of-peak column" in n for n in data["notes"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["targets"]["per_token_ms_b1_ctx128"] == 1.2
     assert bench_main(["--models", "nope"]) == 2
+    assert bench_main(["--device", "cpu", "--peak-gbs", "0"]) == 2
+
+
+@pytest.mark.parametrize(("name", "gpu", "gbs", "basis"), [
+    ("NVIDIA H200", "H200", 4300.0, "measured copy"),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 3000.0, "measured copy"),
+    ("NVIDIA H100 PCIe", None, None, None),  # HBM2e, 2 TB/s: not the SXM card's figure
+    ("NVIDIA H200 NVL", None, None, None),
+    ("NVIDIA A100-SXM4-80GB", None, None, None),
+    (None, None, None, None),  # the CPU
+])
+def test_decode_bench_peak_bandwidth_by_gpu_name(name, gpu, gbs, basis):
+    from flashlm.bench.bandwidth import GPU_BANDWIDTH, peak_bandwidth
+    from flashlm.bench.decode import format_table
+
+    peak = peak_bandwidth(name)
+    if gpu is None:
+        assert peak is None
+    else:
+        assert (peak.gpu, peak.gbs, peak.basis) == (gpu, gbs, basis)
+        assert GPU_BANDWIDTH[gpu].datasheet_gbs == {"H200": 4800.0, "H100 SXM": 3350.0}[gpu]
+        assert f"{gbs:.0f} GB/s ({gpu}, measured copy; datasheet" in peak.label
+    given = peak_bandwidth(name, 1234.0)  # --peak-gbs wins on any GPU, and says it was given
+    assert (given.gbs, given.basis, given.gpu) == (1234.0, "--peak-gbs", None)
+    point = {"impl": "flashlm-graph", "batch": 1, "context": 128, "status": "ok", "first_token_ms": 9.0,
+             "per_token_ms": 1.0, "tokens_per_s": 1000.0, "gb_per_s": 2150.0, "pct_of_peak": 50.0}
+    assert "% peak" in format_table([point], given.label) and "(given by --peak-gbs)" in format_table([point], given.label)
+    assert "% peak" not in format_table([point])

@@ -185,42 +185,105 @@ def _torchrun_fsdp_works() -> str | None:
     return None
 
 
+FSDP_COMMON = ["--max-steps", 4, "--grad-accum", 2, "--lr", 3e-3, "--eval-every", 2, "--save-every", 0]
+
+
+def _lr_path(common) -> float:
+    """Sum of the learning rates of a run's steps: AdamW moves an element by at most ~lr per step
+    (its normalized update m / sqrt(v) stays within ~1), so no weight moves farther than this."""
+    args = T.build_parser().parse_args([*BASE, *map(str, common), "--data", ".", "--output", "."])
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, args.max_steps // 10)
+    schedule = T.lr_lambda(args.max_steps, warmup, args.min_lr_ratio)
+    return sum(args.lr * schedule(i) for i in range(args.max_steps))
+
+
+# Tolerance of "the same training run" on weights, as a fraction of the lr path, per tensor, in RMS.
+# Why RMS and not element-wise: 1 and 2 processes (and two CPUs: AVX2/AVX512, thread counts) sum
+# gradients in different orders, which moves a gradient by ~1e-6 relative. AdamW turns that into a
+# negligible change, except on the rare elements whose gradient is ~0 from cancellation: those get a
+# different m / sqrt(v) and can move by up to the whole lr path. One such element of 8192 failed an
+# element-wise rtol=1e-4 on another CPU (1.46e-5 = 1.8e-3 of the path; 2e-4 of it on this one). Over a
+# whole tensor they are few: the RMS difference measured 2e-6 of the path (2 processes vs 1, and 1
+# process with another micro-batch split). A real bug moves every tensor: rank 1's gradient halved
+# gave >= 4e-2 of the path on the least-moved tensor (the embedding), a wrong data shard more; so
+# 1e-3 leaves ~500x above the noise and ~40x below the smallest bug (test_fsdp2_catches_planted_bugs).
+SAME_RUN_RMS = 1e-3
+
+
+def _weight_mismatches(a: dict, b: dict, path: float) -> list[str]:
+    """Tensors whose RMS difference exceeds ``SAME_RUN_RMS`` of the lr path (see above)."""
+    assert a.keys() == b.keys()
+    bad = []
+    for k, value in a.items():
+        rms = (value.double() - b[k].double()).pow(2).mean().sqrt().item()
+        if not rms <= SAME_RUN_RMS * path:
+            bad.append(f"{k}: RMS difference {rms:.3g} = {rms / path:.3g} of the lr path")
+    return bad
+
+
+# Losses are token means over 512 tokens per step: summation order moves them by ~1e-7 relative
+# (measured 1.7e-7 between 1 and 2 processes); rtol 1e-5 leaves ~60x. The halved-gradient bug moves
+# step 2's loss by 2.8e-3 relative.
+LOSS_TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def single(corpus, cache, tmp_path_factory):
+    """The 1-process reference run of the FSDP2 tests (batch 4 = their 2 ranks x batch 2)."""
+    out = tmp_path_factory.mktemp("single") / "one"
+    res = T.train([*BASE, *map(str, FSDP_COMMON), "--data", str(corpus), "--cache-dir", str(cache),
+                   "--batch-size", "4", "--output", str(out)])
+    return res, _params(out / "final")
+
+
+def _torchrun(script: list, corpus, cache, out, *extra, fault: str | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if fault is not None:
+        env["FLASHLM_FAULT"] = fault
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *script,
+              *BASE, *map(str, FSDP_COMMON), "--data", str(corpus), "--cache-dir", str(cache),
+              "--batch-size", "2", "--output", str(out), *extra]
+    proc = subprocess.run(launch, check=False, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(_torchrun_fsdp_works() is not None, reason=str(_torchrun_fsdp_works()))
-def test_fsdp2_two_gloo_processes_match_one_process_and_resume(corpus, cache, tmp_path):
+def test_fsdp2_two_gloo_processes_match_one_process_and_resume(corpus, cache, tmp_path, single):
     """2 CPU processes (gloo) with FSDP2 and batch 2 each == 1 process with batch 4, through a DCP
     checkpoint and resume in the middle."""
-    common = ["--max-steps", 4, "--grad-accum", 2, "--lr", 3e-3, "--eval-every", 2, "--save-every", 0,
-              "--data", corpus, "--cache-dir", cache]
-    single = T.train([*BASE, *map(str, common), "--batch-size", "4", "--output", str(tmp_path / "one")])
-
+    single_res, b = single
+    path = _lr_path(FSDP_COMMON)
     out = tmp_path / "fsdp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-              "-m", "flashlm.train", *BASE, *map(str, common), "--batch-size", "2", "--output", str(out)]
     for extra in (["--stop-after", "2"], ["--resume", "auto"]):
-        proc = subprocess.run([*launch, *extra], check=False, env=env, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _torchrun(["-m", "flashlm.train"], corpus, cache, out, *extra)
     ckpt = out / "checkpoints" / "step_0000002"
     assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "rng_rank1.pt").is_file()
 
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    torch.testing.assert_close(torch.tensor([m["loss"] for m in logged]), torch.tensor(single.losses),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in logged]), torch.tensor(single_res.losses),
+                               **LOSS_TOL)
     evals = [(m["step"], m["eval_loss"]) for m in logged if "eval_loss" in m]
     assert [s for s, _ in evals] == [2, 4]
-    a, b = _params(out / "final"), _params(tmp_path / "one" / "final")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert _weight_mismatches(_params(out / "final"), b, path) == []
 
     # The 2-rank DCP checkpoint resumes in one process (batch 4 = the same global rows): DCP gathers
     # the model and AdamW shards into full tensors and the run continues as the uninterrupted one.
-    res = T.train([*BASE, *map(str, common), "--batch-size", "4", "--output", str(tmp_path / "n_to_1"),
-                   "--resume", str(ckpt)])
-    torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(single.losses[2:]), rtol=1e-5, atol=1e-6)
-    c = _params(tmp_path / "n_to_1" / "final")
-    for k in b:
-        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5)
+    res = T.train([*BASE, *map(str, FSDP_COMMON), "--data", str(corpus), "--cache-dir", str(cache),
+                   "--batch-size", "4", "--output", str(tmp_path / "n_to_1"), "--resume", str(ckpt)])
+    torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(single_res.losses[2:]), **LOSS_TOL)
+    assert _weight_mismatches(_params(tmp_path / "n_to_1" / "final"), b, path) == []
+
+
+@pytest.mark.skipif(_torchrun_fsdp_works() is not None, reason=str(_torchrun_fsdp_works()))
+@pytest.mark.parametrize("fault", ["half_grad", "wrong_shard"])
+def test_fsdp2_catches_planted_bugs(corpus, cache, tmp_path, single, fault):
+    """The tolerance above is loose enough for summation order, not for a bug: with rank 1's
+    gradient halved, or rank 1 reading rank 0's rows (tests/fsdp_fault.py), every tensor fails it."""
+    _, b = single
+    out = tmp_path / fault
+    _torchrun([os.path.join(os.path.dirname(__file__), "fsdp_fault.py")], corpus, cache, out, fault=fault)
+    bad = _weight_mismatches(_params(out / "final"), b, _lr_path(FSDP_COMMON))
+    assert len(bad) == len(b), f"only {len(bad)} of {len(b)} tensors differ: {bad}"
 
 
 def test_bf16_master_weights_resume_bit_exact_and_learn_like_autocast(corpus, cache, tmp_path):

@@ -52,11 +52,12 @@ import gc
 import os
 import time
 import types
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from flashlm.sampling import SamplingKey, sample_next_token
 
 if TYPE_CHECKING:  # keep `import flashlm.generation` light: the models package loads on first use
     from flashlm.models.flash_cache import StaticKVCache
@@ -68,18 +69,6 @@ __all__ = ["CAPACITY_MULTIPLE", "COMPILE_MODES", "CUDAGraphDecodeStep", "DecodeS
 # similar lengths (a graph is tied to its cache's shape and addresses).
 CAPACITY_MULTIPLE = 256
 _GRAPHS_ATTR = "_flashlm_decode_graphs"
-
-
-@dataclass(frozen=True)
-class SamplingKey:
-    """Everything a captured step bakes in besides shapes: the sampling rule, EOS ids and padding."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
 
 
 # torch.compile modes for the decode step. No mode that makes CUDA graphs ("reduce-overhead",
@@ -139,8 +128,6 @@ class DecodeStep:
     @torch.no_grad()
     def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch_size: int, key: SamplingKey,
                  generator: torch.Generator | None = None, *, compile: bool | str = False) -> None:
-        from flashlm.generation import sample_next_token  # generation imports this module
-
         if not hasattr(model, "decode_logits"):
             raise ValueError(f"DecodeStep needs the flash model (FlashForCausalLM, static cache); got "
                              f"{type(model).__name__}")

@@ -7,9 +7,10 @@
   row's real tokens left-aligned (padding removed), every decode step feeds one token per row and
   appends its key/value in place through ``flash_attn_with_kvcache`` at the row's own
   ``cache_seqlens``. The decode step (``flashlm.decode_graph.DecodeStep``) has fixed shapes and reads
-  nothing back to the host; with ``cuda_graph=True`` it is captured once per batch size in a CUDA
-  graph and replayed per token (prefill stays eager); with ``compile=True`` its body runs through
-  ``torch.compile`` (inductor fuses its small kernels), captured in that graph on CUDA;
+  nothing back to the host; on CUDA it is captured once per batch size in a CUDA graph and replayed
+  per token (``cuda_graph="auto"``, the default; prefill stays eager), elsewhere it runs eagerly and
+  the result says why (``GenerationOutput.graph_fallback``); with ``compile=True`` its body runs
+  through ``torch.compile`` (inductor fuses its small kernels), captured in that graph on CUDA;
 - the **default** model: its dynamic cache, with the attention mask grown by one column per step and
   position ids taken from the mask.
 
@@ -17,7 +18,7 @@ Prompts are batched **left-padded** (``attention_mask`` 0 on the left of each ro
 with ``padding_side="left"``). Right-padded prompts are refused: a decoder would append new tokens
 after the padding.
 
-Sampling (greedy, temperature, top-k, top-p) draws with the exponential race
+Sampling (greedy, temperature, top-k, top-p; `flashlm.sampling`) draws with the exponential race
 ``argmax(p / E)``, ``E ~ Exp(1)``, which samples from ``p`` like ``torch.multinomial`` but without a
 device-to-host synchronization. Early stopping on EOS is checked *asynchronously* on CUDA: the
 "all rows finished" flag of step t is copied to pinned memory without blocking and read once its
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import operator
 import os
@@ -43,7 +45,6 @@ from torch import Tensor
 
 from flashlm.decode_graph import (
     DecodeStep,
-    SamplingKey,
     cache_capacity,
     compile_mode,
     graph_unavailable_reason,
@@ -51,9 +52,12 @@ from flashlm.decode_graph import (
     release_graphs,
 )
 from flashlm.errors import InputError
+from flashlm.sampling import SamplingKey, sample_next_token, top_k_filter, top_p_filter
 
 __all__ = ["GenerationOutput", "generate", "main", "release_graphs", "sample_next_token", "top_k_filter",
            "top_p_filter"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +73,8 @@ class GenerationOutput:
         per_token_s: mean seconds per decode step after the first token (``nan`` if fewer than two
             tokens were generated).
         cuda_graph: whether the decode steps were replayed from a CUDA graph.
+        graph_fallback: why they were not (the model, the device, ``cuda_graph=False``, ...); None when
+            they were.
         capture_s: seconds spent preparing the decode step during this call: compiling it and/or
             capturing its graph (0 when a captured graph was reused); not included in
             ``first_token_s``.
@@ -82,6 +88,12 @@ class GenerationOutput:
     cuda_graph: bool = False
     capture_s: float = 0.0
     compile_mode: str | None = None
+    graph_fallback: str | None = None
+
+    @property
+    def decode_path(self) -> str:
+        """``"cuda_graph"`` or ``"eager"``, with ``"+compile"`` when the step ran through torch.compile."""
+        return ("cuda_graph" if self.cuda_graph else "eager") + ("+compile" if self.compile_mode else "")
 
     @property
     def tokens_per_s(self) -> float:
@@ -89,57 +101,6 @@ class GenerationOutput:
         if not math.isfinite(self.per_token_s) or self.per_token_s <= 0:
             return float("nan")
         return self.sequences.shape[0] / self.per_token_s
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------
-def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
-    """Keep the ``top_k`` largest logits of each row ``(batch, vocab)``, set the rest to -inf.
-    Ties at the k-th value are all kept. ``top_k <= 0`` or ``>= vocab`` keeps everything."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Nucleus filter on ``(batch, vocab)`` logits: keep the smallest set of most likely tokens whose
-    probability sum reaches ``top_p`` (the most likely token is always kept), -inf elsewhere."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    # mass strictly before each token: drop a token once the tokens before it already reach top_p
-    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                      race: Tensor | None = None) -> Tensor:
-    """Pick one token per row from ``logits`` ``(batch, vocab)``; returns int64 ``(batch,)``.
-
-    Greedy (``argmax``) unless ``do_sample``. Sampling divides by ``temperature``, applies top-k then
-    top-p, and draws by the exponential race ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` (the index of
-    the first of independent exponential clocks with rates ``p_i`` to ring: distributed as ``p``).
-    No host synchronization. ``generator`` (on the logits' device) makes draws reproducible.
-    ``race``: the E_i already drawn, fp32 ``(batch, vocab)`` (``torch.empty(...).exponential_(1.0,
-    generator=...)`` gives the numbers this function would draw itself); then nothing is drawn here,
-    which keeps a compiled caller free of generator calls.
-    """
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-    probs = torch.softmax(logits, dim=-1)
-    if race is None:
-        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    # E == 0 would give 0/0 = nan for a filtered-out token (argmax picks nan): clamp it away
-    # (out of place: a caller's buffer stays as drawn).
-    race = race.clamp_min(torch.finfo(race.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,16 +233,29 @@ def _emit(streamer: Any, tokens: Tensor) -> None:
         streamer(host)
 
 
+_logged_fallbacks: set[str] = set()
+
+
 def _resolve_cuda_graph(cuda_graph: bool | str, model: torch.nn.Module, device: torch.device,
-                        key: SamplingKey) -> bool:
+                        key: SamplingKey) -> str | None:
+    """Why ``generate(cuda_graph=...)`` decodes eagerly here, or None when it replays a CUDA graph.
+
+    "auto": the graph wherever :func:`flashlm.decode_graph.graph_unavailable_reason` finds nothing
+    against it (the flash model on a CUDA device, ...), else eager with that reason (logged at INFO
+    once per reason). True: the graph, or :class:`~flashlm.errors.InputError` naming the reason.
+    False: eager."""
     if cuda_graph not in (True, False, "auto"):
-        raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+        raise InputError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
     if cuda_graph is False:
-        return False
+        return "cuda_graph=False"
     reason = graph_unavailable_reason(model, device, key)
     if reason is not None and cuda_graph is True:
-        raise ValueError(f"cuda_graph=True: {reason} (cuda_graph='auto' falls back to eager decoding)")
-    return reason is None
+        raise InputError(f"cuda_graph=True: {reason} (cuda_graph='auto', the default, falls back to eager "
+                         "decoding)")
+    if reason is not None and reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        _log.info("generate: eager decode steps, no CUDA graph: %s", reason)
+    return reason
 
 
 @torch.inference_mode()
@@ -290,7 +264,7 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
              streamer: Callable[[Tensor], Any] | Any | None = None,
              generator: torch.Generator | None = None, pad_token_id: int | None = None,
-             cuda_graph: bool | str = False, max_cache_len: int | None = None,
+             cuda_graph: bool | str = "auto", max_cache_len: int | None = None,
              compile: bool | str = False) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens per row after left-padded prompts.
 
@@ -307,10 +281,12 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
             rows get ``pad_token_id``); an object with ``put``/``end`` (transformers' streamers) gets
             ``put(tokens)`` and, at the end, ``end()``. Streaming reads tokens back every step.
         pad_token_id: fills finished rows (default: the config's pad, else its EOS, else 0).
-        cuda_graph: flash model only. True: replay the decode step from a CUDA graph captured once per
-            batch size (and kept on the model, see ``flashlm.decode_graph``); raises ValueError where
-            that cannot work (CPU, default model, ...). "auto": the graph where it works, else eager.
-            False: eager. Greedy tokens are the same either way (same kernels, same cache capacity).
+        cuda_graph: "auto" (default): replay the decode step from a CUDA graph where that works (the
+            flash model on CUDA), else run it eagerly and say why in ``graph_fallback``. True: the
+            graph, or :class:`~flashlm.errors.InputError` where it cannot work (CPU, default model,
+            ...). False: eager. Greedy tokens are the same either way (same kernels, same cache
+            capacity). A graph is captured once per batch size and kept on the model with its cache
+            (``capture_s`` > 0 on the call that captured it); ``release_graphs(model)`` frees them.
         max_cache_len: flash model: slots per row of the static cache (default: prompt_len +
             max_new_tokens rounded up to a multiple of 256, so a graph serves similar lengths).
         compile: flash model only. True (mode "default") or a mode of
@@ -341,7 +317,8 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     input_ids = input_ids.long()
     key = SamplingKey(bool(do_sample), float(temperature), int(top_k), float(top_p), tuple(eos_ids),
                       int(pad_token_id))
-    use_graph = _resolve_cuda_graph(cuda_graph, model, device, key)
+    fallback = _resolve_cuda_graph(cuda_graph, model, device, key)
+    use_graph = fallback is None
     mode = compile_mode(compile)
     if mode is not None and not _is_flash(model):
         raise ValueError(f"compile={compile!r} needs the flash model (FlashForCausalLM): its decode step has "
@@ -358,7 +335,7 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
         model.train(was_training)
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
-    return _finish(input_ids, key, *run)
+    return _finish(input_ids, key, *run, fallback)
 
 
 def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
@@ -459,7 +436,8 @@ def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tok
 
 
 def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: float, t_first: float,
-            t_end: float, steps: int, used_graph: bool, capture_s: float, mode: str | None) -> GenerationOutput:
+            t_end: float, steps: int, used_graph: bool, capture_s: float, mode: str | None,
+            fallback: str | None) -> GenerationOutput:
     batch = input_ids.shape[0]
     if key.eos_ids:
         eos = torch.tensor(key.eos_ids, dtype=torch.long, device=new_tokens.device)
@@ -476,7 +454,7 @@ def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: fl
     per_token = (t_end - t_first) / (steps - 1) if steps > 1 else float("nan")
     return GenerationOutput(sequences=torch.cat([input_ids, new_tokens], dim=-1), num_new_tokens=num_new,
                             first_token_s=t_first - t_start, per_token_s=per_token, cuda_graph=used_graph,
-                            capture_s=capture_s, compile_mode=mode)
+                            capture_s=capture_s, compile_mode=mode, graph_fallback=fallback)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,6 +466,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 # --compile VALUE -> generate(compile=...) with cuda_graph=True
 _COMPILE_CHOICES = {"inductor": True, "max-autotune": "max-autotune-no-cudagraphs", "graph": False}
+_CUDA_GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -535,11 +514,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--cuda-graph", choices=tuple(_CUDA_GRAPH_CHOICES), default="auto",
+                   help="replay the decode step from a CUDA graph: 'auto' (default) where it works (the flash "
+                        "model on CUDA; otherwise eager, and the output says why), 'on' (an error where it "
+                        "cannot), 'off' (eager)")
     p.add_argument("--compile", nargs="?", const="inductor", choices=sorted(_COMPILE_CHOICES), default=None,
-                   help="flash model on CUDA (elsewhere a note is printed and the eager loop runs): replay the "
-                        "decode step from a CUDA graph; 'inductor' (the default) captures the step compiled by "
-                        "torch.compile, 'max-autotune' the same with inductor's autotuning (slower to "
-                        "compile), 'graph' the uncompiled step")
+                   help="flash model on CUDA (elsewhere a note is printed and the eager loop runs): the CUDA "
+                        "graph captures the decode step compiled by torch.compile; 'inductor' (the default), "
+                        "'max-autotune' the same with inductor's autotuning (slower to compile), 'graph' the "
+                        "uncompiled step (= no --compile)")
     p.add_argument("--max-cache-len", type=int, default=None,
                    help="slots per row of the flash model's static cache (default: prompt + new tokens, "
                         "rounded up to 256)")
@@ -610,14 +593,13 @@ def main(argv: list[str] | None = None) -> int:
             print(piece, end="", flush=True)
 
     eos = [] if args.no_eos else (args.eos_token_id or None)
-    cuda_graph = False
+    cuda_graph = _CUDA_GRAPH_CHOICES[args.cuda_graph]
     compile_step: bool | str = False
     if args.compile is not None:
-        from flashlm.decode_graph import SamplingKey, graph_unavailable_reason
-
-        why = graph_unavailable_reason(model, device, SamplingKey(do_sample=args.do_sample))
+        why = "--cuda-graph off" if cuda_graph is False else graph_unavailable_reason(
+            model, device, SamplingKey(do_sample=args.do_sample))
         if why is None:
-            cuda_graph, compile_step = True, _COMPILE_CHOICES[args.compile]
+            compile_step = _COMPILE_CHOICES[args.compile]
         else:
             print(f"flashlm generate: --compile: {why}; running the eager decode loop", file=sys.stderr)
     try:
@@ -637,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
               "first_token_ms": round(out.first_token_s * 1e3, 3),
               "per_token_ms": round(out.per_token_s * 1e3, 3) if math.isfinite(out.per_token_s) else None,
               "tokens_per_s": round(out.tokens_per_s, 1) if math.isfinite(out.tokens_per_s) else None,
-              "cuda_graph": out.cuda_graph, "compile_mode": out.compile_mode,
+              "cuda_graph": out.cuda_graph, "decode_path": out.decode_path, "graph_fallback": out.graph_fallback,
+              "compile_mode": out.compile_mode,
               "capture_ms": round(out.capture_s * 1e3, 3),
               "new_token_ids": [out.sequences[i, width:width + int(n)].tolist()
                                 for i, n in enumerate(out.num_new_tokens)]}
@@ -648,10 +631,11 @@ def main(argv: list[str] | None = None) -> int:
             shown = result["text"][i] if tokenizer is not None else " ".join(map(str, ids))
             print(f"[{i}] {shown}")
         per = "n/a" if result["per_token_ms"] is None else f"{result['per_token_ms']:.2f} ms"
-        graph = ""
         if out.cuda_graph:
             what = f"torch.compile ({out.compile_mode}) + CUDA graph" if out.compile_mode else "CUDA graph"
             graph = f", {what} prepared in {result['capture_ms']:.0f} ms"
+        else:
+            graph = f", eager decode: {out.graph_fallback}"
         print(f"first token {result['first_token_ms']:.2f} ms, per token {per} "
               f"({args.attn}, {result['dtype']}, {device}{graph})")
     print(json.dumps(result))

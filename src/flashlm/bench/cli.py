@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default uses the mask, flash runs varlen")
     p.add_argument("--packed", action="store_true",
                    help="rows packed with several documents, position_ids restarting at 0 per document")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models for train/forward; replay the flash decode step from a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models for train/forward, and the flash model's CUDA-graph decode step")
+    p.add_argument("--cuda-graph", choices=("auto", "off"), default="auto",
+                   help="flashlm's generate/decode cases: 'auto' (generate()'s default: the flash model's decode "
+                        "step replayed from a CUDA graph on CUDA, eager elsewhere; each row records its "
+                        "decode_path) or 'off' (eager decode steps)")
     p.add_argument("--compare", default="default,flash,hf-sdpa",
                    help=f"comma-separated models among {', '.join(MODEL_NAMES)}")
     p.add_argument("--cases", default="train,forward,generate",
@@ -176,7 +180,8 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, argparse.Namespace, list[s
     cfg = BenchConfig(model=model, batch_size=args.batch_size, seq_length=args.seq_length,
                       warmup_steps=args.warmup_steps, benchmark_steps=args.benchmark_steps, dtype=dtype,
                       device=device, attn_backend=args.attn_backend, padding_ratio=args.padding_ratio,
-                      packed=args.packed, compile=args.compile, compare=compare, cases=cases,
+                      packed=args.packed, compile=args.compile, cuda_graph=args.cuda_graph,
+                      compare=compare, cases=cases,
                       new_tokens=args.new_tokens, decode_batch_sizes=decode_bs, decode_contexts=decode_ctx,
                       seed=args.seed, progress=not args.no_progress)
     return cfg, args, notes

@@ -31,7 +31,9 @@ Writes one JSON (``--output``) with the environment, the command, every grid poi
 against the issue's targets; prints a table; the last stdout line is the summary as one JSON object.
 
 JSON: top level ``benchmark``, ``preset``, ``dtype``, ``device``, ``new_tokens``, ``repeats``,
-``inductor_mode``, ``weight_bytes_per_step``, ``kv_bytes_per_token_per_row``, ``peak_gbs``, ``method``,
+``inductor_mode``, ``weight_bytes_per_step``, ``kv_bytes_per_token_per_row``, ``peak_gbs``, ``peak_basis``
+("measured copy", "datasheet" or "--peak-gbs"; see ``flashlm.bench.bandwidth``), ``peak_gpu``, ``peak_label``
+(all None, and no ``pct_of_peak``, on a GPU the table does not know, unless ``--peak-gbs``), ``method``,
 ``points``, ``summary``, ``notes``, ``command``, ``environment``, ``table``. Each point: ``impl``,
 ``batch``, ``context``, ``new_tokens``, ``status`` (ok / skipped + ``reason`` / error or oom +
 ``error``), ``first_token_ms``, ``per_token_ms``, ``total_ms`` (T(1 + N)), ``warmup_ms`` (the first
@@ -61,12 +63,12 @@ from typing import Any
 
 import torch
 
+from flashlm.bench.bandwidth import peak_bandwidth
 from flashlm.bench.models import DTYPES, kv_bytes_per_token, weight_bytes
 from flashlm.decode_graph import COMPILE_MODES
 
 IMPLS = ("flashlm-graph", "flashlm-graph-inductor", "flashlm-eager", "hf-dynamic", "hf-static-compile")
 GRAPH_IMPLS = ("flashlm-graph", "flashlm-graph-inductor")
-PEAK_GBS_H100 = 3000.0  # ~3 TB/s HBM3 seen on the H100 (DESIGN.md); the issue's bandwidth limit
 TARGETS = {"per_token_ms_b1_ctx128": 1.2, "first_token_ms_b1_ctx128": 15.0, "tokens_per_s_b32": 20000.0}
 
 
@@ -103,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--attn-backend", default=None, help="force a flashlm.attention backend for flashlm rows")
-    p.add_argument("--peak-gbs", type=float, default=PEAK_GBS_H100, help="memory bandwidth for the %%-of-peak column")
+    p.add_argument("--peak-gbs", type=float, default=None,
+                   help="memory bandwidth (GB/s) for the %%-of-peak column (default: the GPU's measured copy "
+                        "bandwidth from flashlm.bench.bandwidth, e.g. 4300 on an H200; no column for a GPU "
+                        "not in that table)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="write the results as JSON here")
     return p
@@ -121,6 +126,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ValueError(f"--new-tokens must be >= 2, got {args.new_tokens}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.peak_gbs is not None and not args.peak_gbs > 0:
+        raise ValueError(f"--peak-gbs must be > 0, got {args.peak_gbs}")
+    args.gpu_name = torch.cuda.get_device_name(args.device) if cuda else None
+    args.peak = peak_bandwidth(args.gpu_name, args.peak_gbs)
     args.torch_dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in IMPLS]
@@ -269,22 +278,25 @@ def _f(v: Any, digits: int = 2) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
-def format_table(points: list[dict[str, Any]]) -> str:
-    head = (f"| {'impl':<23}| batch | context | first token ms | ms/token | tokens/s | GB/s | % peak | "
-            f"graph == eager |\n|{'-' * 24}|------:|--------:|---------------:|---------:|---------:|-----:|"
-            f"-------:|:--------------:|")
+def format_table(points: list[dict[str, Any]], peak_label: str | None = None) -> str:
+    """Markdown table of the points; the % peak column only with a ``peak_label`` (its caption, which
+    says which bandwidth it divides by)."""
+    pct = peak_label is not None
+    head = (f"| {'impl':<23}| batch | context | first token ms | ms/token | tokens/s | GB/s | "
+            + ("% peak | " if pct else "") + f"graph == eager |\n|{'-' * 24}|------:|--------:|---------------:|"
+            "---------:|---------:|-----:|" + ("-------:|" if pct else "") + ":--------------:|")
     rows = [head]
     for p in points:
         if p["status"] != "ok":
             note = p.get("reason") or p.get("error", "")
             rows.append(f"| {p['impl']:<23}| {p['batch']:>5} | {p['context']:>7} | {p['status']}: {note[:60]} "
-                        "| | | | | |")
+                        "| | | | " + ("| " if pct else "") + "|")
             continue
         same = p.get("graph_tokens_equal_eager")
         rows.append(f"| {p['impl']:<23}| {p['batch']:>5} | {p['context']:>7} | {_f(p['first_token_ms']):>14} | "
                     f"{_f(p['per_token_ms'], 3):>8} | {_f(p['tokens_per_s'], 0):>8} | {_f(p.get('gb_per_s'), 0):>4} | "
-                    f"{_f(p.get('pct_of_peak'), 0):>6} | {'' if same is None else str(same):^14} |")
-    return "\n".join(rows)
+                    + (f"{_f(p.get('pct_of_peak'), 0):>6} | " if pct else "") + f"{'' if same is None else str(same):^14} |")
+    return "\n".join(rows) + (f"\n\n{peak_label}" if pct else "")
 
 
 def summarize(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -337,12 +349,19 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
     log(f"decode bench: {args.preset} {str(dtype).replace('torch.', '')} on {device}; weights read per step "
         f"{w_bytes / 1e9:.3f} GB, KV {kv_tok} B per token per row; N = {n} new tokens, {args.repeats} repeats")
     points: list[dict[str, Any]] = []
+    peak = args.peak
+    if peak is None:
+        notes.append("no %-of-peak column: " + (
+            f"the bandwidth of {args.gpu_name!r} is not in flashlm.bench.bandwidth's table; pass --peak-gbs"
+            if args.gpu_name else "a CPU run (pass --peak-gbs to get one)"))
+    peak_fields = peak.as_dict() if peak is not None else {
+        "peak_gbs": None, "peak_basis": None, "peak_gpu": None, "peak_label": None}
 
     def results() -> dict[str, Any]:
         return {"benchmark": "decode", "preset": args.preset, "dtype": str(dtype).replace("torch.", ""),
                 "device": str(device), "new_tokens": n, "repeats": args.repeats,
                 "inductor_mode": args.inductor_mode,
-                "weight_bytes_per_step": w_bytes, "kv_bytes_per_token_per_row": kv_tok, "peak_gbs": args.peak_gbs,
+                "weight_bytes_per_step": w_bytes, "kv_bytes_per_token_per_row": kv_tok, **peak_fields,
                 "method": "first token = median T(1); per token = (median T(1+N) - median T(1)) / N; T = wall "
                           "time of one generate call, device synchronized; GB/s = (weights + KV of batch x "
                           "(context + N/2)) / per token",
@@ -379,7 +398,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
                     point["bytes_per_step"] = read
                     if point["per_token_ms"] > 0:
                         point["gb_per_s"] = read / (point["per_token_ms"] / 1e3) / 1e9
-                        point["pct_of_peak"] = 100 * point["gb_per_s"] / args.peak_gbs
+                        if peak is not None:
+                            point["pct_of_peak"] = 100 * point["gb_per_s"] / peak.gbs
                     if device.type == "cuda":
                         point["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                     if impl == "hf-static-compile":
@@ -436,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     def save(partial: dict[str, Any]) -> None:
         if not args.output:
             return
-        partial = {**partial, "command": command, "environment": env, "table": format_table(partial["points"])}
+        partial = {**partial, "command": command, "environment": env,
+                   "table": format_table(partial["points"], partial["peak_label"])}
         if write_json is not None:
             write_json(partial, args.output)
         else:
@@ -445,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run(args, checkpoint=save)
     save(results)
-    results.update(command=command, environment=env, table=format_table(results["points"]))
+    results.update(command=command, environment=env, table=format_table(results["points"], results["peak_label"]))
     print(results["table"])
     for note in results["notes"]:
         print(f"note: {note}")

@@ -61,6 +61,7 @@ class BenchConfig:
     padding_ratio: float = 0.0
     packed: bool = False
     compile: bool = False
+    cuda_graph: str = "auto"  # flashlm's generate: "auto" (its default: CUDA graph where it works) or "off"
     compare: tuple[str, ...] = ("default", "flash", "hf-sdpa")
     cases: tuple[str, ...] = ("train", "forward", "generate")
     new_tokens: int = 32
@@ -419,32 +420,48 @@ class _TokenClock:
         pass
 
 
-GenerateFn = Callable[[torch.Tensor, "torch.Tensor | None", int], tuple[torch.Tensor, float, float]]
+GenerateFn = Callable[[torch.Tensor, "torch.Tensor | None", int], tuple[torch.Tensor, float, float, dict]]
+
+
+def _flashlm_generate_kw(name: str, model, cfg: BenchConfig) -> dict[str, Any]:
+    """generate()'s decode options in the benchmark: its own default (cuda_graph="auto": the CUDA
+    graph where it works, so the first figure shown is the fast path) unless ``--cuda-graph off``;
+    ``--compile`` adds torch.compile to the flash model's graphed step (CUDA only: on the CPU the step
+    would recompile per call)."""
+    from flashlm.decode_graph import graph_unavailable_reason
+    from flashlm.sampling import SamplingKey
+
+    kw: dict[str, Any] = {"cuda_graph": "auto" if cfg.cuda_graph == "auto" else False}
+    if (cfg.compile and name == "flash" and cfg.cuda_graph == "auto"
+            and graph_unavailable_reason(model, torch.device(cfg.device), SamplingKey()) is None):
+        kw["compile"] = True
+    return kw
 
 
 def _generate_fn(name: str, model, cfg: BenchConfig) -> tuple[GenerateFn, bool]:
-    """A function (input_ids, attention_mask, n) -> (new tokens (batch, n), first-token s, per-token s),
-    and whether its decode is compiled. First token: from the call to the first new token on the host
-    (prefill + one sampling step); per token: mean time of each later step."""
+    """A function (input_ids, attention_mask, n) -> (new tokens (batch, n), first-token s, per-token s,
+    {"decode_path": ..., ...}), and whether its decode is compiled. First token: from the call to the
+    first new token on the host (prefill + one sampling step); per token: mean time of each later step.
+    decode_path: flashlm's "cuda_graph" / "eager" (+ "graph_fallback": why not the graph), or HF's
+    "hf-dynamic" / "hf-static" / "hf-static+compile"."""
     if not name.startswith("hf-"):
         from flashlm.generation import generate
 
-        kw = {}
-        compiled = False
-        if cfg.compile and name == "flash":  # --compile: the flash decode step replayed from a CUDA graph
-            kw["cuda_graph"] = "auto"
-            compiled = torch.device(cfg.device).type == "cuda"
+        kw = _flashlm_generate_kw(name, model, cfg)
 
         def ours(ids, mask, n):
             # eos_token_id=[]: no EOS at all (None would mean the config's), so every row makes n tokens.
             # generate times itself: synchronized at the first token and at the end, nowhere else.
             out = generate(model, ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                            eos_token_id=[], **kw)
-            return out.sequences[:, -n:], out.first_token_s, out.per_token_s
+            path = {"decode_path": out.decode_path, "graph_fallback": out.graph_fallback}
+            return out.sequences[:, -n:], out.first_token_s, out.per_token_s, path
 
-        return ours, compiled
+        return ours, "compile" in kw
 
     kw = {"cache_implementation": "static"} if name == "hf-static" else {}
+    compiled = name == "hf-static" and cfg.device.startswith("cuda")
+    path = {"decode_path": "hf-static+compile" if compiled else "hf-static" if kw else "hf-dynamic"}
 
     def theirs(ids, mask, n):
         mask = torch.ones_like(ids) if mask is None else mask
@@ -455,18 +472,18 @@ def _generate_fn(name: str, model, cfg: BenchConfig) -> tuple[GenerateFn, bool]:
         stamps = clock.times[1:]  # [0] is the prompt
         if len(stamps) != n:
             raise RuntimeError(f"HF generate streamed {len(stamps)} tokens, expected {n}")
-        return out[:, -n:], stamps[0] - t0, (stamps[-1] - stamps[0]) / (n - 1)
+        return out[:, -n:], stamps[0] - t0, (stamps[-1] - stamps[0]) / (n - 1), path
 
-    return theirs, name == "hf-static" and cfg.device.startswith("cuda")
+    return theirs, compiled
 
 
 def _measure_generation(fn: GenerateFn, ids, mask, n: int, cfg: BenchConfig, tick) -> tuple[dict, torch.Tensor]:
     first, per, total = [], [], []
-    tokens = None
+    tokens, path = None, {}
     for i in range(cfg.warmup_steps + cfg.benchmark_steps):
         _sync(cfg.device)
         t0 = time.perf_counter()
-        tokens, first_s, per_s = fn(ids, mask, n)
+        tokens, first_s, per_s, path = fn(ids, mask, n)
         _sync(cfg.device)
         if i >= cfg.warmup_steps:
             total.append(time.perf_counter() - t0)
@@ -480,6 +497,7 @@ def _measure_generation(fn: GenerateFn, ids, mask, n: int, cfg: BenchConfig, tic
            "per_token_ms": p["median_ms"], "per_token_p10_ms": p["p10_ms"], "per_token_p90_ms": p["p90_ms"],
            "total_ms": summarize(total)["median_ms"], "steps": len(total), "new_tokens": n}
     res["decode_tokens_per_s"] = ids.shape[0] / (res["per_token_ms"] / 1e3)
+    res.update(path)  # which decode path ran (the last call's: every call takes the same one)
     return res, tokens
 
 
@@ -499,12 +517,21 @@ def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def _release_graphs(model) -> None:
+    """Free the CUDA graphs (and their caches) generate() kept on a flashlm model, so that later cases and
+    grid points neither hold nor count that memory."""
+    from flashlm.decode_graph import release_graphs
+
+    release_graphs(model)
+
+
 def run_generate(name: str, model, batch: Batch, cfg: BenchConfig, tick, model_config=None) -> dict[str, Any]:
     fn, compiled = _generate_fn(name, model, cfg)
     n = cfg.new_tokens
     with torch.inference_mode(), _Memory(cfg.device) as mem:
         res, tokens = _measure_generation(fn, batch.input_ids, batch.attention_mask, n, cfg, tick)
     res.update(status="ok", compiled=compiled, **mem.record())
+    _release_graphs(model)
     if model_config is not None and res["per_token_ms"] > 0:
         avg_ctx = max(batch.row_lengths) + n / 2  # mean cache length over the decode steps
         read = weight_bytes(model) + kv_bytes_per_token(model_config, cfg.torch_dtype) * batch.input_ids.shape[0] * avg_ctx
@@ -531,6 +558,7 @@ def run_decode(name: str, model, cfg: BenchConfig, tick, model_config) -> dict[s
             except Exception as e:  # noqa: BLE001 one grid point failing (OOM at batch 32 x 8k) must not end the sweep
                 point.update(_error_record(e))
                 _free(cfg.device)
+            _release_graphs(model)
             grid.append(point)
     return {"status": "ok", "compiled": compiled, "grid": grid}
 

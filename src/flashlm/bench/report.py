@@ -160,7 +160,18 @@ def format_table(results: dict) -> str:
                 row += ["n/a", "n/a"]
         row += [_fmt(vals[m], kind) for m in rest]
         lines.append("| " + " | ".join(row) + " |")
+    paths = {m: _decode_path(results["models"].get(m, {}).get("cases", {}).get("generate")) for m in models}
+    if any(paths.values()):  # which decode loop each generate row timed (CUDA graph, eager, HF's)
+        row = ["Decode path"] + [paths[m] or "n/a" for m in first] + (["", ""] if speed else [])
+        lines.append("| " + " | ".join(row + [paths[m] or "n/a" for m in rest]) + " |")
     return "\n".join(lines)
+
+
+def _decode_path(rec: dict | None) -> str | None:
+    """A measured generate/decode record's decode path, for a table cell."""
+    if not rec or rec.get("status") != "ok" or not rec.get("decode_path"):
+        return None
+    return rec["decode_path"]
 
 
 def _cases(results: dict) -> set[str]:
@@ -177,14 +188,14 @@ def format_decode_table(results: dict) -> str | None:
                 rows.append(f"| {DISPLAY.get(m, m)} | {p['batch_size']} | {p['context']} | "
                             f"{p['per_token_ms']:.3f} | {p['first_token_ms']:.1f} | "
                             f"{_fmt(p['decode_tokens_per_s'], 'rate')} | {_fmt(p.get('decode_gb_per_s'), 'rate')} | "
-                            f"{_fmt(p.get('peak_memory_gb'), 'mem')} |")
+                            f"{_fmt(p.get('peak_memory_gb'), 'mem')} | {_decode_path(p) or 'n/a'} |")
             else:
                 rows.append(f"| {DISPLAY.get(m, m)} | {p['batch_size']} | {p['context']} | "
-                            f"{p.get('status')} | | | | |")
+                            f"{p.get('status')} | | | | | |")
     if not rows:
         return None
-    head = ("| Model | Batch | Context | Per token (ms) | First token (ms) | Tokens/s | GB/s | Peak memory (GB) |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| Model | Batch | Context | Per token (ms) | First token (ms) | Tokens/s | GB/s | Peak memory (GB) "
+            "| Decode path |\n|---|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 
 

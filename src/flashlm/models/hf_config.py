@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from flashlm.errors import InputError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: at run time config.py imports this module, not the reverse
     from .config import ModelConfig
 
 # ---- HF mapping tables ------------------------------------------------------------------------
@@ -427,9 +427,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             f"{arch.hf_class} cannot express {', '.join(wrong_fixed)}; build the config with "
             f"get_preset(..., architecture={config.architecture!r}) or set those fields"
         )
-    from .config import ModelConfig  # here, not at the top: config.py imports this module
-
-    defaults = ModelConfig()
+    defaults = type(config)()  # the class's own defaults (config.py imports this module, not the reverse)
     inexpressible = [
         name
         for name in _EXPRESSIBLE_FIELDS
