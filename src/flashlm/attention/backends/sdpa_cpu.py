@@ -1,0 +1,156 @@
+"""PyTorch's CPU flash kernel: ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu``.
+
+The kernel behind ``F.scaled_dot_product_attention`` on CPU (blocked online softmax, no
+(seqlen_q x seqlen_k) score matrix in memory, threaded over batch x heads). Called directly, not
+through ``F.scaled_dot_product_attention``: the aten op has its own autograd formula (its backward is
+``_scaled_dot_product_flash_attention_for_cpu_backward``) and returns the logsumexp, while SDPA adds
+a backend choice per call and drops the lse (host overhead measured in docs/attention.md).
+
+Layout: the kernel takes BHSD; our BSHD tensors go in as ``transpose(1, 2)`` views (no copy) and its
+output, allocated (B, S, H, D) inside, comes back as a contiguous BSHD view. GQA is native (fewer k/v
+heads, no repeat). The kernel's ``is_causal`` aligns TOP-LEFT; flash-attn aligns bottom-right. So
+``is_causal`` is used only where the two coincide (seqlen_q == seqlen_k); every other causal or
+sliding-window call gets an additive float mask built from flash-attn's rule (cached per shape).
+Rows that see no key (bottom-right causal with seqlen_q > seqlen_k, an empty KV-cache row) come out
+of the kernel as zeros with lse 0: their lse is set to +inf, flash-attn 2's convention.
+
+Varlen runs the kernel once per sequence (cu_seqlens read on the host: free on CPU), so no padding
+and no score matrix across sequences; KV cache runs once per batch, keys sliced to the longest row,
+with a mask from ``cache_seqlens`` (and ``cache_leftpad``) only when rows differ.
+Refused (the reference serves them): softcap, ALiBi, dropout, paged KV, v head_dim != q/k head_dim,
+empty sequences in dense calls (the kernel divides by zero), deterministic backward (not verified).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from .base import AttnCall, Backend, Capabilities
+
+_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_INF = float("inf")
+
+
+def _keep(sq: int, sk: int, causal: bool, window: tuple[int, int], hi=None, lo=None):
+    """Boolean (sq, sk) — (B, 1, sq, sk) with per-row ``hi``/``lo`` — of the keys each query sees.
+
+    flash-attn's rule, bottom-right aligned: query i sits on key ``i + hi - sq`` (hi = valid keys,
+    default sk); it sees key j when j <= diag + right (causal: right = 0) and j >= diag - left (-1 =
+    unbounded), and lo <= j < hi.
+    """
+    i = torch.arange(sq).view(sq, 1)
+    j = torch.arange(sk).view(1, sk)
+    if hi is not None:
+        hi = hi.long().view(-1, 1, 1, 1)
+        i, j = i.view(1, 1, sq, 1), j.view(1, 1, 1, sk)
+    diag = i + (sk if hi is None else hi) - sq
+    keep = j < (sk if hi is None else hi)
+    if lo is not None:
+        keep = keep & (j >= lo.long().view(-1, 1, 1, 1))
+    left, right = window
+    if causal:
+        right = 0
+    if right >= 0:
+        keep = keep & (j <= diag + right)
+    if left >= 0:
+        keep = keep & (j >= diag - left)
+    return keep
+
+
+def _additive(keep, dtype):
+    """The kernel takes a float mask in the query's dtype: 0 where kept, -inf elsewhere."""
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, -_INF)
+
+
+@lru_cache(maxsize=32)
+def _dense_mask(sq: int, sk: int, causal: bool, window: tuple[int, int], dtype: torch.dtype):
+    """(mask or None, empty-rows bool (sq,) or None) for a dense call; None mask = use is_causal."""
+    if window == (-1, -1) and (not causal or sq == sk):
+        return None, None
+    keep = _keep(sq, sk, causal, window)
+    empty = ~keep.any(-1)
+    return _additive(keep, dtype), (empty if bool(empty.any()) else None)
+
+
+def _attend(q, k, v, scale: float, causal: bool, window: tuple[int, int]):
+    """q (B, Sq, H, D), k/v (B, Sk, Hk, D) BSHD -> out (B, Sq, H, D), lse (B, H, Sq) fp32."""
+    sq, sk = q.shape[1], k.shape[1]
+    mask, empty = _dense_mask(sq, sk, causal, window, q.dtype)
+    out, lse = _FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0,
+                    causal and mask is None, attn_mask=mask, scale=scale)
+    if empty is not None:
+        lse = lse.masked_fill(empty.view(1, 1, sq), _INF)
+    return out.transpose(1, 2), lse
+
+
+class SdpaCpuBackend(Backend):
+    name = "sdpa_cpu"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu"}),
+        dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64}),
+        head_dims=(1, 512), varlen=True, kvcache=True, leftpad=True, window=True, backward=True,
+        notes=("aten._scaled_dot_product_flash_attention_for_cpu (+ its backward via autograd); "
+               "bottom-right causal and windows through a float mask",))
+
+    def unavailable_reason(self) -> str | None:
+        if _FWD is None:
+            return "torch has no aten._scaled_dot_product_flash_attention_for_cpu"
+        return None
+
+    def refuse(self, call: AttnCall) -> str | None:
+        why = super().refuse(call)
+        if why:
+            return why
+        if call.kind == "dense" and not (call.seqlen_q and call.seqlen_k):
+            return "empty seqlen_q or seqlen_k (the CPU kernel divides by zero)"
+        return None
+
+    def dense(self, q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+              deterministic):
+        return _attend(q, k, v, softmax_scale, causal, tuple(window_size))
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, dropout_p,
+               softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, block_table=None):
+        """Packed (total, H, D) in and out; one kernel call per sequence; lse (H, total_q)."""
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # CPU tensors: no device sync
+        outs, lses = [], []
+        for b in range(len(cu_q) - 1):
+            q_b = q[cu_q[b]:cu_q[b + 1]]
+            if q_b.shape[0] == 0:
+                continue
+            if cu_k[b + 1] == cu_k[b]:  # queries with no key: 0 out, +inf lse (flash-attn's rule)
+                outs.append(q_b.new_zeros(q_b.shape[:2] + (v.shape[-1],)))
+                lses.append(torch.full(q_b.shape[1::-1], _INF))
+                continue
+            o, lse = _attend(q_b[None], k[None, cu_k[b]:cu_k[b + 1]], v[None, cu_k[b]:cu_k[b + 1]],
+                             softmax_scale, causal, tuple(window_size))
+            outs.append(o[0])
+            lses.append(lse[0])
+        if not outs:
+            return q.new_zeros(q.shape[:2] + (v.shape[-1],)), torch.empty(q.shape[1], 0)
+        return torch.cat(outs), torch.cat(lses, dim=1)
+
+    def kvcache(self, q, k_cache, v_cache, cache_seqlens, *, cache_batch_idx, cache_leftpad, block_table,
+                softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits):
+        """q (B, Sq, H, D), caches (B_cache, cap, Hk, D), cache_seqlens (B,) valid keys per row."""
+        if cache_batch_idx is not None:
+            idx = cache_batch_idx.long()
+            k_cache, v_cache = k_cache.index_select(0, idx), v_cache.index_select(0, idx)
+        lens = cache_seqlens.tolist()  # CPU: no device sync; decides the slice and whether rows differ
+        n = max(lens)
+        if n == 0:
+            B, Sq, H, _ = q.shape
+            return q.new_zeros(B, Sq, H, v_cache.shape[-1]), torch.full((B, H, Sq), _INF)
+        k_cache, v_cache = k_cache[:, :n], v_cache[:, :n]
+        if cache_leftpad is None and min(lens) == n:  # every row as long: a dense call on the slice
+            return _attend(q, k_cache, v_cache, softmax_scale, causal, tuple(window_size))
+        keep = _keep(q.shape[1], n, causal, tuple(window_size), hi=cache_seqlens, lo=cache_leftpad)
+        out, lse = _FWD(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), 0.0, False,
+                        attn_mask=_additive(keep, q.dtype), scale=softmax_scale)
+        lse = lse.masked_fill(~keep.any(-1), _INF)  # (B, 1, Sq) empty rows over every head
+        return out.transpose(1, 2), lse
+
+
+BACKEND = SdpaCpuBackend()
