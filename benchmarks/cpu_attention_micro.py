@@ -76,8 +76,8 @@ def main() -> None:
     ragged = torch.tensor([S - 7 * i for i in range(B)], dtype=torch.int32)
     for name in ("reference", "sdpa_cpu"):
         for tag, sl in (("equal", lens), ("ragged", ragged)):
-            us = _us(lambda: flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=sl, causal=True,
-                                                     backend=name), a.iters)
+            us = _us(lambda sl=sl, name=name: flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=sl,
+                                                                      causal=True, backend=name), a.iters)
             rows.append({"variant": f"{name} decode ({tag} rows)", "decode_us": round(us, 1)})
 
     print(f"CPU attention, batch {B}, seqlen {S}, heads {h}/{hk}, head_dim {D}, fp32, causal; "

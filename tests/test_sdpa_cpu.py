@@ -12,7 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashlm.attention import explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, registry
+from flashlm.attention import (
+    explain,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    registry,
+)
 from flashlm.attention.backends.base import AttnCall
 from flashlm.attention.backends.reference import ReferenceBackend
 from flashlm.attention.backends.sdpa_cpu import BACKEND as SDPA

@@ -91,8 +91,8 @@ class SdpaCpuBackend(Backend):
         devices=frozenset({"cpu"}),
         dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64}),
         head_dims=(1, 512), varlen=True, kvcache=True, leftpad=True, window=True, backward=True,
-        notes=("aten._scaled_dot_product_flash_attention_for_cpu (+ its backward via autograd); "
-               "bottom-right causal and windows through a float mask",))
+        notes=("aten._scaled_dot_product_flash_attention_for_cpu (+ its backward via autograd)",
+               "bottom-right causal and windows through a float mask"))
 
     def unavailable_reason(self) -> str | None:
         if _FWD is None:
