@@ -66,20 +66,24 @@ def _additive(keep, dtype):
 
 @lru_cache(maxsize=32)
 def _dense_mask(sq: int, sk: int, causal: bool, window: tuple[int, int], dtype: torch.dtype):
-    """(mask or None, empty-rows bool (sq,) or None) for a dense call; None mask = use is_causal."""
-    if window == (-1, -1) and (not causal or sq == sk):
-        return None, None
+    """(is_causal, float mask or None, empty-rows bool (sq,) or None) for a dense call.
+
+    The kernel's top-left ``is_causal`` equals flash-attn's bottom-right one when sq == sk; with one
+    query (a decode step) bottom-right causal sees every key, so no mask at all.
+    """
+    if window == (-1, -1) and (not causal or sq == sk or sq == 1):
+        return causal and sq == sk, None, None
     keep = _keep(sq, sk, causal, window)
     empty = ~keep.any(-1)
-    return _additive(keep, dtype), (empty if bool(empty.any()) else None)
+    return False, _additive(keep, dtype), (empty if bool(empty.any()) else None)
 
 
 def _attend(q, k, v, scale: float, causal: bool, window: tuple[int, int]):
     """q (B, Sq, H, D), k/v (B, Sk, Hk, D) BSHD -> out (B, Sq, H, D), lse (B, H, Sq) fp32."""
     sq, sk = q.shape[1], k.shape[1]
-    mask, empty = _dense_mask(sq, sk, causal, window, q.dtype)
-    out, lse = _FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0,
-                    causal and mask is None, attn_mask=mask, scale=scale)
+    is_causal, mask, empty = _dense_mask(sq, sk, causal, window, q.dtype)
+    out, lse = _FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal,
+                    attn_mask=mask, scale=scale)
     if empty is not None:
         lse = lse.masked_fill(empty.view(1, 1, sq), _INF)
     return out.transpose(1, 2), lse
