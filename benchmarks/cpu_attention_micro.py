@@ -2,7 +2,9 @@
 
 Compares the flashlm backends through the public API (dispatch included) with the raw kernels:
 the aten CPU flash op called directly and ``F.scaled_dot_product_attention`` (enable_gqa), forward
-and forward+backward, plus one KV-cache decode step. Run: ``PYTHONPATH=src python
+and forward+backward, plus one KV-cache decode step. One thread, CPU time of the calling thread
+(``time.thread_time``): on a shared machine wall-clock medians of multi-threaded ops swing by 10x
+(threads wait on each other's time slices). Run: ``PYTHONPATH=src python
 benchmarks/cpu_attention_micro.py [--json PATH]``; prints a table and one JSON line.
 """
 
@@ -26,9 +28,9 @@ def _us(fn, iters: int) -> float:
         fn()
     times = []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.thread_time() - t0)
     return statistics.median(times) * 1e6
 
 
@@ -42,6 +44,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    torch.set_num_threads(1)
     h, hk = (int(x) for x in a.heads.split(","))
     B, S, D = a.batch, a.seqlen, a.head_dim
     q = torch.randn(B, S, h, D, requires_grad=True)
@@ -81,7 +84,7 @@ def main() -> None:
             rows.append({"variant": f"{name} decode ({tag} rows)", "decode_us": round(us, 1)})
 
     print(f"CPU attention, batch {B}, seqlen {S}, heads {h}/{hk}, head_dim {D}, fp32, causal; "
-          f"decode: cache {a.cache}, {S} keys; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"decode: cache {a.cache}, {S} keys; torch {torch.__version__}, {torch.get_num_threads()} thread, CPU µs (median)")
     print(f"{'variant':<32} {'fwd µs':>9} {'fwd+bwd µs':>11} {'decode µs':>10}")
     for r in rows:
         cells = [f"{r[c]:>{w}.1f}" if c in r else " " * w for c, w in (("fwd_us", 9), ("fwd_bwd_us", 11),

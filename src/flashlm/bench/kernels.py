@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda or args.tiny:
         args.seqlens, args.total_tokens, args.head_dims, args.hidden = [64, 128], 256, [32], 128
         args.decode_cache, args.decode_batch, args.decode_head_dim = [256], 2, 32
-        args.warmup, args.iters = 1, 2
+        args.warmup, args.iters = 2, 5
         if not cuda:
             args.dtype = "fp32"
             note = "no CUDA device: tiny fp32 CPU run (sdpa_cpu, reference); says nothing about GPU speed"
