@@ -74,8 +74,13 @@ def _dense_mask(sq: int, sk: int, causal: bool, window: tuple[int, int], dtype: 
     if window == (-1, -1) and (not causal or sq == sk or sq == 1):
         return causal and sq == sk, None, None
     keep = _keep(sq, sk, causal, window)
-    empty = ~keep.any(-1)
-    return False, _additive(keep, dtype), (empty if bool(empty.any()) else None)
+    # rows with no key exist only for bottom-right masks with sq > sk; decided on host ints, not by
+    # reading the mask back (a data-dependent branch would break a torch.compile graph)
+    left, right = window
+    right = 0 if causal else right
+    diag0 = sk - sq  # query i sits on key i + diag0
+    some_empty = (right >= 0 and diag0 + right < 0) or (left >= 0 and sq - 1 + diag0 - left > sk - 1)
+    return False, _additive(keep, dtype), (~keep.any(-1) if some_empty else None)
 
 
 def _attend(q, k, v, scale: float, causal: bool, window: tuple[int, int]):
