@@ -19,6 +19,7 @@ from flashlm.attention import (
     flash_attn_with_kvcache,
     registry,
 )
+from flashlm.attention.backends import sdpa_cpu
 from flashlm.attention.backends.base import AttnCall
 from flashlm.attention.backends.reference import ReferenceBackend
 from flashlm.attention.backends.sdpa_cpu import BACKEND as SDPA
@@ -96,9 +97,12 @@ VARLEN = [  # lens_q, lens_k (None = same), nheads, nheads_k, head_dim, causal, 
 ]
 
 
+@pytest.mark.parametrize("path", ["per_sequence", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", VARLEN, ids=lambda c: f"{c[0]}-{c[1]}-c{int(c[5])}-w{c[6][0]}".replace(" ", ""))
-def test_varlen_vs_reference(case, dtype):
+def test_varlen_vs_reference(case, dtype, path, monkeypatch):
+    """Both varlen strategies (one call per sequence; one padded call with a per-row mask)."""
+    monkeypatch.setattr(sdpa_cpu, "CALL_COST", -10**9 if path == "per_sequence" else 10**9)
     lens_q, lens_k, H, Hk, D, causal, window = case
     torch.manual_seed(1)
     cu_q = _cu(lens_q)
@@ -173,7 +177,7 @@ def _call(**kw):
 @pytest.mark.parametrize(("change", "reason"), [
     ({"softcap": True}, "softcap"), ({"alibi": True}, "alibi"), ({"dropout": True}, "dropout"),
     ({"kind": "kvcache", "paged": True, "needs_grad": False}, "paged"), ({"head_dim_v": 8}, "v head_dim"),
-    ({"seqlen_k": 0}, "empty"), ({"deterministic": True}, "deterministic"), ({"device_type": "cuda"}, "device"),
+    ({"seqlen_k": 0}, "empty"), ({"kind": "varlen", "seqlen_q": 0}, "empty"), ({"deterministic": True}, "deterministic"), ({"device_type": "cuda"}, "device"),
     ({"dtype": torch.int8}, "dtype"),
 ])
 def test_refuses_what_it_cannot_do_exactly(change, reason):
