@@ -166,3 +166,23 @@ def test_explain_shows_the_table_that_decided(monkeypatch):
     forced = explain(q, q, q, backend="reference")
     assert forced.table is None and "order:" not in str(forced)
     registry.reset_cache()
+
+
+@pytest.mark.cuda
+def test_gpu_family_and_per_kind_tables_on_the_device():
+    """On the real GPU: the family comes from its compute capability, and decode and dense calls are
+    decided by their own tables (on an H100/H200: Triton first for decode, FA4/cuDNN for dense)."""
+    registry.reset_cache()
+    cc = torch.cuda.get_device_capability()
+    fam = order.family("cuda", cc)
+    qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(8, 4096, 8, 128, device="cuda", dtype=torch.bfloat16)
+    decode = explain(qd, kc, kc, causal=True, kvcache=True)
+    assert f"order: {fam}/kvcache" in str(decode)
+    capable = [n for n, why in decode.reasons.items() if why is None]
+    assert decode.chosen == capable[0] and list(decode.reasons) == list(order.order_for("kvcache", fam)[0])
+    qt = torch.randn(2, 512, 32, 128, device="cuda", dtype=torch.bfloat16)
+    dense = explain(qt, qt[:, :, :8], qt[:, :, :8], causal=True)
+    assert f"order: {fam}/dense" in str(dense)
+    if fam == "sm90" and registry.unavailable_reason("triton") is None:
+        assert decode.chosen == "triton", str(decode)
