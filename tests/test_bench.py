@@ -215,3 +215,24 @@ def test_kernels_subcommand_dispatches(capsys):
         cli.main(["kernels", "--help"])
     assert e.value.code == 0
     assert "flashlm bench kernels" in capsys.readouterr().out
+
+
+def test_kernels_prints_refusals_apart_from_the_figures(tmp_path, capsys):
+    """cuDNN has no KV-cache entry point (and no CPU): its rows are "refused: <reason>", not ValueError
+    rows, and stay out of the figures and of the suggested orders. Same assertions on a GPU machine."""
+    from flashlm.bench import kernels
+
+    path = tmp_path / "k.json"
+    kernels.main(["--backends", "reference,cudnn", "--modes", "fwd", "--causal", "1", "--tiny",
+                  "--json", str(path)])
+    out = capsys.readouterr().out
+    payload = json.loads(path.read_text())
+    assert "ValueError" not in out and "refused: " in out
+    decode_refusals = [r for r in payload["refused"] if r["kind"] == "kvcache"]
+    assert [r["backend"] for r in decode_refusals] == ["cudnn"]
+    assert [r["backend"] for r in payload["decode"]] == ["reference"] and "gbps" in payload["decode"][0]
+    assert all("error" not in r and "refused" not in r for r in payload["dense"] + payload["decode"])
+    decode_table = out[out.index("decode cache"):]
+    cudnn_lines = [line for line in decode_table.splitlines() if line.startswith("cudnn")]
+    assert cudnn_lines and all("refused: " in line for line in cudnn_lines), cudnn_lines
+    assert set(payload["suggested_orders"]) == {"dense", "kvcache"}

@@ -40,10 +40,11 @@ def test_order_is_data_and_reference_is_last():
 
 def test_explain_names_every_backend_and_the_choice():
     exp = explain(q, q, q, causal=True)
-    assert exp.chosen == "reference"
+    assert exp.chosen == "sdpa_cpu"  # PyTorch's CPU flash kernel, before the reference
     assert set(exp.reasons) == set(known_backends())
     text = str(exp)
-    assert "-> reference" in text and "dense cpu float32" in text
+    assert "-> sdpa_cpu" in text and "dense cpu float32" in text and "order: cpu/dense" in text
+    assert "-> reference" in str(explain(q, q, q, causal=True, softcap=5.0))
     if not torch.cuda.is_available():
         assert "no CUDA device" in exp.reasons["torch_flash"] or "unavailable" in exp.reasons["torch_flash"]
 
@@ -107,7 +108,7 @@ def test_broken_or_missing_backend_module_is_reported(monkeypatch):
     registry.reset_cache()
     monkeypatch.setattr(order, "ORDER", ("does_not_exist", "triton", "reference"))
     exp = explain(q, q, q)
-    assert exp.chosen == "reference"
+    assert exp.chosen == "reference"  # sdpa_cpu is not in the patched ORDER: the tables skip it
     assert "import failed" in exp.reasons["does_not_exist"]
     assert exp.reasons["triton"] is None or exp.reasons["triton"]  # loads or says why, never raises
     registry.reset_cache()
@@ -119,3 +120,69 @@ def test_no_backend_can_serve_lists_reasons(monkeypatch):
     with pytest.raises(ValueError, match="no attention backend can run.*cudnn: unavailable"):
         flash_attn_func(q, q, q)
     registry.reset_cache()
+
+
+def test_order_tables_list_every_backend_with_reference_last():
+    for fam, tables in order.ORDERS.items():
+        assert set(tables) == {"dense", "varlen", "kvcache"}, fam
+        for kind, names in tables.items():
+            assert sorted(names) == sorted(order.ORDER) and names[-1] == "reference", (fam, kind)
+            if fam != "cuda":
+                assert (fam, kind) in order.SOURCES, f"{fam}/{kind} has no measurement named"
+
+
+def test_family_of_a_device():
+    assert order.family("cpu", None) == "cpu"
+    assert order.family("cuda", (9, 0)) == "sm90"  # H100 and H200
+    assert order.family("cuda", (8, 0)) == "cuda" and order.family("cuda", (10, 0)) == "cuda"
+    assert order.family("mps", None) == "mps"
+    names, table = order.order_for("dense", "mps")  # no table: the default order, and it says so
+    assert names == order.ORDER and "default order" in table
+
+
+def test_order_depends_on_call_kind_on_hopper():
+    """FA4 leads dense on sm90, our Triton kernel leads KV-cache decode (measured: order.SOURCES)."""
+    dense, dense_table = order.order_for("dense", "sm90")
+    decode, decode_table = order.order_for("kvcache", "sm90")
+    assert dense[0] == "fa4" and decode[0] == "triton"
+    assert dense_table.startswith("sm90/dense") and decode_table.startswith("sm90/kvcache")
+    assert "kernels_fa4_h100.json" in decode_table
+
+
+def test_explain_shows_the_table_that_decided(monkeypatch):
+    """The registry walks the (family, kind) table: a changed table changes the walk and the text."""
+    registry.reset_cache()
+    call = _cuda_call(kind="kvcache", needs_grad=False, seqlen_q=1, seqlen_k=4096, seqlens_equal=False)
+    exp = registry.explain_call(call)
+    assert next(iter(exp.reasons)) == "triton" and exp.table.startswith("sm90/kvcache")
+    assert "order: sm90/kvcache" in str(exp)
+    dense = registry.explain_call(_cuda_call())
+    assert next(iter(dense.reasons)) == "fa4" and "order: sm90/dense" in str(dense)
+    other = registry.explain_call(_cuda_call(compute_capability=(8, 0)))
+    assert list(other.reasons) == list(order.ORDER) and other.table.startswith("cuda/dense")
+    monkeypatch.setitem(order.ORDERS["cpu"], "dense", ("reference",) + order.ORDER[:-1])
+    exp = explain(q, q, q, causal=True)
+    assert exp.chosen == "reference" and "order: cpu/dense" in str(exp)
+    forced = explain(q, q, q, backend="reference")
+    assert forced.table is None and "order:" not in str(forced)
+    registry.reset_cache()
+
+
+@pytest.mark.cuda
+def test_gpu_family_and_per_kind_tables_on_the_device():
+    """On the real GPU: the family comes from its compute capability, and decode and dense calls are
+    decided by their own tables (on an H100/H200: Triton first for decode, FA4/cuDNN for dense)."""
+    registry.reset_cache()
+    cc = torch.cuda.get_device_capability()
+    fam = order.family("cuda", cc)
+    qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(8, 4096, 8, 128, device="cuda", dtype=torch.bfloat16)
+    decode = explain(qd, kc, kc, causal=True, kvcache=True)
+    assert f"order: {fam}/kvcache" in str(decode)
+    capable = [n for n, why in decode.reasons.items() if why is None]
+    assert decode.chosen == capable[0] and list(decode.reasons) == list(order.order_for("kvcache", fam)[0])
+    qt = torch.randn(2, 512, 32, 128, device="cuda", dtype=torch.bfloat16)
+    dense = explain(qt, qt[:, :, :8], qt[:, :, :8], causal=True)
+    assert f"order: {fam}/dense" in str(dense)
+    if fam == "sm90" and registry.unavailable_reason("triton") is None:
+        assert decode.chosen == "triton", str(decode)

@@ -1,14 +1,67 @@
-"""Backend order for the registry: fastest first, as measured on the GPU.
+"""Backend order for the registry: fastest first, per call kind and device family, as measured.
 
-Data, not logic: `flashlm bench kernels` prints a suggested order from its measurement (its JSON's
-``suggested_order``); the committed measurement is benchmarks/results/kernels_h100.json. The registry
-asks each backend in this order and takes the first that can serve a call; the reference comes last.
+Data, not logic. One global order cannot be right: FA4 leads dense forward+backward on Hopper while
+our Triton kernel leads KV-cache decode at 8k-32k keys. So the registry looks up
+``ORDERS[family][kind]`` (``family(call)``: "cpu", "sm90" for Hopper, "cuda" for any other GPU;
+kind: "dense", "varlen", "kvcache"), asks each backend in that order and takes the first that can
+serve the call. ``SOURCES`` names the measurement behind each table; ``explain()`` prints both.
+``flashlm bench kernels`` prints a suggested order per kind from its own run (its JSON's
+``suggested_order``), the way to refresh a table. Backends absent or incapable for a call are
+skipped; the reference comes last everywhere.
 """
 
-# H100, torch 2.11 (benchmarks/results/kernels_h100.json): cuDNN's dense forward and forward+backward
-# beat PyTorch's FA2 at every size measured there. With FA4 carried (kernels_fa4_h100.json): FA4 beats
-# cuDNN in forward+backward at 4k and 16k tokens per sequence (D=128: 495 vs 441 at 4k causal, 623 vs
-# 547 at 16k non-causal); cuDNN leads at 1k. The bench's suggested order (a mean over all rows, noisy
-# forward-only rows included) put cuDNN first; training time is forward+backward, so FA4 stays first.
-# Backends absent or incapable for a call are skipped.
-ORDER: tuple[str, ...] = ("fa4", "flash_attn", "cudnn", "triton", "torch_flash", "reference")
+from __future__ import annotations
+
+# Every backend the registry knows, in the default order (a family/kind without its own table).
+ORDER: tuple[str, ...] = ("fa4", "flash_attn", "cudnn", "triton", "torch_flash", "sdpa_cpu", "reference")
+
+_HOPPER_DENSE = ("fa4", "flash_attn", "cudnn", "triton", "torch_flash", "sdpa_cpu", "reference")
+
+ORDERS: dict[str, dict[str, tuple[str, ...]]] = {
+    # CPU: only sdpa_cpu and the reference run there; the others are listed so explain() names them.
+    "cpu": {kind: ("sdpa_cpu", "fa4", "flash_attn", "cudnn", "triton", "torch_flash", "reference")
+            for kind in ("dense", "varlen", "kvcache")},
+    "sm90": {
+        "dense": _HOPPER_DENSE,
+        # cuDNN refuses varlen (a new plan per call, ~49 ms host time); FA4 served varlen on the H100.
+        "varlen": _HOPPER_DENSE,
+        # decode: Triton 1730 GB/s, FA4 1639, PyTorch FA2 628 at 32k (H100); 2.58 / 2.14 / 0.66 TB/s
+        # (H200). At a 1k cache PyTorch FA2 led on the H100 (153 vs 101 GB/s, launch-bound, 0.2 ms).
+        "kvcache": ("triton", "fa4", "flash_attn", "torch_flash", "cudnn", "sdpa_cpu", "reference"),
+    },
+    # Other GPUs (Ampere, Ada, Blackwell): not measured here; FA4 is not installed for most.
+    "cuda": {kind: ORDER for kind in ("dense", "varlen", "kvcache")},
+}
+
+SOURCES: dict[tuple[str, str], str] = {
+    ("cpu", "dense"): "benchmarks/results/cpu/kernels_cpu.json (flashlm bench kernels on CPU)",
+    ("cpu", "varlen"): "benchmarks/results/cpu/kernels_cpu.json (the reference pads; sdpa_cpu does not)",
+    ("cpu", "kvcache"): "benchmarks/results/cpu/kernels_cpu.json (decode rows)",
+    ("sm90", "dense"): ("benchmarks/results/kernels_fa4_h100.json (H100 fwd+bwd: FA4 495 vs cuDNN 441 "
+                        "TFLOP/s at 4k causal); H200 4k causal FA4 522, cuDNN 475 (DESIGN.md)"),
+    ("sm90", "varlen"): "benchmarks/results/kernels_fa4_h100.json (dense figures; cuDNN refuses varlen)",
+    ("sm90", "kvcache"): ("benchmarks/results/kernels_fa4_h100.json decode rows (H100, 8k-32k: triton "
+                          "leads); H200 batch 8, 32/8 heads, 32k: triton 2.58, fa4 2.14, torch_flash "
+                          "0.66 TB/s (DESIGN.md)"),
+}
+
+
+def family(device_type: str, compute_capability: tuple[int, int] | None) -> str:
+    """The table family of a device: "cpu", "sm90" (Hopper), "cuda" (other GPUs), else the type."""
+    if device_type == "cuda":
+        return "sm90" if compute_capability is not None and compute_capability[0] == 9 else "cuda"
+    return device_type
+
+
+def order_for(kind: str, fam: str) -> tuple[tuple[str, ...], str]:
+    """(backend names in preference order, the table that decided) for a call kind and family.
+
+    The table is restricted to the names in ``ORDER`` (the backends known here) and any known name
+    it lacks is appended, so a table never hides a backend from ``explain()``.
+    """
+    table = ORDERS.get(fam, {}).get(kind)
+    if table is None:
+        return tuple(ORDER), f"default order (no table for {fam}/{kind})"
+    names = tuple(n for n in table if n in ORDER) + tuple(n for n in ORDER if n not in table)
+    source = SOURCES.get((fam, kind))
+    return names, f"{fam}/{kind}" + (f" ({source})" if source else "")

@@ -3,7 +3,8 @@
 A backend is a module ``flashlm.attention.backends.<name>`` exposing ``BACKEND`` (see backends/base.py).
 The registry imports them lazily, remembers why one could not load (a missing optional package, a
 module that fails to import, no ``BACKEND`` yet), and for each call (an ``AttnCall``) takes the first
-backend in ``order.ORDER`` that is available and does not refuse it.
+backend that is available and does not refuse it, in the order of the table for the call's kind
+(dense, varlen, kvcache) and device family (cpu, sm90, other cuda): ``order.ORDERS``.
 
 Overrides, strongest first: the ``backend=`` argument of every public function, the
 ``use_backend(name)`` context manager (a contextvar: scoped to the block, thread and task safe), the
@@ -126,10 +127,13 @@ class Explanation:
     chosen: str | None
     forced_by: str
     reasons: dict[str, str | None] = field(default_factory=dict)  # name -> refusal, None = capable
+    table: str | None = None  # the order table that decided ("family/kind (source)"); None if forced
 
     def __str__(self) -> str:
         lines = [f"attention call: {self.call.describe()}",
                  f"choice ({self.forced_by}): {self.chosen or 'none'}"]
+        if self.table:
+            lines.append(f"order: {self.table}")
         for name, why in self.reasons.items():
             mark = "->" if name == self.chosen else "  "
             lines.append(f" {mark} {name:<12} {'can serve' if why is None else why}")
@@ -141,10 +145,14 @@ def explain_call(call: AttnCall, backend: str | None = None) -> Explanation:
     name, how = forced_backend(backend)
     if name is not None and name not in _order.ORDER:
         return Explanation(call, None, how, {name: f"unknown backend; known: {', '.join(_order.ORDER)}"})
-    names = [name] if name is not None else list(_order.ORDER)
+    table = None
+    if name is not None:
+        names = [name]
+    else:
+        names, table = _order.order_for(call.kind, _order.family(call.device_type, call.compute_capability))
     reasons = {n: refusal(n, call) for n in names}
     chosen = next((n for n in names if reasons[n] is None), None)
-    return Explanation(call, chosen, how, reasons)
+    return Explanation(call, chosen, how, reasons, table)
 
 
 def select(call: AttnCall, backend: str | None = None) -> Backend:

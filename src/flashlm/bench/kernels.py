@@ -7,8 +7,15 @@ if causal) and 3.5x that for forward+backward (backward = 2.5x forward). Decode 
 V bytes read. "auto" is the registry's own choice; "fa4_direct" calls flash_attn.cute without
 flashlm (to measure dispatch overhead) when FA4 is installed.
 
-Prints a table, writes JSON (``--json PATH``) and ends with one JSON line on stdout. On a machine
-without CUDA it runs a tiny configuration on the reference backend and says the numbers mean nothing.
+A backend that refuses a configuration (cuDNN has no KV-cache entry point, fp32 on a half-only
+kernel, ...) gets a "refused: <reason>" row, from the registry before anything runs; refusals stay out
+of the figures and of the suggested orders (JSON: the separate ``refused`` list). Errors raised while
+running are kept as ``error`` rows.
+
+Prints a table, writes JSON (``--json PATH``) and ends with one JSON line on stdout: the suggested
+registry order per call kind (``suggested_orders``: dense by mean TFLOP/s, kvcache by mean decode
+GB/s), the data behind ``flashlm.attention.order.ORDERS``. On a machine without CUDA it runs a tiny
+fp32 configuration (CPU backends: sdpa_cpu and the reference) and says the numbers mean little.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
-from flashlm.attention import available_backends, flash_attn_func, flash_attn_with_kvcache, registry
+from flashlm.attention import available_backends, explain, flash_attn_func, flash_attn_with_kvcache, registry
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -84,10 +92,24 @@ def _fa4_direct():
         return None
 
 
+class Refused(Exception):
+    """The backend refuses this configuration (the registry's reason); not a measurement."""
+
+
+def _check_refusal(name: str, explain_call) -> None:
+    """Raise Refused when backend ``name`` ("auto": every backend) cannot serve the call."""
+    if name == "fa4_direct":
+        return
+    exp = explain_call(backend=None if name == "auto" else name)
+    if exp.chosen is None:
+        raise Refused("; ".join(f"{n}: {w}" for n, w in exp.reasons.items() if w))
+
+
 def bench_dense(name, b, s, h, d, causal, mode, dtype, device, warmup, iters):
     q = torch.randn(b, s, h, d, device=device, dtype=dtype)
     k, v = torch.randn_like(q), torch.randn_like(q)
     fwd_bwd = mode == "fwd_bwd"
+    _check_refusal(name, lambda backend: explain(q, k, v, causal=causal, requires_grad=fwd_bwd, backend=backend))
     if fwd_bwd:
         for t in (q, k, v):
             t.requires_grad_(True)
@@ -121,6 +143,7 @@ def bench_decode(name, batch, hq, hk, d, cache_len, dtype, device, warmup, iters
     k_cache = torch.randn(batch, cache_len, hk, d, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     seqlens = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
+    _check_refusal(name, lambda backend: explain(q, k_cache, v_cache, causal=True, kvcache=True, backend=backend))
     backend = None if name == "auto" else name
     with torch.no_grad():
         ms = _time_ms(lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True,
@@ -137,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda or args.tiny:
         args.seqlens, args.total_tokens, args.head_dims, args.hidden = [64, 128], 256, [32], 128
         args.decode_cache, args.decode_batch, args.decode_head_dim = [256], 2, 32
-        args.warmup, args.iters = 1, 2
+        args.warmup, args.iters = 2, 5
         if not cuda:
             args.dtype = "fp32"
-            note = "no CUDA device: tiny CPU run of the reference backend; the numbers mean nothing"
+            note = "no CUDA device: tiny fp32 CPU run (sdpa_cpu, reference); says nothing about GPU speed"
     dtype = DTYPES[args.dtype]
     if args.backends:
         names = args.backends.split(",")
@@ -149,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if cuda and _fa4_direct() is not None:
             names.append("fa4_direct")
     hq, hk = _ints(args.decode_heads)
-    results, decode = [], []
+    results, decode, refused = [], [], []
     # backends innermost: every backend of a config runs back to back, so clock drift over a long run
     # does not favour whichever backend happens to run first
     for d in args.head_dims:
@@ -159,40 +182,27 @@ def main(argv: list[str] | None = None) -> int:
             for causal in (bool(int(c)) for c in args.causal.split(",")):
                 for mode in args.modes.split(","):
                     for name in names:
-                        row = {"backend": name, "mode": mode, "causal": causal, "head_dim": d, "seqlen": s, "batch": b, "nheads": h}
-                        try:
-                            ms, tflops = bench_dense(name, b, s, h, d, causal, mode, dtype, device, args.warmup,
-                                                     args.iters)
-                            row.update(ms=round(ms, 4), tflops=round(tflops, 2))
-                        except Exception as exc:  # noqa: BLE001 (a refusal or kernel error is a result)
-                            row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                        row = {"kind": "dense", "backend": name, "mode": mode, "causal": causal, "head_dim": d,
+                               "seqlen": s, "batch": b, "nheads": h}
+                        _run_row(row, results, refused, partial(
+                            bench_dense, name, b, s, h, d, causal, mode, dtype, device, args.warmup, args.iters),
+                                 "tflops")
                         if cuda:
                             torch.cuda.empty_cache()
-                        results.append(row)
     for L in args.decode_cache:
         for name in names:
             if name == "fa4_direct":
                 continue
-            row = {"backend": name, "batch": args.decode_batch, "nheads": hq, "nheads_k": hk, "head_dim": args.decode_head_dim,
-                       "cache_len": L}
-            try:
-                ms, gbps = bench_decode(name, args.decode_batch, hq, hk, args.decode_head_dim, L, dtype, device,
-                                        args.warmup, args.iters)
-                row.update(ms=round(ms, 4), gbps=round(gbps, 1))
-            except Exception as exc:  # noqa: BLE001
-                row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
-            decode.append(row)
+            row = {"kind": "kvcache", "backend": name, "batch": args.decode_batch, "nheads": hq, "nheads_k": hk,
+                   "head_dim": args.decode_head_dim, "cache_len": L}
+            _run_row(row, decode, refused, partial(
+                bench_decode, name, args.decode_batch, hq, hk, args.decode_head_dim, L, dtype, device, args.warmup,
+                args.iters), "gbps")
 
-    # suggested registry order: mean dense TFLOP/s over the configs each backend served
-    score = {}
-    for n in names:
-        vals = [r["tflops"] for r in results if r["backend"] == n and "tflops" in r]
-        if vals and n in registry.known_backends() and n != "reference":
-            score[n] = statistics.mean(vals)
-    suggested = sorted(score, key=score.get, reverse=True)
-    suggested += [n for n in registry.known_backends() if n not in suggested and n != "reference"] + ["reference"]
+    suggested_orders = {"dense": _suggest(results, names, "tflops"), "kvcache": _suggest(decode, names, "gbps")}
+    suggested = suggested_orders["dense"]
 
-    print(_table(results, decode))
+    print(_table(results, decode, refused))
     if note:
         print(f"note: {note}")
     payload = {
@@ -200,25 +210,59 @@ def main(argv: list[str] | None = None) -> int:
         "cudnn": torch.backends.cudnn.version() if cuda else None, "dtype": args.dtype, "note": note,
         "config": {"total_tokens": args.total_tokens, "hidden": args.hidden, "warmup": args.warmup, "iters": args.iters},
         "command": "flashlm bench kernels " + " ".join(sys.argv[1:] if argv is None else argv),
-        "dense": results, "decode": decode, "suggested_order": suggested}
+        "dense": results, "decode": decode, "refused": refused, "suggested_order": suggested,
+        "suggested_orders": suggested_orders}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
-    print(json.dumps({"suggested_order": suggested, "rows": len(results), "decode_rows": len(decode), "note": note}))
+    print(json.dumps({"suggested_orders": suggested_orders, "rows": len(results), "decode_rows": len(decode),
+                      "refused_rows": len(refused), "note": note}))
     return 0
 
 
-def _table(results, decode) -> str:
+def _run_row(row: dict, figures: list, refused: list, measure, unit: str) -> None:
+    """Measure one row into ``figures``; a refusal goes to ``refused`` instead, an error stays a row."""
+    try:
+        ms, value = measure()
+        row.update(ms=round(ms, 4), **{unit: round(value, 2 if unit == "tflops" else 1)})
+    except Refused as exc:
+        refused.append({**row, "refused": str(exc)})
+        return
+    except Exception as exc:  # noqa: BLE001 (a kernel error is a result)
+        row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    figures.append(row)
+
+
+def _suggest(rows: list, names: list, unit: str) -> list[str]:
+    """Backends by mean ``unit`` over the rows each served (refusals are not rows); the reference last."""
+    score = {}
+    for n in names:
+        vals = [r[unit] for r in rows if r["backend"] == n and unit in r]
+        if vals and n in registry.known_backends() and n != "reference":
+            score[n] = statistics.mean(vals)
+    suggested = sorted(score, key=score.get, reverse=True)
+    return suggested + [n for n in registry.known_backends() if n not in suggested and n != "reference"] + [
+        "reference"]
+
+
+def _table(results, decode, refused=()) -> str:
+    def dense_key(r):
+        return f"{r['backend']:<12} {r['mode']:<8} {r['causal']!s:<6} {r['head_dim']:>4} {r['seqlen']:>6} {r['batch']:>5}"
+
+    def decode_key(r):
+        return f"{r['backend']:<12} {r['cache_len']:>12}"
+
     lines = [f"{'backend':<12} {'mode':<8} {'causal':<6} {'D':>4} {'seqlen':>6} {'batch':>5} {'ms':>9} {'TFLOP/s':>8}"]
     for r in results:
         val = f"{r['ms']:>9.3f} {r['tflops']:>8.1f}" if "tflops" in r else f"  {r['error'][:70]}"
-        lines.append(f"{r['backend']:<12} {r['mode']:<8} {r['causal']!s:<6} {r['head_dim']:>4} {r['seqlen']:>6} "
-                     f"{r['batch']:>5} {val}")
+        lines.append(f"{dense_key(r)} {val}")
+    lines += [f"{dense_key(r)}   refused: {r['refused'][:90]}" for r in refused if r["kind"] == "dense"]
     lines.append("")
     lines.append(f"{'backend':<12} {'decode cache':>12} {'ms':>9} {'GB/s':>8}")
     for r in decode:
         val = f"{r['ms']:>9.4f} {r['gbps']:>8.0f}" if "gbps" in r else f"  {r['error'][:70]}"
-        lines.append(f"{r['backend']:<12} {r['cache_len']:>12} {val}")
+        lines.append(f"{decode_key(r)} {val}")
+    lines += [f"{decode_key(r)}   refused: {r['refused'][:90]}" for r in refused if r["kind"] == "kvcache"]
     return "\n".join(lines)
 
 
