@@ -20,6 +20,7 @@ from flashlm.attention import (
 from flashlm.attention.backends.base import AttnCall
 from flashlm.attention.backends.cudnn import BACKEND as CUDNN
 from flashlm.attention.backends.torch_flash import BACKEND as TORCH_FLASH
+from flashlm.errors import InputError
 
 q = torch.randn(1, 4, 2, 16)
 
@@ -61,15 +62,15 @@ def test_use_backend_is_scoped_and_nests(monkeypatch):
         t.join()
         assert seen == [None]  # a contextvar: other threads keep their own setting
     assert registry.forced_backend()[0] is None
-    with pytest.raises(ValueError, match="unknown attention backend"), use_backend("bogus"):
+    with pytest.raises(InputError, match="unknown attention backend"), use_backend("bogus"):
         pass
 
 
 def test_forced_backend_that_cannot_serve_raises_with_reason(monkeypatch):
-    with use_backend("torch_flash"), pytest.raises(ValueError, match="torch_flash.*forced by use_backend"):
+    with use_backend("torch_flash"), pytest.raises(InputError, match="torch_flash.*forced by use_backend"):
         flash_attn_func(q, q, q)
     monkeypatch.setenv(registry.ENV_VAR, "cudnn")
-    with pytest.raises(ValueError, match=f"cudnn.*{registry.ENV_VAR}"):
+    with pytest.raises(InputError, match=f"cudnn.*{registry.ENV_VAR}"):
         flash_attn_func(q, q, q)
     # the argument beats the environment
     flash_attn_func(q, q, q, backend="reference")
@@ -116,6 +117,6 @@ def test_broken_or_missing_backend_module_is_reported(monkeypatch):
 def test_no_backend_can_serve_lists_reasons(monkeypatch):
     registry.reset_cache()
     monkeypatch.setattr(order, "ORDER", ("cudnn", "torch_flash"))
-    with pytest.raises(ValueError, match="no attention backend can run.*cudnn: unavailable"):
+    with pytest.raises(InputError, match="no attention backend can run.*cudnn: unavailable"):
         flash_attn_func(q, q, q)
     registry.reset_cache()

@@ -24,6 +24,7 @@ from flashlm.attention.backends.triton.rotary import (
     apply_rotary_bshd_ref,
     rotary_op,
 )
+from flashlm.errors import InputError
 
 GRADS = ("dq", "dk", "dv")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -383,7 +384,7 @@ def test_capabilities_and_refusals():
     assert "head_dim" in BACKEND.refuse(AttnCall(**{**call, "head_dim": 320, "head_dim_v": 320}))
     assert "device" in BACKEND.refuse(AttnCall(**{**call, "device_type": "cpu"}))
     assert "paged" in BACKEND.refuse(AttnCall(**{**call, "kind": "varlen", "paged": True}))
-    with pytest.raises(ValueError, match="dropout_p"):
+    with pytest.raises(InputError, match="dropout_p"):
         q, k, v = inputs((1, 4, 1, 16), (1, 4, 1, 16), torch.float32)
         BACKEND.dense(q, k, v, dropout_p=0.1, softmax_scale=0.25, causal=False, window_size=(-1, -1),
                       softcap=0.0, alibi_slopes=None, deterministic=False)

@@ -24,6 +24,7 @@ from functools import cache
 
 import torch
 
+from ..errors import InputError
 from . import order as _order
 from .backends.base import AttnCall, Backend
 
@@ -61,10 +62,10 @@ def _load(name: str) -> Backend | None:
 def get_backend(name: str) -> Backend:
     """The backend object called ``name``; ValueError if unknown or not loadable."""
     if name not in _order.ORDER:
-        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)}")
+        raise InputError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)}")
     backend = _load(name)
     if backend is None:
-        raise ValueError(f"attention backend {name!r} cannot be loaded: {_load_errors[name]}")
+        raise InputError(f"attention backend {name!r} cannot be loaded: {_load_errors[name]}")
     return backend
 
 
@@ -89,7 +90,7 @@ def use_backend(name: str | None):
     Scoped with a contextvar, so nested blocks, threads and asyncio tasks each see their own choice.
     """
     if name not in AUTO and name not in _order.ORDER:
-        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)} or 'auto'")
+        raise InputError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)} or 'auto'")
     token = _forced.set(None if name in AUTO else name)
     try:
         yield
@@ -155,18 +156,18 @@ def select(call: AttnCall, backend: str | None = None) -> Backend:
     if chosen is None:
         if name is not None:
             if name not in _order.ORDER:
-                raise ValueError(f"attention backend {name!r} (from {how}) is unknown; "
+                raise InputError(f"attention backend {name!r} (from {how}) is unknown; "
                                  f"known: {', '.join(_order.ORDER)}")
             why = refusal(name, call)
             if why is not None:
-                raise ValueError(f"attention backend {name!r} (forced by {how}) cannot run "
+                raise InputError(f"attention backend {name!r} (forced by {how}) cannot run "
                                  f"{call.describe()}: {why}")
             chosen = name
         else:
             exp = explain_call(call)
             if exp.chosen is None:
                 detail = "; ".join(f"{n}: {w}" for n, w in exp.reasons.items())
-                raise ValueError(f"no attention backend can run {call.describe()} ({detail})")
+                raise InputError(f"no attention backend can run {call.describe()} ({detail})")
             chosen = exp.chosen
             if chosen == "reference" and call.device_type != "cpu":
                 _warn_slow(call, exp)
