@@ -755,6 +755,9 @@ def explain(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_s
                                      block_table)
     elif kvcache:
         paged = block_table is not None
+        _check_kv_shapes(q, k, v, None, None, paged)  # k and v are the caches here
+        if paged:
+            _check_block_table(block_table, q.shape[0], k.shape[0], q.device, check=False)
         cap = block_table.shape[1] * k.shape[1] if paged else k.shape[1]
         window = _window(window_size, causal, cap)
         call = _call("kvcache", q, k.shape[2], v.shape[3], q.shape[1], cap, causal, window, softcap,

@@ -151,7 +151,7 @@ class ReferenceBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         head_dims=(1, 1024), varlen=True, kvcache=True, paged_kv=True, window=True, softcap=True,
         alibi=True, dropout=True, backward=True, deterministic=True, head_dim_v_differs=True,
-        attn_probs=True, leftpad=True,
+        attn_probs=True, leftpad=True, empty_kv=True,
         notes=("pure torch, fp32 math, O(seqlen_q * seqlen_k) memory: a correctness tool",))
 
     def __init__(self, upcast: bool = True):

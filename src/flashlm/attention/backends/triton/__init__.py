@@ -80,6 +80,7 @@ class TritonBackend(Backend):
         deterministic=True,  # no atomics anywhere: every backward is deterministic
         head_dim_v_differs=False,
         seqlen_q_gt_k=True,
+        empty_kv=True,
         notes=(
             "fp32 runs tl.dot in IEEE fp32 (exact, several times slower than bf16/fp16)",
             "paged KV only through flash_attn_with_kvcache (block_table), any page size",

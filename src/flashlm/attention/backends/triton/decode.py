@@ -22,6 +22,7 @@ from .common import (
     device_info,
     dot_precision,
     next_pow2,
+    pv_dot,
     tanh,
     window_bounds,
 )
@@ -110,7 +111,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_row_v[:, None] + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        acc = pv_dot(acc * alpha[:, None], p, v, DOT_PREC)  # rows of a tile see different keys
         m_i = m_new
 
     empty = l_i == 0.0
