@@ -107,7 +107,7 @@ def prepare_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor,
     positions start at k > 0 (a continuation chunk) is one sequence from its first token, and
     [0 1 2 0 1 5 6] is three sequences [0 1 2] [0 1] [5 6].
 
-    Refused (ValueError): seqlen == 1 (a one-token decode step is not a packed batch: use the KV cache
+    Refused (InputError): seqlen == 1 (a one-token decode step is not a packed batch: use the KV cache
     path), and position ids of more than 2 dims (e.g. multimodal 3-D RoPE ids are not packing).
     One host sync (max_seqlen), once per batch.
     """

@@ -81,6 +81,7 @@ class TritonBackend(Backend):
         head_dim_v_differs=False,
         seqlen_q_gt_k=True,
         empty_kv=True,
+        leftpad=True,  # the decode kernel's HAS_LEFTPAD (tests/test_triton.py::test_decode)
         notes=(
             "fp32 runs tl.dot in IEEE fp32 (exact, several times slower than bf16/fp16)",
             "paged KV only through flash_attn_with_kvcache (block_table), any page size",

@@ -23,6 +23,7 @@ from .common import (
     bwd_config,
     dot_precision,
     mask_scores,
+    pv_dot,
     tanh,
     varlen_bounds,
     window_bounds,
@@ -212,7 +213,10 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, end, rows, offs_n, 
             ds = tl.where(p > 0, ds, 0.0)
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        if MASKED:  # nor read a k row it does not see
+            dq = pv_dot(dq, ds, k, p > 0, DOT_PREC)
+        else:
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 

@@ -111,7 +111,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_row_v[:, None] + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = pv_dot(acc * alpha[:, None], p, v, DOT_PREC)  # rows of a tile see different keys
+        acc = pv_dot(acc * alpha[:, None], p, v, p > 0, DOT_PREC)  # rows of a tile see different keys
         m_i = m_new
 
     empty = l_i == 0.0

@@ -66,7 +66,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, rows, offs_n, d_mas
         acc = acc * alpha[:, None]
         if MASKED:  # rows of this tile see different keys: none may read a v row it does not see
             v = tl.load(v_ptrs + start_n * stride_vs, mask=kv_mask, other=0.0)
-            acc = pv_dot(acc, p, v, DOT_PREC)
+            acc = pv_dot(acc, p, v, p > 0, DOT_PREC)
         else:
             if EVEN_D:
                 v = tl.load(v_ptrs + start_n * stride_vs)
