@@ -8,7 +8,7 @@ backend in ``order.ORDER`` that is available and does not refuse it.
 Overrides, strongest first: the ``backend=`` argument of every public function, the
 ``use_backend(name)`` context manager (a contextvar: scoped to the block, thread and task safe), the
 ``FLASHLM_ATTN_BACKEND`` environment variable. A forced backend that cannot serve a call raises a
-ValueError naming why. An automatic choice that lands on the slow reference path on a GPU warns once
+InputError naming why. An automatic choice that lands on the slow reference path on a GPU warns once
 per kind of call.
 """
 
@@ -60,7 +60,7 @@ def _load(name: str) -> Backend | None:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend object called ``name``; ValueError if unknown or not loadable."""
+    """The backend object called ``name``; InputError if unknown or not loadable."""
     if name not in _order.ORDER:
         raise InputError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)}")
     backend = _load(name)
@@ -149,7 +149,7 @@ def explain_call(call: AttnCall, backend: str | None = None) -> Explanation:
 
 
 def select(call: AttnCall, backend: str | None = None) -> Backend:
-    """The backend to run ``call``; raises ValueError if the forced one or every one refuses."""
+    """The backend to run ``call``; raises InputError if the forced one or every one refuses."""
     name, how = forced_backend(backend)
     key = (call, name)
     chosen = _choice_cache.get(key)
