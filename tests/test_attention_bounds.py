@@ -140,6 +140,30 @@ def test_kvcache_never_reads_slots_past_seqlens_before_leftpad_or_in_unused_page
     torch.testing.assert_close(out, clean, atol=0, rtol=0)
 
 
+def test_kvcache_queries_never_read_new_or_window_edge_v_rows_they_do_not_see(backend):
+    """Several new tokens (causal: query i sees keys < seqlens + i + 1) and a window's left edge."""
+    q, kc, vc = _rand(2, 4, 4, 16), _rand(2, 20, 2, 16), _rand(2, 20, 2, 16)
+    kn, vn = _rand(2, 4, 2, 16), _rand(2, 4, 2, 16)
+    seqlens = torch.tensor([6, 10], dtype=torch.int32, device=DEV)
+
+    def run(vc_, vn_, window):
+        return flash_attn_with_kvcache(q, kc.clone(), vc_.clone(), k=kn, v=vn_, cache_seqlens=seqlens,
+                                       causal=True, window_size=window, backend=backend)
+
+    clean = run(vc, vn, (-1, -1))
+    vn_bad = vn.clone()
+    vn_bad[:, 2] = float("inf")  # new key seqlens + 2: queries 0 and 1 do not see it
+    torch.testing.assert_close(run(vc, vn_bad, (-1, -1))[:, :2], clean[:, :2], atol=0, rtol=0)
+    clean = run(vc, vn, (3, 0))
+    vc_bad = vc.clone()
+    for b, n in enumerate(seqlens.tolist()):
+        vc_bad[b, n - 3] = float("nan")  # seen by query 0 only (query i sees keys >= seqlens + i - 3)
+        vc_bad[b, : n - 3] = float("inf")  # seen by no query
+    out = run(vc_bad, vn, (3, 0))
+    torch.testing.assert_close(out[:, 1:], clean[:, 1:], atol=0, rtol=0)
+    assert out[:, 0].isnan().all()
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_dense_causal_rows_never_read_a_v_row_they_do_not_see(backend, value):
     q, k, v = _rand(1, 20, 2, 16), _rand(1, 20, 2, 16), _rand(1, 20, 2, 16)
