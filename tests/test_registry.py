@@ -83,10 +83,24 @@ def test_capability_refusals_are_specific():
     assert "head_dim 260" in TORCH_FLASH.refuse(_cuda_call(head_dim=260, head_dim_v=260))
     assert "head_dim 100" in TORCH_FLASH.refuse(_cuda_call(head_dim=100, head_dim_v=100))
     assert "softcap" in TORCH_FLASH.refuse(_cuda_call(softcap=True))
-    assert "top-left" in CUDNN.refuse(_cuda_call(seqlen_q=1, seqlen_k=128, seqlens_equal=False))
+    assert "top-left" in CUDNN.refuse(_cuda_call(seqlen_q=128, seqlen_k=256, seqlens_equal=False))
+    # issue 15: cuDNN's short-query forward is not bitwise repeatable, its backward fails at seqlen 1
+    assert "not deterministic" in CUDNN.refuse(_cuda_call(seqlen_q=1, seqlen_k=239, causal=False,
+                                                          seqlens_equal=False))
+    assert "not deterministic" in CUDNN.refuse(_cuda_call(seqlen_q=127, seqlen_k=127))
+    assert "seqlen_k == 0" in TORCH_FLASH.refuse(_cuda_call(seqlen_q=4, seqlen_k=0, causal=False))
     assert "window" in CUDNN.refuse(_cuda_call(window=True))
     assert "leftpad" in TORCH_FLASH.refuse(_cuda_call(kind="kvcache", leftpad=True, seqlens_equal=False))
     assert TORCH_FLASH.refuse(_cuda_call()) is None and CUDNN.refuse(_cuda_call()) is None
+
+
+def test_cudnn_refuses_its_seqlen_1_backward_even_where_short_queries_are_allowed(monkeypatch):
+    from flashlm.attention.backends import cudnn
+
+    monkeypatch.setattr(cudnn, "MIN_SEQLEN_Q", 1)
+    one = {"seqlen_q": 1, "seqlen_k": 1, "nheads": 5, "nheads_k": 5, "head_dim": 16, "head_dim_v": 16}
+    assert CUDNN.refuse(_cuda_call(**one)) is None
+    assert "seqlen_q = seqlen_k = 1" in CUDNN.refuse(_cuda_call(**one, needs_grad=True))
 
 
 def test_slow_fallback_warns_once():

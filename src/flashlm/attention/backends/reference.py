@@ -106,6 +106,10 @@ def _pv(p, v, keep):
     by selection, only into the rows that see them (+inf, -inf, or NaN when both or a NaN are seen).
     """
     finite = torch.isfinite(v)
+    # the common case (every v finite) skips the bookkeeping: one read of a flag (a sync on GPU, where
+    # this backend is the slow path anyway); traced code takes the general path (no data branch)
+    if not torch.compiler.is_compiling() and bool(finite.all()):
+        return torch.einsum("bhgqk,bkhd->bqhgd", p, v)
     out = torch.einsum("bhgqk,bkhd->bqhgd", p, torch.where(finite, v, torch.zeros((), dtype=v.dtype,
                                                                                   device=v.device)))
     # how many +inf / -inf / NaN values of each column every row sees (counts in v's dtype are exact
