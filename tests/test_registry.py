@@ -89,6 +89,8 @@ def test_capability_refusals_are_specific():
                                                           seqlens_equal=False))
     assert "not deterministic" in CUDNN.refuse(_cuda_call(seqlen_q=127, seqlen_k=127))
     assert "seqlen_k == 0" in TORCH_FLASH.refuse(_cuda_call(seqlen_q=4, seqlen_k=0, causal=False))
+    for be in (CUDNN, TORCH_FLASH):  # no deterministic backward: refused when one is asked for
+        assert "deterministic" in be.refuse(_cuda_call(needs_grad=True, deterministic=True))
     assert "window" in CUDNN.refuse(_cuda_call(window=True))
     assert "leftpad" in TORCH_FLASH.refuse(_cuda_call(kind="kvcache", leftpad=True, seqlens_equal=False))
     assert TORCH_FLASH.refuse(_cuda_call()) is None and CUDNN.refuse(_cuda_call()) is None
