@@ -29,7 +29,9 @@ i + seqlen_k - seqlen_q + right], inclusive; -1 is unbounded. A window of W toke
 Every argument is checked before any kernel runs (shapes, dtypes, devices, int32 offsets, head
 counts, values). Checks that would read tensor data (cu_seqlens monotone, cache lengths in range)
 run for CPU tensors always and for GPU tensors when FLASHLM_ATTN_CHECKS=1, since reading GPU data is
-a host sync per layer.
+a host sync per layer; paged KV (block_table) is checked on GPU too, with one read per call, since an
+overflow there is a device fault (see flash_attn_with_kvcache's ``check_bounds``). Every refusal
+raises ``flashlm.errors.InputError`` (a ValueError and a RuntimeError, as flash-attn raises).
 """
 
 from __future__ import annotations
