@@ -104,6 +104,15 @@ def test_paged_block_table_entries_past_the_pool_are_refused(backend):
         flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=2, block_table=bad, backend=backend)
 
 
+def test_paged_varlen_sequence_longer_than_its_pages_is_refused():
+    k_pool, v_pool, table, cap = _paged()
+    q = _rand(6, 4, 16)
+    cu_q = torch.tensor([0, 3, 6], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, 5, 5 + cap + 1], dtype=torch.int32, device=DEV)
+    with pytest.raises(InputError, match=rf"block_table holds 3 blocks per sequence .* = {cap}|max_seqlen"):
+        flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 3, cap, block_table=table)
+
+
 # ---------------------------------------------------------------------------------------------------- masked slots
 
 

@@ -192,8 +192,8 @@ def _check_max_seqlen(x, name: str) -> int:
     return x
 
 
-def _check_block_table(block_table, batch: int, num_blocks: int, device, check: bool) -> None:
-    """Type, shape and device of block_table; with ``check`` also its entries (reads the device)."""
+def _check_block_table(block_table, batch: int, device) -> None:
+    """Type, shape and device of block_table (its entries: _check_cache_bounds / _check_paged_varlen)."""
     if not isinstance(block_table, torch.Tensor):
         raise InputError("block_table must be an int32 tensor (batch, max_blocks_per_seq)")
     if block_table.dtype != torch.int32:
@@ -202,22 +202,24 @@ def _check_block_table(block_table, batch: int, num_blocks: int, device, check: 
         raise InputError(f"block_table must have shape ({batch}, max_blocks_per_seq), got {tuple(block_table.shape)}")
     if block_table.device != device:
         raise InputError(f"block_table is on {block_table.device} but q is on {device}")
-    if check and block_table.numel():
-        lo, hi = torch.stack([block_table.min(), block_table.max()]).tolist()  # one host read
-        if lo < 0 or hi >= num_blocks:
-            raise InputError(f"block_table entries must be page indices in [0, {num_blocks}) (the pool's "
-                             f"num_blocks), got [{lo}, {hi}]")
 
 
-def _check_paged_lengths(cu_seqlens_k, block_table, page: int) -> None:
-    """Varlen with block_table: every sequence's keys fit in its row of block_table (one host read)."""
-    lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+def _check_paged_varlen(cu_seqlens_k, block_table, page: int, num_blocks: int) -> None:
+    """Varlen with block_table: every sequence's keys fit in its row of block_table and every entry is
+    a page of the pool (one host read for both)."""
     capacity = block_table.shape[1] * page
-    longest = int(lens.max()) if lens.numel() else 0
-    if longest > capacity:
-        raise InputError(f"a sequence in cu_seqlens_k has {longest} keys but block_table holds "
+    lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    stats = [lens.max() if lens.numel() else lens.new_zeros(())]
+    if block_table.numel():
+        stats += [block_table.min(), block_table.max()]
+    vals = torch.stack([t.to(torch.int64) for t in stats]).tolist()  # the one host sync
+    if vals[0] > capacity:
+        raise InputError(f"a sequence in cu_seqlens_k has {vals[0]} keys but block_table holds "
                          f"{block_table.shape[1]} blocks per sequence x page_block_size {page} = {capacity}; "
                          "give block_table more blocks per sequence")
+    if block_table.numel() and (vals[1] < 0 or vals[2] >= num_blocks):
+        raise InputError(f"block_table entries must be page indices in [0, {num_blocks}) (the pool's "
+                         f"num_blocks), got [{vals[1]}, {vals[2]}]")
 
 
 def _needs_grad(*ts) -> bool:
@@ -359,13 +361,13 @@ def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         # block_table overflow is a device fault that kills the CUDA context, not a wrong number
         check = not torch.compiler.is_compiling() and not (
             q.device.type != "cpu" and torch.cuda.is_current_stream_capturing())
-        _check_block_table(block_table, batch, k.shape[0], q.device, check)
+        _check_block_table(block_table, batch, q.device)
         page = k.shape[1]
         if max_seqlen_k > block_table.shape[1] * page:
             raise InputError(f"max_seqlen_k {max_seqlen_k} exceeds the paged capacity "
                              f"{block_table.shape[1]} blocks x {page} tokens")
         if check:
-            _check_paged_lengths(cu_seqlens_k, block_table, page)
+            _check_paged_varlen(cu_seqlens_k, block_table, page, k.shape[0])
     _check_scalars(dropout_p, softcap, deterministic, causal)
     _check_alibi(alibi_slopes, H, batch, q.device)
     scale = _scale(softmax_scale, D)
@@ -501,7 +503,7 @@ def _check_cache_rows(q, k_cache, cache_batch_idx, cache_leftpad, block_table, c
             raise InputError("cache_batch_idx cannot be combined with block_table (paged KV), as in flash-attn")
         if cache_leftpad is not None:
             raise InputError("cache_leftpad cannot be combined with block_table (paged KV), as in flash-attn")
-        _check_block_table(block_table, B, k_cache.shape[0], q.device, check=False)  # data: _check_cache_bounds
+        _check_block_table(block_table, B, q.device)
         return True, k_cache.shape[1], block_table.shape[1] * k_cache.shape[1]
     if cache_batch_idx is not None:
         _check_int32_vec(cache_batch_idx, "cache_batch_idx", B, q.device, "(batch,)")
@@ -759,7 +761,7 @@ def explain(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_s
         paged = block_table is not None
         _check_kv_shapes(q, k, v, None, None, paged)  # k and v are the caches here
         if paged:
-            _check_block_table(block_table, q.shape[0], k.shape[0], q.device, check=False)
+            _check_block_table(block_table, q.shape[0], q.device)
         cap = block_table.shape[1] * k.shape[1] if paged else k.shape[1]
         window = _window(window_size, causal, cap)
         call = _call("kvcache", q, k.shape[2], v.shape[3], q.shape[1], cap, causal, window, softcap,
