@@ -200,10 +200,10 @@ def pv_dot(acc, p, v, seen, DOT_PREC: tl.constexpr):
     bad = ~(tl.abs(v) < float("inf"))  # inf or NaN (every comparison with NaN is false)
     if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
         acc = tl.dot(p.to(v.dtype), tl.where(bad, 0.0, v).to(v.dtype), acc, input_precision=DOT_PREC)
-        seen = seen.to(v.dtype)
-        pos = tl.dot(seen, (v == float("inf")).to(v.dtype), input_precision=DOT_PREC) > 0
-        neg = tl.dot(seen, (v == float("-inf")).to(v.dtype), input_precision=DOT_PREC) > 0
-        nan = tl.dot(seen, (bad & (tl.abs(v) != float("inf"))).to(v.dtype), input_precision=DOT_PREC) > 0
+        seen_f = seen.to(v.dtype)
+        pos = tl.dot(seen_f, (v == float("inf")).to(v.dtype), input_precision=DOT_PREC) > 0
+        neg = tl.dot(seen_f, (v == float("-inf")).to(v.dtype), input_precision=DOT_PREC) > 0
+        nan = tl.dot(seen_f, (bad & (tl.abs(v) != float("inf"))).to(v.dtype), input_precision=DOT_PREC) > 0
         acc = tl.where(pos, float("inf"), acc)
         acc = tl.where(neg, float("-inf"), acc)
         acc = tl.where(nan | (pos & neg), float("nan"), acc)
