@@ -23,6 +23,7 @@ from flashlm.attention import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+from flashlm.errors import InputError
 
 
 def _mask(sq, sk, causal, window):
@@ -333,24 +334,24 @@ q4, k4 = torch.randn(2, 8, 4, 16), torch.randn(2, 8, 2, 16)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    ({"q": torch.randn(2, 8, 16), "k": k4, "v": k4}, ValueError, "q must be"),
-    ({"q": q4, "k": k4.half(), "v": k4}, TypeError, "k dtype"),
-    ({"q": q4.int(), "k": k4.int(), "v": k4.int()}, TypeError, "q dtype"),
-    ({"q": q4, "k": torch.randn(2, 8, 3, 16), "v": torch.randn(2, 8, 3, 16)}, ValueError, "divisible by nheads_k"),
-    ({"q": q4, "k": k4, "v": torch.randn(2, 8, 1, 16)}, ValueError, "same number of heads"),
-    ({"q": q4, "k": torch.randn(2, 8, 2, 8), "v": k4}, ValueError, "head_dim must match"),
-    ({"q": q4, "k": torch.randn(3, 8, 2, 16), "v": k4}, ValueError, "batch sizes differ"),
-    ({"q": q4, "k": k4, "v": torch.randn(2, 9, 2, 16)}, ValueError, "seqlen differ"),
-    ({"q": q4, "k": k4, "v": k4, "dropout_p": 1.0}, ValueError, "dropout_p"),
-    ({"q": q4, "k": k4, "v": k4, "softcap": -1.0}, ValueError, "softcap"),
-    ({"q": q4, "k": k4, "v": k4, "window_size": (-2, 0)}, ValueError, "window_size"),
-    ({"q": q4, "k": k4, "v": k4, "window_size": (1, 2, 3)}, ValueError, "window_size"),
-    ({"q": q4, "k": k4, "v": k4, "causal": 1}, TypeError, "causal"),
-    ({"q": q4, "k": k4, "v": k4, "softmax_scale": "x"}, TypeError, "softmax_scale"),
-    ({"q": q4, "k": k4, "v": k4, "alibi_slopes": torch.rand(4).double()}, TypeError, "alibi_slopes must be float32"),
-    ({"q": q4, "k": k4, "v": k4, "alibi_slopes": torch.rand(3)}, ValueError, "alibi_slopes must have shape"),
-    ({"q": q4, "k": k4, "v": k4, "backend": "nope"}, ValueError, "unknown"),
-    ({"q": q4, "k": k4, "v": k4, "backend": "torch_flash"}, ValueError, "torch_flash.*cannot run"),
+    ({"q": torch.randn(2, 8, 16), "k": k4, "v": k4}, InputError, "q must be"),
+    ({"q": q4, "k": k4.half(), "v": k4}, InputError, "k dtype"),
+    ({"q": q4.int(), "k": k4.int(), "v": k4.int()}, InputError, "q dtype"),
+    ({"q": q4, "k": torch.randn(2, 8, 3, 16), "v": torch.randn(2, 8, 3, 16)}, InputError, "divisible by nheads_k"),
+    ({"q": q4, "k": k4, "v": torch.randn(2, 8, 1, 16)}, InputError, "same number of heads"),
+    ({"q": q4, "k": torch.randn(2, 8, 2, 8), "v": k4}, InputError, "head_dim must match"),
+    ({"q": q4, "k": torch.randn(3, 8, 2, 16), "v": k4}, InputError, "batch sizes differ"),
+    ({"q": q4, "k": k4, "v": torch.randn(2, 9, 2, 16)}, InputError, "seqlen differ"),
+    ({"q": q4, "k": k4, "v": k4, "dropout_p": 1.0}, InputError, "dropout_p"),
+    ({"q": q4, "k": k4, "v": k4, "softcap": -1.0}, InputError, "softcap"),
+    ({"q": q4, "k": k4, "v": k4, "window_size": (-2, 0)}, InputError, "window_size"),
+    ({"q": q4, "k": k4, "v": k4, "window_size": (1, 2, 3)}, InputError, "window_size"),
+    ({"q": q4, "k": k4, "v": k4, "causal": 1}, InputError, "causal"),
+    ({"q": q4, "k": k4, "v": k4, "softmax_scale": "x"}, InputError, "softmax_scale"),
+    ({"q": q4, "k": k4, "v": k4, "alibi_slopes": torch.rand(4).double()}, InputError, "alibi_slopes must be float32"),
+    ({"q": q4, "k": k4, "v": k4, "alibi_slopes": torch.rand(3)}, InputError, "alibi_slopes must have shape"),
+    ({"q": q4, "k": k4, "v": k4, "backend": "nope"}, InputError, "unknown"),
+    ({"q": q4, "k": k4, "v": k4, "backend": "torch_flash"}, InputError, "torch_flash.*cannot run"),
 ])
 def test_dense_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -362,13 +363,14 @@ cu_ok = torch.tensor([0, 3, 10], dtype=torch.int32)
 
 
 @pytest.mark.parametrize("cu,maxq,exc,match", [
-    (cu_ok.long(), 7, TypeError, "cu_seqlens_q must be torch.int32"),
-    (torch.tensor([[0, 3, 10]], dtype=torch.int32), 7, ValueError, "cu_seqlens_q must be a 1-D"),
-    (torch.tensor([0, 5, 3], dtype=torch.int32), 7, ValueError, "non-decreasing"),
-    (torch.tensor([1, 3, 10], dtype=torch.int32), 7, ValueError, "start at 0"),
-    (torch.tensor([0, 3, 11], dtype=torch.int32), 8, ValueError, "exceeds the number of packed tokens"),
-    (cu_ok, 5, ValueError, "more than max_seqlen"),
-    (cu_ok, torch.tensor(7), TypeError, "max_seqlen_q must be a Python int"),
+    (cu_ok.long(), 7, InputError, "cu_seqlens_q must be torch.int32"),
+    (torch.tensor([[0, 3, 10]], dtype=torch.int32), 7, InputError, "cu_seqlens_q must be a 1-D"),
+    (torch.tensor([0, 5, 3], dtype=torch.int32), 7, InputError, "non-decreasing"),
+    (torch.tensor([1, 3, 10], dtype=torch.int32), 7, InputError, "start at 0"),
+    (torch.tensor([0, 3, 11], dtype=torch.int32), 8, InputError, r"cu_seqlens_q\[-1\] = 11 but q holds 10 packed"),
+    (torch.tensor([0, 3, 9], dtype=torch.int32), 6, InputError, r"cu_seqlens_q\[-1\] = 9 but q holds 10 packed"),
+    (cu_ok, 5, InputError, "more than max_seqlen"),
+    (cu_ok, torch.tensor(7), InputError, "max_seqlen_q must be a Python int"),
 ])
 def test_varlen_errors(cu, maxq, exc, match):
     with pytest.raises(exc, match=match):
@@ -376,14 +378,14 @@ def test_varlen_errors(cu, maxq, exc, match):
 
 
 def test_varlen_error_cu_k_length_and_block_table():
-    with pytest.raises(ValueError, match="cu_seqlens_k must be 1-D of length 3"):
+    with pytest.raises(InputError, match="cu_seqlens_k must be 1-D of length 3"):
         flash_attn_varlen_func(qv, kv3, kv3, cu_ok, torch.tensor([0, 10], dtype=torch.int32), 7, 10)
     pool = torch.randn(4, 4, 2, 16)
-    with pytest.raises(TypeError, match="block_table must be torch.int32"):
+    with pytest.raises(InputError, match="block_table must be torch.int32"):
         flash_attn_varlen_func(qv, pool, pool, cu_ok, cu_ok, 7, 7, block_table=torch.zeros(2, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="block_table entries"):
+    with pytest.raises(InputError, match="block_table entries"):
         flash_attn_varlen_func(qv, pool, pool, cu_ok, cu_ok, 7, 7, block_table=torch.full((2, 2), 9, dtype=torch.int32))
-    with pytest.raises(ValueError, match="paged capacity"):
+    with pytest.raises(InputError, match="paged capacity"):
         flash_attn_varlen_func(qv, pool, pool, cu_ok, cu_ok, 7, 9, block_table=torch.zeros(2, 2, dtype=torch.int32))
 
 
@@ -392,30 +394,30 @@ def test_kvcache_errors():
     k = torch.randn(2, 1, 2, 16)
     s = torch.tensor([3, 7], dtype=torch.int32)
     cases = [
-        ({"k": k}, ValueError, "k and v must be given together"),
-        ({"k": k, "v": k}, ValueError, "cache_seqlens is required"),
-        ({"k": k, "v": k, "cache_seqlens": s.long()}, TypeError, "cache_seqlens must be torch.int32"),
-        ({"k": k, "v": k, "cache_seqlens": torch.tensor([3, 8], dtype=torch.int32)}, ValueError, "must stay in"),
-        ({"cache_seqlens": 9}, ValueError, "outside"),
-        ({"k": torch.randn(2, 1, 2, 8), "v": k, "cache_seqlens": s}, ValueError, "k/v must be"),
-        ({"rotary_cos": torch.ones(8, 4), "rotary_sin": torch.ones(8, 4), "cache_seqlens": s}, ValueError, "need k and v"),
-        ({"rotary_cos": torch.ones(8, 4), "k": k, "v": k, "cache_seqlens": s}, ValueError, "together"),
+        ({"k": k}, InputError, "k and v must be given together"),
+        ({"k": k, "v": k}, InputError, "cache_seqlens is required"),
+        ({"k": k, "v": k, "cache_seqlens": s.long()}, InputError, "cache_seqlens must be torch.int32"),
+        ({"k": k, "v": k, "cache_seqlens": torch.tensor([3, 8], dtype=torch.int32)}, InputError, "must stay in"),
+        ({"cache_seqlens": 9}, InputError, "outside"),
+        ({"k": torch.randn(2, 1, 2, 8), "v": k, "cache_seqlens": s}, InputError, "k/v must be"),
+        ({"rotary_cos": torch.ones(8, 4), "rotary_sin": torch.ones(8, 4), "cache_seqlens": s}, InputError, "need k and v"),
+        ({"rotary_cos": torch.ones(8, 4), "k": k, "v": k, "cache_seqlens": s}, InputError, "together"),
         ({"rotary_cos": torch.ones(8, 12), "rotary_sin": torch.ones(8, 12), "k": k, "v": k, "cache_seqlens": s}, ValueError,
          "rotary_dim 24 exceeds"),
         ({"rotary_cos": torch.ones(4, 4), "rotary_sin": torch.ones(4, 4), "k": k, "v": k, "cache_seqlens": s}, ValueError,
          "positions"),
-        ({"cache_batch_idx": torch.tensor([0, 5], dtype=torch.int32)}, ValueError, "cache_batch_idx entries"),
-        ({"cache_leftpad": torch.tensor([0, 9], dtype=torch.int32), "cache_seqlens": s}, ValueError, "cache_leftpad"),
+        ({"cache_batch_idx": torch.tensor([0, 5], dtype=torch.int32)}, InputError, "cache_batch_idx entries"),
+        ({"cache_leftpad": torch.tensor([0, 9], dtype=torch.int32), "cache_seqlens": s}, InputError, "cache_leftpad"),
         ({"block_table": torch.zeros(2, 1, dtype=torch.int32), "cache_batch_idx": torch.zeros(2, dtype=torch.int32)},
-         ValueError, "cache_batch_idx cannot be combined"),
-        ({"num_splits": -1}, ValueError, "num_splits"),
+         InputError, "cache_batch_idx cannot be combined"),
+        ({"num_splits": -1}, InputError, "num_splits"),
     ]
     for kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):
             flash_attn_with_kvcache(q, kc.clone(), kc.clone(), **kwargs)
-    with pytest.raises(ValueError, match="k_cache batch"):
+    with pytest.raises(InputError, match="k_cache batch"):
         flash_attn_with_kvcache(q, torch.randn(3, 8, 2, 16), torch.randn(3, 8, 2, 16))
-    with pytest.raises(ValueError, match="contiguous last dimension"):
+    with pytest.raises(InputError, match="contiguous last dimension"):
         kt = torch.randn(2, 8, 16, 2).transpose(-1, -2)
         flash_attn_with_kvcache(q, kt, kt.clone(), cache_seqlens=s)
 
@@ -423,7 +425,7 @@ def test_kvcache_errors():
 def test_errors_raise_before_any_write():
     q, kc = torch.randn(2, 1, 4, 16), torch.randn(2, 8, 2, 16)
     before = kc.clone()
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         flash_attn_with_kvcache(q, kc, kc.clone(), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16),
                                 cache_seqlens=torch.tensor([3, 8], dtype=torch.int32))
     assert torch.equal(kc, before)

@@ -14,6 +14,7 @@ from flashlm.attention.padding import (
     prepare_from_position_ids,
     unpad_input,
 )
+from flashlm.errors import InputError
 
 
 def test_get_unpad_data_left_and_right_padding():
@@ -42,7 +43,7 @@ def test_index_first_axis_backward_is_scatter():
     torch.testing.assert_close(y, x[idx])
     y.sum().backward()
     assert x.grad[[1, 3, 5]].abs().sum() == 0 and (x.grad[[0, 2, 4]] == 1).all()
-    with pytest.raises(ValueError, match="indices"):
+    with pytest.raises(InputError, match="indices"):
         index_first_axis(x, idx.float())
 
 
@@ -72,11 +73,11 @@ def test_prepare_from_position_ids_packed_and_continuations():
 
 
 def test_prepare_from_position_ids_refusals():
-    with pytest.raises(ValueError, match="decode step"):
+    with pytest.raises(InputError, match="decode step"):
         prepare_from_position_ids(torch.tensor([[5], [9]]))
-    with pytest.raises(ValueError, match="multi-dimensional"):
+    with pytest.raises(InputError, match="multi-dimensional"):
         prepare_from_position_ids(torch.zeros(3, 2, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="integers"):
+    with pytest.raises(InputError, match="integers"):
         prepare_from_position_ids(torch.zeros(2, 4))
 
 

@@ -20,6 +20,7 @@ from flashlm.attention import (
 from flashlm.attention.backends.base import AttnCall
 from flashlm.attention.backends.cudnn import BACKEND as CUDNN
 from flashlm.attention.backends.torch_flash import BACKEND as TORCH_FLASH
+from flashlm.errors import InputError
 
 q = torch.randn(1, 4, 2, 16)
 
@@ -62,15 +63,15 @@ def test_use_backend_is_scoped_and_nests(monkeypatch):
         t.join()
         assert seen == [None]  # a contextvar: other threads keep their own setting
     assert registry.forced_backend()[0] is None
-    with pytest.raises(ValueError, match="unknown attention backend"), use_backend("bogus"):
+    with pytest.raises(InputError, match="unknown attention backend"), use_backend("bogus"):
         pass
 
 
 def test_forced_backend_that_cannot_serve_raises_with_reason(monkeypatch):
-    with use_backend("torch_flash"), pytest.raises(ValueError, match="torch_flash.*forced by use_backend"):
+    with use_backend("torch_flash"), pytest.raises(InputError, match="torch_flash.*forced by use_backend"):
         flash_attn_func(q, q, q)
     monkeypatch.setenv(registry.ENV_VAR, "cudnn")
-    with pytest.raises(ValueError, match=f"cudnn.*{registry.ENV_VAR}"):
+    with pytest.raises(InputError, match=f"cudnn.*{registry.ENV_VAR}"):
         flash_attn_func(q, q, q)
     # the argument beats the environment
     flash_attn_func(q, q, q, backend="reference")
@@ -83,10 +84,26 @@ def test_capability_refusals_are_specific():
     assert "head_dim 260" in TORCH_FLASH.refuse(_cuda_call(head_dim=260, head_dim_v=260))
     assert "head_dim 100" in TORCH_FLASH.refuse(_cuda_call(head_dim=100, head_dim_v=100))
     assert "softcap" in TORCH_FLASH.refuse(_cuda_call(softcap=True))
-    assert "top-left" in CUDNN.refuse(_cuda_call(seqlen_q=1, seqlen_k=128, seqlens_equal=False))
+    assert "top-left" in CUDNN.refuse(_cuda_call(seqlen_q=128, seqlen_k=256, seqlens_equal=False))
+    # issue 15: cuDNN's short-query forward is not bitwise repeatable, its backward fails at seqlen 1
+    assert "not deterministic" in CUDNN.refuse(_cuda_call(seqlen_q=1, seqlen_k=239, causal=False,
+                                                          seqlens_equal=False))
+    assert "not deterministic" in CUDNN.refuse(_cuda_call(seqlen_q=127, seqlen_k=127))
+    assert "seqlen_k == 0" in TORCH_FLASH.refuse(_cuda_call(seqlen_q=4, seqlen_k=0, causal=False))
+    for be in (CUDNN, TORCH_FLASH):  # no deterministic backward: refused when one is asked for
+        assert "deterministic" in be.refuse(_cuda_call(needs_grad=True, deterministic=True))
     assert "window" in CUDNN.refuse(_cuda_call(window=True))
     assert "leftpad" in TORCH_FLASH.refuse(_cuda_call(kind="kvcache", leftpad=True, seqlens_equal=False))
     assert TORCH_FLASH.refuse(_cuda_call()) is None and CUDNN.refuse(_cuda_call()) is None
+
+
+def test_cudnn_refuses_its_seqlen_1_backward_even_where_short_queries_are_allowed(monkeypatch):
+    from flashlm.attention.backends import cudnn
+
+    monkeypatch.setattr(cudnn, "MIN_SEQLEN_Q", 1)
+    one = {"seqlen_q": 1, "seqlen_k": 1, "nheads": 5, "nheads_k": 5, "head_dim": 16, "head_dim_v": 16}
+    assert CUDNN.refuse(_cuda_call(**one)) is None
+    assert "seqlen_q = seqlen_k = 1" in CUDNN.refuse(_cuda_call(**one, needs_grad=True))
 
 
 def test_slow_fallback_warns_once():
@@ -117,7 +134,7 @@ def test_broken_or_missing_backend_module_is_reported(monkeypatch):
 def test_no_backend_can_serve_lists_reasons(monkeypatch):
     registry.reset_cache()
     monkeypatch.setattr(order, "ORDER", ("cudnn", "torch_flash"))
-    with pytest.raises(ValueError, match="no attention backend can run.*cudnn: unavailable"):
+    with pytest.raises(InputError, match="no attention backend can run.*cudnn: unavailable"):
         flash_attn_func(q, q, q)
     registry.reset_cache()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -24,10 +26,10 @@ def get_unpad_data(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     -> (indices (total,) int64 into the flattened batch*seqlen tokens, cu_seqlens (batch + 1,) int32,
     max_seqlen int). One host sync (max_seqlen)."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        raise ValueError("attention_mask must be a (batch, seqlen) tensor of 0/1 or bool, got "
+        raise InputError("attention_mask must be a (batch, seqlen) tensor of 0/1 or bool, got "
                          f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
     if attention_mask.numel() > _INT32_MAX:
-        raise ValueError(f"{attention_mask.numel()} tokens overflow int32 cu_seqlens")
+        raise InputError(f"{attention_mask.numel()} tokens overflow int32 cu_seqlens")
     mask = attention_mask.bool()
     seqlens = mask.sum(dim=-1, dtype=torch.int32)
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
@@ -72,7 +74,7 @@ def index_first_axis(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Gather rows of x (first, ...) at unique int64 ``indices`` (n,) -> (n, ...). The backward is one
     scatter into zeros (no atomic accumulation: indices from get_unpad_data are unique)."""
     if indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 1:
-        raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
+        raise InputError(f"indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
     return _IndexFirstAxis.apply(x, indices.long())
 
 
@@ -81,7 +83,7 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
     (hidden_unpad (total, ...), indices (total,), cu_seqlens (batch + 1,) int32, max_seqlen int,
     seqused (batch,) int32 real tokens per row). Left or right padding, or holes, all work."""
     if hidden_states.shape[:2] != attention_mask.shape:
-        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and attention_mask "
+        raise InputError(f"hidden_states {tuple(hidden_states.shape)} and attention_mask "
                          f"{tuple(attention_mask.shape)} disagree on (batch, seqlen)")
     indices, cu_seqlens, max_seqlen = get_unpad_data(attention_mask)
     flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
@@ -92,7 +94,7 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
 def pad_input(hidden_unpad: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of unpad_input: (total, ...) -> (batch, seqlen, ...), zeros at the padding."""
     if hidden_unpad.shape[0] != indices.shape[0]:
-        raise ValueError(f"hidden_unpad has {hidden_unpad.shape[0]} rows but indices {indices.shape[0]}")
+        raise InputError(f"hidden_unpad has {hidden_unpad.shape[0]} rows but indices {indices.shape[0]}")
     out = _IndexPutFirstAxis.apply(hidden_unpad, indices.long(), batch * seqlen)
     return out.view(batch, seqlen, *hidden_unpad.shape[1:])
 
@@ -105,22 +107,22 @@ def prepare_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor,
     positions start at k > 0 (a continuation chunk) is one sequence from its first token, and
     [0 1 2 0 1 5 6] is three sequences [0 1 2] [0 1] [5 6].
 
-    Refused (ValueError): seqlen == 1 (a one-token decode step is not a packed batch: use the KV cache
+    Refused (InputError): seqlen == 1 (a one-token decode step is not a packed batch: use the KV cache
     path), and position ids of more than 2 dims (e.g. multimodal 3-D RoPE ids are not packing).
     One host sync (max_seqlen), once per batch.
     """
     if not isinstance(position_ids, torch.Tensor) or position_ids.dim() not in (1, 2):
-        raise ValueError("position_ids must be (batch, seqlen) or (seqlen,); multi-dimensional position ids "
+        raise InputError("position_ids must be (batch, seqlen) or (seqlen,); multi-dimensional position ids "
                          f"are not packing, got {getattr(position_ids, 'shape', type(position_ids).__name__)}")
     if position_ids.is_floating_point():
-        raise TypeError(f"position_ids must be integers, got {position_ids.dtype}")
+        raise InputError(f"position_ids must be integers, got {position_ids.dtype}")
     pos = position_ids.reshape(1, -1) if position_ids.dim() == 1 else position_ids
     batch, seqlen = pos.shape
     if seqlen == 1:
-        raise ValueError("position_ids with one token per row are a decode step, not a packed batch; "
+        raise InputError("position_ids with one token per row are a decode step, not a packed batch; "
                          "use flash_attn_with_kvcache / the dense path")
     if pos.numel() > _INT32_MAX:
-        raise ValueError(f"{pos.numel()} tokens overflow int32 cu_seqlens")
+        raise InputError(f"{pos.numel()} tokens overflow int32 cu_seqlens")
     flat = pos.reshape(-1).long()
     start = torch.ones_like(flat, dtype=torch.bool)
     start[1:] = flat[1:] != flat[:-1] + 1

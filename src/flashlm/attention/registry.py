@@ -9,7 +9,7 @@ backend that is available and does not refuse it, in the order of the table for 
 Overrides, strongest first: the ``backend=`` argument of every public function, the
 ``use_backend(name)`` context manager (a contextvar: scoped to the block, thread and task safe), the
 ``FLASHLM_ATTN_BACKEND`` environment variable. A forced backend that cannot serve a call raises a
-ValueError naming why. An automatic choice that lands on the slow reference path on a GPU warns once
+InputError naming why. An automatic choice that lands on the slow reference path on a GPU warns once
 per kind of call.
 """
 
@@ -25,6 +25,7 @@ from functools import cache
 
 import torch
 
+from ..errors import InputError
 from . import order as _order
 from .backends.base import AttnCall, Backend
 
@@ -60,12 +61,12 @@ def _load(name: str) -> Backend | None:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend object called ``name``; ValueError if unknown or not loadable."""
+    """The backend object called ``name``; InputError if unknown or not loadable."""
     if name not in _order.ORDER:
-        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)}")
+        raise InputError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)}")
     backend = _load(name)
     if backend is None:
-        raise ValueError(f"attention backend {name!r} cannot be loaded: {_load_errors[name]}")
+        raise InputError(f"attention backend {name!r} cannot be loaded: {_load_errors[name]}")
     return backend
 
 
@@ -90,7 +91,7 @@ def use_backend(name: str | None):
     Scoped with a contextvar, so nested blocks, threads and asyncio tasks each see their own choice.
     """
     if name not in AUTO and name not in _order.ORDER:
-        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)} or 'auto'")
+        raise InputError(f"unknown attention backend {name!r}; known: {', '.join(_order.ORDER)} or 'auto'")
     token = _forced.set(None if name in AUTO else name)
     try:
         yield
@@ -156,25 +157,25 @@ def explain_call(call: AttnCall, backend: str | None = None) -> Explanation:
 
 
 def select(call: AttnCall, backend: str | None = None) -> Backend:
-    """The backend to run ``call``; raises ValueError if the forced one or every one refuses."""
+    """The backend to run ``call``; raises InputError if the forced one or every one refuses."""
     name, how = forced_backend(backend)
     key = (call, name)
     chosen = _choice_cache.get(key)
     if chosen is None:
         if name is not None:
             if name not in _order.ORDER:
-                raise ValueError(f"attention backend {name!r} (from {how}) is unknown; "
+                raise InputError(f"attention backend {name!r} (from {how}) is unknown; "
                                  f"known: {', '.join(_order.ORDER)}")
             why = refusal(name, call)
             if why is not None:
-                raise ValueError(f"attention backend {name!r} (forced by {how}) cannot run "
+                raise InputError(f"attention backend {name!r} (forced by {how}) cannot run "
                                  f"{call.describe()}: {why}")
             chosen = name
         else:
             exp = explain_call(call)
             if exp.chosen is None:
                 detail = "; ".join(f"{n}: {w}" for n, w in exp.reasons.items())
-                raise ValueError(f"no attention backend can run {call.describe()} ({detail})")
+                raise InputError(f"no attention backend can run {call.describe()} ({detail})")
             chosen = exp.chosen
             if chosen == "reference" and call.device_type != "cpu":
                 _warn_slow(call, exp)

@@ -55,6 +55,7 @@ class Capabilities:
     seqlen_q_gt_k: bool = True  # seqlen_q > seqlen_k (bottom-right causal leaves rows empty)
     leftpad: bool = False  # kvcache with cache_leftpad (keys start at a per-row offset)
     attn_probs: bool = False  # can return the attention probabilities (return_attn_probs with dropout)
+    empty_kv: bool = False  # seqlen_k == 0 (no key at all: out 0, lse +inf); many kernels fault on it
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -144,6 +145,8 @@ class Backend:
             return "no backward"
         if call.needs_grad and call.deterministic and not caps.deterministic:
             return "cannot make the backward deterministic"
+        if call.seqlen_k == 0 and not caps.empty_kv:
+            return "seqlen_k == 0 (no keys) not supported"
         if (call.seqlen_q is not None and call.seqlen_k is not None and call.seqlen_q > call.seqlen_k
                 and not caps.seqlen_q_gt_k):
             return "seqlen_q > seqlen_k not supported"

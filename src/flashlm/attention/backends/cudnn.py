@@ -23,6 +23,13 @@ VARLEN_FAST = False  # torch 2.11 profile: aten::_cudnn_attention_forward on THD
 VARLEN_BACKWARD = False  # dq/dk off vs the reference for causal varlen [100, 1, 37, 256] (probe)
 LSE_VARLEN_TOKEN_MAJOR = True
 MAX_HEAD_DIM = 256  # fwd + bwd matched the reference at 96, 128, 256
+# H200 / torch 2.11 / cuDNN 9.19 (GPU_NOTES, issue 15): the backward raises "cuDNN Frontend error:
+# s_q = s_kv = 1 is not supported"; seqlen 2 and 3 passed.
+BACKWARD_SEQLEN_1 = False
+# H200: the forward at batch 60, seqlen_q 1, seqlen_k 239, 4 heads, d32/160 fp16 gave 147-188 bitwise
+# mismatches in 100 repeats (out and lse): short query blocks are not run-to-run deterministic. Calls
+# with fewer queries than this go to the next backend (the default choice must repeat bit for bit).
+MIN_SEQLEN_Q = 128
 
 
 def _lse_bhs(lse, batch_heads_seq):
@@ -100,6 +107,11 @@ class CudnnBackend(Backend):
         why = super().refuse(call)
         if why:
             return why
+        if call.seqlen_q is not None and call.seqlen_q < MIN_SEQLEN_Q:
+            return (f"seqlen_q {call.seqlen_q} < {MIN_SEQLEN_Q}: cuDNN's forward for short queries is not "
+                    "deterministic (repeated calls differ bitwise, H200)")
+        if call.needs_grad and call.seqlen_q == 1 and call.seqlen_k == 1 and not BACKWARD_SEQLEN_1:
+            return "backward with seqlen_q = seqlen_k = 1 is not supported by cuDNN"
         if call.causal and not call.seqlens_equal:
             return "cuDNN aligns causal top-left: needs seqlen_q == seqlen_k for every sequence"
         if call.kind == "varlen" and call.needs_grad and not VARLEN_BACKWARD:

@@ -44,12 +44,6 @@ def attention_core(q, k, v, *, q_lens=None, k_lo=None, k_hi=None, softmax_scale:
         k_hi = torch.full((B,), Sk, device=dev, dtype=torch.long)
     q_lens, k_lo, k_hi = (t.to(device=dev, dtype=torch.long).view(B, 1, 1) for t in (q_lens, k_lo, k_hi))
 
-    # scores laid out (B, Hk, G, Sq, Sk): GQA by broadcasting k/v over the G query heads per kv head
-    qg = q.to(cdtype).reshape(B, Sq, Hk, G, D)
-    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(cdtype)).float() * softmax_scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-
     i = torch.arange(Sq, device=dev).view(1, Sq, 1)
     j = torch.arange(Sk, device=dev).view(1, 1, Sk)
     col = j - k_lo
@@ -62,15 +56,27 @@ def attention_core(q, k, v, *, q_lens=None, k_lo=None, k_hi=None, softmax_scale:
         keep = keep & (col <= diag + right)
     if left >= 0:
         keep = keep & (col >= diag - left)
+    # keys no query sees (past cache_seqlens, before cache_leftpad, padding, outside every window) are
+    # never read: zeroed by selection, so NaN/inf left in such slots cannot reach the output (0 * NaN)
+    used = keep.any(dim=1)[:, :, None, None]  # (B, Sk, 1, 1)
+    k = torch.where(used, k, torch.zeros((), dtype=k.dtype, device=dev))
+    v = torch.where(used, v, torch.zeros((), dtype=v.dtype, device=dev))
     keep = keep[:, None, None]  # (B, 1, 1, Sq, Sk)
+
+    # scores laid out (B, Hk, G, Sq, Sk): GQA by broadcasting k/v over the G query heads per kv head
+    qg = q.to(cdtype).reshape(B, Sq, Hk, G, D)
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(cdtype)).float() * softmax_scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
         slopes = alibi_slopes.float()
         slopes = slopes.view(1, Hk, G, 1, 1) if slopes.dim() == 1 else slopes.view(B, Hk, G, 1, 1)
         s = s - slopes * (diag - col).abs()[:, None, None].float()
     s = s.masked_fill(~keep, float("-inf"))
 
-    # softmax with empty rows -> 0 (the row max is detached: it cancels mathematically)
-    m = s.detach().amax(dim=-1, keepdim=True)
+    # softmax with empty rows -> 0 (the row max is detached: it cancels mathematically); Sk == 0 has
+    # no max to take: every row is empty
+    m = s.detach().amax(dim=-1, keepdim=True) if Sk else s.new_zeros(s.shape[:-1] + (1,))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     z = e.sum(dim=-1, keepdim=True)
@@ -84,12 +90,36 @@ def attention_core(q, k, v, *, q_lens=None, k_lo=None, k_hi=None, softmax_scale:
         p = p * keep_drop / (1.0 - dropout_p)
         if return_probs:
             probs = torch.where(keep_drop, probs, -probs)
-    out = torch.einsum("bhgqk,bkhd->bqhgd", p.to(cdtype), v.to(cdtype))
-    out = out.reshape(B, Sq, H, v.shape[-1])
+    out = _pv(p.to(cdtype), v.to(cdtype), keep).reshape(B, Sq, H, v.shape[-1])
     lse = lse.reshape(B, H, Sq)
     if return_probs:
         return out, lse, probs.detach().reshape(B, H, Sq, Sk)
     return out, lse
+
+
+def _pv(p, v, keep):
+    """out[q] = sum_k p[q, k] v[k] where a row reads only the keys it sees (``keep``).
+
+    p (B, Hk, G, Sq, Sk), v (B, Sk, Hk, Dv), keep bool broadcastable to p -> (B, Sq, Hk, G, Dv).
+    A plain product would give 0 * inf = NaN in a row that does not see a non-finite v (a causally
+    masked row of the same sequence): the non-finite values are taken out of the product and put back,
+    by selection, only into the rows that see them (+inf, -inf, or NaN when both or a NaN are seen).
+    """
+    finite = torch.isfinite(v)
+    # the common case (every v finite) skips the bookkeeping: one read of a flag (a sync on GPU, where
+    # this backend is the slow path anyway); traced code takes the general path (no data branch)
+    if not torch.compiler.is_compiling() and bool(finite.all()):
+        return torch.einsum("bhgqk,bkhd->bqhgd", p, v)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p, torch.where(finite, v, torch.zeros((), dtype=v.dtype,
+                                                                                  device=v.device)))
+    # how many +inf / -inf / NaN values of each column every row sees (counts in v's dtype are exact
+    # up to 2048 keys in fp16, which is all a "> 0" test needs: counts never round down to 0)
+    kinds = torch.cat([v == float("inf"), v == float("-inf"), torch.isnan(v)], dim=-1).to(p.dtype)
+    seen = torch.einsum("bhgqk,bkhd->bqhgd", keep.expand_as(p).to(p.dtype), kinds) > 0
+    pos, neg, nan = seen.chunk(3, dim=-1)
+    out = torch.where(pos, float("inf"), out)
+    out = torch.where(neg, float("-inf"), out)
+    return torch.where(nan | (pos & neg), float("nan"), out)
 
 
 def _token_rows(cu_seqlens, total: int):
@@ -125,7 +155,7 @@ class ReferenceBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         head_dims=(1, 1024), varlen=True, kvcache=True, paged_kv=True, window=True, softcap=True,
         alibi=True, dropout=True, backward=True, deterministic=True, head_dim_v_differs=True,
-        attn_probs=True, leftpad=True,
+        attn_probs=True, leftpad=True, empty_kv=True,
         notes=("pure torch, fp32 math, O(seqlen_q * seqlen_k) memory: a correctness tool",))
 
     def __init__(self, upcast: bool = True):

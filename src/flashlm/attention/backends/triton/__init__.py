@@ -23,6 +23,7 @@ import importlib.util
 
 import torch
 
+from ....errors import InputError
 from ..base import AttnCall, Backend, Capabilities
 
 try:
@@ -79,6 +80,8 @@ class TritonBackend(Backend):
         deterministic=True,  # no atomics anywhere: every backward is deterministic
         head_dim_v_differs=False,
         seqlen_q_gt_k=True,
+        empty_kv=True,
+        leftpad=True,  # the decode kernel's HAS_LEFTPAD (tests/test_triton.py::test_decode)
         notes=(
             "fp32 runs tl.dot in IEEE fp32 (exact, several times slower than bf16/fp16)",
             "paged KV only through flash_attn_with_kvcache (block_table), any page size",
@@ -117,7 +120,7 @@ class TritonBackend(Backend):
         """q (Tq, H, D), k/v (Tk, Hk, D), cu_seqlens int32 (B + 1,) -> out (Tq, H, D), lse (H, Tq)."""
         _no_dropout(dropout_p)
         if block_table is not None:
-            raise ValueError("triton backend: block_table is only supported by flash_attn_with_kvcache")
+            raise InputError("triton backend: block_table is only supported by flash_attn_with_kvcache")
         fwd = _fwd(q, k, v)
         return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                    float(softmax_scale), bool(causal), int(window_size[0]), int(window_size[1]),
@@ -136,7 +139,7 @@ class TritonBackend(Backend):
 
 def _no_dropout(dropout_p: float) -> None:
     if dropout_p:
-        raise ValueError(f"triton backend: dropout_p must be 0 (got {dropout_p}); it has no dropout")
+        raise InputError(f"triton backend: dropout_p must be 0 (got {dropout_p}); it has no dropout")
 
 
 BACKEND = TritonBackend()

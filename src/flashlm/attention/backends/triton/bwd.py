@@ -23,6 +23,7 @@ from .common import (
     bwd_config,
     dot_precision,
     mask_scores,
+    pv_dot,
     tanh,
     varlen_bounds,
     window_bounds,
@@ -93,6 +94,8 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start, end,
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
+        if MASKED:  # a masked entry (pT = 0) must not turn a non-finite v of another row into NaN
+            dsT = tl.where(pT > 0, dsT, 0.0)
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
@@ -206,9 +209,14 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, end, rows, offs_n, 
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
+        if MASKED:  # a masked entry (p = 0) must not turn a non-finite v of another row into NaN
+            ds = tl.where(p > 0, ds, 0.0)
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        if MASKED:  # nor read a k row it does not see
+            dq = pv_dot(dq, ds, k, p > 0, DOT_PREC)
+        else:
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 

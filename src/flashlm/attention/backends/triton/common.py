@@ -185,3 +185,28 @@ def mask_scores(s, rows, cols, seqlen_k, off, wl, wr, BANDED: tl.constexpr):
         valid = valid & (cols[None, :] >= rows[:, None] + off - wl)
         valid = valid & (cols[None, :] <= rows[:, None] + off + wr)
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def pv_dot(acc, p, v, seen, DOT_PREC: tl.constexpr):
+    """acc + p @ v where row i reads only the v rows it sees (``seen[i, j]``).
+
+    p (M, N) fp32 (probabilities, or dS in the backward), v (N, D), seen (M, N) bool. A plain dot
+    gives 0 * inf = NaN in a row that does not see a non-finite v value (a causally masked row of the
+    same tile, a slot no query may read). When the tile holds one (rare, so one cheap test first),
+    the non-finite values are taken out of the product and put back by selection into the rows that
+    see them: +inf, -inf, or NaN (a NaN, or both signs).
+    """
+    bad = ~(tl.abs(v) < float("inf"))  # inf or NaN (every comparison with NaN is false)
+    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+        acc = tl.dot(p.to(v.dtype), tl.where(bad, 0.0, v).to(v.dtype), acc, input_precision=DOT_PREC)
+        seen_f = seen.to(v.dtype)
+        pos = tl.dot(seen_f, (v == float("inf")).to(v.dtype), input_precision=DOT_PREC) > 0
+        neg = tl.dot(seen_f, (v == float("-inf")).to(v.dtype), input_precision=DOT_PREC) > 0
+        nan = tl.dot(seen_f, (bad & (tl.abs(v) != float("inf"))).to(v.dtype), input_precision=DOT_PREC) > 0
+        acc = tl.where(pos, float("inf"), acc)
+        acc = tl.where(neg, float("-inf"), acc)
+        acc = tl.where(nan | (pos & neg), float("nan"), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc

@@ -22,10 +22,55 @@ from .common import (
     device_info,
     dot_precision,
     next_pow2,
+    pv_dot,
     tanh,
     window_bounds,
 )
 from .fwd import scale_args
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, qpos, K, V, BlockTable, j0, end, leftpad, b64, cache_b, hk, off, wl, wr,
+                 page_size, qk_scale, softcap, slope, offs_n, offs_d, d_mask,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                 PAGED: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 PARTIAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One BLOCK_N tile of keys [j0, j0 + BLOCK_N) for the packed rows; PARTIAL: rows see different keys
+    of this tile (keys past ``end`` are never loaded: their loads are masked to 0)."""
+    cols = j0 + offs_n
+    col_ok = cols < end
+    pos = (leftpad + cols).to(tl.int64)
+    if PAGED:
+        page = tl.load(BlockTable + b64 * stride_bt + pos // page_size, mask=col_ok, other=0).to(tl.int64)
+        kv_row_k = page * stride_kb + (pos % page_size) * stride_ks
+        kv_row_v = page * stride_vb + (pos % page_size) * stride_vs
+    else:
+        kv_row_k = cache_b * stride_kb + pos * stride_ks
+        kv_row_v = cache_b * stride_vb + pos * stride_vs
+    kv_mask = col_ok[:, None] & d_mask[None, :]
+    k = tl.load(K + kv_row_k[:, None] + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if SOFTCAP:
+        s = tanh(qk * qk_scale) * softcap
+    else:
+        s = qk * qk_scale
+    if ALIBI:
+        s = s - slope[:, None] * tl.abs((qpos[:, None] + off - cols[None, :]).to(tl.float32))
+    valid = col_ok[None, :]
+    if BANDED:
+        valid = valid & (cols[None, :] >= qpos[:, None] + off - wl) & (cols[None, :] <= qpos[:, None] + off + wr)
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + kv_row_v[:, None] + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if PARTIAL:
+        acc = pv_dot(acc * alpha[:, None], p, v, p > 0, DOT_PREC)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -63,6 +108,7 @@ def _decode_kernel(
     q_mask = row_ok[:, None] & d_mask[None, :]
     q = tl.load(Q + b64 * stride_qb + qpos[:, None] * stride_qs + h[:, None] * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)
+    slope = 0.0
     if ALIBI:
         slope = tl.load(Alibi + b * stride_ab + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
 
@@ -80,38 +126,30 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for j0 in range(start, end, BLOCK_N):
-        cols = j0 + offs_n
-        col_ok = cols < end
-        pos = (leftpad + cols).to(tl.int64)
-        if PAGED:
-            page = tl.load(BlockTable + b64 * stride_bt + pos // page_size, mask=col_ok, other=0).to(tl.int64)
-            kv_row_k = page * stride_kb + (pos % page_size) * stride_ks
-            kv_row_v = page * stride_vb + (pos % page_size) * stride_vs
-        else:
-            kv_row_k = cache_b * stride_kb + pos * stride_ks
-            kv_row_v = cache_b * stride_vb + pos * stride_vs
-        kv_mask = col_ok[:, None] & d_mask[None, :]
-        k = tl.load(K + kv_row_k[:, None] + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if SOFTCAP:
-            s = tanh(qk * qk_scale) * softcap
-        else:
-            s = qk * qk_scale
-        if ALIBI:
-            s = s - slope[:, None] * tl.abs((qpos[:, None] + off - cols[None, :]).to(tl.float32))
-        valid = col_ok[None, :]
-        if BANDED:
-            valid = valid & (cols[None, :] >= qpos[:, None] + off - wl) & (cols[None, :] <= qpos[:, None] + off + wr)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_row_v[:, None] + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+    # [start, full_lo) and [full_hi, end): tiles whose keys some rows of this block see and others do
+    # not (window's left edge, causal diagonal): their PV product must not read a v row a query does
+    # not see (pv_dot). Between them every row sees every valid key: a plain dot.
+    full_lo = start
+    full_hi = end
+    if BANDED:
+        full_lo = tl.minimum(tl.maximum((q_last + off - wl + BLOCK_N - 1) // BLOCK_N * BLOCK_N, start), end)
+        full_hi = tl.maximum(tl.minimum((q_first + off + wr + 1 - start) // BLOCK_N * BLOCK_N + start, end),
+                             full_lo)
+    for j0 in range(start, full_lo, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, qpos, K, V, BlockTable, j0, end, leftpad, b64, cache_b,
+                                     hk, off, wl, wr, page_size, qk_scale, softcap, slope, offs_n, offs_d, d_mask,
+                                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                                     PAGED, BANDED, SOFTCAP, ALIBI, True, DOT_PREC)
+    for j0 in range(full_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, qpos, K, V, BlockTable, j0, end, leftpad, b64, cache_b,
+                                     hk, off, wl, wr, page_size, qk_scale, softcap, slope, offs_n, offs_d, d_mask,
+                                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                                     PAGED, BANDED, SOFTCAP, ALIBI, False, DOT_PREC)
+    for j0 in range(full_hi, end, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, qpos, K, V, BlockTable, j0, end, leftpad, b64, cache_b,
+                                     hk, off, wl, wr, page_size, qk_scale, softcap, slope, offs_n, offs_d, d_mask,
+                                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                                     PAGED, BANDED, SOFTCAP, ALIBI, True, DOT_PREC)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

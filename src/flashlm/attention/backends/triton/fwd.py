@@ -23,6 +23,7 @@ from .common import (
     dot_precision,
     fwd_config,
     mask_scores,
+    pv_dot,
     tanh,
     varlen_bounds,
     window_bounds,
@@ -63,13 +64,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, rows, offs_n, d_mas
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
+        if MASKED:  # rows of this tile see different keys: none may read a v row it does not see
             v = tl.load(v_ptrs + start_n * stride_vs, mask=kv_mask, other=0.0)
-        elif EVEN_D:
-            v = tl.load(v_ptrs + start_n * stride_vs)
+            acc = pv_dot(acc, p, v, p > 0, DOT_PREC)
         else:
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=d_mask[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            if EVEN_D:
+                v = tl.load(v_ptrs + start_n * stride_vs)
+            else:
+                v = tl.load(v_ptrs + start_n * stride_vs, mask=d_mask[None, :], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 

@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from ....errors import InputError
 from . import is_compiling
 
 try:
@@ -174,13 +175,13 @@ def apply_rotary_bshd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     Differentiable in x. CUDA tensors run the Triton kernel, others the torch reference.
     """
     if x.dim() != 4:
-        raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+        raise InputError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
     expected = (x.shape[0], x.shape[1])
     if cos.shape != sin.shape or cos.dim() != 3 or tuple(cos.shape[:2]) != expected:
-        raise ValueError(f"cos/sin must both be (batch, seqlen, rotary_dim // 2) = {expected} + (r,), "
+        raise InputError(f"cos/sin must both be (batch, seqlen, rotary_dim // 2) = {expected} + (r,), "
                          f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if 2 * cos.shape[-1] > x.shape[-1]:
-        raise ValueError(f"rotary_dim {2 * cos.shape[-1]} exceeds headdim {x.shape[-1]}")
+        raise InputError(f"rotary_dim {2 * cos.shape[-1]} exceeds headdim {x.shape[-1]}")
     if x.is_cuda and triton is not None:
         if x.stride(-1) != 1:
             x = x.contiguous()
