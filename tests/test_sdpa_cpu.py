@@ -177,7 +177,7 @@ def _call(**kw):
 @pytest.mark.parametrize(("change", "reason"), [
     ({"softcap": True}, "softcap"), ({"alibi": True}, "alibi"), ({"dropout": True}, "dropout"),
     ({"kind": "kvcache", "paged": True, "needs_grad": False}, "paged"), ({"head_dim_v": 8}, "v head_dim"),
-    ({"seqlen_k": 0}, "empty"), ({"kind": "varlen", "seqlen_q": 0}, "empty"), ({"deterministic": True}, "deterministic"), ({"device_type": "cuda"}, "device"),
+    ({"seqlen_k": 0}, "seqlen_k == 0"), ({"kind": "varlen", "seqlen_q": 0}, "empty"), ({"deterministic": True}, "deterministic"), ({"device_type": "cuda"}, "device"),
     ({"dtype": torch.int8}, "dtype"),
 ])
 def test_refuses_what_it_cannot_do_exactly(change, reason):
