@@ -23,6 +23,7 @@ from flashlm.models.flash import (
     apply_rope_bshd,
 )
 from flashlm.models.flash_cache import StaticKVCache
+from flashlm.models.fused import split_fused_state_dict
 from flashlm.models.layers import RotaryEmbedding, apply_rope
 
 ATOL, RTOL = 2e-5, 1e-4  # fp32: reference attention (einsum) vs eager matmul, summation order only
@@ -37,7 +38,9 @@ def left_padded(lengths, seqlen, vocab=256, device="cpu", generator=None):
 
 
 def grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    """Gradients by HF name: the flash model's fused qkv_proj / gate_up_proj grads split like its weights."""
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return split_fused_state_dict(out, model.config)
 
 
 def assert_grads_close(a, b, atol=ATOL, rtol=RTOL):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flashlm import ops as fused_ops
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flashlm.attention.interface import apply_rotary
 from flashlm.attention.padding import (
@@ -44,15 +45,16 @@ from flashlm.attention.padding import (
     prepare_from_position_ids,
     unpad_input,
 )
-from flashlm.losses import cross_entropy, linear_cross_entropy
+from flashlm.losses import cross_entropy, linear_cross_entropy, materialize_logits_for_loss
 
 from .config import ModelConfig
 from .default import CausalLMOutput, DecoderLayer, DefaultForCausalLM, DefaultModel, check_inputs
 from .flash_cache import StaticKVCache
-from .layers import MultiHeadAttention, rotate_half
+from .fused import FUSED_PROJECTIONS, fuse_linears, register_fused_names
+from .layers import MLP, MultiHeadAttention, rotate_half
 
-__all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMeta", "FlashModel",
-           "FlashMultiHeadAttention", "apply_rope_bshd", "rope_tables"]
+__all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashMeta", "FlashModel",
+           "FlashMultiHeadAttention", "apply_rope_bshd", "half_precision_inputs", "rope_tables"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,54 +242,135 @@ class FlashAttentionMixin:
 
 
 # --------------------------------------------------------------------------------------------
+# Kernels bound at build, fp32 inputs in a half-precision model
+# --------------------------------------------------------------------------------------------
+class _BindsKernels:
+    """Holds ``self.ops`` (``flashlm.ops.resolve(config.kernels, device)``): the fused-op callables,
+    chosen once when the module is built and again when it moves to another device (``.to``,
+    ``to_empty``), never per call."""
+
+    def _bind_kernels(self) -> None:
+        device = next(self.parameters()).device
+        self.ops = fused_ops.resolve(self.config.kernels, "cpu" if device.type == "meta" else device)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind_kernels()
+        return out
+
+
+_WARNED_FP32 = False
+
+
+def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.dtype
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 q/k/v in a half-precision model (PEFT/LoRA upcasts activations) -> the autocast dtype, else
+    ``weight_dtype`` (the projections'), with a one-time warning, as transformers'
+    ``_flash_attention_forward`` does, instead of running a slow fp32 kernel. Anything else unchanged."""
+    if q.dtype != torch.float32:
+        return q, k, v
+    dev = q.device.type
+    target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight_dtype
+    if target == torch.float32:
+        return q, k, v
+    global _WARNED_FP32
+    if not _WARNED_FP32:
+        _WARNED_FP32 = True
+        import warnings
+
+        warnings.warn(f"attention inputs are float32 in a {target} model (upcast activations, e.g. PEFT); "
+                      f"casting q/k/v to {target} for the flash kernels", stacklevel=3)
+    return q.to(target), k.to(target), v.to(target)
+
+
+# --------------------------------------------------------------------------------------------
 # Attention layer
 # --------------------------------------------------------------------------------------------
-class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
-    """The default ``MultiHeadAttention`` (same q/k/v/o projections and weights) computed in BSHD
-    through ``flashlm.attention``: no transpose, no ``repeat_kv``, no (seqlen x seqlen) scores."""
+def _fuse_into(module: torch.nn.Module, fused_name: str, sizes: list[int]) -> None:
+    """Replace ``module``'s HF projections (FUSED_PROJECTIONS[fused_name]) by one fused Linear, first in
+    the module order (so init and state-dict order stay q, k, v, o), saved/loaded under the HF names."""
+    parts = FUSED_PROJECTIONS[fused_name]
+    fused = fuse_linears([getattr(module, name) for name in parts])
+    for name in parts:
+        delattr(module, name)
+    module._modules = {fused_name: fused, **module._modules}
+    register_fused_names(module, fused_name, parts, sizes)
+
+
+class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAttention):
+    """The default ``MultiHeadAttention`` computed in BSHD through ``flashlm.attention``: no transpose,
+    no ``repeat_kv``, no (seqlen x seqlen) scores.
+
+    q/k/v come from ONE projection ``qkv_proj`` (rows: q (heads * head_dim), k, v (kv_heads *
+    head_dim) each), saved and loaded as HF's ``q_proj``/``k_proj``/``v_proj`` (see
+    :mod:`flashlm.models.fused`); inside a :class:`FlashModel` the split and RoPE of q and k are one
+    launch (``ops.rotary_qkv``)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
+        d = self.head_dim
+        _fuse_into(self, "qkv_proj", [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d])
         # flash-attn's inclusive window: W tokens, itself included = W - 1 to the left.
         self.window_size = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
         self.softcap_value = 0.0 if self.softcap is None else float(self.softcap)
+        self._bind_kernels()
+
+    def _project_qkv(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k, v (batch, seqlen,
+        kv_heads, head_dim): BSHD views of the one ``qkv_proj`` output (q/k normed with qk_norm)."""
+        b, s, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=2)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _rotated_qkv(self, hidden_states: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projection + RoPE with the half-width tables (batch or 1, seqlen, head_dim // 2) fp32."""
+        if self.config.qk_norm:  # the norms sit between the split and RoPE
+            q, k, v = self._project_qkv(hidden_states)
+            return self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin), v
+        return self.ops.rotary_qkv(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
+                                   self.head_dim)
 
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
                 past_key_values: StaticKVCache | None = None, meta: FlashMeta | None = None,
                 **kwargs) -> Tensor:
-        """hidden_states (batch, seqlen, hidden) — (1, total, hidden) in "varlen" mode — and cos/sin
-        (batch or 1, seqlen, head_dim) fp32 for its tokens. ``meta`` comes from the model; without it
-        (a layer used on its own) ``attention_mask`` (batch, seqlen) or packed ``position_ids`` are
-        handled by the mixin, and a cache is refused. Returns hidden_states' shape."""
-        q, k, v = self._project_qkv(hidden_states)  # (B, S, H, D) views, no copy
-        q, k = apply_rope_bshd(q, k, cos, sin)
+        """hidden_states (batch, seqlen, hidden) — (1, total, hidden) in "varlen" mode. With ``meta``
+        (from :class:`FlashModel`) cos/sin are the half-width tables (batch or 1, seqlen, head_dim // 2);
+        without it (a layer used on its own) the full or half tables of :func:`apply_rope_bshd`, and
+        ``attention_mask`` (batch, seqlen) or packed ``position_ids`` are handled by the mixin (a cache
+        is refused). Returns hidden_states' shape."""
         common = {"softmax_scale": self.scaling, "causal": True, "window_size": self.window_size,
                   "softcap": self.softcap_value}
-        dropout_p = self.attention_dropout if self.training else 0.0
         if meta is None:
             if past_key_values is not None:
                 raise ValueError("FlashMultiHeadAttention with a cache needs the FlashMeta built by "
                                  "FlashModel; call the model, not the layer")
+            q, k, v = self._project_qkv(hidden_states)  # (B, S, H, D) views, no copy
+            q, k = apply_rope_bshd(q, k, cos, sin)
+            q, k, v = half_precision_inputs(q, k, v, self.qkv_proj.weight.dtype)
             out = self._flash_attention_forward(q, k, v, attention_mask, dropout=self.attention_dropout,
                                                 training=self.training,
                                                 position_ids=kwargs.get("position_ids"), **common)
-            return self._project_out(out)
+            return self._project_out(out.to(hidden_states.dtype))
+        q, k, v = self._rotated_qkv(hidden_states, cos, sin)
+        return self._project_out(self._attend_planned(q, k, v, meta, common))
 
+    def _attend_planned(self, q: Tensor, k: Tensor, v: Tensor, meta: FlashMeta, common: dict) -> Tensor:
+        """Attention of rotated BSHD q/k/v under the model's plan (cache writes included)."""
         cache = meta.cache
         if meta.mode == "kvcache":
             k_cache, v_cache = cache.layer(self.layer_idx, q.shape[0])
             if meta.append:
-                out = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
-                                              cache_seqlens=meta.cache_seqlens, **common)
-            else:
-                b, s = k.shape[:2]
-                cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[meta.write_token_idx],
-                            v.reshape(b * s, *v.shape[2:])[meta.write_token_idx],
-                            meta.write_batch_idx, meta.write_slot_idx)
-                out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=meta.cache_seqlens, **common)
-                out = out * meta.query_mask  # padding queries saw unrelated keys: zero them
-            return self._project_out(out)
-
+                return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                               cache_seqlens=meta.cache_seqlens, **common)
+            b, s = k.shape[:2]
+            cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[meta.write_token_idx],
+                        v.reshape(b * s, *v.shape[2:])[meta.write_token_idx],
+                        meta.write_batch_idx, meta.write_slot_idx)
+            out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=meta.cache_seqlens, **common)
+            return out * meta.query_mask  # padding queries saw unrelated keys: zero them
         if cache is not None:  # prefill into an empty static cache
             if meta.mode == "dense":
                 k_cache, v_cache = cache.layer(self.layer_idx, k.shape[0])
@@ -295,16 +378,68 @@ class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
                 v_cache[:, : v.shape[1]].copy_(v)
             else:
                 cache.write(self.layer_idx, k[0], v[0], meta.write_batch_idx, meta.write_slot_idx)
+        dropout_p = self.attention_dropout if self.training else 0.0
         if meta.mode == "dense":
-            out = flash_attn_func(q, k, v, dropout_p=dropout_p, **common)
-        else:
-            out = flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                                         meta.max_seqlen, dropout_p=dropout_p, **common)[None]
-        return self._project_out(out)
+            return flash_attn_func(q, k, v, dropout_p=dropout_p, **common)
+        return flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
+                                      meta.max_seqlen, dropout_p=dropout_p, **common)[None]
 
 
-class FlashDecoderLayer(DecoderLayer):
+class FlashMLP(_BindsKernels, MLP):
+    """The gated MLP with gate and up as ONE projection ``gate_up_proj`` (rows: gate, then up; saved and
+    loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU as one op (``ops.swiglu``); GeGLU (Gemma2)
+    splits and applies its activation in torch."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.config = config
+        _fuse_into(self, "gate_up_proj", [config.intermediate_size, config.intermediate_size])
+        self.fused_act = config.hidden_act == "silu"
+        self._bind_kernels()
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate_up = self.gate_up_proj(x)
+        if self.fused_act:
+            return self.down_proj(self.ops.swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class FlashDecoderLayer(_BindsKernels, DecoderLayer):
+    """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``).
+
+    ``forward(hidden_states, cos, sin, meta=..., residual=...)`` returns ``(out, residual)``; the
+    block's output (the residual stream) is ``out + residual``, which the next layer (or the final
+    norm) adds inside its fused norm. ``residual=None`` means ``hidden_states`` is the whole stream
+    (the first layer). Gemma2's post-norms keep the default order and return ``(stream, None)``."""
+
     attention_class = FlashMultiHeadAttention
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.config = config
+        self.mlp = FlashMLP(config)
+        self._bind_kernels()
+
+    def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
+                past_key_values=None, meta: FlashMeta | None = None, residual: Tensor | None = None,
+                **kwargs) -> tuple[Tensor, Tensor | None]:
+        if self.post_norms:
+            if residual is not None:
+                hidden_states = hidden_states + residual
+            return super().forward(hidden_states, cos, sin, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, meta=meta, **kwargs), None
+        norm = self.input_layernorm
+        if residual is None:
+            residual = hidden_states
+            h = self.ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
+        else:
+            h, residual = self.ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)
+        h = self.self_attn(h, cos, sin, attention_mask=attention_mask, past_key_values=past_key_values,
+                           meta=meta, **kwargs)
+        norm = self.post_attention_layernorm
+        h, residual = self.ops.add_rms_norm(h, residual, norm.weight, norm.eps, norm.unit_offset)
+        return self.mlp(h), residual
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,10 +474,14 @@ def _positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     return (t - cu_seqlens.long()[seq])[None]
 
 
-class FlashModel(DefaultModel):
+class FlashModel(_BindsKernels, DefaultModel):
     """Embedding, flash decoder layers, final norm; plans padding/packing/cache once per forward."""
 
     layer_class = FlashDecoderLayer
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self._bind_kernels()
 
     def _plan(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
               cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> _Plan:
@@ -436,12 +575,25 @@ class FlashModel(DefaultModel):
         return hidden_states, plan
 
     def _run(self, plan: _Plan) -> Tensor:
-        """Embedding, RoPE tables, layers and final norm of a planned forward (every forward's body)."""
+        """Embedding, RoPE tables, layers and final norm of a planned forward (every forward's body).
+        The residual stream is carried between layers as (out, residual) and summed inside the next
+        fused norm (see :class:`FlashDecoderLayer`)."""
         hidden_states = self.embed_tokens(plan.token_ids)
-        cos, sin = rope_tables(*self.rotary_emb(plan.position_ids), hidden_states.shape[0])
+        cos, sin = self._rope_half(plan.position_ids)
+        residual = None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, meta=plan.meta)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer(hidden_states, cos, sin, meta=plan.meta, residual=residual)
+        norm = self.norm
+        if residual is None:
+            return self.ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
+        return self.ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)[0]
+
+    @torch.no_grad()
+    def _rope_half(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Half-width RoPE tables (batch or 1, seqlen, head_dim // 2) fp32 for ``position_ids`` (batch or 1,
+        seqlen): the first half of ``RotaryEmbedding``'s duplicated tables, computed without the copy."""
+        freqs = position_ids[..., None].float() * self.rotary_emb.inv_freq
+        return freqs.cos(), freqs.sin()
 
     def decode_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """The decode core: ``input_ids`` (batch, seqlen) appended to a non-empty ``cache`` without a
@@ -552,9 +704,11 @@ class FlashForCausalLM(DefaultForCausalLM):
                 logits = _to_padded(token_logits, plan, batch, seqlen)
         if labels is not None:
             targets = self._shifted_targets(labels, plan)
-            if token_logits is not None:  # the logits exist anyway: plain cross-entropy on them
+            if token_logits is None and materialize_logits_for_loss(targets.numel(), self.config.vocab_size):
+                token_logits = self._logits(hidden)  # small: one matmul + one cross-entropy beats chunks
+            if token_logits is not None:
                 loss = cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), targets)
-            else:  # fused: never materializes (tokens x vocab)
+            else:  # large: fused, never materializes (tokens x vocab)
                 loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
                                             targets, bias=self.lm_head.bias,
                                             softcap=self.config.final_logit_softcap)
