@@ -403,7 +403,7 @@ def test_cuda_decode_step_has_no_host_sync():
 def test_unpad_and_packing_metadata_computed_once_per_forward(monkeypatch):
     """get_unpad_data / prepare_from_position_ids run once per forward, not once per layer, and a
     decode step on the static cache calls neither."""
-    import flashlm.models.flash as flash_mod
+    import flashlm.models.plan as flash_mod  # the planner (plan_batch) that FlashModel calls
 
     calls = {"unpad": 0, "packed": 0}
 

@@ -149,11 +149,14 @@ def check_inputs(
     position_ids: torch.Tensor | None,
     labels: torch.Tensor | None,
     past_len: int,
+    check_token_range: bool = True,
 ) -> None:
     """Raise a clear TypeError/ValueError for malformed inputs before any compute.
 
     The token-range check reads min/max back to the host (one sync per forward, not per layer): an
-    out-of-range id would otherwise be a CUDA device-side assert that kills the process.
+    out-of-range id would otherwise be a CUDA device-side assert that kills the process. Compiled
+    callers (whose graph cannot read the device) pass ``check_token_range=False`` and check their
+    tokens where the batch is made.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -163,7 +166,7 @@ def check_inputs(
     batch, q_len = input_ids.shape
     if q_len == 0:
         raise ValueError("input_ids has zero tokens")
-    if input_ids.numel():
+    if check_token_range and input_ids.numel():
         lo, hi = torch.aminmax(input_ids)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= config.vocab_size:

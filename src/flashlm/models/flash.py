@@ -29,7 +29,6 @@ inside layers, none in a decode step.
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +51,7 @@ from .default import CausalLMOutput, DecoderLayer, DefaultForCausalLM, DefaultMo
 from .flash_cache import StaticKVCache
 from .fused import FUSED_PROJECTIONS, fuse_linears, register_fused_names
 from .layers import MLP, MultiHeadAttention, rotate_half
+from .plan import FlashMeta, Plan, append_plan, plan_batch
 
 __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashMeta", "FlashModel",
            "FlashMultiHeadAttention", "apply_rope_bshd", "half_precision_inputs", "rope_tables"]
@@ -109,38 +109,6 @@ def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Ten
     cos = cos.unsqueeze(2).to(q.dtype)
     sin = sin.unsqueeze(2).to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-# --------------------------------------------------------------------------------------------
-# Per-forward metadata
-# --------------------------------------------------------------------------------------------
-class FlashMeta(NamedTuple):
-    """What every layer needs to call the kernel, computed once per forward after the embedding.
-
-    mode:
-      "dense":   no padding; hidden (batch, seqlen, hidden); ``flash_attn_func``.
-      "varlen":  padding removed or packed sequences; hidden (1, total, hidden);
-                 ``flash_attn_varlen_func`` with ``cu_seqlens`` int32 (num_seqs + 1,), ``max_seqlen``.
-      "kvcache": the static cache already holds tokens; hidden (batch, seqlen, hidden);
-                 ``flash_attn_with_kvcache``. ``append``: the kernel appends k/v at ``cache_seqlens``
-                 (keys per row before this step; decode and unpadded chunks); otherwise the real
-                 tokens were scattered first and ``cache_seqlens`` counts them (padded chunks), and
-                 ``query_mask`` (batch, seqlen, 1, 1) zeroes the padding queries' output.
-    Cache writes in "dense"/"varlen" (a prefill into an empty cache): "dense" copies k/v to
-    slots [0, seqlen); "varlen" scatters token t (``write_token_idx`` into the layer's flattened k,
-    or every token when None) to row ``write_batch_idx[t]``, slot ``write_slot_idx[t]``.
-    """
-
-    mode: Literal["dense", "varlen", "kvcache"]
-    cu_seqlens: Tensor | None = None
-    max_seqlen: int = 0
-    cache: StaticKVCache | None = None
-    cache_seqlens: Tensor | None = None
-    append: bool = True
-    query_mask: Tensor | None = None
-    write_token_idx: Tensor | None = None
-    write_batch_idx: Tensor | None = None
-    write_slot_idx: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +283,12 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
         self.softcap_value = 0.0 if self.softcap is None else float(self.softcap)
         self._bind_kernels()
 
+    def _bind_kernels(self) -> None:
+        """Fused ops, and the attention backend of each (kind, dtype, grad, dropout) this layer can be
+        called with (:func:`_select_backends`), chosen now rather than by the registry per call."""
+        super()._bind_kernels()
+        self.backends = _select_backends(self, next(self.parameters()).device)
+
     def _project_qkv(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k, v (batch, seqlen,
         kv_heads, head_dim): BSHD views of the one ``qkv_proj`` output (q/k normed with qk_norm)."""
@@ -379,10 +353,55 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
             else:
                 cache.write(self.layer_idx, k[0], v[0], meta.write_batch_idx, meta.write_slot_idx)
         dropout_p = self.attention_dropout if self.training else 0.0
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        be = self.backends.get((meta.mode, q.dtype, needs_grad, dropout_p > 0))
+        kwargs = {"dropout_p": dropout_p, "softmax_scale": self.scaling, "causal": True,
+                  "window_size": self.window_size, "softcap": self.softcap_value}
+        if be is None:  # not bound (no backend serves it): the public API explains why, or finds one
+            if meta.mode == "dense":
+                return flash_attn_func(q, k, v, **kwargs)
+            return flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
+                                          meta.max_seqlen, **kwargs)[None]
         if meta.mode == "dense":
-            return flash_attn_func(q, k, v, dropout_p=dropout_p, **common)
-        return flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                                      meta.max_seqlen, dropout_p=dropout_p, **common)[None]
+            return be.dense(q, k, v, **kwargs, alibi_slopes=None, deterministic=False)[0]
+        return be.varlen(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                         **kwargs, alibi_slopes=None, deterministic=False)[0][None]
+
+
+def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dict:
+    """{(kind, dtype, needs_grad, dropout): Backend} for ``attn``'s dense and varlen calls on ``device``.
+
+    The layer's call shape is fixed when it is built (heads, head_dim, causal, window, softcap), so the
+    registry's choice depends only on these keys: choosing them once saves the per-call registry work
+    (building and hashing an AttnCall, the forced-backend lookups) and keeps the registry, which reads a
+    context variable, out of torch.compile's graph. A forced backend (``use_backend``,
+    ``FLASHLM_ATTN_BACKEND``) applies when the model is built or moved (``.to``), or at
+    :meth:`FlashForCausalLM.bind_attention`. Calls no backend serves stay unbound and go through the
+    public API, which raises its error naming every refusal."""
+    from flashlm.attention import registry
+    from flashlm.attention.backends.base import AttnCall
+
+    table: dict = {}
+    if device.type == "meta":
+        return table
+    dtypes = {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}
+    dropouts = (False, True) if attn.attention_dropout > 0 else (False,)
+    for kind in ("dense", "varlen"):
+        for dtype in dtypes:
+            for grad in (False, True):
+                for dropout in dropouts:
+                    call = AttnCall(kind=kind, device_type=device.type,
+                                    compute_capability=registry.compute_capability(device), dtype=dtype,
+                                    head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
+                                    nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
+                                    window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0,
+                                    alibi=False, dropout=dropout, needs_grad=grad, deterministic=False,
+                                    seqlens_equal=True)
+                    try:
+                        table[(kind, dtype, grad, dropout)] = registry.select(call)
+                    except (ValueError, TypeError):
+                        pass
+    return table
 
 
 class FlashMLP(_BindsKernels, MLP):
@@ -445,35 +464,6 @@ class FlashDecoderLayer(_BindsKernels, DecoderLayer):
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-class _Plan(NamedTuple):
-    """Planning result of one forward: the layers' meta plus how to map outputs back."""
-
-    meta: FlashMeta
-    token_ids: Tensor  # (batch, seqlen) or (1, total)
-    position_ids: Tensor  # same shape as token_ids (or (1, seqlen) broadcast over rows)
-    indices: Tensor | None  # unpadding: int64 (total,) into batch * seqlen; None otherwise
-    packed: bool  # varlen over all batch * seqlen tokens (packing)
-    cache_lengths: Tensor | int | None  # tokens added per row to the cache (None: no cache)
-
-
-def _append_plan(input_ids: Tensor, cache: StaticKVCache, position_ids: Tensor | None) -> _Plan:
-    """Tokens appended to every row of a non-empty cache, no padding: the kernel appends k/v at each
-    row's ``cache_seqlens`` and positions continue from there. Reads no host state of the cache."""
-    batch, seqlen = input_ids.shape
-    before = cache.seqlens(batch)  # live: the layers read it before the lengths are bumped
-    if position_ids is None:
-        position_ids = before.long()[:, None] + torch.arange(seqlen, device=input_ids.device)
-    meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before, append=True)
-    return _Plan(meta, input_ids, position_ids, None, False, seqlen)
-
-
-def _positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
-    """(1, total) position of each packed token inside its sequence (no host sync)."""
-    t = torch.arange(total, device=cu_seqlens.device)
-    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True)
-    return (t - cu_seqlens.long()[seq])[None]
-
-
 class FlashModel(_BindsKernels, DefaultModel):
     """Embedding, flash decoder layers, final norm; plans padding/packing/cache once per forward."""
 
@@ -484,88 +474,15 @@ class FlashModel(_BindsKernels, DefaultModel):
         self._bind_kernels()
 
     def _plan(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-              cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> _Plan:
-        batch, seqlen = input_ids.shape
-        dev = input_ids.device
-        if cache is not None and not cache.is_empty:
-            return self._plan_cached(input_ids, attention_mask, position_ids, cache, cu_seqlens)
-        if cache is not None:
-            cache.check_room(batch, seqlen)
-        if cu_seqlens is not None:
-            if attention_mask is not None:
-                raise ValueError("pass either attention_mask (padding) or cu_seqlens (packing), not both")
-            if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-                raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} "
-                                 f"{tuple(cu_seqlens.shape)}")
-            if max_seqlen is None:  # one host read; trainers pass it to avoid even that
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        elif attention_mask is not None:
-            indices, cu, max_len = get_unpad_data(attention_mask)  # the one host sync of this forward
-            if indices.numel() < batch * seqlen:
-                ranks = attention_mask.long().cumsum(-1) - 1
-                if position_ids is None:
-                    position_ids = ranks.clamp(min=0)
-                positions = position_ids.expand(batch, -1).reshape(-1)[indices][None]
-                write_batch = write_slot = lengths = None
-                if cache is not None:
-                    write_batch = indices // seqlen
-                    write_slot = ranks.reshape(-1)[indices]
-                    lengths = attention_mask.sum(-1, dtype=torch.int32)
-                meta = FlashMeta("varlen", cu_seqlens=cu, max_seqlen=max_len, cache=cache,
-                                 write_batch_idx=write_batch, write_slot_idx=write_slot)
-                return _Plan(meta, input_ids.reshape(-1)[indices][None], positions, indices, False, lengths)
-        elif position_ids is not None and seqlen > 1:
-            cu, max_len = prepare_from_position_ids(position_ids.expand(batch, -1))
-            if cu.numel() - 1 > batch:  # more sequences than rows: a packed batch
-                cu_seqlens, max_seqlen = cu, max_len
-        if cu_seqlens is not None:
-            if cache is not None:
-                raise ValueError("packed sequences (cu_seqlens / position_ids restarting at 0) cannot be "
-                                 "written to a StaticKVCache; generation uses left padding")
-            total = batch * seqlen
-            if position_ids is None:
-                positions = _positions_from_cu_seqlens(cu_seqlens, total)
-            else:
-                positions = position_ids.expand(batch, -1).reshape(1, total)
-            meta = FlashMeta("varlen", cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-            return _Plan(meta, input_ids.reshape(1, total), positions, None, True, None)
-        if position_ids is None:
-            position_ids = torch.arange(seqlen, device=dev)[None]
-        lengths = seqlen if cache is not None else None
-        return _Plan(FlashMeta("dense", cache=cache), input_ids, position_ids, None, False, lengths)
-
-    def _plan_cached(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-                     cache: StaticKVCache, cu_seqlens: Tensor | None) -> _Plan:
-        """Decode step or a chunk appended to a non-empty cache (no host sync without a mask)."""
-        batch, seqlen = input_ids.shape
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens (packing) cannot be combined with a non-empty cache")
-        cache.check_room(batch, seqlen)
-        if attention_mask is None:
-            return _append_plan(input_ids, cache, position_ids)
-        before = cache.seqlens(batch)  # live view: the layers read it before `advance` bumps it
-        if seqlen == 1:
-            raise ValueError("a decode step on a StaticKVCache takes no attention_mask: the cache keeps each "
-                             "row's length (cache_seqlens); pass attention_mask=None")
-        mask = attention_mask.long()
-        if bool((mask[:, 1:] < mask[:, :-1]).any()):  # one host read (chunked prefill only)
-            raise ValueError("attention_mask over a chunk appended to the cache must be left-padded "
-                             "(rows 0..0 1..1)")
-        ranks = (mask.cumsum(-1) - 1).clamp(min=0)
-        if position_ids is None:
-            position_ids = before.long()[:, None] + ranks
-        indices = torch.nonzero(mask.reshape(-1), as_tuple=False).flatten()
-        lengths = mask.sum(-1, dtype=torch.int32)
-        meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before + lengths, append=False,
-                         query_mask=mask.bool()[:, :, None, None], write_token_idx=indices,
-                         write_batch_idx=indices // seqlen,
-                         write_slot_idx=(before.long()[:, None] + ranks).reshape(-1)[indices])
-        return _Plan(meta, input_ids, position_ids, None, False, lengths)
+              cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Plan:
+        # compiled: the sync-free plans (no host read, fixed shapes where possible; see plan_batch)
+        return plan_batch(input_ids, attention_mask, position_ids, cache, cu_seqlens, max_seqlen,
+                          sync_free=torch.compiler.is_compiling())
 
     def forward_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                        position_ids: Tensor | None = None, past_key_values: StaticKVCache | None = None,
                        cu_seqlens: Tensor | None = None, max_seqlen: int | None = None
-                       ) -> tuple[Tensor, _Plan]:
+                       ) -> tuple[Tensor, Plan]:
         """Final hidden states in the compute layout — (batch, seqlen, hidden), or (1, total, hidden)
         for unpadded/packed batches — and the plan that maps them back (see `forward`)."""
         plan = self._plan(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens, max_seqlen)
@@ -574,7 +491,7 @@ class FlashModel(_BindsKernels, DefaultModel):
             past_key_values.advance(input_ids.shape[0], plan.cache_lengths, input_ids.shape[1])
         return hidden_states, plan
 
-    def _run(self, plan: _Plan) -> Tensor:
+    def _run(self, plan: Plan) -> Tensor:
         """Embedding, RoPE tables, layers and final norm of a planned forward (every forward's body).
         The residual stream is carried between layers as (out, residual) and summed inside the next
         fused norm (see :class:`FlashDecoderLayer`)."""
@@ -606,7 +523,7 @@ class FlashModel(_BindsKernels, DefaultModel):
         before (``cache.check_room(batch, seqlen)``) and records the append after
         (``cache.note_appended(batch, seqlen)``).
         """
-        hidden_states = self._run(_append_plan(input_ids, cache, None))
+        hidden_states = self._run(append_plan(input_ids, cache, None))
         cache.bump(input_ids.shape[0], input_ids.shape[1])
         return hidden_states
 
@@ -622,10 +539,12 @@ class FlashModel(_BindsKernels, DefaultModel):
         return _to_padded(hidden, plan, *input_ids.shape)
 
 
-def _to_padded(x: Tensor, plan: _Plan, batch: int, seqlen: int) -> Tensor:
+def _to_padded(x: Tensor, plan: Plan, batch: int, seqlen: int) -> Tensor:
     """(1, total, ...) or (batch, seqlen, ...) compute layout -> (batch, seqlen, ...)."""
     if plan.indices is not None:
         return pad_input(x[0], plan.indices, batch, seqlen)
+    if plan.token_mask is not None:  # sync-free padding: zero what the padding tokens computed
+        x = x * plan.token_mask.view(1, -1, *([1] * (x.dim() - 2)))
     return x.reshape(batch, seqlen, *x.shape[2:])
 
 
@@ -633,6 +552,13 @@ class FlashForCausalLM(DefaultForCausalLM):
     """Causal LM with flash attention; parameter names and init identical to ``DefaultForCausalLM``."""
 
     model_class = FlashModel
+
+    def bind_attention(self) -> FlashForCausalLM:
+        """Choose every layer's attention backends again, honouring the backend forced now
+        (``use_backend``, ``FLASHLM_ATTN_BACKEND``); done automatically when built or moved."""
+        for layer in self.model.layers:
+            layer.self_attn._bind_kernels()
+        return self
 
     def allocate_cache(self, max_batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> StaticKVCache:
@@ -689,7 +615,9 @@ class FlashForCausalLM(DefaultForCausalLM):
             if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
                 raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
         else:
-            check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0)
+            # compiled: shapes/dtypes only (the token range is a device read; see check_inputs)
+            check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0,
+                         check_token_range=not torch.compiler.is_compiling())
         if return_logits is None:
             return_logits = labels is None
 
@@ -730,12 +658,14 @@ class FlashForCausalLM(DefaultForCausalLM):
         return logits
 
     @staticmethod
-    def _shifted_targets(labels: Tensor, plan: _Plan) -> Tensor:
+    def _shifted_targets(labels: Tensor, plan: Plan) -> Tensor:
         """Targets aligned with the compute-layout tokens, flattened: token t predicts labels[t + 1]
         of its row; the last position of a row (and, packed, of each sequence) predicts nothing."""
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
         if plan.indices is not None:
             return shifted[plan.indices]
+        if plan.token_mask is not None:  # padding tokens kept (sync-free plan): they predict nothing
+            return shifted.masked_fill(~plan.token_mask, -100)
         if plan.packed:
             shifted = shifted.clone()
             shifted[plan.meta.cu_seqlens[1:].long() - 1] = -100
