@@ -1,0 +1,176 @@
+"""The flash model's fast-path layout: fused qkv / gate_up weights under HF names, kernels and attention
+backends bound at build, loss by size, torch.compile (fullgraph) on dense / padded / packed batches,
+fp32 inputs in a half model."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import make_pair
+
+import flashlm.models.flash as flash_mod
+from flashlm import losses
+from flashlm.models import build_model, from_pretrained, save_pretrained
+from flashlm.models.config import get_preset
+from flashlm.models.default import DefaultForCausalLM
+from flashlm.models.fused import split_fused_state_dict
+
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def test_state_dict_uses_hf_names_in_hf_order():
+    flash, default = build_model("tiny", attn="flash"), build_model("tiny")
+    assert list(flash.state_dict()) == list(default.state_dict())
+    names = dict(flash.named_parameters())
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "architecture": "qwen2"},
+                                       {"tie_word_embeddings": True}, {"num_kv_heads": 1, "mlp_bias": True}])
+def test_default_weights_round_trip_through_the_fused_layout(overrides):
+    default, flash = make_pair(**overrides)
+    for name, tensor in flash.state_dict().items():
+        assert torch.equal(tensor, default.state_dict()[name]), name
+    back = DefaultForCausalLM(default.config)
+    back.load_state_dict(flash.state_dict())
+    ids = torch.randint(0, 256, (2, 7))
+    torch.testing.assert_close(back(ids).logits, default(ids).logits, atol=0, rtol=0)
+
+
+def test_in_place_loading_into_state_dict_tensors_reaches_the_fused_weight():
+    """DCP and flashlm.models.io copy into ``state_dict(keep_vars=True)`` tensors: views of the fused one."""
+    flash = build_model("tiny", attn="flash")
+    sd = flash.state_dict(keep_vars=True)
+    with torch.no_grad():
+        sd["model.layers.1.self_attn.k_proj.weight"].fill_(3.0)
+        sd["model.layers.1.mlp.up_proj.weight"].fill_(5.0)
+    c = flash.config
+    qkv = flash.model.layers[1].self_attn.qkv_proj.weight
+    q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    assert (qkv[q_rows:q_rows + kv_rows] == 3).all() and not (qkv[:q_rows] == 3).any()
+    assert (flash.model.layers[1].mlp.gate_up_proj.weight[c.intermediate_size:] == 5).all()
+
+
+def test_folder_round_trip_and_fsdp_export_of_fused_names(tmp_path):
+    from flashlm.checkpoint import _write_full_state_dict
+
+    default, flash = make_pair(qkv_bias=True, architecture="qwen2")
+    save_pretrained(flash, tmp_path / "a")
+    again = from_pretrained(tmp_path / "a", attn="default")
+    assert again.load_report.missing_keys == [] and again.load_report.unexpected_keys == []
+    # a gathered FSDP2 state dict keeps the fused names (sharded weights are not split): exported as HF
+    fused = {n: p.detach() for n, p in flash.named_parameters()}
+    assert any("qkv_proj" in n for n in fused)
+    _write_full_state_dict(fused, flash.config, tmp_path / "b")
+    ids = torch.randint(0, 256, (2, 5))
+    torch.testing.assert_close(from_pretrained(tmp_path / "b", attn="default")(ids).logits, default(ids).logits)
+    assert set(split_fused_state_dict(fused, flash.config)) == set(default.state_dict()) - {"lm_head.weight"} \
+        or set(split_fused_state_dict(fused, flash.config)) == set(default.state_dict())
+
+
+def test_gemma2_family_flash_equals_default():
+    default, flash = make_pair(architecture="gemma2", hidden_act="gelu_pytorch_tanh", rms_norm_unit_offset=True,
+                               post_norms=True, embed_scale=True, attn_logit_softcap=5.0,
+                               final_logit_softcap=3.0, query_pre_attn_scalar=16.0)
+    ids = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(flash(ids).logits, default(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_kernels_are_bound_at_build_and_rebound_on_move():
+    flash = build_model(get_preset("tiny", kernels="torch"), attn="flash")
+    attn = flash.model.layers[0].self_attn
+    assert attn.ops.names["rotary_qkv"] == "torch" and flash.model.layers[0].mlp.ops.names["swiglu"] == "torch"
+    assert ("dense", torch.float32, True, False) in attn.backends
+    flash.to(torch.float16)
+    assert attn.backends[("dense", torch.float16, False, False)].name == "reference"
+    with pytest.raises(ValueError, match="kernels"):
+        get_preset("tiny", kernels="cuda")
+
+
+def test_loss_by_size_plain_and_fused_agree(monkeypatch):
+    default, flash = make_pair()
+    ids = torch.randint(0, 256, (2, 11))
+    ref = default(ids, labels=ids).loss
+    assert losses.materialize_logits_for_loss(22, 256)  # tiny: plain cross-entropy
+    calls = []
+    real = flash_mod.linear_cross_entropy
+    monkeypatch.setattr(flash_mod, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = flash(ids, labels=ids).loss
+    assert calls == []
+    monkeypatch.setattr(losses, "MATERIALIZED_LOGITS_MAX_BYTES", 0)
+    fused = flash(ids, labels=ids).loss
+    assert calls == [1]
+    torch.testing.assert_close(plain, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(fused, ref, atol=ATOL, rtol=RTOL)
+
+
+def _batches(kind, step):
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(3, 256, (2, 12), generator=g)
+    if kind == "dense":
+        return {"input_ids": ids}
+    if kind == "padded":  # left padding that changes between steps (same shapes)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[0, : 2 + 3 * step] = 0
+        return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    docs = [[4, 8], [3, 4, 5]][step]  # packed: documents restarting inside rows, their count changing
+    pos = torch.cat([torch.arange(n) for n in docs])[None].expand(2, -1)
+    return {"input_ids": ids, "position_ids": pos}
+
+
+@pytest.mark.parametrize("kind", ["dense", "padded", "packed"])
+def test_compiled_fullgraph_train_step_equals_eager_without_recompiles(kind):
+    torch._dynamo.reset()
+    _, flash = make_pair(num_layers=1)
+    flash.train()
+    # aot_eager: the same Dynamo graph and autograd trace as inductor (what fullgraph and recompiles are
+    # about) without inductor's C++ build, which would cost a minute per case on a CI CPU
+    compiled = torch.compile(flash, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        batch = _batches(kind, step)
+        real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        labels = batch["input_ids"].masked_fill(~real, -100)
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            out = compiled(**batch, labels=labels, return_logits=True)
+        out.loss.backward()
+        got = {n: p.grad.clone() for n, p in flash.named_parameters()}
+        flash.zero_grad()
+        ref = flash(**batch, labels=labels, return_logits=True)  # eager: the unpadding/detecting plans
+        ref.loss.backward()
+        torch.testing.assert_close(out.loss, ref.loss, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(out.logits[real], ref.logits[real], atol=ATOL, rtol=RTOL)
+        assert (out.logits[~real] == 0).all()
+        for n, p in flash.named_parameters():
+            torch.testing.assert_close(got[n], p.grad, atol=ATOL, rtol=RTOL, msg=n)
+        flash.zero_grad()
+
+
+def test_hf_model_with_fp32_upcast_activations_runs_half_kernels():
+    transformers = pytest.importorskip("transformers")
+    import flashlm.hf as flashlm_hf
+
+    name = flashlm_hf.register()
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 6))
+    ref = model(ids).logits
+    attn = model.model.layers[0].self_attn
+    seen = []
+    hooks = [getattr(attn, p).register_forward_hook(lambda m, i, o: o.float()) for p in ("q_proj", "k_proj", "v_proj")]
+    hooks.append(attn.o_proj.register_forward_pre_hook(lambda m, i: seen.append(i[0].dtype)))
+    flash_mod._WARNED_FP32 = False
+    try:
+        with pytest.warns(UserWarning, match="casting q/k/v to torch.bfloat16"):
+            out = model(ids).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once only
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen[0] == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
