@@ -287,7 +287,15 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
         """Fused ops, and the attention backend of each (kind, dtype, grad, dropout) this layer can be
         called with (:func:`_select_backends`), chosen now rather than by the registry per call."""
         super()._bind_kernels()
-        self.backends = _select_backends(self, next(self.parameters()).device)
+        device = next(self.parameters()).device
+        self.backends = _select_backends(self, device)
+        # PyTorch's own FA2 op serves plain causal dense calls on CUDA (no window/softcap, head_dim a
+        # multiple of 8 up to 256) with the least host time; a forced backend turns it off
+        from flashlm.attention import registry
+
+        self.aten_dense = (device.type == "cuda" and self.window_size == (-1, -1) and not self.softcap_value
+                           and self.head_dim % 8 == 0 and self.head_dim <= 256
+                           and registry.forced_backend()[0] is None)
 
     def _project_qkv(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k, v (batch, seqlen,
@@ -363,9 +371,30 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
             return flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
                                           meta.max_seqlen, **kwargs)[None]
         if meta.mode == "dense":
+            if self.aten_dense and q.dtype in _HALF and q.shape[0] * q.shape[1] <= ATEN_DENSE_MAX_TOKENS:
+                return _aten_flash_dense(q, k, v, dropout_p, self.scaling)
             return be.dense(q, k, v, **kwargs, alibi_slopes=None, deterministic=False)[0]
         return be.varlen(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
                          **kwargs, alibi_slopes=None, deterministic=False)[0][None]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+# Dense causal calls of at most this many tokens (batch * seqlen) go to aten's FA2 op: measured on the
+# H200 (GPU_NOTES.md 06:00, 512 tokens, (2, 256, 12, 64) bf16) it costs 380 us of host time per
+# fwd+bwd against 830 through the registry's choice (cuDNN), and small steps are host-bound. Larger
+# calls are GPU-bound, where cuDNN / FA4 run faster kernels (DESIGN.md: 4k causal fwd+bwd FA4 522,
+# cuDNN 475, FA2 283 TFLOP/s). PROVISIONAL bound between the two measured regimes (the seed's 512
+# tokens and llama-1b's 16384); the lead's bench of both configs decides it.
+ATEN_DENSE_MAX_TOKENS = 4096
+
+
+def _aten_flash_dense(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: float) -> Tensor:
+    """Causal attention of BSHD q (B, S, H, D), k/v (B, S, KV, D) through ``aten._scaled_dot_product_
+    flash_attention`` on BHSD views (no copies; GQA read natively; seqlen_q == seqlen_k, so its
+    top-left causal mask is the bottom-right one). Returns (B, S, H, D) BSHD (a view)."""
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, True, False, scale=scale)[0]
+    return out.transpose(1, 2)
 
 
 def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dict:
