@@ -174,3 +174,26 @@ def test_hf_model_with_fp32_upcast_activations_runs_half_kernels():
             h.remove()
     assert seen[0] == torch.bfloat16
     torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
+
+
+def test_eager_steps_run_no_registry_choice_and_decode_matches_default(monkeypatch):
+    """Backends are chosen when the model is built: a train step, a prefill and the decode steps call
+    the registry's select not once (it ran per layer and call before), and decoding stays exact."""
+    from flashlm.attention import registry
+
+    default, flash = make_pair()
+    ids = torch.randint(3, 256, (2, 9))
+    calls = []
+    real = registry.select
+    monkeypatch.setattr(registry, "select", lambda *a, **k: calls.append(a) or real(*a, **k))
+    flash.train()
+    flash(ids, labels=ids).loss.backward()
+    flash.eval()
+    cache = flash.allocate_cache(2, 12)
+    with torch.no_grad():
+        flash(ids[:, :6], past_key_values=cache)
+        steps = [flash(ids[:, i:i + 1], past_key_values=cache).logits for i in range(6, 9)]
+    assert calls == []
+    ref = default(ids).logits
+    for i, logits in zip(range(6, 9), steps, strict=True):
+        torch.testing.assert_close(logits[:, 0], ref[:, i], atol=ATOL, rtol=RTOL)

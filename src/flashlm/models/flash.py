@@ -345,8 +345,18 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
         if meta.mode == "kvcache":
             k_cache, v_cache = cache.layer(self.layer_idx, q.shape[0])
             if meta.append:
-                return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
-                                               cache_seqlens=meta.cache_seqlens, **common)
+                be = self.backends.get(("kvcache", q.dtype, False, False)) if meta.direct else None
+                if be is None:
+                    return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                                   cache_seqlens=meta.cache_seqlens, **common)
+                with torch.no_grad():
+                    idx = (meta.write_batch_idx, meta.write_slot_idx)
+                    k_cache.index_put_(idx, k)
+                    v_cache.index_put_(idx, v)
+                    return be.kvcache(q, k_cache, v_cache, meta.seqlens_after, cache_batch_idx=None,
+                                      cache_leftpad=None, block_table=None, softmax_scale=self.scaling,
+                                      causal=True, window_size=self.window_size, softcap=self.softcap_value,
+                                      alibi_slopes=None, num_splits=0)[0]
             b, s = k.shape[:2]
             cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[meta.write_token_idx],
                         v.reshape(b * s, *v.shape[2:])[meta.write_token_idx],
@@ -413,6 +423,17 @@ def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dic
     table: dict = {}
     if device.type == "meta":
         return table
+    for dtype in {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}:
+        call = AttnCall(kind="kvcache", device_type=device.type,
+                        compute_capability=registry.compute_capability(device), dtype=dtype,
+                        head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
+                        nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
+                        window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0, alibi=False,
+                        dropout=False, needs_grad=False, deterministic=False)
+        try:
+            table[("kvcache", dtype, False, False)] = registry.select(call)
+        except (ValueError, TypeError):
+            pass
     dtypes = {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}
     dropouts = (False, True) if attn.attention_dropout > 0 else (False,)
     for kind in ("dense", "varlen"):
@@ -552,7 +573,8 @@ class FlashModel(_BindsKernels, DefaultModel):
         before (``cache.check_room(batch, seqlen)``) and records the append after
         (``cache.note_appended(batch, seqlen)``).
         """
-        hidden_states = self._run(append_plan(input_ids, cache, None))
+        # captured in a CUDA graph: the direct plan; compiled: through the opaque kvcache op
+        hidden_states = self._run(append_plan(input_ids, cache, None, direct=not torch.compiler.is_compiling()))
         cache.bump(input_ids.shape[0], input_ids.shape[1])
         return hidden_states
 

@@ -64,6 +64,11 @@ class FlashMeta(NamedTuple):
     write_token_idx: Tensor | None = None
     write_batch_idx: Tensor | None = None
     write_slot_idx: Tensor | None = None
+    # "kvcache" with append, planned eagerly: the layers append k/v at (write_batch_idx, write_slot_idx)
+    # ((batch, seqlen) each) and call their bound backend with ``seqlens_after`` keys per row, skipping
+    # the public API's per-call checks and registry (what a compiled step does instead: see append_plan)
+    direct: bool = False
+    seqlens_after: Tensor | None = None
 
 
 class Plan(NamedTuple):
@@ -78,14 +83,24 @@ class Plan(NamedTuple):
     token_mask: Tensor | None = None  # "masked" varlen: (batch * seqlen,) bool, False at padding
 
 
-def append_plan(input_ids: Tensor, cache: StaticKVCache, position_ids: Tensor | None) -> Plan:
-    """Tokens appended to every row of a non-empty cache, no padding: the kernel appends k/v at each
-    row's ``cache_seqlens`` and positions continue from there. Reads no host state of the cache."""
+def append_plan(input_ids: Tensor, cache: StaticKVCache, position_ids: Tensor | None,
+                direct: bool = False) -> Plan:
+    """Tokens appended to every row of a non-empty cache, no padding: k/v go to each row's slots
+    ``cache_seqlens + arange(seqlen)`` and positions continue from there. Reads no host state of the
+    cache. ``direct`` (eager steps): the slots and the new lengths are computed here once for all layers,
+    which then append and call their bound backend themselves; otherwise (compiled steps) each layer
+    calls ``flash_attn_with_kvcache``, whose attention is one opaque op under torch.compile."""
     batch, seqlen = input_ids.shape
     before = cache.seqlens(batch)  # live: the layers read it before the lengths are bumped
+    slots = before.long()[:, None] + torch.arange(seqlen, device=input_ids.device)
     if position_ids is None:
-        position_ids = before.long()[:, None] + torch.arange(seqlen, device=input_ids.device)
-    meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before, append=True)
+        position_ids = slots
+    if not direct:
+        return Plan(FlashMeta("kvcache", cache=cache, cache_seqlens=before, append=True), input_ids,
+                    position_ids, None, False, seqlen)
+    rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, seqlen)
+    meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before, append=True, write_batch_idx=rows,
+                     write_slot_idx=slots, direct=True, seqlens_after=before + seqlen)
     return Plan(meta, input_ids, position_ids, None, False, seqlen)
 
 
@@ -102,7 +117,7 @@ def plan_batch(input_ids: Tensor, attention_mask: Tensor | None, position_ids: T
     """The plan of one forward of ``input_ids`` (batch, seqlen); arguments as ``FlashModel.forward``."""
     batch, seqlen = input_ids.shape
     if cache is not None and not cache.is_empty:
-        return plan_cached(input_ids, attention_mask, position_ids, cache, cu_seqlens)
+        return plan_cached(input_ids, attention_mask, position_ids, cache, cu_seqlens, direct=not sync_free)
     if cache is not None:
         cache.check_room(batch, seqlen)
     if cu_seqlens is not None:
@@ -198,14 +213,14 @@ def _packed_plan(input_ids: Tensor, position_ids: Tensor | None, cache: StaticKV
 
 
 def plan_cached(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-                cache: StaticKVCache, cu_seqlens: Tensor | None) -> Plan:
+                cache: StaticKVCache, cu_seqlens: Tensor | None, direct: bool = False) -> Plan:
     """Decode step or a chunk appended to a non-empty cache (no host sync without a mask)."""
     batch, seqlen = input_ids.shape
     if cu_seqlens is not None:
         raise ValueError("cu_seqlens (packing) cannot be combined with a non-empty cache")
     cache.check_room(batch, seqlen)
     if attention_mask is None:
-        return append_plan(input_ids, cache, position_ids)
+        return append_plan(input_ids, cache, position_ids, direct)
     before = cache.seqlens(batch)  # live view: the layers read it before `advance` bumps it
     if seqlen == 1:
         raise ValueError("a decode step on a StaticKVCache takes no attention_mask: the cache keeps each "
