@@ -50,7 +50,7 @@ from .config import ModelConfig
 from .default import CausalLMOutput, DecoderLayer, DefaultForCausalLM, DefaultModel, check_inputs
 from .flash_cache import StaticKVCache
 from .fused import FUSED_PROJECTIONS, fuse_linears, register_fused_names
-from .layers import MLP, MultiHeadAttention, rotate_half
+from .layers import MLP, MultiHeadAttention, RMSNorm, rotate_half
 from .plan import FlashMeta, Plan, append_plan, plan_batch
 
 __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashMeta", "FlashModel",
@@ -459,8 +459,13 @@ class FlashMLP(_BindsKernels, MLP):
     loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU as one op (``ops.swiglu``); GeGLU (Gemma2)
     splits and applies its activation in torch."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, mlp: MLP | None = None) -> None:
+        if mlp is None:
+            super().__init__(config)
+        else:  # take over a built MLP's projections (no second random init)
+            torch.nn.Module.__init__(self)
+            self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            self.act_fn = mlp.act_fn
         self.config = config
         _fuse_into(self, "gate_up_proj", [config.intermediate_size, config.intermediate_size])
         self.fused_act = config.hidden_act == "silu"
@@ -487,7 +492,7 @@ class FlashDecoderLayer(_BindsKernels, DecoderLayer):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.config = config
-        self.mlp = FlashMLP(config)
+        self.mlp = FlashMLP(config, self.mlp)
         self._bind_kernels()
 
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
@@ -603,6 +608,24 @@ class FlashForCausalLM(DefaultForCausalLM):
     """Causal LM with flash attention; parameter names and init identical to ``DefaultForCausalLM``."""
 
     model_class = FlashModel
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The default model's init, drawn per HF projection inside the fused ones (q, k, v, then o;
+        gate, up, then down), so a flash model seeded like a default model holds its very weights."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, torch.nn.Linear):
+                for piece in module.weight.split(getattr(module, "split_sizes", [module.out_features])):
+                    piece.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
 
     def bind_attention(self) -> FlashForCausalLM:
         """Choose every layer's attention backends again, honouring the backend forced now

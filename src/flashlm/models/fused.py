@@ -37,8 +37,11 @@ def fuse_linears(parts: Sequence[nn.Linear]) -> nn.Linear:
     if any(p.in_features != first.in_features or (p.bias is not None) != has_bias for p in parts):
         raise ValueError("fuse_linears: parts must share in_features and the presence of a bias")
     out = sum(p.out_features for p in parts)
-    fused = nn.Linear(first.in_features, out, bias=has_bias, device=first.weight.device,
-                      dtype=first.weight.dtype)
+    # built on meta and allocated empty: no random init, so the global RNG advances exactly as when the
+    # parts alone were built (a flash model seeded like a default model gets the same weights)
+    fused = nn.Linear(first.in_features, out, bias=has_bias, device="meta", dtype=first.weight.dtype)
+    fused = fused.to_empty(device=first.weight.device)
+    fused.split_sizes = [p.out_features for p in parts]  # rows of each part (init_weights draws per part)
     if first.weight.device.type != "meta":
         with torch.no_grad():
             fused.weight.copy_(torch.cat([p.weight for p in parts]))
