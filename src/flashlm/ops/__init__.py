@@ -5,7 +5,8 @@ autograd wiring (an ``autograd.Function`` for eager mode, a ``torch.library.cust
 and an autograd formula for torch.compile; ``_dispatch.dispatch`` picks per call) and one public
 function:
 
-- :func:`rms_norm` / :func:`add_rms_norm` (``rms_norm.py``): RMSNorm, and the residual add fused in;
+- :func:`rms_norm` / :func:`add_rms_norm` (``rms_norm.py``): RMSNorm, and the residual add fused in
+  (plus ``*_aten``: torch's fused ``F.rms_norm``, one rounding);
 - :func:`swiglu` (``swiglu.py``): ``silu(gate) * up`` on the fused ``[gate | up]`` projection;
 - :func:`rotary_qkv` / :func:`rotary` (``rotary.py``): RoPE of q and k fused with the q/k/v split,
   and the single-tensor form.
@@ -14,17 +15,19 @@ Models choose the implementations once with :func:`resolve` ("auto" | "liger" | 
 """
 
 from .resolve import KERNELS, Ops, resolve
-from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
 from .rotary import rotary, rotary_qkv, rotary_qkv_ref, rotary_ref
-from .swiglu import swiglu, swiglu_ref
+from .swiglu import swiglu, swiglu_ref, swiglu_sized
 
 __all__ = [
     "KERNELS",
     "Ops",
     "add_rms_norm",
+    "add_rms_norm_aten",
     "add_rms_norm_ref",
     "resolve",
     "rms_norm",
+    "rms_norm_aten",
     "rms_norm_ref",
     "rotary",
     "rotary_qkv",
@@ -32,4 +35,5 @@ __all__ = [
     "rotary_ref",
     "swiglu",
     "swiglu_ref",
+    "swiglu_sized",
 ]

@@ -48,14 +48,20 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def row_warps(block: int) -> int:
+    """Warps for a program owning one row of ``block`` elements (Liger's table)."""
+    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
 _NUM_SMS: dict = {}
 
 
 def num_programs(device: torch.device) -> int:
-    """The number of persistent programs a row-looping kernel launches (the SM count on CUDA; a few
-    under the CPU interpreter). Cached per device in a dict (read once per backward call)."""
+    """The number of persistent programs a row-looping kernel launches: 4 per SM on CUDA (one
+    8-warp program per SM left the H200 latency-bound: the llama-1b add_rms_norm backward ran at half
+    the speed of aten's, GPU_NOTES 06:20); a few under the CPU interpreter. Cached per device."""
     n = _NUM_SMS.get(device)
     if n is None:
-        n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        n = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         _NUM_SMS[device] = n
     return n

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import rms_norm as _rms
 from ._dispatch import is_compiling
+from .rms_norm import add_rms_norm as _ours_add_rms_norm
+from .rms_norm import rms_norm as _ours_rms_norm
 
 
 def functions() -> dict[str, Callable]:
@@ -33,7 +34,7 @@ def functions() -> dict[str, Callable]:
 # casting_mode "llama": normalized x cast to x's dtype, then times the weight (our unit_offset=False);
 # "gemma": everything in fp32 with (1 + weight), one cast (our unit_offset=True).
 def _wrap_rms_norm(apply: Callable) -> Callable:
-    ours = _rms.rms_norm
+    ours = _ours_rms_norm
 
     def rms_norm(x, weight, eps, unit_offset=False):
         if is_compiling() or weight.dtype != x.dtype:
@@ -46,7 +47,7 @@ def _wrap_rms_norm(apply: Callable) -> Callable:
 
 
 def _wrap_add_rms_norm(apply: Callable) -> Callable:
-    ours = _rms.add_rms_norm
+    ours = _ours_add_rms_norm
 
     def add_rms_norm(x, residual, weight, eps, unit_offset=False):
         if is_compiling() or weight.dtype != x.dtype:

@@ -8,8 +8,9 @@
             for the rest (Liger's SwiGLU takes separate gate/up tensors and its RoPE BHSD q/k:
             neither fits the fused layouts). Under torch.compile the Liger entries run our custom
             ops (Liger's autograd Functions crashed compiled training on the H200, issue 16).
-  "auto":   "triton" on CUDA with Triton installed (Liger where installed and measured faster: see
-            ``_LIGER_FASTER``), else "torch".
+  "auto":   on CUDA with Triton installed, eager, per op the implementation measured cheapest
+            (``_AUTO``: torch's fused ``F.rms_norm`` for the norms, SwiGLU by size, our Triton RoPE;
+            Liger only for ops in ``_LIGER_FASTER``); else (CPU, or ``compiled=True``) "torch".
 
 The model keeps the returned :class:`Ops` and calls its fields in ``forward``: no lookups per call.
 """
@@ -24,22 +25,35 @@ import torch
 
 from flashlm.errors import InputError
 
-from . import rms_norm as _rms
-from . import rotary as _rot
-from . import swiglu as _swi
 from ._dispatch import triton
+
+# import the functions, not the submodules: the package's names rms_norm, swiglu and rotary are the
+# public functions, which shadow their submodules once flashlm.ops is imported
+from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
+from .rotary import rotary, rotary_qkv, rotary_qkv_ref, rotary_ref
+from .swiglu import swiglu, swiglu_ref, swiglu_sized
 
 KERNELS = ("auto", "liger", "triton", "torch")
 
-# Ops for which Liger's kernel measured faster than ours on the GPU (GPU_NOTES.md / ops_bench.py);
-# "auto" takes Liger only for these. Empty until measured.
+# "auto" on CUDA, per op. H200 facts (GPU_NOTES.md 06:00): a Triton launch costs ~24 us of host time,
+# a trivial aten op ~14 us, F.rms_norm fwd+bwd 159 us (one fused kernel forward, C++ autograd), so
+# one aten op beats one Triton kernel, while fusing 2+ aten ops into one kernel pays. Re-measure with
+# benchmarks/ops_bench.py and edit here.
+# ops_bench on the H200 (06:20): (add_)rms_norm aten beats ours in host and GPU time; swiglu: torch
+# below ~32M elements (host), ours above (GPU: 523 vs 1932 us at llama-1b); rotary_qkv: ours (107/490
+# us host fwd/fwd+bwd vs 284/1331 for torch).
+_AUTO = {"rms_norm": "aten", "add_rms_norm": "aten", "swiglu": "sized", "rotary_qkv": "triton",
+         "rotary": "triton"}
+# Ops for which Liger's kernel measured faster than ours; "auto" takes Liger only for these. Empty:
+# Liger's Python wrappers cost more host time than plain torch at small shapes (GPU_NOTES.md 06:00).
 _LIGER_FASTER: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
 class Ops:
     """The callables a model uses (signatures as the public functions of ``flashlm.ops``) and, in
-    ``names``, which implementation each one is ("torch", "triton", "liger")."""
+    ``names``, which implementation each one is ("torch", "aten", "triton", "sized" (torch below a
+    size, Triton above), "liger")."""
 
     rms_norm: Callable
     add_rms_norm: Callable
@@ -49,24 +63,29 @@ class Ops:
     names: dict = field(default_factory=dict)
 
 
-_TORCH = {"rms_norm": _rms.rms_norm_ref, "add_rms_norm": _rms.add_rms_norm_ref, "swiglu": _swi.swiglu_ref,
-          "rotary_qkv": _rot.rotary_qkv_ref, "rotary": _rot.rotary_ref}
-_TRITON = {"rms_norm": _rms.rms_norm, "add_rms_norm": _rms.add_rms_norm, "swiglu": _swi.swiglu,
-           "rotary_qkv": _rot.rotary_qkv, "rotary": _rot.rotary}
+_TORCH = {"rms_norm": rms_norm_ref, "add_rms_norm": add_rms_norm_ref, "swiglu": swiglu_ref,
+          "rotary_qkv": rotary_qkv_ref, "rotary": rotary_ref}
+_ATEN = {"rms_norm": rms_norm_aten, "add_rms_norm": add_rms_norm_aten}
+_SIZED = {"swiglu": swiglu_sized}
+_TRITON = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "rotary_qkv": rotary_qkv,
+           "rotary": rotary}
 
 
 def _triton_usable(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def resolve(kernels: str = "auto", device: torch.device | str | None = None) -> Ops:
+def resolve(kernels: str = "auto", device: torch.device | str | None = None, compiled: bool = False) -> Ops:
     """The :class:`Ops` for ``kernels`` ("auto" | "liger" | "triton" | "torch") on ``device``
-    (default: CPU). Raises InputError for an unknown name, "triton" where Triton cannot run, and
-    "liger" where Liger-Kernel is not installed."""
+    (default: CPU). ``compiled=True`` says the caller will run under torch.compile: "auto" then
+    takes the torch references, which inductor fuses with their neighbours and launches from
+    generated code, where our ops would stay opaque Python custom ops (GPU_NOTES 06:24). Raises
+    InputError for an unknown name, "triton" where Triton cannot run, and "liger" where Liger-Kernel
+    is not installed."""
     if kernels not in KERNELS:
         raise InputError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     device = torch.device(device if device is not None else "cpu")
-    if kernels == "torch" or (kernels == "auto" and (device.type != "cuda" or triton is None)):
+    if kernels == "torch" or (kernels == "auto" and (compiled or device.type != "cuda" or triton is None)):
         return Ops(**_TORCH, names=dict.fromkeys(_TORCH, "torch"))
     if not _triton_usable(device):
         raise InputError(f"kernels={kernels!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 on "
@@ -74,6 +93,12 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None) -> 
                          f"{'installed' if triton is not None else 'not installed'}; use kernels='torch'")
     chosen, names = dict(_TRITON), dict.fromkeys(_TRITON, "triton")
     if kernels == "triton":
+        return Ops(**chosen, names=names)
+    if kernels == "auto":
+        for name, impl in _AUTO.items():
+            if impl != "triton":
+                chosen[name], names[name] = (_ATEN if impl == "aten" else _SIZED)[name], impl
+    if kernels == "auto" and not _LIGER_FASTER:  # do not even import Liger
         return Ops(**chosen, names=names)
     from . import liger
 

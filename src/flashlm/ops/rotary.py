@@ -21,6 +21,11 @@ import torch
 
 from flashlm.errors import InputError
 
+from ._dispatch import dispatch, next_pow2, triton
+
+if triton is not None:
+    import triton.language as tl
+
 
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Torch reference: x (B, S, H, D), cos/sin (B or 1, S, D // 2) -> rotated x, fp32 math, x's dtype."""
@@ -56,11 +61,236 @@ def _check_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim) -> None:
     _check_tables(cos, sin, qkv.shape[0], qkv.shape[1], head_dim, "rotary_qkv")
 
 
+_MAX_BLOCK_H = 16  # heads per program: (batch * seqlen, cdiv(heads, BLOCK_H)) programs
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(X, COS, SIN, OUT, seqlen, n_rot, n_heads, stride_xb, stride_xs, stride_xh, stride_cb,
+                    stride_cs, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                    CONJUGATE: tl.constexpr):
+        # heads [0, n_rot) are rotated (by -theta when CONJUGATE: the backward), [n_rot, n_heads) copied;
+        # OUT is a contiguous (batch, seqlen, n_heads, 2 * HALF) buffer.
+        pid = tl.program_id(0)
+        b = (pid // seqlen).to(tl.int64)
+        s = (pid % seqlen).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HALF
+        c = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=d_ok, other=1.0).to(tl.float32)
+        sn = tl.load(SIN + b * stride_cb + s * stride_cs + d, mask=d_ok, other=0.0).to(tl.float32)
+        if CONJUGATE:
+            sn = -sn
+        mask = (heads < n_heads)[:, None] & d_ok[None, :]
+        x_ptr = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh + d[None, :]
+        x1 = tl.load(x_ptr, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+        rot = (heads < n_rot)[:, None]
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        o1 = tl.where(rot, (x1f * c[None, :] - x2f * sn[None, :]).to(x1.dtype), x1)
+        o2 = tl.where(rot, (x2f * c[None, :] + x1f * sn[None, :]).to(x1.dtype), x2)
+        o_ptr = OUT + (pid.to(tl.int64) * n_heads + heads[:, None]) * (2 * HALF) + d[None, :]
+        tl.store(o_ptr, o1, mask=mask)
+        tl.store(o_ptr + HALF, o2, mask=mask)
+
+    @triton.jit
+    def _qkv_bwd_kernel(GQ, GK, GV, COS, SIN, DQKV, seqlen, n_q, n_kv,
+                        sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, stride_cb, stride_cs,
+                        HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+        # Gathers grad_q / grad_k / grad_v heads (any strides) into one contiguous grad_qkv row,
+        # rotating q's and k's back by -theta and copying v's.
+        pid = tl.program_id(0)
+        b = (pid // seqlen).to(tl.int64)
+        s = (pid % seqlen).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        n_heads = n_q + 2 * n_kv
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HALF
+        c = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=d_ok, other=1.0).to(tl.float32)
+        sn = tl.load(SIN + b * stride_cb + s * stride_cs + d, mask=d_ok, other=0.0).to(tl.float32)
+        is_q = (heads < n_q)[:, None]
+        is_k = ((heads >= n_q) & (heads < n_q + n_kv))[:, None]
+        is_v = ((heads >= n_q + n_kv) & (heads < n_heads))[:, None]
+        dm = d_ok[None, :]
+        pq = GQ + b * sq_b + s * sq_s + heads[:, None] * sq_h + d[None, :]
+        pk = GK + b * sk_b + s * sk_s + (heads[:, None] - n_q) * sk_h + d[None, :]
+        pv = GV + b * sv_b + s * sv_s + (heads[:, None] - n_q - n_kv) * sv_h + d[None, :]
+        g1 = tl.where(is_q, tl.load(pq, mask=is_q & dm, other=0.0),
+                      tl.where(is_k, tl.load(pk, mask=is_k & dm, other=0.0), tl.load(pv, mask=is_v & dm, other=0.0)))
+        g2 = tl.where(is_q, tl.load(pq + HALF, mask=is_q & dm, other=0.0),
+                      tl.where(is_k, tl.load(pk + HALF, mask=is_k & dm, other=0.0),
+                               tl.load(pv + HALF, mask=is_v & dm, other=0.0)))
+        g1f, g2f = g1.to(tl.float32), g2.to(tl.float32)
+        rot = heads[:, None] < n_q + n_kv
+        o1 = tl.where(rot, (g1f * c[None, :] + g2f * sn[None, :]).to(g1.dtype), g1)
+        o2 = tl.where(rot, (g2f * c[None, :] - g1f * sn[None, :]).to(g1.dtype), g2)
+        o_ptr = DQKV + (pid.to(tl.int64) * n_heads + heads[:, None]) * (2 * HALF) + d[None, :]
+        mask = (heads < n_heads)[:, None] & dm
+        tl.store(o_ptr, o1, mask=mask)
+        tl.store(o_ptr + HALF, o2, mask=mask)
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """cos/sin with one shared (batch, seqlen) stride pair and a contiguous last dim; a batch-1
+    table gets batch stride 0 (broadcast)."""
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_rotate(x, cos, sin, n_rot, conjugate):
+    """x (B, S, N, D) any strides (last dim contiguous) -> contiguous (B, S, N, D), heads < n_rot rotated."""
+    batch, seqlen, n_heads, head_dim = x.shape
+    out = torch.empty((batch, seqlen, n_heads, head_dim), dtype=x.dtype, device=x.device)
+    if out.numel():
+        cos, sin, scb, scs = _tables(cos, sin)
+        block_h = min(next_pow2(n_heads), _MAX_BLOCK_H)
+        _fwd_kernel[(batch * seqlen, triton.cdiv(n_heads, block_h))](
+            x, cos, sin, out, seqlen, n_rot, n_heads, x.stride(0), x.stride(1), x.stride(2), scb, scs,
+            HALF=head_dim // 2, BLOCK_D=next_pow2(head_dim // 2), BLOCK_H=block_h, CONJUGATE=conjugate)
+    return out
+
+
+def _launch_qkv_fwd(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    """-> the contiguous (B, S, H + 2 KV, D) buffer: q and k rotated, v copied."""
+    qkv = _last_contiguous(qkv).unflatten(-1, (num_heads + 2 * num_kv_heads, head_dim))
+    return _launch_rotate(qkv, cos, sin, num_heads + num_kv_heads, False)
+
+
+def _launch_qkv_bwd(gq, gk, gv, cos, sin):
+    """grad_q (B, S, H, D), grad_k / grad_v (B, S, KV, D), any strides -> grad_qkv (B, S, (H + 2 KV) * D)."""
+    batch, seqlen, n_q, head_dim = gq.shape
+    n_kv = gk.shape[2]
+    gq, gk, gv = _last_contiguous(gq), _last_contiguous(gk), _last_contiguous(gv)
+    n_heads = n_q + 2 * n_kv
+    out = torch.empty((batch, seqlen, n_heads * head_dim), dtype=gq.dtype, device=gq.device)
+    if out.numel():
+        cos, sin, scb, scs = _tables(cos, sin)
+        block_h = min(next_pow2(n_heads), _MAX_BLOCK_H)
+        _qkv_bwd_kernel[(batch * seqlen, triton.cdiv(n_heads, block_h))](
+            gq, gk, gv, cos, sin, out, seqlen, n_q, n_kv, *gq.stride()[:3], *gk.stride()[:3], *gv.stride()[:3],
+            scb, scs, HALF=head_dim // 2, BLOCK_D=next_pow2(head_dim // 2), BLOCK_H=block_h)
+    return out
+
+
+def _split(buf, num_heads, num_kv_heads):
+    return buf[:, :, :num_heads], buf[:, :, num_heads:num_heads + num_kv_heads], buf[:, :, num_heads + num_kv_heads:]
+
+
+class _RotaryQKVFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+        ctx.save_for_backward(cos, sin)
+        return _split(_launch_qkv_fwd(qkv, cos, sin, num_heads, num_kv_heads, head_dim), num_heads, num_kv_heads)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        cos, sin = ctx.saved_tensors
+        return _launch_qkv_bwd(gq, gk, gv, cos, sin), None, None, None, None, None
+
+
+class _RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _launch_rotate(_last_contiguous(grad), cos, sin, grad.shape[2], True), None, None
+
+
+# torch.compile path. A custom op may not return aliasing outputs: it returns the buffer, and the
+# caller splits it; the backward receives the buffer's gradient and hands its three views to the
+# gather kernel.
+@torch.library.custom_op("flashlm_ops::rotary_qkv_fwd", mutates_args=())
+def _rotary_qkv_fwd_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                       num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    return _launch_qkv_fwd(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+
+
+@_rotary_qkv_fwd_op.register_fake
+def _(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], num_heads + 2 * num_kv_heads, head_dim))
+
+
+@torch.library.custom_op("flashlm_ops::rotary_qkv_bwd", mutates_args=())
+def _rotary_qkv_bwd_op(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+    return _launch_qkv_bwd(gq, gk, gv, cos, sin)
+
+
+@_rotary_qkv_bwd_op.register_fake
+def _(gq, gk, gv, cos, sin):
+    return gq.new_empty((gq.shape[0], gq.shape[1], (gq.shape[2] + 2 * gk.shape[2]) * gq.shape[3]))
+
+
+def _qkv_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.heads = inputs[3:5]
+
+
+def _qkv_backward(ctx, grad):
+    cos, sin = ctx.saved_tensors
+    return _rotary_qkv_bwd_op(*_split(grad, *ctx.heads), cos, sin), None, None, None, None, None
+
+
+_rotary_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+
+
+@torch.library.custom_op("flashlm_ops::rotary_fwd", mutates_args=())
+def _rotary_fwd_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool) -> torch.Tensor:
+    return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], conjugate)
+
+
+@_rotary_fwd_op.register_fake
+def _(x, cos, sin, conjugate):
+    return x.new_empty(x.shape)
+
+
+def _rot_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.conjugate = inputs[3]
+
+
+def _rot_backward(ctx, grad):
+    cos, sin = ctx.saved_tensors
+    return _rotary_fwd_op(grad, cos, sin, not ctx.conjugate), None, None, None
+
+
+_rotary_fwd_op.register_autograd(_rot_backward, setup_context=_rot_setup)
+
+
+def _qkv_nograd(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    return _split(_launch_qkv_fwd(qkv, cos, sin, num_heads, num_kv_heads, head_dim), num_heads, num_kv_heads)
+
+
+def _qkv_compiled(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    return _split(_rotary_qkv_fwd_op(qkv, cos, sin, num_heads, num_kv_heads, head_dim), num_heads, num_kv_heads)
+
+
+def _rot_nograd(x, cos, sin):
+    return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], False)
+
+
+def _rot_compiled(x, cos, sin):
+    return _rotary_fwd_op(x, cos, sin, False)
+
+
+_rotary_qkv = dispatch(_RotaryQKVFunction, _qkv_nograd, _qkv_compiled)
+_rotary = dispatch(_RotaryFunction, _rot_nograd, _rot_compiled)
+
+
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
                head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused split + RoPE of q and k (Triton); see the module docstring for shapes."""
     _check_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
-    return rotary_qkv_ref(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    return _rotary_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,4 +298,4 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if x.dim() != 4:
         raise InputError(f"rotary: x must be (batch, seqlen, heads, head_dim), got {tuple(x.shape)}")
     _check_tables(cos, sin, x.shape[0], x.shape[1], x.shape[-1], "rotary")
-    return rotary_ref(x, cos, sin)
+    return _rotary(x, cos, sin)

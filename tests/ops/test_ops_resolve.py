@@ -1,0 +1,75 @@
+"""resolve(kernels, device): the choice made once; and the ops traced by torch.compile(fullgraph=True)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from flashlm import ops
+from flashlm.errors import InputError
+
+
+def test_resolve_names_each_choice():
+    assert set(ops.resolve("torch").names.values()) == {"torch"}
+    assert ops.resolve("auto", "cpu").rms_norm is ops.rms_norm_ref  # CPU default: torch
+    chosen = ops.resolve("triton", "cpu")  # runs under the interpreter (tests/conftest.py)
+    assert set(chosen.names.values()) == {"triton"} and chosen.rotary_qkv is ops.rotary_qkv
+
+
+def test_resolve_refuses_what_cannot_run(monkeypatch):
+    with pytest.raises(InputError, match="kernels must be one of"):
+        ops.resolve("fast")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(InputError, match="needs Triton on a CUDA device"):
+        ops.resolve("triton", "cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="Liger installed")
+def test_resolve_liger_without_liger_is_refused():
+    with pytest.raises(InputError, match="needs Liger-Kernel"):
+        ops.resolve("liger", "cpu")
+
+
+def _block(ops_, x, residual, w, gate_up_w, cos, sin):
+    """A pre-norm block's worth of the ops, as a model would chain them."""
+    y, residual = ops_.add_rms_norm(x, residual, w, 1e-6)
+    q, k, v = ops_.rotary_qkv(y[..., : 4 * 8], cos, sin, 2, 1, 8)
+    h = ops_.swiglu(y @ gate_up_w)
+    return (q.sum() + 2 * k.sum() + 3 * v.sum()) + h.pow(2).sum() + ops_.rms_norm(residual, w, 1e-6).sum()
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_ops_compile_fullgraph_and_match_eager(kernels):
+    """fullgraph=True fails on any graph break; aot_eager runs the custom ops' fakes and autograd
+    formulas (what inductor sees) without a C++ build."""
+    chosen = ops.resolve(kernels, "cpu")
+    x, r = torch.randn(2, 5, 40), torch.randn(2, 5, 40)
+    w, gu = torch.randn(40), torch.randn(40, 2 * 24) * 0.2
+    cos, sin = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
+    leaves = [t.requires_grad_(True) for t in (x, r, w, gu)]
+    eager = _block(chosen, x, r, w, gu, cos, sin)
+    want = torch.autograd.grad(eager, leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: _block(chosen, *a), backend="aot_eager", fullgraph=True)
+    out = compiled(x, r, w, gu, cos, sin)
+    got = torch.autograd.grad(out, leaves)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_resolve_auto_on_cuda_takes_the_measured_table():
+    """Only builds the namespace: nothing runs on the device, so this holds on a CPU machine too."""
+    from flashlm.ops.resolve import _AUTO
+
+    chosen = ops.resolve("auto", "cuda")
+    assert {k: v for k, v in chosen.names.items() if v != "liger"} == {
+        k: v for k, v in _AUTO.items() if chosen.names[k] != "liger"}
+    assert chosen.rms_norm is ops.rms_norm_aten and chosen.swiglu is ops.swiglu_sized
+    assert chosen.rotary_qkv is ops.rotary_qkv
+
+
+def test_resolve_auto_for_a_compiled_model_takes_torch():
+    """Inductor fuses the references itself; our ops would stay opaque custom ops in its graph."""
+    assert set(ops.resolve("auto", "cuda", compiled=True).names.values()) == {"torch"}
+    assert ops.resolve("triton", "cpu", compiled=True).names["swiglu"] == "triton"  # explicit choice kept
