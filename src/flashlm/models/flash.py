@@ -219,7 +219,10 @@ class _BindsKernels:
 
     def _bind_kernels(self) -> None:
         device = next(self.parameters()).device
-        self.ops = fused_ops.resolve(self.config.kernels, "cpu" if device.type == "meta" else device)
+        device = "cpu" if device.type == "meta" else device
+        self.ops = fused_ops.resolve(self.config.kernels, device)
+        # what a plan made under torch.compile asks for (FlashMeta.compiled): ops inductor can fuse
+        self.compiled_ops = fused_ops.resolve(self.config.kernels, device, compiled=True)
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -307,12 +310,12 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def _rotated_qkv(self, hidden_states: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _rotated_qkv(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, ops) -> tuple[Tensor, Tensor, Tensor]:
         """Projection + RoPE with the half-width tables (batch or 1, seqlen, head_dim // 2) fp32."""
         if self.config.qk_norm:  # the norms sit between the split and RoPE
             q, k, v = self._project_qkv(hidden_states)
-            return self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin), v
-        return self.ops.rotary_qkv(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
+            return ops.rotary(q, cos, sin), ops.rotary(k, cos, sin), v
+        return ops.rotary_qkv(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
                                    self.head_dim)
 
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
@@ -336,7 +339,7 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
                                                 training=self.training,
                                                 position_ids=kwargs.get("position_ids"), **common)
             return self._project_out(out.to(hidden_states.dtype))
-        q, k, v = self._rotated_qkv(hidden_states, cos, sin)
+        q, k, v = self._rotated_qkv(hidden_states, cos, sin, self.compiled_ops if meta.compiled else self.ops)
         return self._project_out(self._attend_planned(q, k, v, meta, common))
 
     def _attend_planned(self, q: Tensor, k: Tensor, v: Tensor, meta: FlashMeta, common: dict) -> Tensor:
@@ -471,10 +474,11 @@ class FlashMLP(_BindsKernels, MLP):
         self.fused_act = config.hidden_act == "silu"
         self._bind_kernels()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, compiled: bool = False) -> Tensor:
+        """x (..., hidden) -> (..., hidden); ``compiled``: the ops bound for torch.compile."""
         gate_up = self.gate_up_proj(x)
         if self.fused_act:
-            return self.down_proj(self.ops.swiglu(gate_up))
+            return self.down_proj((self.compiled_ops if compiled else self.ops).swiglu(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -503,17 +507,19 @@ class FlashDecoderLayer(_BindsKernels, DecoderLayer):
                 hidden_states = hidden_states + residual
             return super().forward(hidden_states, cos, sin, attention_mask=attention_mask,
                                    past_key_values=past_key_values, meta=meta, **kwargs), None
+        compiled = meta is not None and meta.compiled
+        ops = self.compiled_ops if compiled else self.ops
         norm = self.input_layernorm
         if residual is None:
             residual = hidden_states
-            h = self.ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
+            h = ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
         else:
-            h, residual = self.ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)
+            h, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)
         h = self.self_attn(h, cos, sin, attention_mask=attention_mask, past_key_values=past_key_values,
                            meta=meta, **kwargs)
         norm = self.post_attention_layernorm
-        h, residual = self.ops.add_rms_norm(h, residual, norm.weight, norm.eps, norm.unit_offset)
-        return self.mlp(h), residual
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps, norm.unit_offset)
+        return self.mlp(h, compiled), residual
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,9 +536,12 @@ class FlashModel(_BindsKernels, DefaultModel):
 
     def _plan(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
               cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Plan:
-        # compiled: the sync-free plans (no host read, fixed shapes where possible; see plan_batch)
-        return plan_batch(input_ids, attention_mask, position_ids, cache, cu_seqlens, max_seqlen,
-                          sync_free=torch.compiler.is_compiling())
+        # compiled: the sync-free plans (no host read, fixed shapes where possible; see plan_batch) and
+        # the ops bound for inductor -- the one place the model asks whether it is being compiled
+        compiling = torch.compiler.is_compiling()
+        plan = plan_batch(input_ids, attention_mask, position_ids, cache, cu_seqlens, max_seqlen,
+                          sync_free=compiling)
+        return plan._replace(meta=plan.meta._replace(compiled=True)) if compiling else plan
 
     def forward_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                        position_ids: Tensor | None = None, past_key_values: StaticKVCache | None = None,
@@ -556,9 +565,10 @@ class FlashModel(_BindsKernels, DefaultModel):
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, cos, sin, meta=plan.meta, residual=residual)
         norm = self.norm
+        ops = self.compiled_ops if plan.meta.compiled else self.ops
         if residual is None:
-            return self.ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
-        return self.ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)[0]
+            return ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
+        return ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)[0]
 
     @torch.no_grad()
     def _rope_half(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -579,7 +589,9 @@ class FlashModel(_BindsKernels, DefaultModel):
         (``cache.note_appended(batch, seqlen)``).
         """
         # captured in a CUDA graph: the direct plan; compiled: through the opaque kvcache op
-        hidden_states = self._run(append_plan(input_ids, cache, None, direct=not torch.compiler.is_compiling()))
+        compiling = torch.compiler.is_compiling()
+        plan = append_plan(input_ids, cache, None, direct=not compiling)
+        hidden_states = self._run(plan._replace(meta=plan.meta._replace(compiled=True)) if compiling else plan)
         cache.bump(input_ids.shape[0], input_ids.shape[1])
         return hidden_states
 

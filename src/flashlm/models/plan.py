@@ -69,6 +69,8 @@ class FlashMeta(NamedTuple):
     # the public API's per-call checks and registry (what a compiled step does instead: see append_plan)
     direct: bool = False
     seqlens_after: Tensor | None = None
+    # planned under torch.compile: layers take the ops meant for inductor (flashlm.ops.resolve(compiled=True))
+    compiled: bool = False
 
 
 class Plan(NamedTuple):
