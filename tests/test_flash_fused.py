@@ -240,3 +240,25 @@ def test_cuda_compiled_bf16_train_within_dao_rule(kind):
                 assert e_flash <= 3 * e_ref + 1e-3 * g.abs().max().item() + 1e-6, (n, e_flash, e_ref)
         for m in (ref32, ref16, flash):
             m.zero_grad(set_to_none=True)
+
+
+def test_blocks_compiled_one_by_one_after_prepare_compile_equal_eager():
+    """flashlm train --compile: eager planner, each block compiled; batches of the same shape whose
+    documents differ recompile at most once (cu_seqlens' length becomes dynamic), max_seqlen never."""
+    torch._dynamo.reset()
+    import copy
+
+    _, flash = make_pair(num_layers=2)
+    ref = copy.deepcopy(flash)
+    flash.train().prepare_compile()
+    ref.train()
+    for layer in flash.model.layers:
+        layer.compile(fullgraph=True, backend="aot_eager")
+    for step, docs in enumerate([[4, 8], [3, 4, 5], [2, 2, 3, 5]]):
+        pos = torch.cat([torch.arange(n) for n in docs])[None].expand(2, -1)
+        ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(step))
+        with torch._dynamo.config.patch(error_on_recompile=step == 2):
+            loss = flash(ids, position_ids=pos, labels=ids).loss
+        expected = ref(ids, position_ids=pos, labels=ids).loss
+        torch.testing.assert_close(loss, expected, atol=ATOL, rtol=RTOL)
+        loss.backward()

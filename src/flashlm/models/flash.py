@@ -532,13 +532,15 @@ class FlashModel(_BindsKernels, DefaultModel):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
+        self.plan_for_compile = False
         self._bind_kernels()
 
     def _plan(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
               cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Plan:
         # compiled: the sync-free plans (no host read, fixed shapes where possible; see plan_batch) and
         # the ops bound for inductor -- the one place the model asks whether it is being compiled
-        compiling = torch.compiler.is_compiling()
+        # (or is told so: blocks compiled one by one run this planner eagerly, see prepare_compile)
+        compiling = self.plan_for_compile or torch.compiler.is_compiling()
         plan = plan_batch(input_ids, attention_mask, position_ids, cache, cu_seqlens, max_seqlen,
                           sync_free=compiling)
         return plan._replace(meta=plan.meta._replace(compiled=True)) if compiling else plan
@@ -639,6 +641,15 @@ class FlashForCausalLM(DefaultForCausalLM):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
+    def prepare_compile(self) -> FlashForCausalLM:
+        """Plan every forward as a compiled one even when the planner itself runs eagerly: for models
+        whose decoder blocks are compiled one by one (``flashlm train --compile``, torchtitan style).
+        The blocks then see fixed ``max_seqlen`` bounds (no recompiles as batches change) and the ops
+        bound for inductor; the loss takes the chunked torch path. Whole-model ``torch.compile`` needs
+        no call. Returns self."""
+        self.model.plan_for_compile = True
+        return self
+
     def bind_attention(self) -> FlashForCausalLM:
         """Choose every layer's attention backends again, honouring the backend forced now
         (``use_backend``, ``FLASHLM_ATTN_BACKEND``); done automatically when built or moved."""
@@ -722,10 +733,12 @@ class FlashForCausalLM(DefaultForCausalLM):
                 token_logits = self._logits(hidden)  # small: one matmul + one cross-entropy beats chunks
             if token_logits is not None:
                 loss = cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), targets)
-            else:  # large: fused, never materializes (tokens x vocab)
+            else:  # large: fused, never materializes (tokens x vocab); compiled: the chunked torch
+                # path that Dynamo traces (Liger's autograd Function crashed compiled steps, issue 16)
                 loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
                                             targets, bias=self.lm_head.bias,
-                                            softcap=self.config.final_logit_softcap)
+                                            softcap=self.config.final_logit_softcap,
+                                            backend="torch" if plan.meta.compiled else None)
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
 
     def decode_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
