@@ -1,29 +1,26 @@
-"""The flash model: LLaMA whose attention calls the FlashAttention API directly, BSHD end to end.
+"""The flash model: LLaMA whose attention calls the FlashAttention kernels directly, BSHD end to end.
 
-Same parameters (HF names) as :class:`~flashlm.models.default.DefaultForCausalLM`, so one safetensors
-folder loads into either. What differs is the path between the projections:
+Same state-dict names (HF's) and the same seeded init as :class:`~flashlm.models.default.DefaultForCausalLM`,
+so one safetensors folder loads into either. What differs is the path between embedding and loss:
 
-- q/k/v leave their projections as (batch, seqlen, heads, head_dim) views and never transpose;
-  RoPE rotates them in BSHD with per-row positions (a fused Triton kernel on CUDA when available);
-- the kernel is chosen by ``flashlm.attention``'s registry (FA4, cuDNN, Triton, PyTorch FA2, ... on
-  the GPU; the pure-torch reference on the CPU): this file calls only the public API
-  (``flash_attn_func``, ``flash_attn_varlen_func``, ``flash_attn_with_kvcache``);
-- GQA without ``repeat_kv`` (the kernels read fewer k/v heads), sliding window ``(W - 1, 0)``, logit
-  softcap, attention dropout in training only;
-- padding is removed **once per forward**: right after the embedding the batch is reduced to its real
-  tokens (``(1, total_tokens, hidden)``), every layer (projections, MLP, norms) works on those only, and
-  attention runs ``flash_attn_varlen_func`` with the ``cu_seqlens`` computed once (a
-  :class:`FlashMeta` NamedTuple handed to every layer). Packed batches (``position_ids`` restarting
-  at 0, or explicit ``cu_seqlens``) take the same path with no attention across sequences;
-- generation uses a static BSHD cache (:class:`~flashlm.models.flash_cache.StaticKVCache`): prefill
-  scatters each row's keys left-aligned, each decode step appends one key per row in place through
-  ``flash_attn_with_kvcache`` at the row's ``cache_seqlens``; no host sync during decode;
-- with ``labels`` the loss is ``flashlm.losses.linear_cross_entropy`` on the final hidden states: the
-  (tokens x vocab) logits are never materialized.
+- ONE ``qkv_proj`` and ONE ``gate_up_proj`` per layer, saved/loaded under HF's names
+  (:mod:`flashlm.models.fused`); q/k/v leave ``qkv_proj`` split and RoPE-rotated in one op
+  (``ops.rotary_qkv``) as BSHD views, never transposed; SwiGLU is one op; the residual add is fused
+  into the next RMSNorm (``ops.add_rms_norm``), the stream carried between blocks as (out, residual);
+- every op implementation and every attention backend is chosen when the model is built or moved
+  (``ModelConfig.kernels`` via ``flashlm.ops.resolve``; the registry per layer and call kind), never per
+  call; small plain causal dense calls on CUDA use aten's FA2 op (least host time);
+- GQA without ``repeat_kv``, sliding window ``(W - 1, 0)``, logit softcap, dropout in training only;
+- each forward is planned once (:mod:`flashlm.models.plan`): padding removed right after the embedding
+  (``(1, total_tokens, hidden)``, varlen kernels with ``cu_seqlens`` computed once), packing detected
+  or given, a static BSHD cache (:class:`~flashlm.models.flash_cache.StaticKVCache`) appended in place;
+  under torch.compile the planner reads nothing back from the device (sync-free plans);
+- with ``labels``: plain cross-entropy on materialized logits when tokens x vocab is small, else
+  ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
 
-Host syncs: at most one per forward while planning (unpadding a mask reads the token count and the
+Host syncs (eager): at most one per forward while planning (unpadding reads the token count and the
 longest row; detecting packing reads the longest sequence; the token-range check reads min/max), none
-inside layers, none in a decode step.
+inside layers, none in a decode step; none at all under torch.compile.
 """
 
 from __future__ import annotations
