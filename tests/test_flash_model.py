@@ -23,6 +23,7 @@ from flashlm.models.flash import (
     apply_rope_bshd,
 )
 from flashlm.models.flash_cache import StaticKVCache
+from flashlm.models.fused import split_fused_state_dict
 from flashlm.models.layers import RotaryEmbedding, apply_rope
 
 ATOL, RTOL = 2e-5, 1e-4  # fp32: reference attention (einsum) vs eager matmul, summation order only
@@ -37,7 +38,9 @@ def left_padded(lengths, seqlen, vocab=256, device="cpu", generator=None):
 
 
 def grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    """Gradients by HF name: the flash model's fused qkv_proj / gate_up_proj grads split like its weights."""
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return split_fused_state_dict(out, model.config)
 
 
 def assert_grads_close(a, b, atol=ATOL, rtol=RTOL):
@@ -400,7 +403,7 @@ def test_cuda_decode_step_has_no_host_sync():
 def test_unpad_and_packing_metadata_computed_once_per_forward(monkeypatch):
     """get_unpad_data / prepare_from_position_ids run once per forward, not once per layer, and a
     decode step on the static cache calls neither."""
-    import flashlm.models.flash as flash_mod
+    import flashlm.models.plan as flash_mod  # the planner (plan_batch) that FlashModel calls
 
     calls = {"unpad": 0, "packed": 0}
 

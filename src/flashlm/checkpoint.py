@@ -114,6 +114,10 @@ def _write_full_state_dict(state: dict[str, torch.Tensor], config, path: Path) -
     tied ``lm_head.weight`` stored once as ``model.embed_tokens.weight`` (as transformers does)."""
     from safetensors.torch import save_file
 
+    from flashlm.models.fused import split_fused_state_dict
+
+    # the flash model's sharded state keeps its fused qkv_proj / gate_up_proj: stored under HF names
+    state = split_fused_state_dict(state, config)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     if getattr(config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)

@@ -110,6 +110,14 @@ def _flash_mixin():
 _MIXIN = None
 
 
+def _projection_dtype(module: torch.nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of the attention module's projection weights (HF's q_proj, else its first Linear)."""
+    proj = getattr(module, "q_proj", None)
+    if not isinstance(proj, torch.nn.Linear):
+        proj = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
+    return proj.weight.dtype if proj is not None else default
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -158,6 +166,10 @@ def attention_forward(
     q = query.transpose(1, 2)  # BSHD views, no copy
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
+    if q.dtype == torch.float32:  # upcast activations (PEFT) in a half model: the half kernels, warned once
+        from flashlm.models.flash import half_precision_inputs
+
+        q, k, v = half_precision_inputs(q, k, v, _projection_dtype(module, q.dtype))
     batch, q_len = q.shape[:2]
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")

@@ -22,7 +22,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ChunkedLinearCrossEntropy", "cross_entropy", "liger_available", "linear_cross_entropy"]
+__all__ = ["MATERIALIZED_LOGITS_MAX_BYTES", "ChunkedLinearCrossEntropy", "cross_entropy", "liger_available",
+           "linear_cross_entropy", "materialize_logits_for_loss"]
+
+# Loss by size: below this many bytes of fp32 (tokens x vocab) logits a model computes plain
+# cross-entropy on materialized logits (one lm_head matmul, one fused log-softmax kernel); above it,
+# the fused/chunked linear cross-entropy. PROVISIONAL (CPU reasoning, 2026-12-01): plain CE holds about
+# 16 bytes per logit at its peak (bf16 logits 2 + fp32 upcast 4 + saved log-softmax 4 + fp32 grad 4 +
+# bf16 grad 2), so 256 MiB of fp32 logits is ~1 GiB of transient memory -- small next to a 1B model's
+# activations -- while the chunked path's fixed cost (one matmul pair + ~10 launches per chunk, the
+# H200 seed profile: 316 matmuls vs 255) dominates small problems. The seed config (512 x 32000,
+# 64 MiB) is plain; llama-1b bs8 x 2048 (16384 x 128256, 8 GiB) is fused. Replace with the measured
+# crossover of benchmarks/loss_crossover.py (GPU) when the lead has run it.
+MATERIALIZED_LOGITS_MAX_BYTES = 256 * 2**20
+
+
+def materialize_logits_for_loss(n_tokens: int, vocab: int) -> bool:
+    """True when a (n_tokens x vocab) loss is cheaper as plain cross-entropy on materialized logits
+    than as the fused linear cross-entropy (see ``MATERIALIZED_LOGITS_MAX_BYTES``)."""
+    return n_tokens * vocab * 4 <= MATERIALIZED_LOGITS_MAX_BYTES
 
 _REDUCTIONS = ("mean", "sum")
 

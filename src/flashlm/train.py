@@ -642,6 +642,8 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
     if args.activation_checkpointing:
         apply_activation_checkpointing(model)
     if args.compile:
+        if hasattr(model, "prepare_compile"):  # flash: plans and ops meant for compiled blocks
+            model.prepare_compile()
         for layer in model.model.layers:
             layer.compile()  # in place: parameter names unchanged
     if dd.enabled:

@@ -360,13 +360,19 @@ def _timed_steps(step: Callable[[], Any], cfg: BenchConfig, tick: Callable[[], N
     return times
 
 
+def _compiled(name: str, model):
+    """--compile: the flash model as ONE graph (fullgraph: a graph break is an error, not a silent
+    slowdown; its planner takes sync-free plans under compile), the others as torch.compile makes them."""
+    return torch.compile(model, fullgraph=name == "flash")
+
+
 def run_train(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[str, Any]:
     inputs = batch.model_inputs(name)
     extra = {}
     if name == "flash" and _accepts_named(model.forward, "return_logits"):
         extra["return_logits"] = False  # fused linear cross-entropy: no (tokens x vocab) logits
     model.train()
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = _compiled(name, model) if cfg.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cfg.device.startswith("cuda"))
     first_loss: list[torch.Tensor] = []
 
@@ -396,7 +402,7 @@ def run_train(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[st
 
 def run_forward(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[str, Any]:
     inputs = batch.model_inputs(name)
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = _compiled(name, model) if cfg.compile else model
     with torch.inference_mode(), _Memory(cfg.device) as mem:
         times = _timed_steps(lambda: fwd(**inputs, use_cache=False), cfg, tick)
         last_logits = fwd(**inputs, use_cache=False).logits[:, -1, :].float().cpu()

@@ -91,6 +91,9 @@ class ModelConfig:
     post_norms: bool = False
     embed_scale: bool = False
     query_pre_attn_scalar: float | None = None
+    # flash model only: which implementation of its fused ops (RMSNorm, SwiGLU, RoPE) it binds when
+    # built ("auto" | "liger" | "triton" | "torch", see flashlm.ops.resolve); not part of HF config.json
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -128,6 +131,8 @@ class ModelConfig:
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise InputError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         self.rope_theta = float(self.rope_theta)
+        if self.kernels not in ("auto", "liger", "triton", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'liger', 'triton' or 'torch', got {self.kernels!r}")
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             raise InputError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")

@@ -153,11 +153,14 @@ def check_inputs(
     position_ids: torch.Tensor | None,
     labels: torch.Tensor | None,
     past_len: int,
+    check_range: bool = True,
 ) -> None:
     """Raise a clear TypeError/ValueError for malformed inputs before any compute.
 
     The token-range check reads min/max back to the host (one sync per forward, not per layer): an
-    out-of-range id would otherwise be a CUDA device-side assert that kills the process.
+    out-of-range id would otherwise be a CUDA device-side assert that kills the process. Compiled
+    callers (whose graph cannot read the device) pass ``check_range=False`` and check their
+    tokens where the batch is made.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -201,7 +204,8 @@ def check_inputs(
             )
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    check_token_range(config, input_ids, labels)
+    if check_range:
+        check_token_range(config, input_ids, labels)
 
 
 def check_token_range(config: ModelConfig, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:

@@ -1,40 +1,37 @@
-"""The flash model: LLaMA whose attention calls the FlashAttention API directly, BSHD end to end.
+"""The flash model: LLaMA whose attention calls the FlashAttention kernels directly, BSHD end to end.
 
-Same parameters (HF names) as :class:`~flashlm.models.default.DefaultForCausalLM`, so one safetensors
-folder loads into either. What differs is the path between the projections:
+Same state-dict names (HF's) and the same seeded init as :class:`~flashlm.models.default.DefaultForCausalLM`,
+so one safetensors folder loads into either. What differs is the path between embedding and loss:
 
-- q/k/v leave their projections as (batch, seqlen, heads, head_dim) views and never transpose;
-  RoPE rotates them in BSHD with per-row positions (a fused Triton kernel on CUDA when available);
-- the kernel is chosen by ``flashlm.attention``'s registry (FA4, cuDNN, Triton, PyTorch FA2, ... on
-  the GPU; the pure-torch reference on the CPU): this file calls only the public API
-  (``flash_attn_func``, ``flash_attn_varlen_func``, ``flash_attn_with_kvcache``);
-- GQA without ``repeat_kv`` (the kernels read fewer k/v heads), sliding window ``(W - 1, 0)``, logit
-  softcap, attention dropout in training only;
-- padding is removed **once per forward**: right after the embedding the batch is reduced to its real
-  tokens (``(1, total_tokens, hidden)``), every layer (projections, MLP, norms) works on those only, and
-  attention runs ``flash_attn_varlen_func`` with the ``cu_seqlens`` computed once (a
-  :class:`FlashMeta` NamedTuple handed to every layer). Packed batches (``position_ids`` restarting
-  at 0, or explicit ``cu_seqlens``) take the same path with no attention across sequences;
-- generation uses a static BSHD cache (:class:`~flashlm.models.flash_cache.StaticKVCache`): prefill
-  scatters each row's keys left-aligned, each decode step appends one key per row in place through
-  ``flash_attn_with_kvcache`` at the row's ``cache_seqlens``; no host sync during decode;
-- with ``labels`` the loss is ``flashlm.losses.linear_cross_entropy`` on the final hidden states: the
-  (tokens x vocab) logits are never materialized.
+- ONE ``qkv_proj`` and ONE ``gate_up_proj`` per layer, saved/loaded under HF's names
+  (:mod:`flashlm.models.fused`); q/k/v leave ``qkv_proj`` split and RoPE-rotated in one op
+  (``ops.rotary_qkv``) as BSHD views, never transposed; SwiGLU is one op; the residual add is fused
+  into the next RMSNorm (``ops.add_rms_norm``), the stream carried between blocks as (out, residual);
+- every op implementation and every attention backend is chosen when the model is built or moved
+  (``ModelConfig.kernels`` via ``flashlm.ops.resolve``; the registry per layer and call kind), never per
+  call; small plain causal dense calls on CUDA use aten's FA2 op (least host time);
+- GQA without ``repeat_kv``, sliding window ``(W - 1, 0)``, logit softcap, dropout in training only;
+- each forward is planned once (:mod:`flashlm.models.plan`): padding removed right after the embedding
+  (``(1, total_tokens, hidden)``, varlen kernels with ``cu_seqlens`` computed once), packing detected
+  or given, a static BSHD cache (:class:`~flashlm.models.flash_cache.StaticKVCache`) appended in place;
+  under torch.compile the planner reads nothing back from the device (sync-free plans);
+- with ``labels``: plain cross-entropy on materialized logits when tokens x vocab is small, else
+  ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
 
-Host syncs: at most one per forward while planning (unpadding a mask reads the token count and the
+Host syncs (eager): at most one per forward while planning (unpadding reads the token count and the
 longest row; detecting packing reads the longest sequence; the token-range check reads min/max), none
-inside layers, none in a decode step.
+inside layers, none in a decode step; none at all under torch.compile.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flashlm import ops as fused_ops
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flashlm.attention.interface import apply_rotary
 from flashlm.attention.padding import (
@@ -44,7 +41,7 @@ from flashlm.attention.padding import (
     prepare_from_position_ids,
     unpad_input,
 )
-from flashlm.losses import cross_entropy, linear_cross_entropy
+from flashlm.losses import cross_entropy, linear_cross_entropy, materialize_logits_for_loss
 
 from .config import ModelConfig
 from .default import (
@@ -56,10 +53,12 @@ from .default import (
     check_token_range,
 )
 from .flash_cache import StaticKVCache
-from .layers import MultiHeadAttention, rotate_half
+from .fused import FUSED_PROJECTIONS, fuse_linears, register_fused_names
+from .layers import MLP, MultiHeadAttention, RMSNorm, rotate_half
+from .plan import FlashMeta, Plan, append_plan, plan_batch
 
-__all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMeta", "FlashModel",
-           "FlashMultiHeadAttention", "apply_rope_bshd", "rope_tables"]
+__all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashMeta", "FlashModel",
+           "FlashMultiHeadAttention", "apply_rope_bshd", "half_precision_inputs", "rope_tables"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,38 +113,6 @@ def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Ten
     cos = cos.unsqueeze(2).to(q.dtype)
     sin = sin.unsqueeze(2).to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-# --------------------------------------------------------------------------------------------
-# Per-forward metadata
-# --------------------------------------------------------------------------------------------
-class FlashMeta(NamedTuple):
-    """What every layer needs to call the kernel, computed once per forward after the embedding.
-
-    mode:
-      "dense":   no padding; hidden (batch, seqlen, hidden); ``flash_attn_func``.
-      "varlen":  padding removed or packed sequences; hidden (1, total, hidden);
-                 ``flash_attn_varlen_func`` with ``cu_seqlens`` int32 (num_seqs + 1,), ``max_seqlen``.
-      "kvcache": the static cache already holds tokens; hidden (batch, seqlen, hidden);
-                 ``flash_attn_with_kvcache``. ``append``: the kernel appends k/v at ``cache_seqlens``
-                 (keys per row before this step; decode and unpadded chunks); otherwise the real
-                 tokens were scattered first and ``cache_seqlens`` counts them (padded chunks), and
-                 ``query_mask`` (batch, seqlen, 1, 1) zeroes the padding queries' output.
-    Cache writes in "dense"/"varlen" (a prefill into an empty cache): "dense" copies k/v to
-    slots [0, seqlen); "varlen" scatters token t (``write_token_idx`` into the layer's flattened k,
-    or every token when None) to row ``write_batch_idx[t]``, slot ``write_slot_idx[t]``.
-    """
-
-    mode: Literal["dense", "varlen", "kvcache"]
-    cu_seqlens: Tensor | None = None
-    max_seqlen: int = 0
-    cache: StaticKVCache | None = None
-    cache_seqlens: Tensor | None = None
-    append: bool = True
-    query_mask: Tensor | None = None
-    write_token_idx: Tensor | None = None
-    write_batch_idx: Tensor | None = None
-    write_slot_idx: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,54 +214,162 @@ class FlashAttentionMixin:
 
 
 # --------------------------------------------------------------------------------------------
+# Kernels bound at build, fp32 inputs in a half-precision model
+# --------------------------------------------------------------------------------------------
+class _BindsKernels:
+    """Holds ``self.ops`` (``flashlm.ops.resolve(config.kernels, device)``): the fused-op callables,
+    chosen once when the module is built and again when it moves to another device (``.to``,
+    ``to_empty``), never per call."""
+
+    def _bind_kernels(self) -> None:
+        device = next(self.parameters()).device
+        device = "cpu" if device.type == "meta" else device
+        self.ops = fused_ops.resolve(self.config.kernels, device)
+        # what a plan made under torch.compile asks for (FlashMeta.compiled): ops inductor can fuse
+        self.compiled_ops = fused_ops.resolve(self.config.kernels, device, compiled=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind_kernels()
+        return out
+
+
+_WARNED_FP32 = False
+
+
+def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.dtype
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 q/k/v in a half-precision model (PEFT/LoRA upcasts activations) -> the autocast dtype, else
+    ``weight_dtype`` (the projections'), with a one-time warning, as transformers'
+    ``_flash_attention_forward`` does, instead of running a slow fp32 kernel. Anything else unchanged."""
+    if q.dtype != torch.float32:
+        return q, k, v
+    dev = q.device.type
+    target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight_dtype
+    if target == torch.float32:
+        return q, k, v
+    global _WARNED_FP32
+    if not _WARNED_FP32:
+        _WARNED_FP32 = True
+        import warnings
+
+        warnings.warn(f"attention inputs are float32 in a {target} model (upcast activations, e.g. PEFT); "
+                      f"casting q/k/v to {target} for the flash kernels", stacklevel=3)
+    return q.to(target), k.to(target), v.to(target)
+
+
+# --------------------------------------------------------------------------------------------
 # Attention layer
 # --------------------------------------------------------------------------------------------
-class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
-    """The default ``MultiHeadAttention`` (same q/k/v/o projections and weights) computed in BSHD
-    through ``flashlm.attention``: no transpose, no ``repeat_kv``, no (seqlen x seqlen) scores."""
+def _fuse_into(module: torch.nn.Module, fused_name: str, sizes: list[int]) -> None:
+    """Replace ``module``'s HF projections (FUSED_PROJECTIONS[fused_name]) by one fused Linear, first in
+    the module order (so init and state-dict order stay q, k, v, o), saved/loaded under the HF names."""
+    parts = FUSED_PROJECTIONS[fused_name]
+    fused = fuse_linears([getattr(module, name) for name in parts])
+    for name in parts:
+        delattr(module, name)
+    module._modules = {fused_name: fused, **module._modules}
+    register_fused_names(module, fused_name, parts, sizes)
+
+
+class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAttention):
+    """The default ``MultiHeadAttention`` computed in BSHD through ``flashlm.attention``: no transpose,
+    no ``repeat_kv``, no (seqlen x seqlen) scores.
+
+    q/k/v come from ONE projection ``qkv_proj`` (rows: q (heads * head_dim), k, v (kv_heads *
+    head_dim) each), saved and loaded as HF's ``q_proj``/``k_proj``/``v_proj`` (see
+    :mod:`flashlm.models.fused`); inside a :class:`FlashModel` the split and RoPE of q and k are one
+    launch (``ops.rotary_qkv``)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
+        d = self.head_dim
+        _fuse_into(self, "qkv_proj", [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d])
         # flash-attn's inclusive window: W tokens, itself included = W - 1 to the left.
         self.window_size = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
         self.softcap_value = 0.0 if self.softcap is None else float(self.softcap)
+        self._bind_kernels()
+
+    def _bind_kernels(self) -> None:
+        """Fused ops, and the attention backend of each (kind, dtype, grad, dropout) this layer can be
+        called with (:func:`_select_backends`), chosen now rather than by the registry per call."""
+        super()._bind_kernels()
+        device = next(self.parameters()).device
+        self.backends = _select_backends(self, device)
+        # PyTorch's own FA2 op serves plain causal dense calls on CUDA (no window/softcap, head_dim a
+        # multiple of 8 up to 256) with the least host time; a forced backend turns it off
+        from flashlm.attention import registry
+
+        self.aten_dense = (device.type == "cuda" and self.window_size == (-1, -1) and not self.softcap_value
+                           and self.head_dim % 8 == 0 and self.head_dim <= 256
+                           and registry.forced_backend()[0] is None)
+
+    def _project_qkv(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k, v (batch, seqlen,
+        kv_heads, head_dim): BSHD views of the one ``qkv_proj`` output (q/k normed with qk_norm)."""
+        b, s, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=2)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _rotated_qkv(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, ops) -> tuple[Tensor, Tensor, Tensor]:
+        """Projection + RoPE with the half-width tables (batch or 1, seqlen, head_dim // 2) fp32."""
+        if self.config.qk_norm:  # the norms sit between the split and RoPE
+            q, k, v = self._project_qkv(hidden_states)
+            return ops.rotary(q, cos, sin), ops.rotary(k, cos, sin), v
+        return ops.rotary_qkv(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
+                                   self.head_dim)
 
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
                 past_key_values: StaticKVCache | None = None, meta: FlashMeta | None = None,
                 **kwargs) -> Tensor:
-        """hidden_states (batch, seqlen, hidden) — (1, total, hidden) in "varlen" mode — and cos/sin
-        (batch or 1, seqlen, head_dim) fp32 for its tokens. ``meta`` comes from the model; without it
-        (a layer used on its own) ``attention_mask`` (batch, seqlen) or packed ``position_ids`` are
-        handled by the mixin, and a cache is refused. Returns hidden_states' shape."""
-        q, k, v = self._project_qkv(hidden_states)  # (B, S, H, D) views, no copy
-        q, k = apply_rope_bshd(q, k, cos, sin)
+        """hidden_states (batch, seqlen, hidden) — (1, total, hidden) in "varlen" mode. With ``meta``
+        (from :class:`FlashModel`) cos/sin are the half-width tables (batch or 1, seqlen, head_dim // 2);
+        without it (a layer used on its own) the full or half tables of :func:`apply_rope_bshd`, and
+        ``attention_mask`` (batch, seqlen) or packed ``position_ids`` are handled by the mixin (a cache
+        is refused). Returns hidden_states' shape."""
         common = {"softmax_scale": self.scaling, "causal": True, "window_size": self.window_size,
                   "softcap": self.softcap_value}
-        dropout_p = self.attention_dropout if self.training else 0.0
         if meta is None:
             if past_key_values is not None:
                 raise ValueError("FlashMultiHeadAttention with a cache needs the FlashMeta built by "
                                  "FlashModel; call the model, not the layer")
+            q, k, v = self._project_qkv(hidden_states)  # (B, S, H, D) views, no copy
+            q, k = apply_rope_bshd(q, k, cos, sin)
+            q, k, v = half_precision_inputs(q, k, v, self.qkv_proj.weight.dtype)
             out = self._flash_attention_forward(q, k, v, attention_mask, dropout=self.attention_dropout,
                                                 training=self.training,
                                                 position_ids=kwargs.get("position_ids"), **common)
-            return self._project_out(out)
+            return self._project_out(out.to(hidden_states.dtype))
+        q, k, v = self._rotated_qkv(hidden_states, cos, sin, self.compiled_ops if meta.compiled else self.ops)
+        return self._project_out(self._attend_planned(q, k, v, meta, common))
 
+    def _attend_planned(self, q: Tensor, k: Tensor, v: Tensor, meta: FlashMeta, common: dict) -> Tensor:
+        """Attention of rotated BSHD q/k/v under the model's plan (cache writes included)."""
         cache = meta.cache
         if meta.mode == "kvcache":
             k_cache, v_cache = cache.layer(self.layer_idx, q.shape[0])
             if meta.append:
-                out = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
-                                              cache_seqlens=meta.cache_seqlens, **common)
-            else:
-                b, s = k.shape[:2]
-                cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[meta.write_token_idx],
-                            v.reshape(b * s, *v.shape[2:])[meta.write_token_idx],
-                            meta.write_batch_idx, meta.write_slot_idx)
-                out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=meta.cache_seqlens, **common)
-                out = out * meta.query_mask  # padding queries saw unrelated keys: zero them
-            return self._project_out(out)
-
+                be = self.backends.get(("kvcache", q.dtype, False, False)) if meta.direct else None
+                if be is None:
+                    return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                                   cache_seqlens=meta.cache_seqlens, **common)
+                with torch.no_grad():
+                    idx = (meta.write_batch_idx, meta.write_slot_idx)
+                    k_cache.index_put_(idx, k)
+                    v_cache.index_put_(idx, v)
+                    return be.kvcache(q, k_cache, v_cache, meta.seqlens_after, cache_batch_idx=None,
+                                      cache_leftpad=None, block_table=None, softmax_scale=self.scaling,
+                                      causal=True, window_size=self.window_size, softcap=self.softcap_value,
+                                      alibi_slopes=None, num_splits=0)[0]
+            b, s = k.shape[:2]
+            cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[meta.write_token_idx],
+                        v.reshape(b * s, *v.shape[2:])[meta.write_token_idx],
+                        meta.write_batch_idx, meta.write_slot_idx)
+            out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=meta.cache_seqlens, **common)
+            return out * meta.query_mask  # padding queries saw unrelated keys: zero them
         if cache is not None:  # prefill into an empty static cache
             if meta.mode == "dense":
                 k_cache, v_cache = cache.layer(self.layer_idx, k.shape[0])
@@ -302,138 +377,182 @@ class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
                 v_cache[:, : v.shape[1]].copy_(v)
             else:
                 cache.write(self.layer_idx, k[0], v[0], meta.write_batch_idx, meta.write_slot_idx)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        be = self.backends.get((meta.mode, q.dtype, needs_grad, dropout_p > 0))
+        kwargs = {"dropout_p": dropout_p, "softmax_scale": self.scaling, "causal": True,
+                  "window_size": self.window_size, "softcap": self.softcap_value}
+        if be is None:  # not bound (no backend serves it): the public API explains why, or finds one
+            if meta.mode == "dense":
+                return flash_attn_func(q, k, v, **kwargs)
+            return flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
+                                          meta.max_seqlen, **kwargs)[None]
         if meta.mode == "dense":
-            out = flash_attn_func(q, k, v, dropout_p=dropout_p, **common)
-        else:
-            out = flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                                         meta.max_seqlen, dropout_p=dropout_p, **common)[None]
-        return self._project_out(out)
+            if self.aten_dense and q.dtype in _HALF and q.shape[0] * q.shape[1] <= ATEN_DENSE_MAX_TOKENS:
+                return _aten_flash_dense(q, k, v, dropout_p, self.scaling)
+            return be.dense(q, k, v, **kwargs, alibi_slopes=None, deterministic=False)[0]
+        return be.varlen(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                         **kwargs, alibi_slopes=None, deterministic=False)[0][None]
 
 
-class FlashDecoderLayer(DecoderLayer):
+_HALF = (torch.float16, torch.bfloat16)
+# Dense causal calls of at most this many tokens (batch * seqlen) go to aten's FA2 op: measured on the
+# H200 (GPU_NOTES.md 06:00, 512 tokens, (2, 256, 12, 64) bf16) it costs 380 us of host time per
+# fwd+bwd against 830 through the registry's choice (cuDNN), and small steps are host-bound. Larger
+# calls are GPU-bound, where cuDNN / FA4 run faster kernels (DESIGN.md: 4k causal fwd+bwd FA4 522,
+# cuDNN 475, FA2 283 TFLOP/s). PROVISIONAL bound between the two measured regimes (the seed's 512
+# tokens and llama-1b's 16384); the lead's bench of both configs decides it.
+ATEN_DENSE_MAX_TOKENS = 4096
+
+
+def _aten_flash_dense(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: float) -> Tensor:
+    """Causal attention of BSHD q (B, S, H, D), k/v (B, S, KV, D) through ``aten._scaled_dot_product_
+    flash_attention`` on BHSD views (no copies; GQA read natively; seqlen_q == seqlen_k, so its
+    top-left causal mask is the bottom-right one). Returns (B, S, H, D) BSHD (a view)."""
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, True, False, scale=scale)[0]
+    return out.transpose(1, 2)
+
+
+def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dict:
+    """{(kind, dtype, needs_grad, dropout): Backend} for ``attn``'s dense and varlen calls on ``device``.
+
+    The layer's call shape is fixed when it is built (heads, head_dim, causal, window, softcap), so the
+    registry's choice depends only on these keys: choosing them once saves the per-call registry work
+    (building and hashing an AttnCall, the forced-backend lookups) and keeps the registry, which reads a
+    context variable, out of torch.compile's graph. A forced backend (``use_backend``,
+    ``FLASHLM_ATTN_BACKEND``) applies when the model is built or moved (``.to``), or at
+    :meth:`FlashForCausalLM.bind_attention`. Calls no backend serves stay unbound and go through the
+    public API, which raises its error naming every refusal."""
+    from flashlm.attention import registry
+    from flashlm.attention.backends.base import AttnCall
+
+    table: dict = {}
+    if device.type == "meta":
+        return table
+    for dtype in {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}:
+        call = AttnCall(kind="kvcache", device_type=device.type,
+                        compute_capability=registry.compute_capability(device), dtype=dtype,
+                        head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
+                        nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
+                        window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0, alibi=False,
+                        dropout=False, needs_grad=False, deterministic=False)
+        try:
+            table[("kvcache", dtype, False, False)] = registry.select(call)
+        except (ValueError, TypeError):
+            pass
+    dtypes = {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}
+    dropouts = (False, True) if attn.attention_dropout > 0 else (False,)
+    for kind in ("dense", "varlen"):
+        for dtype in dtypes:
+            for grad in (False, True):
+                for dropout in dropouts:
+                    call = AttnCall(kind=kind, device_type=device.type,
+                                    compute_capability=registry.compute_capability(device), dtype=dtype,
+                                    head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
+                                    nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
+                                    window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0,
+                                    alibi=False, dropout=dropout, needs_grad=grad, deterministic=False,
+                                    seqlens_equal=True)
+                    try:
+                        table[(kind, dtype, grad, dropout)] = registry.select(call)
+                    except (ValueError, TypeError):
+                        pass
+    return table
+
+
+class FlashMLP(_BindsKernels, MLP):
+    """The gated MLP with gate and up as ONE projection ``gate_up_proj`` (rows: gate, then up; saved and
+    loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU as one op (``ops.swiglu``); GeGLU (Gemma2)
+    splits and applies its activation in torch."""
+
+    def __init__(self, config: ModelConfig, mlp: MLP | None = None) -> None:
+        if mlp is None:
+            super().__init__(config)
+        else:  # take over a built MLP's projections (no second random init)
+            torch.nn.Module.__init__(self)
+            self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            self.act_fn = mlp.act_fn
+        self.config = config
+        _fuse_into(self, "gate_up_proj", [config.intermediate_size, config.intermediate_size])
+        self.fused_act = config.hidden_act == "silu"
+        self._bind_kernels()
+
+    def forward(self, x: Tensor, compiled: bool = False) -> Tensor:
+        """x (..., hidden) -> (..., hidden); ``compiled``: the ops bound for torch.compile."""
+        gate_up = self.gate_up_proj(x)
+        if self.fused_act:
+            return self.down_proj((self.compiled_ops if compiled else self.ops).swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class FlashDecoderLayer(_BindsKernels, DecoderLayer):
+    """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``).
+
+    ``forward(hidden_states, cos, sin, meta=..., residual=...)`` returns ``(out, residual)``; the
+    block's output (the residual stream) is ``out + residual``, which the next layer (or the final
+    norm) adds inside its fused norm. ``residual=None`` means ``hidden_states`` is the whole stream
+    (the first layer). Gemma2's post-norms keep the default order and return ``(stream, None)``."""
+
     attention_class = FlashMultiHeadAttention
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.config = config
+        self.mlp = FlashMLP(config, self.mlp)
+        self._bind_kernels()
+
+    def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
+                past_key_values=None, meta: FlashMeta | None = None, residual: Tensor | None = None,
+                **kwargs) -> tuple[Tensor, Tensor | None]:
+        if self.post_norms:
+            if residual is not None:
+                hidden_states = hidden_states + residual
+            return super().forward(hidden_states, cos, sin, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, meta=meta, **kwargs), None
+        compiled = meta is not None and meta.compiled
+        ops = self.compiled_ops if compiled else self.ops
+        norm = self.input_layernorm
+        if residual is None:
+            residual = hidden_states
+            h = ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
+        else:
+            h, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)
+        h = self.self_attn(h, cos, sin, attention_mask=attention_mask, past_key_values=past_key_values,
+                           meta=meta, **kwargs)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps, norm.unit_offset)
+        return self.mlp(h, compiled), residual
 
 
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-class _Plan(NamedTuple):
-    """Planning result of one forward: the layers' meta plus how to map outputs back."""
-
-    meta: FlashMeta
-    token_ids: Tensor  # (batch, seqlen) or (1, total)
-    position_ids: Tensor  # same shape as token_ids (or (1, seqlen) broadcast over rows)
-    indices: Tensor | None  # unpadding: int64 (total,) into batch * seqlen; None otherwise
-    packed: bool  # varlen over all batch * seqlen tokens (packing)
-    cache_lengths: Tensor | int | None  # tokens added per row to the cache (None: no cache)
-
-
-def _append_plan(input_ids: Tensor, cache: StaticKVCache, position_ids: Tensor | None) -> _Plan:
-    """Tokens appended to every row of a non-empty cache, no padding: the kernel appends k/v at each
-    row's ``cache_seqlens`` and positions continue from there. Reads no host state of the cache."""
-    batch, seqlen = input_ids.shape
-    before = cache.seqlens(batch)  # live: the layers read it before the lengths are bumped
-    if position_ids is None:
-        position_ids = before.long()[:, None] + torch.arange(seqlen, device=input_ids.device)
-    meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before, append=True)
-    return _Plan(meta, input_ids, position_ids, None, False, seqlen)
-
-
-def _positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
-    """(1, total) position of each packed token inside its sequence (no host sync)."""
-    t = torch.arange(total, device=cu_seqlens.device)
-    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True)
-    return (t - cu_seqlens.long()[seq])[None]
-
-
-class FlashModel(DefaultModel):
+class FlashModel(_BindsKernels, DefaultModel):
     """Embedding, flash decoder layers, final norm; plans padding/packing/cache once per forward."""
 
     layer_class = FlashDecoderLayer
 
-    def _plan(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-              cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> _Plan:
-        batch, seqlen = input_ids.shape
-        dev = input_ids.device
-        if cache is not None and not cache.is_empty:
-            return self._plan_cached(input_ids, attention_mask, position_ids, cache, cu_seqlens)
-        if cache is not None:
-            cache.check_room(batch, seqlen)
-        if cu_seqlens is not None:
-            if attention_mask is not None:
-                raise ValueError("pass either attention_mask (padding) or cu_seqlens (packing), not both")
-            if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-                raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} "
-                                 f"{tuple(cu_seqlens.shape)}")
-            if max_seqlen is None:  # one host read; trainers pass it to avoid even that
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        elif attention_mask is not None:
-            indices, cu, max_len = get_unpad_data(attention_mask)  # the one host sync of this forward
-            if indices.numel() < batch * seqlen:
-                ranks = attention_mask.long().cumsum(-1) - 1
-                if position_ids is None:
-                    position_ids = ranks.clamp(min=0)
-                positions = position_ids.expand(batch, -1).reshape(-1)[indices][None]
-                write_batch = write_slot = lengths = None
-                if cache is not None:
-                    write_batch = indices // seqlen
-                    write_slot = ranks.reshape(-1)[indices]
-                    lengths = attention_mask.sum(-1, dtype=torch.int32)
-                meta = FlashMeta("varlen", cu_seqlens=cu, max_seqlen=max_len, cache=cache,
-                                 write_batch_idx=write_batch, write_slot_idx=write_slot)
-                return _Plan(meta, input_ids.reshape(-1)[indices][None], positions, indices, False, lengths)
-        elif position_ids is not None and seqlen > 1:
-            cu, max_len = prepare_from_position_ids(position_ids.expand(batch, -1))
-            if cu.numel() - 1 > batch:  # more sequences than rows: a packed batch
-                cu_seqlens, max_seqlen = cu, max_len
-        if cu_seqlens is not None:
-            if cache is not None:
-                raise ValueError("packed sequences (cu_seqlens / position_ids restarting at 0) cannot be "
-                                 "written to a StaticKVCache; generation uses left padding")
-            total = batch * seqlen
-            if position_ids is None:
-                positions = _positions_from_cu_seqlens(cu_seqlens, total)
-            else:
-                positions = position_ids.expand(batch, -1).reshape(1, total)
-            meta = FlashMeta("varlen", cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-            return _Plan(meta, input_ids.reshape(1, total), positions, None, True, None)
-        if position_ids is None:
-            position_ids = torch.arange(seqlen, device=dev)[None]
-        lengths = seqlen if cache is not None else None
-        return _Plan(FlashMeta("dense", cache=cache), input_ids, position_ids, None, False, lengths)
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.plan_for_compile = False
+        self._bind_kernels()
 
-    def _plan_cached(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-                     cache: StaticKVCache, cu_seqlens: Tensor | None) -> _Plan:
-        """Decode step or a chunk appended to a non-empty cache (no host sync without a mask)."""
-        batch, seqlen = input_ids.shape
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens (packing) cannot be combined with a non-empty cache")
-        cache.check_room(batch, seqlen)
-        if attention_mask is None:
-            return _append_plan(input_ids, cache, position_ids)
-        before = cache.seqlens(batch)  # live view: the layers read it before `advance` bumps it
-        if seqlen == 1:
-            raise ValueError("a decode step on a StaticKVCache takes no attention_mask: the cache keeps each "
-                             "row's length (cache_seqlens); pass attention_mask=None")
-        mask = attention_mask.long()
-        if bool((mask[:, 1:] < mask[:, :-1]).any()):  # one host read (chunked prefill only)
-            raise ValueError("attention_mask over a chunk appended to the cache must be left-padded "
-                             "(rows 0..0 1..1)")
-        ranks = (mask.cumsum(-1) - 1).clamp(min=0)
-        if position_ids is None:
-            position_ids = before.long()[:, None] + ranks
-        indices = torch.nonzero(mask.reshape(-1), as_tuple=False).flatten()
-        lengths = mask.sum(-1, dtype=torch.int32)
-        meta = FlashMeta("kvcache", cache=cache, cache_seqlens=before + lengths, append=False,
-                         query_mask=mask.bool()[:, :, None, None], write_token_idx=indices,
-                         write_batch_idx=indices // seqlen,
-                         write_slot_idx=(before.long()[:, None] + ranks).reshape(-1)[indices])
-        return _Plan(meta, input_ids, position_ids, None, False, lengths)
+    def _plan(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+              cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Plan:
+        # compiled: the sync-free plans (no host read, fixed shapes where possible; see plan_batch) and
+        # the ops bound for inductor -- the one place the model asks whether it is being compiled
+        # (or is told so: blocks compiled one by one run this planner eagerly, see prepare_compile)
+        compiling = self.plan_for_compile or torch.compiler.is_compiling()
+        plan = plan_batch(input_ids, attention_mask, position_ids, cache, cu_seqlens, max_seqlen,
+                          sync_free=compiling)
+        return plan._replace(meta=plan.meta._replace(compiled=True)) if compiling else plan
 
     def forward_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                        position_ids: Tensor | None = None, past_key_values: StaticKVCache | None = None,
                        cu_seqlens: Tensor | None = None, max_seqlen: int | None = None
-                       ) -> tuple[Tensor, _Plan]:
+                       ) -> tuple[Tensor, Plan]:
         """Final hidden states in the compute layout — (batch, seqlen, hidden), or (1, total, hidden)
         for unpadded/packed batches — and the plan that maps them back (see `forward`)."""
         plan = self._plan(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens, max_seqlen)
@@ -442,13 +561,27 @@ class FlashModel(DefaultModel):
             past_key_values.advance(input_ids.shape[0], plan.cache_lengths, input_ids.shape[1])
         return hidden_states, plan
 
-    def _run(self, plan: _Plan) -> Tensor:
-        """Embedding, RoPE tables, layers and final norm of a planned forward (every forward's body)."""
+    def _run(self, plan: Plan) -> Tensor:
+        """Embedding, RoPE tables, layers and final norm of a planned forward (every forward's body).
+        The residual stream is carried between layers as (out, residual) and summed inside the next
+        fused norm (see :class:`FlashDecoderLayer`)."""
         hidden_states = self.embed_tokens(plan.token_ids)
-        cos, sin = rope_tables(*self.rotary_emb(plan.position_ids), hidden_states.shape[0])
+        cos, sin = self._rope_half(plan.position_ids)
+        residual = None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, meta=plan.meta)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer(hidden_states, cos, sin, meta=plan.meta, residual=residual)
+        norm = self.norm
+        ops = self.compiled_ops if plan.meta.compiled else self.ops
+        if residual is None:
+            return ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
+        return ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)[0]
+
+    @torch.no_grad()
+    def _rope_half(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Half-width RoPE tables (batch or 1, seqlen, head_dim // 2) fp32 for ``position_ids`` (batch or 1,
+        seqlen): the first half of ``RotaryEmbedding``'s duplicated tables, computed without the copy."""
+        freqs = position_ids[..., None].float() * self.rotary_emb.inv_freq
+        return freqs.cos(), freqs.sin()
 
     def decode_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """The decode core: ``input_ids`` (batch, seqlen) appended to a non-empty ``cache`` without a
@@ -461,7 +594,10 @@ class FlashModel(DefaultModel):
         before (``cache.check_room(batch, seqlen)``) and records the append after
         (``cache.note_appended(batch, seqlen)``).
         """
-        hidden_states = self._run(_append_plan(input_ids, cache, None))
+        # captured in a CUDA graph: the direct plan; compiled: through the opaque kvcache op
+        compiling = torch.compiler.is_compiling()
+        plan = append_plan(input_ids, cache, None, direct=not compiling)
+        hidden_states = self._run(plan._replace(meta=plan.meta._replace(compiled=True)) if compiling else plan)
         cache.bump(input_ids.shape[0], input_ids.shape[1])
         return hidden_states
 
@@ -477,10 +613,12 @@ class FlashModel(DefaultModel):
         return _to_padded(hidden, plan, *input_ids.shape)
 
 
-def _to_padded(x: Tensor, plan: _Plan, batch: int, seqlen: int) -> Tensor:
+def _to_padded(x: Tensor, plan: Plan, batch: int, seqlen: int) -> Tensor:
     """(1, total, ...) or (batch, seqlen, ...) compute layout -> (batch, seqlen, ...)."""
     if plan.indices is not None:
         return pad_input(x[0], plan.indices, batch, seqlen)
+    if plan.token_mask is not None:  # sync-free padding: zero what the padding tokens computed
+        x = x * plan.token_mask.view(1, -1, *([1] * (x.dim() - 2)))
     return x.reshape(batch, seqlen, *x.shape[2:])
 
 
@@ -488,6 +626,40 @@ class FlashForCausalLM(DefaultForCausalLM):
     """Causal LM with flash attention; parameter names and init identical to ``DefaultForCausalLM``."""
 
     model_class = FlashModel
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The default model's init, drawn per HF projection inside the fused ones (q, k, v, then o;
+        gate, up, then down), so a flash model seeded like a default model holds its very weights."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, torch.nn.Linear):
+                for piece in module.weight.split(getattr(module, "split_sizes", [module.out_features])):
+                    piece.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def prepare_compile(self) -> FlashForCausalLM:
+        """Plan every forward as a compiled one even when the planner itself runs eagerly: for models
+        whose decoder blocks are compiled one by one (``flashlm train --compile``, torchtitan style).
+        The blocks then see fixed ``max_seqlen`` bounds (no recompiles as batches change) and the ops
+        bound for inductor; the loss takes the chunked torch path. Whole-model ``torch.compile`` needs
+        no call. Returns self."""
+        self.model.plan_for_compile = True
+        return self
+
+    def bind_attention(self) -> FlashForCausalLM:
+        """Choose every layer's attention backends again, honouring the backend forced now
+        (``use_backend``, ``FLASHLM_ATTN_BACKEND``); done automatically when built or moved."""
+        for layer in self.model.layers:
+            layer.self_attn._bind_kernels()
+        return self
 
     def allocate_cache(self, max_batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> StaticKVCache:
@@ -544,10 +716,13 @@ class FlashForCausalLM(DefaultForCausalLM):
                 raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
             # A caller's token past the vocab would be a device-side assert (the process's CUDA
             # context lost): one host read per step here. generate() decodes through decode_logits,
-            # whose tokens come from the model, without it.
-            check_token_range(self.config, input_ids)
+            # whose tokens come from the model, without it. Compiled: no device read in the graph.
+            if not torch.compiler.is_compiling():
+                check_token_range(self.config, input_ids)
         else:
-            check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0)
+            # compiled: shapes/dtypes only (the token range is a device read; see check_inputs)
+            check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0,
+                         check_range=not torch.compiler.is_compiling())
         if return_logits is None:
             return_logits = labels is None
 
@@ -562,12 +737,16 @@ class FlashForCausalLM(DefaultForCausalLM):
                 logits = _to_padded(token_logits, plan, batch, seqlen)
         if labels is not None:
             targets = self._shifted_targets(labels, plan)
-            if token_logits is not None:  # the logits exist anyway: plain cross-entropy on them
+            if token_logits is None and materialize_logits_for_loss(targets.numel(), self.config.vocab_size):
+                token_logits = self._logits(hidden)  # small: one matmul + one cross-entropy beats chunks
+            if token_logits is not None:
                 loss = cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), targets)
-            else:  # fused: never materializes (tokens x vocab)
+            else:  # large: fused, never materializes (tokens x vocab); compiled: the chunked torch
+                # path that Dynamo traces (Liger's autograd Function crashed compiled steps, issue 16)
                 loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
                                             targets, bias=self.lm_head.bias,
-                                            softcap=self.config.final_logit_softcap)
+                                            softcap=self.config.final_logit_softcap,
+                                            backend="torch" if plan.meta.compiled else None)
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
 
     def decode_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
@@ -586,12 +765,14 @@ class FlashForCausalLM(DefaultForCausalLM):
         return logits
 
     @staticmethod
-    def _shifted_targets(labels: Tensor, plan: _Plan) -> Tensor:
+    def _shifted_targets(labels: Tensor, plan: Plan) -> Tensor:
         """Targets aligned with the compute-layout tokens, flattened: token t predicts labels[t + 1]
         of its row; the last position of a row (and, packed, of each sequence) predicts nothing."""
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
         if plan.indices is not None:
             return shifted[plan.indices]
+        if plan.token_mask is not None:  # padding tokens kept (sync-free plan): they predict nothing
+            return shifted.masked_fill(~plan.token_mask, -100)
         if plan.packed:
             shifted = shifted.clone()
             shifted[plan.meta.cu_seqlens[1:].long() - 1] = -100
