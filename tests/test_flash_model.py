@@ -392,11 +392,16 @@ def test_cuda_decode_step_has_no_host_sync():
         tok = torch.randint(3, 256, (4, 1), device="cuda")
         flash(tok, past_key_values=cache)  # warm-up: lazy imports, registry choice cache
         torch.cuda.synchronize()
+        # the decode core that generate() runs and CUDA graphs capture; forward() itself reads the
+        # caller's token range back once per step (an out-of-vocab id would be a device assert)
+        cache.check_room(4, 1)
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            flash(tok, past_key_values=cache)
+            flash.decode_logits(tok, cache)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        cache.note_appended(4, 1)
     assert cache.cache_seqlens.tolist() == [34] * 4
 
 

@@ -379,7 +379,9 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
                 cache.write(self.layer_idx, k[0], v[0], meta.write_batch_idx, meta.write_slot_idx)
         dropout_p = self.attention_dropout if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        be = self.backends.get((meta.mode, q.dtype, needs_grad, dropout_p > 0))
+        key = (meta.mode, q.dtype, needs_grad, dropout_p > 0)
+        be = (self.backends.get(key + ("compiled",)) or self.backends.get(key)) if meta.compiled \
+            else self.backends.get(key)
         kwargs = {"dropout_p": dropout_p, "softmax_scale": self.scaling, "causal": True,
                   "window_size": self.window_size, "softcap": self.softcap_value}
         if be is None:  # not bound (no backend serves it): the public API explains why, or finds one
@@ -458,7 +460,27 @@ def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dic
                         table[(kind, dtype, grad, dropout)] = registry.select(call)
                     except (ValueError, TypeError):
                         pass
+                    traced = _traceable_backend(call)
+                    if traced is not None:
+                        table[(kind, dtype, grad, dropout, "compiled")] = traced
     return table
+
+
+# Backends whose Python entry points torch.compile cannot trace: FA4's CuTe DSL functions are skipped
+# by Dynamo ("Attempted to call function marked as skipped", the compiled llama-1b step on the H200).
+# Compiled plans take the first capable backend after them (cuDNN / our Triton custom ops / aten FA2).
+_NOT_TRACEABLE = frozenset({"fa4"})
+
+
+def _traceable_backend(call):
+    """The registry's choice for ``call`` among the backends torch.compile can trace, or None."""
+    from flashlm.attention import registry
+
+    if registry.forced_backend()[0] is not None:
+        return None  # a forced backend is used as is (an untraceable one then fails to compile, loudly)
+    exp = registry.explain_call(call)
+    name = next((n for n, why in exp.reasons.items() if why is None and n not in _NOT_TRACEABLE), None)
+    return None if name is None or name == "reference" and call.device_type != "cpu" else registry.get_backend(name)
 
 
 class FlashMLP(_BindsKernels, MLP):
