@@ -13,8 +13,8 @@ T, M = sum(lens), max(lens)
 for name, kw in {"plain": {}, "window": {"window_size": (2, 0)}, "softcap": {"softcap": 2.0}}.items():
     q32, k32, v32 = (torch.randn(T, h, D, device="cuda") for h in (H, KV, KV))
     g32 = torch.randn(T, H, D, device="cuda")
-    def run(backend, dt):
-        q, k, v = (t.to(dt).requires_grad_() for t in (q32, k32, v32))
+    def run(backend, dt, qkv=(q32, k32, v32), g32=g32, kw=kw):
+        q, k, v = (t.to(dt).requires_grad_() for t in qkv)
         with use_backend(backend):
             o = flash_attn_varlen_func(q, k, v, cu, cu, M, M, causal=True, **kw)
             return (o, *torch.autograd.grad(o, (q, k, v), g32.to(dt)))
