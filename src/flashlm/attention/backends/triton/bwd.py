@@ -23,7 +23,6 @@ from .common import (
     bwd_config,
     dot_precision,
     mask_scores,
-    pv_dot,
     tanh,
     varlen_bounds,
     window_bounds,
@@ -213,10 +212,10 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, end, rows, offs_n, 
             ds = tl.where(p > 0, ds, 0.0)
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        if MASKED:  # nor read a k row it does not see
-            dq = pv_dot(dq, ds, k, p > 0, DOT_PREC)
-        else:
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        # A plain dot: the masked-tile guard (pv_dot) here gave dQ errors ~150-200x the bf16 reference's
+        # on the H200 (benchmarks/diag_varlen_grads.py, 2026-12-01) though the CPU interpreter agreed;
+        # so a non-finite k row that no query of the tile sees still reaches dQ (documented limitation).
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
