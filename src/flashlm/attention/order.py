@@ -15,7 +15,12 @@ from __future__ import annotations
 # Every backend the registry knows, in the default order (a family/kind without its own table).
 ORDER: tuple[str, ...] = ("fa4", "flash_attn", "cudnn", "triton", "torch_flash", "sdpa_cpu", "reference")
 
-_HOPPER_DENSE = ("fa4", "flash_attn", "cudnn", "triton", "torch_flash", "sdpa_cpu", "reference")
+# PyTorch's FA2 ahead of our Triton kernels on Hopper (2026-12-01, H200): with cuDNN refusing calls under
+# 128 queries, the next in line serves small, host-bound calls, where torch_flash costs 386 µs of host time
+# per fwd+bwd against Triton's 796 (benchmarks/results/h200/diag_start.json); and the Triton backward's
+# dQ was wrong on the H200 before its revert in 8fc2555 (h200/diag_varlen_grads.txt), not yet re-measured.
+# Triton still serves what FA2 cannot (softcap, ALiBi).
+_HOPPER_DENSE = ("fa4", "flash_attn", "cudnn", "torch_flash", "triton", "sdpa_cpu", "reference")
 
 ORDERS: dict[str, dict[str, tuple[str, ...]]] = {
     # CPU: only sdpa_cpu and the reference run there; the others are listed so explain() names them.
