@@ -244,6 +244,10 @@ def _torchrun(script: list, corpus, cache, out, *extra, fault: str | None = None
               *BASE, *map(str, FSDP_COMMON), "--data", str(corpus), "--cache-dir", str(cache),
               "--batch-size", "2", "--output", str(out), *extra]
     proc = subprocess.run(launch, check=False, env=env, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Seen once (2026-12-01) on a 2-core machine running three other test suites: a gloo rank
+        # aborted in its first collective before any step. A bug in our code fails the retry too.
+        proc = subprocess.run(launch, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
