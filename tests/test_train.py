@@ -247,6 +247,8 @@ def _torchrun(script: list, corpus, cache, out, *extra, fault: str | None = None
     if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
         # Seen once (2026-12-01) on a 2-core machine running three other test suites: a gloo rank
         # aborted in its first collective before any step. A bug in our code fails the retry too.
+        if "--resume" not in map(str, extra):
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run: the folder must hold no other run
         proc = subprocess.run(launch, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
