@@ -469,7 +469,8 @@ def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dic
 # Backends whose Python entry points torch.compile cannot trace: FA4's CuTe DSL functions are skipped
 # by Dynamo ("Attempted to call function marked as skipped", the compiled llama-1b step on the H200).
 # Compiled plans take the first capable backend after them (cuDNN / our Triton custom ops / aten FA2).
-_NOT_TRACEABLE = frozenset({"fa4"})
+# sdpa_cpu reads cu_seqlens / cache lengths on the host for varlen and KV-cache calls (a graph break).
+_NOT_TRACEABLE = {"fa4": ("dense", "varlen", "kvcache"), "sdpa_cpu": ("varlen", "kvcache")}
 
 
 def _traceable_backend(call):
@@ -479,7 +480,8 @@ def _traceable_backend(call):
     if registry.forced_backend()[0] is not None:
         return None  # a forced backend is used as is (an untraceable one then fails to compile, loudly)
     exp = registry.explain_call(call)
-    name = next((n for n, why in exp.reasons.items() if why is None and n not in _NOT_TRACEABLE), None)
+    name = next((n for n, why in exp.reasons.items() if why is None and call.kind not in _NOT_TRACEABLE.get(n, ())),
+                None)
     return None if name is None or name == "reference" and call.device_type != "cpu" else registry.get_backend(name)
 
 

@@ -168,7 +168,7 @@ class SdpaCpuBackend(Backend):
         why = super().refuse(call)
         if why:
             return why
-        if not (call.seqlen_q and call.seqlen_k):
+        if call.seqlen_q == 0 or call.seqlen_k == 0:  # None: not known yet (a model binding at build)
             return "empty (max_)seqlen_q or seqlen_k (the CPU kernel divides by zero)"
         return None
 
