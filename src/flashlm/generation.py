@@ -550,71 +550,65 @@ def _load_tokenizer(path: str | None, model_arg: str):
         raise InputError(f"--tokenizer {path!r} is not a valid tokenizer.json ({e})") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``flashlm generate``: build or load a model, generate, print tokens/text and latencies."""
-    args = _build_parser().parse_args(argv)
+def _load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The --model folder or preset (a preset's weights drawn from ``--seed``); None (after printing
+    why) when it is neither."""
     from flashlm.models import build_model, from_pretrained
     from flashlm.models.config import PRESETS, get_preset
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)
     if os.path.isdir(args.model):
-        model = from_pretrained(args.model, attn=args.attn, device=device, dtype=dtype)
-    elif args.model in PRESETS:
-        model = build_model(get_preset(args.model), attn=args.attn, device=device, dtype=dtype)
-    else:
-        print(f"flashlm generate: --model {args.model!r} is neither a folder nor a preset "
-              f"({', '.join(PRESETS)})", file=sys.stderr)
-        return 2
-    config = model.config
-    tokenizer = None
-    try:
-        if args.prompt is not None:
-            tokenizer = _load_tokenizer(args.tokenizer, args.model)
-            rows = [tokenizer.encode(t).ids for t in args.prompt]
-            if any(not r for r in rows):
-                raise ValueError("a --prompt encodes to no tokens")
-        else:
-            rows = [_parse_ids(t) for t in args.prompt_ids]
-    except ValueError as e:
-        print(f"flashlm generate: {e}", file=sys.stderr)
-        return 2
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    input_ids, mask = _left_pad(rows, pad_id)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    generator = torch.Generator(device=device).manual_seed(args.seed) if args.do_sample else None
+        return from_pretrained(args.model, attn=args.attn, device=device, dtype=dtype)
+    if args.model in PRESETS:
+        return build_model(get_preset(args.model), attn=args.attn, device=device, dtype=dtype)
+    print(f"flashlm generate: --model {args.model!r} is neither a folder nor a preset "
+          f"({', '.join(PRESETS)})", file=sys.stderr)
+    return None
 
-    streamer = None
-    if args.stream and not args.json:
-        def streamer(tokens: Tensor) -> None:
-            tok = int(tokens[0])
-            piece = tokenizer.decode([tok]) if tokenizer is not None else f" {tok}"
-            print(piece, end="", flush=True)
 
-    eos = [] if args.no_eos else (args.eos_token_id or None)
-    cuda_graph = _CUDA_GRAPH_CHOICES[args.cuda_graph]
-    compile_step: bool | str = False
-    if args.compile is not None:
-        why = "--cuda-graph off" if cuda_graph is False else graph_unavailable_reason(
-            model, device, SamplingKey(do_sample=args.do_sample))
-        if why is None:
-            compile_step = _COMPILE_CHOICES[args.compile]
-        else:
-            print(f"flashlm generate: --compile: {why}; running the eager decode loop", file=sys.stderr)
-    try:
-        out = generate(model, input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=generator,
-                       cuda_graph=cuda_graph, max_cache_len=args.max_cache_len, compile=compile_step)
-    except (ValueError, TypeError) as e:
-        print(f"flashlm generate: {e}", file=sys.stderr)
-        return 2
-    if streamer is not None:
-        print()
-    width = input_ids.shape[1]
+def _prompt_rows(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
+    """(token ids per prompt, tokenizer or None) from --prompt (encoded) or --prompt-ids; ValueError
+    on a bad prompt or tokenizer."""
+    if args.prompt is None:
+        return [_parse_ids(t) for t in args.prompt_ids], None
+    tokenizer = _load_tokenizer(args.tokenizer, args.model)
+    rows = [tokenizer.encode(t).ids for t in args.prompt]
+    if any(not r for r in rows):
+        raise ValueError("a --prompt encodes to no tokens")
+    return rows, tokenizer
+
+
+def _make_streamer(args: argparse.Namespace, tokenizer: Any):
+    """--stream (and not --json): a streamer printing row 0's tokens (decoded if there is a tokenizer)."""
+    if not args.stream or args.json:
+        return None
+
+    def streamer(tokens: Tensor) -> None:
+        tok = int(tokens[0])
+        piece = tokenizer.decode([tok]) if tokenizer is not None else f" {tok}"
+        print(piece, end="", flush=True)
+
+    return streamer
+
+
+def _compile_choice(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+                    cuda_graph: bool | str) -> bool | str:
+    """generate()'s ``compile`` for --compile: False (with a note) where the CUDA graph cannot run."""
+    if args.compile is None:
+        return False
+    why = "--cuda-graph off" if cuda_graph is False else graph_unavailable_reason(
+        model, device, SamplingKey(do_sample=args.do_sample))
+    if why is None:
+        return _COMPILE_CHOICES[args.compile]
+    print(f"flashlm generate: --compile: {why}; running the eager decode loop", file=sys.stderr)
+    return False
+
+
+def _result_record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, n_rows: int,
+                   width: int, out: GenerationOutput, tokenizer: Any) -> dict:
+    """The JSON object `main` prints: settings, latencies, decode path and the new tokens per row."""
     result = {"model": args.model, "attn": args.attn, "device": str(device),
-              "dtype": str(dtype).replace("torch.", ""), "batch": len(rows),
+              "dtype": str(dtype).replace("torch.", ""), "batch": n_rows,
               "prompt_len": width, "num_new_tokens": out.num_new_tokens.tolist(),
               "first_token_ms": round(out.first_token_s * 1e3, 3),
               "per_token_ms": round(out.per_token_s * 1e3, 3) if math.isfinite(out.per_token_s) else None,
@@ -626,18 +620,60 @@ def main(argv: list[str] | None = None) -> int:
                                 for i, n in enumerate(out.num_new_tokens)]}
     if tokenizer is not None:
         result["text"] = [tokenizer.decode(ids) for ids in result["new_token_ids"]]
+    return result
+
+
+def _print_text(args: argparse.Namespace, result: dict, out: GenerationOutput, device: torch.device,
+                tokenizer: Any) -> None:
+    """The human-readable lines: each row's new text (or ids), then the latency line."""
+    for i, ids in enumerate(result["new_token_ids"]):
+        shown = result["text"][i] if tokenizer is not None else " ".join(map(str, ids))
+        print(f"[{i}] {shown}")
+    per = "n/a" if result["per_token_ms"] is None else f"{result['per_token_ms']:.2f} ms"
+    if out.cuda_graph:
+        what = f"torch.compile ({out.compile_mode}) + CUDA graph" if out.compile_mode else "CUDA graph"
+        graph = f", {what} prepared in {result['capture_ms']:.0f} ms"
+    else:
+        graph = f", eager decode: {out.graph_fallback}"
+    print(f"first token {result['first_token_ms']:.2f} ms, per token {per} "
+          f"({args.attn}, {result['dtype']}, {device}{graph})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flashlm generate``: build or load a model, generate, print tokens/text and latencies."""
+    args = _build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = _load_model(args, device, dtype)
+    if model is None:
+        return 2
+    config = model.config
+    try:
+        rows, tokenizer = _prompt_rows(args)
+    except ValueError as e:
+        print(f"flashlm generate: {e}", file=sys.stderr)
+        return 2
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    input_ids, mask = _left_pad(rows, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.do_sample else None
+    streamer = _make_streamer(args, tokenizer)
+    eos = [] if args.no_eos else (args.eos_token_id or None)
+    cuda_graph = _CUDA_GRAPH_CHOICES[args.cuda_graph]
+    compile_step = _compile_choice(args, model, device, cuda_graph)
+    try:
+        out = generate(model, input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=generator,
+                       cuda_graph=cuda_graph, max_cache_len=args.max_cache_len, compile=compile_step)
+    except (ValueError, TypeError) as e:
+        print(f"flashlm generate: {e}", file=sys.stderr)
+        return 2
+    if streamer is not None:
+        print()
+    result = _result_record(args, device, dtype, len(rows), input_ids.shape[1], out, tokenizer)
     if not args.json:
-        for i, ids in enumerate(result["new_token_ids"]):
-            shown = result["text"][i] if tokenizer is not None else " ".join(map(str, ids))
-            print(f"[{i}] {shown}")
-        per = "n/a" if result["per_token_ms"] is None else f"{result['per_token_ms']:.2f} ms"
-        if out.cuda_graph:
-            what = f"torch.compile ({out.compile_mode}) + CUDA graph" if out.compile_mode else "CUDA graph"
-            graph = f", {what} prepared in {result['capture_ms']:.0f} ms"
-        else:
-            graph = f", eager decode: {out.graph_fallback}"
-        print(f"first token {result['first_token_ms']:.2f} ms, per token {per} "
-              f"({args.attn}, {result['dtype']}, {device}{graph})")
+        _print_text(args, result, out, device, tokenizer)
     print(json.dumps(result))
     return 0
 

@@ -36,8 +36,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -588,13 +590,71 @@ def train(argv_or_args: list[str] | argparse.Namespace | None = None) -> TrainRe
             dist.destroy_process_group()
 
 
-def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
-    from flashlm.models import build_model, from_pretrained
+@dataclass
+class _Data:
+    """What `_prepare_data` resolves and checks before any model is built."""
 
+    config: Any
+    hf_folder: Path | None
+    tok: Any
+    train_ds: fdata.PackedDataset
+    eval_ds: fdata.PackedDataset | None
+    train_iter: fdata.DataIterator
+    resume_dir: Path | None
+    changed: list[str]  # batch-shape args a resume changes (warned about)
+
+
+@dataclass
+class _Run:
+    """The state the step loop works on: the built run plus the throughput counters it updates."""
+
+    args: argparse.Namespace
+    out: Path
+    dd: Dist
+    device: torch.device
+    data: _Data
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    fpt: float  # model FLOPs per token
+    peak: float | None  # peak FLOP/s per device (None: no MFU)
+    tokens_per_step: int
+    start_step: int
+    end_step: int
+    train_args: dict
+    metrics_path: Path
+    timed_tokens: int = 0  # tokens and seconds of the steps after the first (throughput, MFU)
+    timed_s: float = 0.0
+    last_ckpt: Path | None = None
+
+
+def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     bf16 = dtype == "bf16"
+    data = _prepare_data(args, out, dd)
+    model, fpt, n_params = _build_model(args, data, dd, device, bf16)
+    optimizer, scheduler, master = _build_optimizer(args, model, dd, bf16)
+    start_step = _resume(args, out, dd, data, model, optimizer, scheduler)
+    run = _Run(
+        args=args, out=out, dd=dd, device=device, data=data, model=model, optimizer=optimizer,
+        scheduler=scheduler, autocast=_autocast_factory(bf16 and not dd.enabled and not master, device),
+        fpt=fpt, peak=peak_flops(device, args.peak_tflops),
+        tokens_per_step=args.batch_size * args.seq_length * args.grad_accum * dd.world_size,
+        start_step=start_step, end_step=args.stop_after if args.stop_after is not None else args.max_steps,
+        train_args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        metrics_path=out / "metrics.jsonl",
+    )
+    result = TrainResult(start_step=start_step)
+    if dd.main:
+        _print_banner(run, dtype, n_params)
+    _run_steps(run, result)
+    return _finish(run, result, dtype)
 
-    # ---- config, tokenizer, data (all checks before the model is built)
+
+def _prepare_data(args, out: Path, dd: Dist) -> _Data:
+    """Config, tokenizer, resume checks and packed data: every check of the input runs here, before
+    the model is built. Sets ``args.seq_length`` when it was left to its default."""
     config, hf_folder = _resolve_model_config(args)
     if args.seq_length is None:
         args.seq_length = min(DEFAULT_SEQ_LENGTH, config.max_position_embeddings)
@@ -628,14 +688,20 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
             f"only {len(eval_ds)} held-out rows for {dd.world_size} processes: raise --eval-fraction or add data"
         )
     train_iter = fdata.DataIterator(train_ds, args.batch_size, seed=args.seed, rank=dd.rank, world_size=dd.world_size)
+    return _Data(config, hf_folder, tok, train_ds, eval_ds, train_iter, resume_dir, changed)
 
-    # ---- model
+
+def _build_model(args, data: _Data, dd: Dist, device: torch.device, bf16: bool) -> tuple[nn.Module, float, int]:
+    """The fp32 model seeded with ``--seed`` (the same init on every rank), with activation
+    checkpointing, compiled layers and FSDP2 as asked; returns (model, FLOPs per token, parameters)."""
+    from flashlm.models import build_model, from_pretrained
+
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # same init on every rank; fully_shard then keeps each rank's shard
-    if hf_folder is not None:
-        model = from_pretrained(hf_folder, attn=args.attn, device=device, dtype=torch.float32)
+    if data.hf_folder is not None:
+        model = from_pretrained(data.hf_folder, attn=args.attn, device=device, dtype=torch.float32)
     else:
-        model = build_model(config, attn=args.attn, device=device, dtype=torch.float32)
+        model = build_model(data.config, attn=args.attn, device=device, dtype=torch.float32)
     model.train()
     fpt = flops_per_token(model, args.seq_length)
     n_params = sum(p.numel() for p in model.parameters())
@@ -648,154 +714,200 @@ def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
             layer.compile()  # in place: parameter names unchanged
     if dd.enabled:
         apply_fsdp(model, bf16)
+    return model, fpt, n_params
+
+
+def _build_optimizer(args, model: nn.Module, dd: Dist, bf16: bool):
+    """(optimizer, LR scheduler, master): with bf16 in one process and ``--precision master`` the
+    model's parameters become bf16 and the optimizer steps fp32 master copies (``master`` True)."""
     master = bf16 and not dd.enabled and args.precision == "master"
     optimizer = make_optimizer(model, args.lr, args.weight_decay, torch.bfloat16 if master else None)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, args.max_steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.max_steps, warmup, args.min_lr_ratio))
+    return optimizer, scheduler, master
 
-    # ---- resume
+
+def _resume(args, out: Path, dd: Dist, data: _Data, model, optimizer, scheduler) -> int:
+    """Load the checkpoint into model, optimizer, scheduler and data iterator (and cut metrics.jsonl
+    back to its step), or start a fresh log; returns the step to continue from."""
     start_step = 0
     metrics_path = out / "metrics.jsonl"
-    if resume_dir is not None:
-        state = ckpt.load_checkpoint(resume_dir, model=model, optimizer=optimizer, scheduler=scheduler)
-        train_iter.load_state_dict(state["data"])
+    if data.resume_dir is not None:
+        state = ckpt.load_checkpoint(data.resume_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        data.train_iter.load_state_dict(state["data"])
         start_step = state["step"]
-        if changed and dd.main:
-            print(f"flashlm train: resuming with changed {changed}: the run will not match an "
+        if data.changed and dd.main:
+            print(f"flashlm train: resuming with changed {data.changed}: the run will not match an "
                   "uninterrupted one", file=sys.stderr)
         if dd.main:
             _truncate_metrics(metrics_path, start_step)
     elif dd.main and metrics_path.exists():
         metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
     dd.barrier()
+    return start_step
 
-    # bf16 in one process: bf16 parameters (master) or autocast. Under FSDP2 the MixedPrecisionPolicy casts.
+
+def _autocast_factory(use_autocast: bool, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 in one process: bf16 parameters (master) or autocast. Under FSDP2 the MixedPrecisionPolicy casts."""
+
     def autocast():
-        if bf16 and not dd.enabled and not master:
+        if use_autocast:
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    peak = peak_flops(device, args.peak_tflops)
-    tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * dd.world_size
-    result = TrainResult(start_step=start_step)
-    end_step = args.stop_after if args.stop_after is not None else args.max_steps
-    train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    return autocast
 
-    if dd.main:
-        print(
-            f"flashlm train: {args.model} ({args.attn}, {n_params / 1e6:.1f}M params, {dtype}) on "
-            f"{dd.world_size} x {device.type}; {len(train_ds)} train rows x {args.seq_length} tokens"
-            f"{f', {len(eval_ds)} eval rows' if eval_ds is not None else ''}; {tokens_per_step} tokens/step; "
-            f"steps {start_step} -> {end_step}",
-            file=sys.stderr,
-        )
+
+def _print_banner(run: _Run, dtype: str, n_params: int) -> None:
+    args, data = run.args, run.data
+    print(
+        f"flashlm train: {args.model} ({args.attn}, {n_params / 1e6:.1f}M params, {dtype}) on "
+        f"{run.dd.world_size} x {run.device.type}; {len(data.train_ds)} train rows x {args.seq_length} tokens"
+        f"{f', {len(data.eval_ds)} eval rows' if data.eval_ds is not None else ''}; "
+        f"{run.tokens_per_step} tokens/step; steps {run.start_step} -> {run.end_step}",
+        file=sys.stderr,
+    )
+
+
+def _run_steps(run: _Run, result: TrainResult) -> None:
+    """Steps ``start_step + 1 .. end_step``: train, log to metrics.jsonl and the progress bar, save."""
+    args, dd = run.args, run.dd
     bar = None
     if dd.main and not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=args.max_steps, initial=run.start_step, desc="train", dynamic_ncols=True)
 
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if dd.main else None  # noqa: SIM115
-    t_run, timed_tokens, timed_s = time.perf_counter(), 0, 0.0
-    last_ckpt = None
+    metrics_file = open(run.metrics_path, "a", encoding="utf-8") if dd.main else None  # noqa: SIM115
+    t_run = time.perf_counter()
     try:
-        for step in range(start_step + 1, end_step + 1):
+        for step in range(run.start_step + 1, run.end_step + 1):
             t0 = time.perf_counter()
-            # Token-weighted loss over the whole global batch (all micro-batches, all ranks), so the
-            # gradient equals one big batch's whatever --grad-accum and the process count: each
-            # micro-batch's mean loss is re-weighted by its share of the step's target tokens.
-            # (FSDP averages gradients over ranks, hence the world_size factor.)
-            micro_batches = [next(train_iter) for _ in range(args.grad_accum)]
-            n_local = torch.stack([(b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum() for b in micro_batches])
-            n_global = dd.sum(n_local.sum().to(device).float())
-            loss_sum = torch.zeros((), device=device)
-            for micro, cpu_batch in enumerate(micro_batches):
-                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-                if dd.enabled:
-                    # Reduce-scatter gradients only on the last micro-batch.
-                    model.set_requires_gradient_sync(micro == args.grad_accum - 1)
-                with autocast():
-                    loss = model(**batch).loss
-                n = n_local[micro].to(device)
-                # an all-ignored micro-batch has a nan mean (torch semantics) and zero gradients
-                weighted = torch.where(n > 0, loss.float() * n, torch.zeros_like(loss, dtype=torch.float32))
-                weighted = weighted / n_global
-                (weighted * dd.world_size).backward()
-                loss_sum += weighted.detach()
-            if args.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            else:
-                grad_norm = None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            # One host sync per step (the logged loss), never inside the model.
-            step_loss = float(dd.sum(loss_sum))
+            step_loss, grad_norm = _train_step(run)
             dt = time.perf_counter() - t0
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or check the data")
-            tok_s = tokens_per_step / dt
-            if step > start_step + 1:  # the first step pays for compilation / allocator warmup
-                timed_tokens, timed_s = timed_tokens + tokens_per_step, timed_s + dt
-            mfu = fpt * tok_s / (peak * dd.world_size) if peak else None
-            mem = _peak_mem_gib(device)
-            result.losses.append(step_loss)
-            rec = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": None if grad_norm is None else float(grad_norm),
-                   "tokens": step * tokens_per_step, "tokens_per_s": tok_s, "mfu": mfu,
-                   "peak_mem_gib": mem, "elapsed_s": time.perf_counter() - t_run}
-
-            if eval_ds is not None and step % args.eval_every == 0:
-                ev = evaluate(model, eval_ds, args.batch_size, args.eval_batches, dd, device, autocast)
-                rec["eval_loss"] = ev
-                result.eval_losses.append((step, ev))
+            rec = _step_record(run, result, step, step_loss, grad_norm, dt, t_run)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
             if bar is not None:
-                post = {"loss": f"{step_loss:.4f}", "tok/s": f"{tok_s:,.0f}", "mem": f"{mem:.1f}G"}
-                if mfu is not None:
-                    post["mfu"] = f"{100 * mfu:.1f}%"
-                if "eval_loss" in rec:
-                    post["eval"] = f"{rec['eval_loss']:.4f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-
-            periodic = args.save_every > 0 and (step % args.save_every == 0 or step == end_step)
-            if periodic or (step == end_step and args.stop_after is not None):
-                check_finite_params(model, dd, step)
-                last_ckpt = ckpt.save_checkpoint(
-                    out, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                    data_state=train_iter.state_dict(), train_args=train_args, tokenizer=tok,
-                )
+                _update_bar(bar, rec)
+            _maybe_save(run, step)
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
 
-    result.last_checkpoint = last_ckpt
-    if timed_s > 0:
-        result.tokens_per_s = timed_tokens / timed_s
-        result.mfu = fpt * result.tokens_per_s / (peak * dd.world_size) if peak else None
-    result.peak_mem_gib = _peak_mem_gib(device)
+
+def _train_step(run: _Run) -> tuple[float, torch.Tensor | None]:
+    """One optimizer step over ``--grad-accum`` micro-batches; returns (global loss, grad norm or None).
+
+    Token-weighted loss over the whole global batch (all micro-batches, all ranks), so the gradient
+    equals one big batch's whatever --grad-accum and the process count: each micro-batch's mean loss
+    is re-weighted by its share of the step's target tokens. (FSDP averages gradients over ranks,
+    hence the world_size factor.)"""
+    args, dd, device, model = run.args, run.dd, run.device, run.model
+    micro_batches = [next(run.data.train_iter) for _ in range(args.grad_accum)]
+    n_local = torch.stack([(b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum() for b in micro_batches])
+    n_global = dd.sum(n_local.sum().to(device).float())
+    loss_sum = torch.zeros((), device=device)
+    for micro, cpu_batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        if dd.enabled:
+            # Reduce-scatter gradients only on the last micro-batch.
+            model.set_requires_gradient_sync(micro == args.grad_accum - 1)
+        with run.autocast():
+            loss = model(**batch).loss
+        n = n_local[micro].to(device)
+        # an all-ignored micro-batch has a nan mean (torch semantics) and zero gradients
+        weighted = torch.where(n > 0, loss.float() * n, torch.zeros_like(loss, dtype=torch.float32))
+        weighted = weighted / n_global
+        (weighted * dd.world_size).backward()
+        loss_sum += weighted.detach()
+    if args.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    else:
+        grad_norm = None
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # One host sync per step (the logged loss), never inside the model.
+    return float(dd.sum(loss_sum)), grad_norm
+
+
+def _step_record(run: _Run, result: TrainResult, step: int, step_loss: float, grad_norm, dt: float,
+                 t_run: float) -> dict:
+    """The step's metrics.jsonl record (with ``eval_loss`` on eval steps); updates the throughput
+    counters and ``result``'s losses."""
+    tok_s = run.tokens_per_step / dt
+    if step > run.start_step + 1:  # the first step pays for compilation / allocator warmup
+        run.timed_tokens, run.timed_s = run.timed_tokens + run.tokens_per_step, run.timed_s + dt
+    mfu = run.fpt * tok_s / (run.peak * run.dd.world_size) if run.peak else None
+    mem = _peak_mem_gib(run.device)
+    result.losses.append(step_loss)
+    rec = {"step": step, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
+           "grad_norm": None if grad_norm is None else float(grad_norm),
+           "tokens": step * run.tokens_per_step, "tokens_per_s": tok_s, "mfu": mfu,
+           "peak_mem_gib": mem, "elapsed_s": time.perf_counter() - t_run}
+
+    args = run.args
+    if run.data.eval_ds is not None and step % args.eval_every == 0:
+        ev = evaluate(run.model, run.data.eval_ds, args.batch_size, args.eval_batches, run.dd, run.device,
+                      run.autocast)
+        rec["eval_loss"] = ev
+        result.eval_losses.append((step, ev))
+    return rec
+
+
+def _update_bar(bar, rec: dict) -> None:
+    post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:,.0f}", "mem": f"{rec['peak_mem_gib']:.1f}G"}
+    if rec["mfu"] is not None:
+        post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+    if "eval_loss" in rec:
+        post["eval"] = f"{rec['eval_loss']:.4f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
+
+
+def _maybe_save(run: _Run, step: int) -> None:
+    """Checkpoint every ``--save-every`` steps and at the last step (always at a ``--stop-after`` stop)."""
+    args = run.args
+    periodic = args.save_every > 0 and (step % args.save_every == 0 or step == run.end_step)
+    if periodic or (step == run.end_step and args.stop_after is not None):
+        check_finite_params(run.model, run.dd, step)
+        run.last_ckpt = ckpt.save_checkpoint(
+            run.out, step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+            data_state=run.data.train_iter.state_dict(), train_args=run.train_args, tokenizer=run.data.tok,
+        )
+
+
+def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
+    """Throughput and peak memory into ``result``; at --max-steps the final model and loss.png; the
+    one-line JSON summary on stdout (rank 0)."""
+    dd, fpt, end_step = run.dd, run.fpt, run.end_step
+    result.last_checkpoint = run.last_ckpt
+    if run.timed_s > 0:
+        result.tokens_per_s = run.timed_tokens / run.timed_s
+        result.mfu = fpt * result.tokens_per_s / (run.peak * dd.world_size) if run.peak else None
+    result.peak_mem_gib = _peak_mem_gib(run.device)
     # every rank's peak during training (the summary reports them all under FSDP2)
-    peaks = torch.zeros(dd.world_size, device=device)
+    peaks = torch.zeros(dd.world_size, device=run.device)
     peaks[dd.rank] = result.peak_mem_gib
     peaks = dd.sum(peaks).tolist()
-    if end_step == args.max_steps:
-        check_finite_params(model, dd, end_step)
-        result.final_dir = out / "final"
-        ckpt.export_model(model, result.final_dir, tokenizer=tok)
+    if end_step == run.args.max_steps:
+        check_finite_params(run.model, dd, end_step)
+        result.final_dir = run.out / "final"
+        ckpt.export_model(run.model, result.final_dir, tokenizer=run.data.tok)
         if dd.main:
-            plot_losses(metrics_path, out / "loss.png")
+            plot_losses(run.metrics_path, run.out / "loss.png")
     if dd.main:
         summary = {"steps": end_step, "final_loss": result.losses[-1] if result.losses else None,
                    "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "peak_mem_gib": result.peak_mem_gib,
                    "peak_mem_gib_per_rank": peaks, "flops_per_token": fpt, "world_size": dd.world_size,
-                   "dtype": dtype, "attn": args.attn}
+                   "dtype": dtype, "attn": run.args.attn}
         print(json.dumps(summary))
     return result
 
