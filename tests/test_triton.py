@@ -460,7 +460,7 @@ def test_cuda_rotary_bf16():
 
 _AOT_SCRIPT = r"""
 from triton_aot import compile_sm90
-from flashlm.attention.backends.triton import bwd, decode, fwd
+from flashlm.attention.backends.triton import bwd, decode, fwd, rotary
 
 INT_PTRS = {"CuQ", "CuK", "CacheSeqlens", "LeftPad", "BatchIdx", "BlockTable"}
 F32_PTRS = {"Lse", "Delta", "Alibi", "LPart", "OPart"}
@@ -468,9 +468,20 @@ PTRS = {**dict.fromkeys(INT_PTRS, "*i32"), **dict.fromkeys(F32_PTRS, "*fp32")}
 SCALARS = dict.fromkeys(("qk_scale", "softcap", "softmax_scale"), "fp32")
 FLAGS = {"BANDED": True, "SOFTCAP": False, "ALIBI": False, "IS_VARLEN": False, "EVEN_D": True, "PAGED": True,
          "HAS_LEFTPAD": False, "HAS_BATCH_IDX": False, "HEAD_DIM": 128, "BLOCK_D": 128, "DOT_PREC": "tf32"}
+# the Hopper tiles of common.fwd_config / bwd_config / decode_config at head_dim 128
 for jit, bm, bn, warps in [(fwd._fwd_kernel, 128, 64, 8), (bwd._dq_kernel, 128, 64, 8),
-                           (decode._decode_kernel, 16, 128, 4)]:
+                           (bwd._dkdv_kernel, 64, 128, 8), (decode._decode_kernel, 16, 128, 4)]:
     compile_sm90(jit, {**FLAGS, "BLOCK_M": bm, "BLOCK_N": bn}, PTRS, "*fp16", SCALARS, num_warps=warps)
+compile_sm90(bwd._bwd_preprocess, {**FLAGS, "BLOCK_M": 64}, PTRS, "*fp16", SCALARS)
+compile_sm90(decode._combine_kernel, {**FLAGS, "BLOCK_S": 8}, PTRS, "*fp16", SCALARS)
+# rotary (apply_rotary_bshd): every flag, full and partial rotary_dim, each x dtype, fp32 tables
+for x in ("*fp16", "*bf16", "*fp32"):
+    for r2, tail in ((64, 0), (32, 64)):
+        for inter in (False, True):
+            for conj in (False, True):
+                compile_sm90(rotary._kernel(), {"HEAD_DIM": 128, "R2": r2, "BLOCK_R2": r2, "BLOCK_TAIL": tail,
+                                                "BLOCK_H": 16, "INTERLEAVED": inter, "CONJUGATE": conj},
+                             {"X": x, "OUT": x, "COS": "*fp32", "SIN": "*fp32"})
 print("compiled")
 """
 
@@ -478,6 +489,7 @@ print("compiled")
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile the kernels")
 def test_masked_tile_kernels_compile_for_sm90():
     """The interpreter runs a kernel's Python and misses what only the compiler checks (a variable's
-    type changed across if/else, dots inside branches): compile the banded forward, dQ and decode
-    kernels for sm90 ahead of time, in a process without TRITON_INTERPRET (no GPU needed)."""
+    type changed across if/else, dots inside branches): compile the banded forward, backward (preprocess,
+    dK/dV, dQ), decode and combine kernels and every rotary variant for sm90 ahead of time, in a process
+    without TRITON_INTERPRET (no GPU needed)."""
     run_aot(_AOT_SCRIPT)
