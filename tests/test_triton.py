@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from triton_aot import run_aot
+
 from flashlm.attention.backends.triton import BACKEND
 from flashlm.attention.backends.triton.rotary import (
     apply_rotary_bshd,
@@ -457,29 +459,29 @@ def test_cuda_rotary_bf16():
 # ---------------------------------------------------------------- ahead-of-time compile (no GPU needed)
 
 _AOT_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from flashlm.attention.backends.triton import bwd, decode, fwd
+from triton_aot import compile_sm90
+from flashlm.attention.backends.triton import bwd, decode, fwd, rotary
 
 INT_PTRS = {"CuQ", "CuK", "CacheSeqlens", "LeftPad", "BatchIdx", "BlockTable"}
 F32_PTRS = {"Lse", "Delta", "Alibi", "LPart", "OPart"}
+PTRS = {**dict.fromkeys(INT_PTRS, "*i32"), **dict.fromkeys(F32_PTRS, "*fp32")}
+SCALARS = dict.fromkeys(("qk_scale", "softcap", "softmax_scale"), "fp32")
 FLAGS = {"BANDED": True, "SOFTCAP": False, "ALIBI": False, "IS_VARLEN": False, "EVEN_D": True, "PAGED": True,
          "HAS_LEFTPAD": False, "HAS_BATCH_IDX": False, "HEAD_DIM": 128, "BLOCK_D": 128, "DOT_PREC": "tf32"}
+# the Hopper tiles of common.fwd_config / bwd_config / decode_config at head_dim 128
 for jit, bm, bn, warps in [(fwd._fwd_kernel, 128, 64, 8), (bwd._dq_kernel, 128, 64, 8),
-                           (decode._decode_kernel, 16, 128, 4)]:
-    consts = {**FLAGS, "BLOCK_M": bm, "BLOCK_N": bn}
-    sig, cx = {}, {}
-    for p in jit.params:
-        if p.is_constexpr:
-            sig[p.name], cx[p.name] = "constexpr", consts[p.name]
-        elif p.name[0].isupper():  # pointers are capitalised in our kernels
-            sig[p.name] = "*i32" if p.name in INT_PTRS else "*fp32" if p.name in F32_PTRS else "*fp16"
-        else:
-            sig[p.name] = "fp32" if p.name in ("qk_scale", "softcap", "softmax_scale") else "i32"
-    c = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 64),
-                       options={"num_warps": warps, "num_stages": 3})
-    assert c.asm["cubin"], jit
+                           (bwd._dkdv_kernel, 64, 128, 8), (decode._decode_kernel, 16, 128, 4)]:
+    compile_sm90(jit, {**FLAGS, "BLOCK_M": bm, "BLOCK_N": bn}, PTRS, "*fp16", SCALARS, num_warps=warps)
+compile_sm90(bwd._bwd_preprocess, {**FLAGS, "BLOCK_M": 64}, PTRS, "*fp16", SCALARS)
+compile_sm90(decode._combine_kernel, {**FLAGS, "BLOCK_S": 8}, PTRS, "*fp16", SCALARS)
+# rotary (apply_rotary_bshd): every flag, full and partial rotary_dim, each x dtype, fp32 tables
+for x in ("*fp16", "*bf16", "*fp32"):
+    for r2, tail in ((64, 0), (32, 64)):
+        for inter in (False, True):
+            for conj in (False, True):
+                compile_sm90(rotary._kernel(), {"HEAD_DIM": 128, "R2": r2, "BLOCK_R2": r2, "BLOCK_TAIL": tail,
+                                                "BLOCK_H": 16, "INTERLEAVED": inter, "CONJUGATE": conj},
+                             {"X": x, "OUT": x, "COS": "*fp32", "SIN": "*fp32"})
 print("compiled")
 """
 
@@ -487,17 +489,7 @@ print("compiled")
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile the kernels")
 def test_masked_tile_kernels_compile_for_sm90():
     """The interpreter runs a kernel's Python and misses what only the compiler checks (a variable's
-    type changed across if/else, dots inside branches): compile the banded forward, dQ and decode
-    kernels for sm90 ahead of time, in a process without TRITON_INTERPRET (no GPU needed)."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = os.path.join(os.path.dirname(__file__), os.pardir, "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(src), env.get("PYTHONPATH")) if p)
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], check=False, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr:
-        pytest.skip("no ptxas in this triton install")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    type changed across if/else, dots inside branches): compile the banded forward, backward (preprocess,
+    dK/dV, dQ), decode and combine kernels and every rotary variant for sm90 ahead of time, in a process
+    without TRITON_INTERPRET (no GPU needed)."""
+    run_aot(_AOT_SCRIPT)

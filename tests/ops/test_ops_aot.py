@@ -1,0 +1,82 @@
+"""Every Triton kernel of flashlm.ops compiles for Hopper (sm90), ahead of time, without a GPU.
+
+The other CPU tests run these kernels in Triton's interpreter, which accepts code the compiler refuses;
+here each forward and backward kernel is compiled with triton.compile (frontend, TTGIR passes, ptxas)
+in every constexpr variant its launcher uses and with the pointer dtypes the launcher passes for fp16,
+bf16 and fp32 inputs (and an fp32 norm weight under half inputs). The script also fails when a kernel
+in flashlm.ops has no case here, so a new kernel cannot go unchecked.
+"""
+
+from triton_aot import run_aot
+
+_SCRIPT = r"""
+import importlib
+import pkgutil
+
+import triton
+import torch
+from triton_aot import compile_sm90
+
+import flashlm.ops
+from flashlm.ops._dispatch import next_pow2, row_warps
+
+rms = importlib.import_module("flashlm.ops.rms_norm")
+swi = importlib.import_module("flashlm.ops.swiglu")
+rot = importlib.import_module("flashlm.ops.rotary")
+
+DTYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+done, count = set(), 0
+
+
+def build(jit, consts, ptrs, num_warps=4):
+    global count
+    compile_sm90(jit, consts, ptrs, scalars={"eps": "fp32"}, num_warps=num_warps)
+    done.add(jit)
+    count += 1
+
+
+# rms_norm / add_rms_norm: _launch_fwd / _launch_bwd. Weight in x's dtype or fp32; y (and so the
+# backward's dy) in x's dtype with OFFSET, else promote(x, weight); ds is dy's buffer without HAS_DRES.
+block = next_pow2(2048)
+for xd in DTYPES:
+    for wd in {xd, torch.float32}:
+        for res in (False, True):
+            for off in (False, True):
+                x, w = DTYPES[xd], DTYPES[wd]
+                y = x if off else DTYPES[torch.promote_types(xd, wd)]
+                consts = {"BLOCK": block, "OFFSET": off}
+                build(rms._fwd_kernel, {**consts, "HAS_RES": res},
+                      {"X": x, "R": x, "W": w, "Y": y, "S": x, "RSTD": "*fp32"}, row_warps(block))
+                build(rms._bwd_kernel, {**consts, "HAS_DRES": res},
+                      {"DY": y, "DS": x if res else y, "X": x, "W": w, "RSTD": "*fp32", "DX": x,
+                       "DW": "*fp32"}, row_warps(block))
+
+# swiglu: one dtype for all tensors; BLOCK = min(next_pow2(I), 1024), triton's default 4 warps
+for xd, p in DTYPES.items():
+    for jit in (swi._fwd_kernel, swi._bwd_kernel):
+        build(jit, {"BLOCK": min(next_pow2(5632), swi._BLOCK)}, dict.fromkeys(("GU", "OUT", "DO", "DGU"), p))
+
+# rotary_qkv / rotary: x's dtype, fp32 cos/sin tables; a power-of-two head_dim and one that is not
+for xd, p in DTYPES.items():
+    ptrs = {**dict.fromkeys(("X", "OUT", "GQ", "GK", "GV", "DQKV"), p), "COS": "*fp32", "SIN": "*fp32"}
+    for head_dim in (128, 80):
+        consts = {"HALF": head_dim // 2, "BLOCK_D": next_pow2(head_dim // 2), "BLOCK_H": rot._MAX_BLOCK_H}
+        for conj in (False, True):
+            build(rot._fwd_kernel, {**consts, "CONJUGATE": conj}, ptrs)
+        build(rot._qkv_bwd_kernel, consts, ptrs)
+
+kernels = set()
+for info in pkgutil.iter_modules(flashlm.ops.__path__):
+    mod = importlib.import_module(f"flashlm.ops.{info.name}")
+    kernels |= {v for v in vars(mod).values() if isinstance(v, triton.runtime.jit.JITFunction)}
+missing = sorted(f"{k.__module__}.{k.__name__}" for k in kernels - done)
+assert not missing, f"kernels with no AOT case in tests/ops/test_ops_aot.py: {missing}"
+print("compiled", count, "variants of", len(done), "kernels")
+"""
+
+
+def test_ops_kernels_compile_for_sm90():
+    """rms_norm, add_rms_norm, swiglu, rotary_qkv and rotary kernels (forward and backward) compile for
+    sm90 in each variant and dtype their launchers use (the interpreter would not catch an error the
+    compiler reports, e.g. a variable whose type changes across an if/else)."""
+    run_aot(_SCRIPT)
