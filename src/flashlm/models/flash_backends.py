@@ -5,7 +5,7 @@ window, softcap), so the registry's choice depends only on (kind, dtype, needs_g
 binds that table once (:func:`_select_backends`), with the backend a compiled plan takes where the
 registry's first choice cannot be traced (:func:`_traceable_backend`), and whether its small plain causal
 dense calls on CUDA go straight to aten's FA2 op (:func:`aten_dense_eligible`, :func:`_aten_flash_dense`).
-Re-exported by :mod:`flashlm.models.flash`, where these lived before.
+These lived in :mod:`flashlm.models.flash` before; the ones it uses are importable from there too.
 """
 
 from __future__ import annotations
