@@ -96,7 +96,7 @@ def _flash_mixin():
     """The flash model's unpad/varlen/re-pad helper, with unpadding memoized per forward."""
     global _MIXIN
     if _MIXIN is None:
-        from flashlm.models.flash import FlashAttentionMixin
+        from flashlm.models.flash_mixin import FlashAttentionMixin  # not the whole flash model
 
         class _HFAttention(FlashAttentionMixin):
             @staticmethod
@@ -116,6 +116,62 @@ def _projection_dtype(module: torch.nn.Module, default: torch.dtype) -> torch.dt
     if not isinstance(proj, torch.nn.Linear):
         proj = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
     return proj.weight.dtype if proj is not None else default
+
+
+def _check_supported(attention_mask: Tensor | None, kwargs: dict[str, Any]) -> None:
+    """Refuse what this attention cannot do (a custom 4-D mask, attention sinks) before any kernel runs."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"attn_implementation {DEFAULT_NAME!r} takes a 2-D padding mask (batch, kv_len); got a "
+            f"{attention_mask.dim()}-D mask {tuple(attention_mask.shape)}. Custom 4-D masks need "
+            "attn_implementation='eager' or 'sdpa'"
+        )
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"attn_implementation {DEFAULT_NAME!r} does not support attention sinks (s_aux)")
+
+
+def _masking(
+    module: torch.nn.Module, sliding_window: int | None, softcap: float | None, is_causal: bool | None
+) -> tuple[bool, tuple[int, int], float]:
+    """(causal, flash-attn window (left, right), softcap) from the call's arguments, else the module's
+    ``is_causal`` / ``sliding_window`` / ``config.attn_logit_softcapping``."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if sliding_window is None:
+        sliding_window = getattr(module, "sliding_window", None)
+    if softcap is None:
+        softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+    if sliding_window is None:
+        window = (-1, -1)
+    else:  # W tokens, itself included; non-causal (encoders) looks W - 1 both ways, as HF does
+        window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
+    return bool(is_causal), window, float(softcap or 0.0)
+
+
+def _packing_kwargs(
+    kwargs: dict[str, Any], attention_mask: Tensor | None, batch: int, q_len: int, kv_len: int
+) -> tuple[Tensor | None, Tensor | None, int | None, int | None]:
+    """(cu_seqlens_q, cu_seqlens_k int32, max_seqlen_q, max_seqlen_k) of packed rows, or four Nones.
+
+    Explicit: HF's ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs, all four given. Else detected from
+    ``position_ids`` (batch or 1, q_len) restarting inside a row, for an unmasked prefill (q_len ==
+    kv_len > 1); memoized per forward (one host sync at the first layer)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)  # no-op when int32
+    position_ids = kwargs.get("position_ids")
+    if (
+        attention_mask is None
+        and position_ids is not None
+        and position_ids.dim() == 2
+        and q_len == kv_len
+        and q_len > 1
+    ):
+        packed = _packing_data(position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids)
+        if packed is not None:
+            return packed[0], packed[0], packed[1], packed[1]
+    return None, None, None, None
 
 
 def attention_forward(
@@ -140,25 +196,8 @@ def attention_forward(
     (batch, q_len) for packing detection, ``cu_seq_lens_q/k`` + ``max_length_q/k`` for explicit
     packing, ``deterministic``. Returns (attn_output (batch, q_len, heads, head_dim_v), None).
     """
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"attn_implementation {DEFAULT_NAME!r} takes a 2-D padding mask (batch, kv_len); got a "
-            f"{attention_mask.dim()}-D mask {tuple(attention_mask.shape)}. Custom 4-D masks need "
-            "attn_implementation='eager' or 'sdpa'"
-        )
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"attn_implementation {DEFAULT_NAME!r} does not support attention sinks (s_aux)")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    if sliding_window is None:
-        sliding_window = getattr(module, "sliding_window", None)
-    if softcap is None:
-        softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
-    if sliding_window is None:
-        window = (-1, -1)
-    else:  # W tokens, itself included; non-causal (encoders) looks W - 1 both ways, as HF does
-        window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
-
+    _check_supported(attention_mask, kwargs)
+    causal, window, softcap = _masking(module, sliding_window, softcap, is_causal)
     if getattr(module, "layer_idx", 0) == 0:  # a new forward: metadata is computed afresh
         _unpad_data.clear()
         _packing_data.clear()
@@ -170,30 +209,7 @@ def attention_forward(
         from flashlm.models.flash import half_precision_inputs
 
         q, k, v = half_precision_inputs(q, k, v, _projection_dtype(module, q.dtype))
-    batch, q_len = q.shape[:2]
-
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-    if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
-        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)  # no-op when already int32
-        max_q, max_k = int(max_q), int(max_k)
-    else:
-        cu_q = cu_k = max_q = max_k = None
-        position_ids = kwargs.get("position_ids")
-        if (
-            attention_mask is None
-            and position_ids is not None
-            and position_ids.dim() == 2
-            and q_len == k.shape[1]
-            and q_len > 1
-        ):
-            packed = _packing_data(
-                position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
-            )
-            if packed is not None:
-                cu_q = cu_k = packed[0]
-                max_q = max_k = packed[1]
-
+    cu_q, cu_k, max_q, max_k = _packing_kwargs(kwargs, attention_mask, q.shape[0], q.shape[1], k.shape[1])
     out = _flash_mixin()._flash_attention_forward(
         q,
         k,
@@ -202,9 +218,9 @@ def attention_forward(
         dropout=float(dropout),
         training=dropout > 0,
         softmax_scale=scaling,
-        causal=bool(is_causal),
+        causal=causal,
         window_size=window,
-        softcap=float(softcap or 0.0),
+        softcap=softcap,
         cu_seqlens_q=cu_q,
         cu_seqlens_k=cu_k,
         max_seqlen_q=max_q,

@@ -8,8 +8,9 @@ so one safetensors folder loads into either. What differs is the path between em
   (``ops.rotary_qkv``) as BSHD views, never transposed; SwiGLU is one op; the residual add is fused
   into the next RMSNorm (``ops.add_rms_norm``), the stream carried between blocks as (out, residual);
 - every op implementation and every attention backend is chosen when the model is built or moved
-  (``ModelConfig.kernels`` via ``flashlm.ops.resolve``; the registry per layer and call kind), never per
-  call; small plain causal dense calls on CUDA use aten's FA2 op (least host time);
+  (``ModelConfig.kernels`` via ``flashlm.ops.resolve``; the registry per layer and call kind, see
+  :mod:`flashlm.models.flash_backends`), never per call; small plain causal dense calls on CUDA use
+  aten's FA2 op (least host time);
 - GQA without ``repeat_kv``, sliding window ``(W - 1, 0)``, logit softcap, dropout in training only;
 - each forward is planned once (:mod:`flashlm.models.plan`): padding removed right after the embedding
   (``(1, total_tokens, hidden)``, varlen kernels with ``cu_seqlens`` computed once), packing detected
@@ -21,11 +22,16 @@ so one safetensors folder loads into either. What differs is the path between em
 Host syncs (eager): at most one per forward while planning (unpadding reads the token count and the
 longest row; detecting packing reads the longest sequence; the token-range check reads min/max), none
 inside layers, none in a decode step; none at all under torch.compile.
+
+This module reads top to bottom: the op binding every block shares, the attention layer, MLP, decoder
+layer, model, causal LM. Kept apart (the public names re-exported here, where they lived before):
+:mod:`flashlm.models.flash_rope` (RoPE on BSHD q/k), :mod:`flashlm.models.flash_backends` (which
+attention kernel each layer binds), :mod:`flashlm.models.flash_mixin` (:class:`FlashAttentionMixin`, the
+unplanned mask/packing -> kernel helper), :mod:`flashlm.models.fused` (``qkv_proj``/``gate_up_proj``),
+:mod:`flashlm.models.plan` (the planner) and :mod:`flashlm.models.flash_cache` (the static cache).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +39,7 @@ from torch import Tensor
 
 from flashlm import ops as fused_ops
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from flashlm.attention.interface import apply_rotary
-from flashlm.attention.padding import (
-    get_unpad_data,
-    index_first_axis,
-    pad_input,
-    prepare_from_position_ids,
-    unpad_input,
-)
+from flashlm.attention.padding import pad_input
 from flashlm.losses import cross_entropy, linear_cross_entropy, materialize_logits_for_loss
 
 from .config import ModelConfig
@@ -52,165 +51,22 @@ from .default import (
     check_inputs,
     check_token_range,
 )
+from .flash_backends import (
+    _HALF,
+    ATEN_DENSE_MAX_TOKENS,
+    _aten_flash_dense,
+    _select_backends,
+    aten_dense_eligible,
+)
 from .flash_cache import StaticKVCache
-from .fused import FUSED_PROJECTIONS, fuse_linears, register_fused_names
-from .layers import MLP, MultiHeadAttention, RMSNorm, rotate_half
+from .flash_mixin import FlashAttentionMixin
+from .flash_rope import apply_rope_bshd, rope_tables
+from .fused import fuse_into
+from .layers import MLP, MultiHeadAttention, RMSNorm
 from .plan import FlashMeta, Plan, append_plan, plan_batch
 
 __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashMeta", "FlashModel",
            "FlashMultiHeadAttention", "apply_rope_bshd", "half_precision_inputs", "rope_tables"]
-
-
-# --------------------------------------------------------------------------------------------
-# RoPE in BSHD
-# --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _triton_rotary():
-    """The fused Triton rotary kernel, or None when the Triton backend is not importable."""
-    try:
-        from flashlm.attention.backends.triton.rotary import apply_rotary_bshd
-    except (ImportError, RuntimeError):  # no triton / no kernel module: the torch path is exact anyway
-        return None
-    return apply_rotary_bshd
-
-
-def rope_tables(cos: Tensor, sin: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    """Prepare the cos/sin tables once per forward for :func:`apply_rope_bshd`.
-
-    cos/sin (batch or 1, seqlen, head_dim) fp32 from ``RotaryEmbedding``. On CUDA with the fused Triton
-    kernel: the half-width tables (batch, seqlen, head_dim // 2) it takes, as views expanded to the batch
-    (done here once, not per layer); elsewhere the full tables unchanged.
-    """
-    # compiled code (CUDA implies triton there) checks no import: it rotates in torch, see apply_rope_bshd
-    if cos.is_cuda and (torch.compiler.is_compiling() or _triton_rotary() is not None):
-        half = cos.shape[-1] // 2
-        # views: the kernel reads cos/sin through their strides (a broadcast batch stride 0 is fine)
-        return cos[..., :half].expand(batch, -1, -1), sin[..., :half].expand(batch, -1, -1)
-    return cos, sin
-
-
-def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
-    transpose — with one position per (row, token), so left padding and packing just work.
-
-    cos/sin fp32 in the rotate_half convention: either the full tables (batch or 1, seqlen, head_dim)
-    with duplicated halves, rotated here in torch with the tables cast to q's dtype first, exactly as
-    the default model's ``apply_rope`` does (fp32 results agree bit for bit); or the half-width tables
-    (batch, seqlen, head_dim // 2) from :func:`rope_tables`, which go to the fused Triton kernel
-    ``apply_rotary_bshd`` (CUDA). Compiled without gradients (a compiled decode step), the half-width
-    tables take that kernel's math (fp32, one rounding) written in torch ops, which inductor fuses
-    with the neighbouring elementwise work (the cache append, ...) instead of launching the opaque
-    kernel op twice per layer; compiled training keeps the kernel's op and its backward.
-    """
-    head_dim = q.shape[-1]
-    if cos.shape[-1] != head_dim:  # half-width tables
-        if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            return apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
-        rotary = _triton_rotary() if q.is_cuda else None
-        if rotary is not None:
-            return rotary(q, cos, sin), rotary(k, cos, sin)
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-    cos = cos.unsqueeze(2).to(q.dtype)
-    sin = sin.unsqueeze(2).to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-# --------------------------------------------------------------------------------------------
-# The mixin: BSHD tensors + a padding mask or packing -> the right kernel entry point
-# --------------------------------------------------------------------------------------------
-class FlashAttentionMixin:
-    """Calls ``flashlm.attention`` on BSHD q/k/v, removing padding when there is any.
-
-    Standalone helpers for callers that have a padding mask or packed position ids but no
-    precomputed metadata (the flash model itself precomputes once per forward, see :class:`FlashMeta`;
-    transformers' attention hook can use these directly).
-    """
-
-    @staticmethod
-    def _get_unpad_data(attention_mask: Tensor) -> tuple[Tensor, Tensor, int]:
-        """attention_mask (batch, seqlen), 1 = token -> (indices int64 (total,) into the flattened
-        batch * seqlen, cu_seqlens int32 (batch + 1,), max_seqlen_in_batch int). One host sync."""
-        return get_unpad_data(attention_mask)
-
-    def _upad_input(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
-                    query_length: int):
-        """Remove padding from q (batch, query_length, heads, d) and k/v (batch, kv_len, kv_heads, d).
-
-        ``attention_mask`` (batch, mask_len) covers the keys; keys beyond ``mask_len`` (a static cache
-        longer than what was written) are sliced off. Three cases for the queries:
-          (a) query_length == kv_len (prefill): queries share the keys' indices and cu_seqlens;
-          (b) query_length == 1 (decode): one query per row, cu_seqlens_q = arange(batch + 1);
-          (c) otherwise (chunked prefill, speculative steps): the queries are the last
-              ``query_length`` mask columns, which requires left padding (checked: one host read).
-        Returns (q (total_q, heads, d), k, v (total_k, kv_heads, d), indices_q,
-        (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k)).
-        """
-        indices_k, cu_seqlens_k, max_seqlen_k = self._get_unpad_data(attention_mask)
-        batch, kv_len, kv_heads, head_dim = key.shape
-        mask_len = attention_mask.shape[-1]
-        if kv_len < mask_len:
-            raise ValueError(f"attention_mask covers {mask_len} keys but only {kv_len} were given")
-        if kv_len > mask_len:  # static cache: only the first mask_len slots are described
-            key, value = key[:, :mask_len], value[:, :mask_len]
-            kv_len = mask_len
-        key = index_first_axis(key.reshape(batch * kv_len, kv_heads, head_dim), indices_k)
-        value = index_first_axis(value.reshape(batch * kv_len, kv_heads, value.shape[-1]), indices_k)
-        if query_length == kv_len:
-            query = index_first_axis(query.reshape(batch * kv_len, query.shape[2], head_dim), indices_k)
-            return query, key, value, indices_k, (cu_seqlens_k, cu_seqlens_k), (max_seqlen_k, max_seqlen_k)
-        if query_length == 1:
-            cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
-            return (query.squeeze(1), key, value, cu_seqlens_q[:-1].long(), (cu_seqlens_q, cu_seqlens_k),
-                    (1, max_seqlen_k))
-        q_mask = attention_mask[:, -query_length:]
-        if bool((q_mask[:, 1:].long() < q_mask[:, :-1].long()).any()):
-            raise ValueError("attention_mask over the new queries must be left-padded (rows 0..0 1..1) "
-                             f"when query_length ({query_length}) differs from the key length ({kv_len})")
-        query, indices_q, cu_seqlens_q, max_seqlen_q, _ = unpad_input(query, q_mask)
-        return query, key, value, indices_q, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k)
-
-    def _flash_attention_forward(
-        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None, *,
-        dropout: float = 0.0, softmax_scale: float | None = None, causal: bool = True,
-        training: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-        position_ids: Tensor | None = None, cu_seqlens_q: Tensor | None = None,
-        cu_seqlens_k: Tensor | None = None, max_seqlen_q: int | None = None,
-        max_seqlen_k: int | None = None, deterministic: bool = False,
-    ) -> Tensor:
-        """Attention on BSHD q (batch, q_len, heads, d), k/v (batch, kv_len, kv_heads, d).
-
-        Chooses the entry point from what is given (explicitly, in this order):
-          - ``cu_seqlens_q/k`` (+ max_seqlen_q/k): the batch*seqlen tokens are packed sequences;
-          - ``attention_mask`` (batch, kv_len) with 1 = token: unpad (see `_upad_input`), varlen, re-pad;
-          - ``position_ids`` (batch, q_len) restarting at 0 inside a row (q_len == kv_len > 1):
-            packed sequences found by ``prepare_from_position_ids`` (one host sync);
-          - otherwise ``flash_attn_func``.
-        ``dropout`` applies only when ``training``. Returns (batch, q_len, heads, d_v), zeros at padding.
-        """
-        batch, q_len, heads = query.shape[:3]
-        kwargs = {"dropout_p": dropout if training else 0.0, "softmax_scale": softmax_scale,
-                  "causal": causal, "window_size": window_size, "softcap": softcap,
-                  "deterministic": deterministic}
-        if cu_seqlens_q is None and attention_mask is None and position_ids is not None and \
-                q_len == key.shape[1] and q_len > 1 and position_ids.dim() == 2:
-            cu, max_len = prepare_from_position_ids(position_ids.expand(batch, -1))
-            if cu.numel() - 1 > batch:  # more sequences than rows: packed
-                cu_seqlens_q = cu_seqlens_k = cu
-                max_seqlen_q = max_seqlen_k = max_len
-        if cu_seqlens_q is not None:
-            if cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
-                raise ValueError("cu_seqlens_q needs cu_seqlens_k, max_seqlen_q and max_seqlen_k")
-            out = flash_attn_varlen_func(
-                query.reshape(batch * q_len, heads, query.shape[-1]),
-                key.reshape(-1, *key.shape[2:]), value.reshape(-1, *value.shape[2:]),
-                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)
-            return out.view(batch, q_len, heads, out.shape[-1])
-        if attention_mask is not None:
-            q, k, v, indices_q, (cu_q, cu_k), (max_q, max_k) = self._upad_input(
-                query, key, value, attention_mask, q_len)
-            out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-            return pad_input(out, indices_q, batch, q_len)
-        return flash_attn_func(query, key, value, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +90,7 @@ class _BindsKernels:
         return out
 
 
+# One warning per process; tests reset it here (flashlm.hf's hook uses this function too).
 _WARNED_FP32 = False
 
 
@@ -261,17 +118,6 @@ def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.d
 # --------------------------------------------------------------------------------------------
 # Attention layer
 # --------------------------------------------------------------------------------------------
-def _fuse_into(module: torch.nn.Module, fused_name: str, sizes: list[int]) -> None:
-    """Replace ``module``'s HF projections (FUSED_PROJECTIONS[fused_name]) by one fused Linear, first in
-    the module order (so init and state-dict order stay q, k, v, o), saved/loaded under the HF names."""
-    parts = FUSED_PROJECTIONS[fused_name]
-    fused = fuse_linears([getattr(module, name) for name in parts])
-    for name in parts:
-        delattr(module, name)
-    module._modules = {fused_name: fused, **module._modules}
-    register_fused_names(module, fused_name, parts, sizes)
-
-
 class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAttention):
     """The default ``MultiHeadAttention`` computed in BSHD through ``flashlm.attention``: no transpose,
     no ``repeat_kv``, no (seqlen x seqlen) scores.
@@ -284,7 +130,7 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         d = self.head_dim
-        _fuse_into(self, "qkv_proj", [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d])
+        fuse_into(self, "qkv_proj", [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d])
         # flash-attn's inclusive window: W tokens, itself included = W - 1 to the left.
         self.window_size = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
         self.softcap_value = 0.0 if self.softcap is None else float(self.softcap)
@@ -292,17 +138,11 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
 
     def _bind_kernels(self) -> None:
         """Fused ops, and the attention backend of each (kind, dtype, grad, dropout) this layer can be
-        called with (:func:`_select_backends`), chosen now rather than by the registry per call."""
+        called with (:mod:`flashlm.models.flash_backends`), chosen now rather than by the registry per call."""
         super()._bind_kernels()
         device = next(self.parameters()).device
         self.backends = _select_backends(self, device)
-        # PyTorch's own FA2 op serves plain causal dense calls on CUDA (no window/softcap, head_dim a
-        # multiple of 8 up to 256) with the least host time; a forced backend turns it off
-        from flashlm.attention import registry
-
-        self.aten_dense = (device.type == "cuda" and self.window_size == (-1, -1) and not self.softcap_value
-                           and self.head_dim % 8 == 0 and self.head_dim <= 256
-                           and registry.forced_backend()[0] is None)
+        self.aten_dense = aten_dense_eligible(self, device)  # small plain causal dense calls: aten's FA2
 
     def _project_qkv(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k, v (batch, seqlen,
@@ -397,94 +237,6 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
                          **kwargs, alibi_slopes=None, deterministic=False)[0][None]
 
 
-_HALF = (torch.float16, torch.bfloat16)
-# Dense causal calls of at most this many tokens (batch * seqlen) go to aten's FA2 op: measured on the
-# H200 (GPU_NOTES.md 06:00, 512 tokens, (2, 256, 12, 64) bf16) it costs 380 us of host time per
-# fwd+bwd against 830 through the registry's choice (cuDNN), and small steps are host-bound. Larger
-# calls are GPU-bound, where cuDNN / FA4 run faster kernels (DESIGN.md: 4k causal fwd+bwd FA4 522,
-# cuDNN 475, FA2 283 TFLOP/s). PROVISIONAL bound between the two measured regimes (the seed's 512
-# tokens and llama-1b's 16384); the lead's bench of both configs decides it.
-ATEN_DENSE_MAX_TOKENS = 4096
-
-
-def _aten_flash_dense(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: float) -> Tensor:
-    """Causal attention of BSHD q (B, S, H, D), k/v (B, S, KV, D) through ``aten._scaled_dot_product_
-    flash_attention`` on BHSD views (no copies; GQA read natively; seqlen_q == seqlen_k, so its
-    top-left causal mask is the bottom-right one). Returns (B, S, H, D) BSHD (a view)."""
-    out = torch.ops.aten._scaled_dot_product_flash_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, True, False, scale=scale)[0]
-    return out.transpose(1, 2)
-
-
-def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dict:
-    """{(kind, dtype, needs_grad, dropout): Backend} for ``attn``'s dense and varlen calls on ``device``.
-
-    The layer's call shape is fixed when it is built (heads, head_dim, causal, window, softcap), so the
-    registry's choice depends only on these keys: choosing them once saves the per-call registry work
-    (building and hashing an AttnCall, the forced-backend lookups) and keeps the registry, which reads a
-    context variable, out of torch.compile's graph. A forced backend (``use_backend``,
-    ``FLASHLM_ATTN_BACKEND``) applies when the model is built or moved (``.to``), or at
-    :meth:`FlashForCausalLM.bind_attention`. Calls no backend serves stay unbound and go through the
-    public API, which raises its error naming every refusal."""
-    from flashlm.attention import registry
-    from flashlm.attention.backends.base import AttnCall
-
-    table: dict = {}
-    if device.type == "meta":
-        return table
-    for dtype in {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}:
-        call = AttnCall(kind="kvcache", device_type=device.type,
-                        compute_capability=registry.compute_capability(device), dtype=dtype,
-                        head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
-                        nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
-                        window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0, alibi=False,
-                        dropout=False, needs_grad=False, deterministic=False)
-        try:
-            table[("kvcache", dtype, False, False)] = registry.select(call)
-        except (ValueError, TypeError):
-            pass
-    dtypes = {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}
-    dropouts = (False, True) if attn.attention_dropout > 0 else (False,)
-    for kind in ("dense", "varlen"):
-        for dtype in dtypes:
-            for grad in (False, True):
-                for dropout in dropouts:
-                    call = AttnCall(kind=kind, device_type=device.type,
-                                    compute_capability=registry.compute_capability(device), dtype=dtype,
-                                    head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
-                                    nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
-                                    window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0,
-                                    alibi=False, dropout=dropout, needs_grad=grad, deterministic=False,
-                                    seqlens_equal=True)
-                    try:
-                        table[(kind, dtype, grad, dropout)] = registry.select(call)
-                    except (ValueError, TypeError):
-                        pass
-                    traced = _traceable_backend(call)
-                    if traced is not None:
-                        table[(kind, dtype, grad, dropout, "compiled")] = traced
-    return table
-
-
-# Backends whose Python entry points torch.compile cannot trace: FA4's CuTe DSL functions are skipped
-# by Dynamo ("Attempted to call function marked as skipped", the compiled llama-1b step on the H200).
-# Compiled plans take the first capable backend after them (cuDNN / our Triton custom ops / aten FA2).
-# sdpa_cpu reads cu_seqlens / cache lengths on the host for varlen and KV-cache calls (a graph break).
-_NOT_TRACEABLE = {"fa4": ("dense", "varlen", "kvcache"), "sdpa_cpu": ("varlen", "kvcache")}
-
-
-def _traceable_backend(call):
-    """The registry's choice for ``call`` among the backends torch.compile can trace, or None."""
-    from flashlm.attention import registry
-
-    if registry.forced_backend()[0] is not None:
-        return None  # a forced backend is used as is (an untraceable one then fails to compile, loudly)
-    exp = registry.explain_call(call)
-    name = next((n for n, why in exp.reasons.items() if why is None and call.kind not in _NOT_TRACEABLE.get(n, ())),
-                None)
-    return None if name is None or name == "reference" and call.device_type != "cpu" else registry.get_backend(name)
-
-
 class FlashMLP(_BindsKernels, MLP):
     """The gated MLP with gate and up as ONE projection ``gate_up_proj`` (rows: gate, then up; saved and
     loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU as one op (``ops.swiglu``); GeGLU (Gemma2)
@@ -498,7 +250,7 @@ class FlashMLP(_BindsKernels, MLP):
             self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
             self.act_fn = mlp.act_fn
         self.config = config
-        _fuse_into(self, "gate_up_proj", [config.intermediate_size, config.intermediate_size])
+        fuse_into(self, "gate_up_proj", [config.intermediate_size, config.intermediate_size])
         self.fused_act = config.hidden_act == "silu"
         self._bind_kernels()
 

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FUSED_PROJECTIONS", "fuse_linears", "register_fused_names", "split_fused_state_dict", "split_sizes"]
+__all__ = ["FUSED_PROJECTIONS", "fuse_into", "fuse_linears", "register_fused_names", "split_fused_state_dict",
+           "split_sizes"]
 
 # fused name -> the HF names it holds, in row order
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -88,6 +89,17 @@ def register_fused_names(module: nn.Module, fused_name: str, part_names: Sequenc
 
     module.register_state_dict_post_hook(split)
     module.register_load_state_dict_pre_hook(join)
+
+
+def fuse_into(module: nn.Module, fused_name: str, sizes: list[int]) -> None:
+    """Replace ``module``'s HF projections (FUSED_PROJECTIONS[fused_name]) by one fused Linear, first in
+    the module order (so init and state-dict order stay q, k, v, o), saved/loaded under the HF names."""
+    parts = FUSED_PROJECTIONS[fused_name]
+    fused = fuse_linears([getattr(module, name) for name in parts])
+    for name in parts:
+        delattr(module, name)
+    module._modules = {fused_name: fused, **module._modules}
+    register_fused_names(module, fused_name, parts, sizes)
 
 
 def split_sizes(config) -> dict[str, list[int]]:
