@@ -23,6 +23,18 @@ from flashlm.errors import InputError
 if TYPE_CHECKING:  # for annotations only: at run time config.py imports this module, not the reverse
     from .config import ModelConfig
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``; ``InputError`` naming the file when it is not valid JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{os.fspath(path)} is not valid JSON ({e}); the file is damaged or not a config") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{os.fspath(path)} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
 # ---- HF mapping tables ------------------------------------------------------------------------
 
 # config.json key -> ModelConfig field, shared by every architecture.
@@ -343,13 +355,7 @@ def config_from_hf(cls: type[ModelConfig], path_or_dict: str | os.PathLike | dic
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no HF config.json at {path!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path} is not valid JSON ({e}): the config.json is damaged") from None
-        if not isinstance(hf, dict):
-            raise InputError(f"{path} holds a JSON {type(hf).__name__}, not a config object")
+        hf = read_json(path)
     model_type = hf.get("model_type")
     if model_type is None:  # some exports only carry "architectures"
         names = hf.get("architectures") or []

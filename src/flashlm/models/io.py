@@ -17,6 +17,7 @@ from flashlm import folders
 from flashlm.errors import InputError
 
 from .config import ModelConfig
+from .hf_config import read_json
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
@@ -133,18 +134,6 @@ def save_pretrained(
         folders.discard(tmp)
         raise
     return target
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON object from ``path``; ``InputError`` naming the file when it is not valid JSON or not an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{os.fspath(path)} is not valid JSON ({e}); the file is damaged or not a config") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{os.fspath(path)} holds a JSON {type(obj).__name__}, expected an object")
-    return obj
 
 
 def _open_safetensors(file: str):
