@@ -60,13 +60,13 @@ from .flash_backends import (
 )
 from .flash_cache import StaticKVCache
 from .flash_mixin import FlashAttentionMixin
-from .flash_rope import apply_rope_bshd, rope_tables
+from .flash_rope import apply_rope_bshd
 from .fused import fuse_into
 from .layers import MLP, MultiHeadAttention, RMSNorm
 from .plan import FlashMeta, Plan, append_plan, plan_batch
 
 __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashMeta", "FlashModel",
-           "FlashMultiHeadAttention", "apply_rope_bshd", "half_precision_inputs", "rope_tables"]
+           "FlashMultiHeadAttention", "apply_rope_bshd", "half_precision_inputs"]
 
 
 # --------------------------------------------------------------------------------------------

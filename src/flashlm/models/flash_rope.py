@@ -1,9 +1,9 @@
 """RoPE on BSHD q/k for the flash model: one position per (row, token), no transpose.
 
-:func:`rope_tables` prepares the cos/sin tables once per forward; :func:`apply_rope_bshd` rotates with
-either the full tables (torch, bit for bit the default model's ``apply_rope``) or the half-width ones
-(the fused Triton kernel on CUDA, or its math in torch ops under torch.compile). Re-exported by
-:mod:`flashlm.models.flash`, where these lived before.
+:func:`apply_rope_bshd` rotates with either the full tables (torch, bit for bit the default model's
+``apply_rope``) or the half-width ones (the fused Triton kernel on CUDA, or its math in torch ops under
+torch.compile). Used by a flash attention layer called on its own (no model plan); the model itself
+rotates with ``flashlm.ops.rotary_qkv``. Re-exported by :mod:`flashlm.models.flash`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flashlm.attention.interface import apply_rotary
 
 from .layers import rotate_half
 
-__all__ = ["apply_rope_bshd", "rope_tables"]
+__all__ = ["apply_rope_bshd"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,21 +30,6 @@ def _triton_rotary():
     return apply_rotary_bshd
 
 
-def rope_tables(cos: Tensor, sin: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    """Prepare the cos/sin tables once per forward for :func:`apply_rope_bshd`.
-
-    cos/sin (batch or 1, seqlen, head_dim) fp32 from ``RotaryEmbedding``. On CUDA with the fused Triton
-    kernel: the half-width tables (batch, seqlen, head_dim // 2) it takes, as views expanded to the batch
-    (done here once, not per layer); elsewhere the full tables unchanged.
-    """
-    # compiled code (CUDA implies triton there) checks no import: it rotates in torch, see apply_rope_bshd
-    if cos.is_cuda and (torch.compiler.is_compiling() or _triton_rotary() is not None):
-        half = cos.shape[-1] // 2
-        # views: the kernel reads cos/sin through their strides (a broadcast batch stride 0 is fine)
-        return cos[..., :half].expand(batch, -1, -1), sin[..., :half].expand(batch, -1, -1)
-    return cos, sin
-
-
 def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
     transpose — with one position per (row, token), so left padding and packing just work.
@@ -52,7 +37,7 @@ def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Ten
     cos/sin fp32 in the rotate_half convention: either the full tables (batch or 1, seqlen, head_dim)
     with duplicated halves, rotated here in torch with the tables cast to q's dtype first, exactly as
     the default model's ``apply_rope`` does (fp32 results agree bit for bit); or the half-width tables
-    (batch, seqlen, head_dim // 2) from :func:`rope_tables`, which go to the fused Triton kernel
+    (batch, seqlen, head_dim // 2) (``cos[..., :head_dim // 2]``), which go to the fused Triton kernel
     ``apply_rotary_bshd`` (CUDA). Compiled without gradients (a compiled decode step), the half-width
     tables take that kernel's math (fp32, one rounding) written in torch ops, which inductor fuses
     with the neighbouring elementwise work (the cache append, ...) instead of launching the opaque

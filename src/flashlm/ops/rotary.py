@@ -49,7 +49,7 @@ def _check_tables(cos: torch.Tensor, sin: torch.Tensor, batch: int, seqlen: int,
             or 2 * cos.shape[2] != head_dim):
         raise InputError(f"{where}: cos/sin must both be (batch or 1, seqlen, head_dim // 2) = "
                          f"({batch} or 1, {seqlen}, {head_dim // 2}), got {tuple(cos.shape)} and "
-                         f"{tuple(sin.shape)}; pass the half-width tables (rope_tables)")
+                         f"{tuple(sin.shape)}; pass the half-width tables (cos[..., :head_dim // 2])")
 
 
 def _check_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim) -> None:
