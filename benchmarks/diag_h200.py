@@ -5,10 +5,15 @@
 3. host microseconds per call of candidate building blocks for the flash model's fast path (issue 16).
 Prints one JSON object per section; `--out` writes them all.
 """
-import argparse, json, time, traceback
+import argparse
+import json
+import time
+import traceback
+
 import torch
 import torch.nn.functional as F
-from flashlm.attention import flash_attn_func, explain, use_backend, available_backends
+
+from flashlm.attention import available_backends, explain, flash_attn_func, use_backend
 
 dev = "cuda"
 R = {}
@@ -71,7 +76,7 @@ def host_us(fn, n=200):
 
 
 def kernels_per_call(fn):
-    from torch.profiler import profile, ProfilerActivity
+    from torch.profiler import ProfilerActivity, profile
     fn(); torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         fn(); torch.cuda.synchronize()
@@ -107,7 +112,8 @@ def blocks():
             return ga
     cases["autograd.Function(a*1) fwd+bwd"] = lambda: Noop.apply(x).backward(g)
     try:
-        import triton, triton.language as tl
+        import triton
+        import triton.language as tl
 
         @triton.jit
         def _k(X, Y, N, BLOCK: tl.constexpr):
@@ -176,4 +182,5 @@ if __name__ == "__main__":
             R[sec] = traceback.format_exc()[-2000:]
         print(sec, json.dumps(R[sec], indent=1), flush=True)
     if a.out:
-        json.dump(R, open(a.out, "w"), indent=1)
+        with open(a.out, "w") as f:
+            json.dump(R, f, indent=1)
