@@ -308,3 +308,30 @@ def test_bf16_master_weights_resume_bit_exact_and_learn_like_autocast(corpus, ca
     assert full.losses[0] == pytest.approx(auto.losses[0], rel=2e-2)
     assert full.losses[-1] == pytest.approx(auto.losses[-1], rel=5e-2)
     assert full.losses[-1] < full.losses[0]
+
+
+def test_packing_metadata_from_the_loader_plans_the_flash_model_as_detection_does():
+    """cu_seqlens / max_seqlen computed on the CPU by the loader (what flashlm train passes the flash
+    model) give the very loss and gradients of the model's own detection from position_ids."""
+    from flashlm.data import PackedDataset, packing_metadata
+    from flashlm.models import build_model
+
+    rows = torch.randint(0, 200, (6, 32), dtype=torch.int32)
+    starts = torch.zeros(6, 32, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[0, 7] = starts[0, 20] = starts[3, 11] = True  # documents restart inside rows
+    batch = PackedDataset(rows, starts).batch(torch.arange(4))
+    cu, max_len = packing_metadata(batch["position_ids"])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 7, 20, 32, 64, 96, 107, 128] and max_len == 32
+    model = build_model("tiny", attn="flash")
+    grads = []
+    for extra in ({}, {"cu_seqlens": cu, "max_seqlen": max_len}):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, **extra).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    # the model does use what it is given: one document per row is another batch
+    rows_only = torch.arange(0, 129, 32, dtype=torch.int32)
+    assert not torch.equal(model(**batch, cu_seqlens=rows_only, max_seqlen=32).loss.detach(), l0)

@@ -548,7 +548,19 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
 
 
 @torch.no_grad()
-def evaluate(model, eval_ds, batch_size: int, n_batches: int, dd: Dist, device, autocast) -> float:
+def model_inputs(cpu_batch: dict[str, torch.Tensor], device: torch.device, packed: bool) -> dict:
+    """A CPU batch of :class:`~flashlm.data.PackedDataset` moved to ``device``; with ``packed`` (the
+    flash model) also ``cu_seqlens`` / ``max_seqlen`` computed here on the CPU, so the model plans the
+    packed batch from host-known values instead of reading its position ids back from the device."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+    if packed:
+        cu_seqlens, max_seqlen = fdata.packing_metadata(cpu_batch["position_ids"])
+        batch.update(cu_seqlens=cu_seqlens.to(device, non_blocking=True), max_seqlen=max_seqlen)
+    return batch
+
+
+def evaluate(model, eval_ds, batch_size: int, n_batches: int, dd: Dist, device, autocast,
+             packed: bool = False) -> float:
     """Token-weighted mean loss over the first ``min(len, n_batches * batch_size * world)`` held-out
     rows (the same rows every time), split evenly over ranks (a remainder of < world rows is
     skipped: under FSDP2 every rank must run the same number of forwards)."""
@@ -560,7 +572,7 @@ def evaluate(model, eval_ds, batch_size: int, n_batches: int, dd: Dist, device, 
     first = dd.rank * per_rank
     for lo in range(first, first + per_rank, batch_size):
         idx = torch.arange(lo, min(lo + batch_size, first + per_rank))
-        batch = {k: v.to(device) for k, v in eval_ds.batch(idx).items()}
+        batch = model_inputs(eval_ds.batch(idx), device, packed)
         n = (batch["labels"][:, 1:] != fdata.IGNORE_INDEX).sum()
         with autocast():
             loss = model(**batch).loss.float()
@@ -814,7 +826,7 @@ def _train_step(run: _Run) -> tuple[float, torch.Tensor | None]:
     n_global = dd.sum(n_local.sum().to(device).float())
     loss_sum = torch.zeros((), device=device)
     for micro, cpu_batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        batch = model_inputs(cpu_batch, device, args.attn == "flash")
         if dd.enabled:
             # Reduce-scatter gradients only on the last micro-batch.
             model.set_requires_gradient_sync(micro == args.grad_accum - 1)
@@ -856,7 +868,7 @@ def _step_record(run: _Run, result: TrainResult, step: int, step_loss: float, gr
     args = run.args
     if run.data.eval_ds is not None and step % args.eval_every == 0:
         ev = evaluate(run.model, run.data.eval_ds, args.batch_size, args.eval_batches, run.dd, run.device,
-                      run.autocast)
+                      run.autocast, packed=args.attn == "flash")
         rec["eval_loss"] = ev
         result.eval_losses.append((step, ev))
     return rec
