@@ -608,6 +608,79 @@ def _check_rotary(q, rotary_cos, rotary_sin, k, cache_seqlens, s_new: int, check
         raise InputError(f"rotary_cos has {rotary_cos.shape[0]} positions, fewer than cache_seqlens + new tokens")
 
 
+def _check_kvcache_options(q, plan: _KVCachePlan, k, rotary_cos, rotary_sin, num_splits, softmax_scale,
+                           causal, window_size, softcap, alibi_slopes) -> tuple[float, tuple[int, int]]:
+    """The non-cache arguments of flash_attn_with_kvcache, after _prepare_kvcache: -> (scale, window)."""
+    B, _, H, D = q.shape
+    _check_rotary(q, rotary_cos, rotary_sin, k, plan.cache_seqlens, plan.s_new, _data_checks(plan.cache_seqlens))
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise InputError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    _check_scalars(0.0, softcap, False, causal)
+    _check_alibi(alibi_slopes, H, B, q.device)
+    return _scale(softmax_scale, D), _window(window_size, causal, plan.capacity)
+
+
+def _select_kvcache_backend(q, k_cache, v_cache, plan: _KVCachePlan, causal, window, softcap, alibi_slopes,
+                            cache_leftpad, backend):
+    """The registry's backend for this kvcache call, or None while torch.compile traces.
+
+    The registry's choice reads a context variable, the environment and module-level caches: Dynamo
+    cannot trace it (and guards on those caches would recompile). Compiled code calls one opaque op
+    for the attention proper instead (_kvcache_attention), which chooses when it runs; the rotary and
+    the in-place append stay torch ops that the compiler sees (and fuses)."""
+    if torch.compiler.is_compiling():
+        return None
+    call = _call("kvcache", q, k_cache.shape[2], v_cache.shape[3], q.shape[1], plan.capacity, causal, window,
+                 softcap, alibi_slopes, 0.0, False, False, paged=plan.paged, page_block_size=plan.page,
+                 leftpad=cache_leftpad is not None, seqlens_equal=False)
+    return registry.select(call, backend)
+
+
+def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, plan: _KVCachePlan, causal, window, interleaved):
+    """RoPE on the appended keys at cache_seqlens + j and on the queries (index arithmetic on device,
+    no host read) -> (q, k) rotated."""
+    B, Sq = q.shape[:2]
+    cache_seqlens = plan.cache_seqlens
+    pos_k = cache_seqlens.long()[:, None] + torch.arange(plan.s_new, device=q.device)
+    k = apply_rotary(k, rotary_cos[pos_k], rotary_sin[pos_k], interleaved)
+    if causal or window != (-1, -1):
+        pos_q = cache_seqlens.long()[:, None] + torch.arange(Sq, device=q.device)
+    else:  # every query sits at position cache_seqlens
+        pos_q = cache_seqlens.long()[:, None].expand(B, Sq)
+    q = apply_rotary(q, rotary_cos[pos_q], rotary_sin[pos_q], interleaved)
+    return q, k
+
+
+def _append_to_cache(k_cache, v_cache, k, v, plan: _KVCachePlan, block_table, cache_batch_idx) -> torch.Tensor:
+    """Write k/v (batch, s_new, nheads_k, headdim) in place at positions cache_seqlens[b] + j of each
+    row (through block_table's pages when paged) -> int32 (batch,) key counts including them."""
+    B, s_new = k.shape[0], plan.s_new
+    pos = plan.cache_seqlens.long()[:, None] + torch.arange(s_new, device=k.device)  # (B, s_new)
+    if plan.paged:
+        blk = block_table.long().gather(1, torch.div(pos, plan.page, rounding_mode="floor"))
+        idx = (blk, pos % plan.page)
+    else:
+        rows = torch.arange(B, device=k.device) if cache_batch_idx is None else cache_batch_idx.long()
+        idx = (rows[:, None].expand(B, s_new), pos)
+    k_cache.index_put_(idx, k)
+    v_cache.index_put_(idx, v)
+    return (plan.cache_seqlens + s_new).to(torch.int32)
+
+
+def _kvcache_attention(be, q, k_cache, v_cache, seqlens, cache_batch_idx, cache_leftpad, block_table, scale,
+                       causal, window, softcap, alibi_slopes, num_splits, backend):
+    """Attention over the (appended) cache -> (out, lse): through the chosen backend ``be``, or, when
+    torch.compile traces (be is None), through the opaque op that chooses when it runs."""
+    if be is None:
+        return kvcache_attention_op(_contig(q), k_cache, v_cache, seqlens, cache_batch_idx, cache_leftpad,
+                                    block_table, scale, causal, window[0], window[1], float(softcap),
+                                    alibi_slopes, num_splits, backend)
+    return be.kvcache(_contig(q), k_cache, v_cache, seqlens, cache_batch_idx=cache_batch_idx,
+                      cache_leftpad=cache_leftpad, block_table=block_table, softmax_scale=scale,
+                      causal=causal, window_size=window, softcap=float(softcap),
+                      alibi_slopes=alibi_slopes, num_splits=num_splits)
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -653,58 +726,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     plan = _prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
                             block_table, check_bounds)
-    cache_seqlens, paged, page, capacity, s_new = plan
-    B, Sq, H, D = q.shape
-    Hk = k_cache.shape[2]
-    _check_rotary(q, rotary_cos, rotary_sin, k, cache_seqlens, s_new, _data_checks(cache_seqlens))
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise InputError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    _check_scalars(0.0, softcap, False, causal)
-    _check_alibi(alibi_slopes, H, B, q.device)
-    scale = _scale(softmax_scale, D)
-    window = _window(window_size, causal, capacity)
-    # The registry's choice reads a context variable, the environment and module-level caches: Dynamo
-    # cannot trace it (and guards on those caches would recompile). Compiled code calls one opaque op
-    # for the attention proper instead, which chooses when it runs; the rotary and the in-place append
-    # below stay torch ops that the compiler sees (and fuses).
-    be = None
-    if not torch.compiler.is_compiling():
-        call = _call("kvcache", q, Hk, v_cache.shape[3], Sq, capacity, causal, window, softcap, alibi_slopes,
-                     0.0, False, False, paged=paged, page_block_size=page, leftpad=cache_leftpad is not None,
-                     seqlens_equal=False)
-        be = registry.select(call, backend)
-
+    scale, window = _check_kvcache_options(q, plan, k, rotary_cos, rotary_sin, num_splits, softmax_scale,
+                                           causal, window_size, softcap, alibi_slopes)
+    be = _select_kvcache_backend(q, k_cache, v_cache, plan, causal, window, softcap, alibi_slopes, cache_leftpad,
+                                 backend)
     with torch.no_grad():
-        seqlens = cache_seqlens
         if rotary_cos is not None:
-            ar_k = torch.arange(s_new, device=q.device)
-            pos_k = cache_seqlens.long()[:, None] + ar_k
-            k = apply_rotary(k, rotary_cos[pos_k], rotary_sin[pos_k], rotary_interleaved)
-            if causal or window != (-1, -1):
-                pos_q = cache_seqlens.long()[:, None] + torch.arange(Sq, device=q.device)
-            else:  # every query sits at position cache_seqlens
-                pos_q = cache_seqlens.long()[:, None].expand(B, Sq)
-            q = apply_rotary(q, rotary_cos[pos_q], rotary_sin[pos_q], rotary_interleaved)
+            q, k = _rotate_new_tokens(q, k, rotary_cos, rotary_sin, plan, causal, window, rotary_interleaved)
+        seqlens = plan.cache_seqlens
         if k is not None:
-            pos = cache_seqlens.long()[:, None] + torch.arange(s_new, device=q.device)  # (B, s_new)
-            if paged:
-                blk = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor"))
-                idx = (blk, pos % page)
-            else:
-                rows = torch.arange(B, device=q.device) if cache_batch_idx is None else cache_batch_idx.long()
-                idx = (rows[:, None].expand(B, s_new), pos)
-            k_cache.index_put_(idx, k)
-            v_cache.index_put_(idx, v)
-            seqlens = (cache_seqlens + s_new).to(torch.int32)
-        if be is None:
-            out, lse = kvcache_attention_op(_contig(q), k_cache, v_cache, seqlens, cache_batch_idx, cache_leftpad,
-                                            block_table, scale, causal, window[0], window[1], float(softcap),
-                                            alibi_slopes, num_splits, backend)
-        else:
-            out, lse = be.kvcache(_contig(q), k_cache, v_cache, seqlens, cache_batch_idx=cache_batch_idx,
-                                  cache_leftpad=cache_leftpad, block_table=block_table, softmax_scale=scale,
-                                  causal=causal, window_size=window, softcap=float(softcap),
-                                  alibi_slopes=alibi_slopes, num_splits=num_splits)
+            seqlens = _append_to_cache(k_cache, v_cache, k, v, plan, block_table, cache_batch_idx)
+        out, lse = _kvcache_attention(be, q, k_cache, v_cache, seqlens, cache_batch_idx, cache_leftpad,
+                                      block_table, scale, causal, window, softcap, alibi_slopes, num_splits,
+                                      backend)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -96,86 +96,14 @@ class ModelConfig:
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
+        # Groups run in this order, each raising on its first bad field (and normalizing the fields
+        # it owns), so a config with several bad fields always names the same one.
         _check_types(self)
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
-            _check_positive_int(name, getattr(self, name))
-        if self.num_kv_heads is None:
-            self.num_kv_heads = self.num_heads
-        _check_positive_int("num_kv_heads", self.num_kv_heads)
-        if self.num_heads % self.num_kv_heads:
-            raise InputError(
-                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}) "
-                "for grouped-query attention"
-            )
-        if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise InputError(
-                    f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
-                    "when head_dim is not given (head_dim = hidden_size // num_heads)"
-                )
-            self.head_dim = self.hidden_size // self.num_heads
-        _check_positive_int("head_dim", self.head_dim)
-        if self.head_dim % 2:
-            raise InputError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.architecture not in HF_ARCHITECTURES:
-            raise InputError(
-                f"architecture must be one of {sorted(HF_ARCHITECTURES)}, got {self.architecture!r}"
-            )
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise InputError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        self.rope_theta = float(self.rope_theta)
-        if self.kernels not in ("auto", "liger", "triton", "torch"):
-            raise ValueError(f"kernels must be 'auto', 'liger', 'triton' or 'torch', got {self.kernels!r}")
-        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise InputError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
-        if self.sliding_window is not None:
-            _check_positive_int("sliding_window", self.sliding_window)
-        for name in ("attn_logit_softcap", "final_logit_softcap"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise InputError(f"{name} must be None or a positive number, got {value!r}")
-        if not (isinstance(self.attention_dropout, (int, float)) and 0.0 <= self.attention_dropout < 1.0):
-            raise InputError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
-        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
-            raise InputError(f"initializer_range must be a positive number, got {self.initializer_range!r}")
-        for name in ("pad_token_id", "bos_token_id"):
-            _check_token_id(name, getattr(self, name), self.vocab_size)
-        eos = self.eos_token_id
-        for token in eos if isinstance(eos, (list, tuple)) else [eos]:
-            _check_token_id("eos_token_id", token, self.vocab_size)
-        if isinstance(eos, tuple):
-            self.eos_token_id = list(eos)
-        if self.layer_types is not None:
-            self.layer_types = list(self.layer_types)
-            bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES}, key=str)
-            if len(self.layer_types) != self.num_layers or bad:
-                raise InputError(
-                    f"layer_types must be None or a list of num_layers={self.num_layers} entries from "
-                    f"{list(LAYER_TYPES)}, got {len(self.layer_types)} entries"
-                    + (f" with unknown values {bad}" if bad else "")
-                )
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise InputError(
-                f"hidden_act must be one of {list(SUPPORTED_ACTIVATIONS)}, got {self.hidden_act!r}"
-            )
-        for name in ("qkv_bias", "qk_norm", "rms_norm_unit_offset", "post_norms", "embed_scale"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        scalar = self.query_pre_attn_scalar
-        if scalar is not None and (
-            isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0
-        ):
-            raise InputError(f"query_pre_attn_scalar must be None or a positive number, got {scalar!r}")
-        if scalar is not None and scalar == self.head_dim:
-            self.query_pre_attn_scalar = None  # the same scale; one spelling so configs compare equal
+        _check_sizes(self)
+        _check_architecture_and_rope(self)
+        _check_numbers(self)
+        _check_token_ids(self)
+        _check_family(self)
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -317,6 +245,107 @@ def _check_types(config: ModelConfig) -> None:
     for name in _STR_FIELDS:
         if not isinstance(getattr(config, name), str):
             raise InputError(f"{name} must be a string, got {getattr(config, name)!r}")
+
+
+def _check_sizes(config: ModelConfig) -> None:
+    """Positive sizes; derives num_kv_heads (= num_heads) and head_dim (= hidden_size // num_heads)
+    when None; GQA divisibility; an even head_dim for RoPE."""
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+    ):
+        _check_positive_int(name, getattr(config, name))
+    if config.num_kv_heads is None:
+        config.num_kv_heads = config.num_heads
+    _check_positive_int("num_kv_heads", config.num_kv_heads)
+    if config.num_heads % config.num_kv_heads:
+        raise InputError(
+            f"num_heads ({config.num_heads}) must be divisible by num_kv_heads ({config.num_kv_heads}) "
+            "for grouped-query attention"
+        )
+    if config.head_dim is None:
+        if config.hidden_size % config.num_heads:
+            raise InputError(
+                f"hidden_size ({config.hidden_size}) must be divisible by num_heads ({config.num_heads}) "
+                "when head_dim is not given (head_dim = hidden_size // num_heads)"
+            )
+        config.head_dim = config.hidden_size // config.num_heads
+    _check_positive_int("head_dim", config.head_dim)
+    if config.head_dim % 2:
+        raise InputError(f"head_dim must be even for rotary embeddings, got {config.head_dim}")
+
+
+def _check_architecture_and_rope(config: ModelConfig) -> None:
+    """architecture, rope_theta (made a float), kernels and rope_scaling (normalized)."""
+    if config.architecture not in HF_ARCHITECTURES:
+        raise InputError(
+            f"architecture must be one of {sorted(HF_ARCHITECTURES)}, got {config.architecture!r}"
+        )
+    if not (isinstance(config.rope_theta, (int, float)) and config.rope_theta > 0):
+        raise InputError(f"rope_theta must be a positive number, got {config.rope_theta!r}")
+    config.rope_theta = float(config.rope_theta)
+    if config.kernels not in ("auto", "liger", "triton", "torch"):
+        raise ValueError(f"kernels must be 'auto', 'liger', 'triton' or 'torch', got {config.kernels!r}")
+    config.rope_scaling = _normalize_rope_scaling(config.rope_scaling)
+
+
+def _check_numbers(config: ModelConfig) -> None:
+    """rms_norm_eps, sliding_window, the softcaps, attention_dropout and initializer_range ranges."""
+    if not (isinstance(config.rms_norm_eps, (int, float)) and config.rms_norm_eps > 0):
+        raise InputError(f"rms_norm_eps must be a positive number, got {config.rms_norm_eps!r}")
+    if config.sliding_window is not None:
+        _check_positive_int("sliding_window", config.sliding_window)
+    for name in ("attn_logit_softcap", "final_logit_softcap"):
+        value = getattr(config, name)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise InputError(f"{name} must be None or a positive number, got {value!r}")
+    if not (isinstance(config.attention_dropout, (int, float)) and 0.0 <= config.attention_dropout < 1.0):
+        raise InputError(f"attention_dropout must be in [0, 1), got {config.attention_dropout!r}")
+    if not (isinstance(config.initializer_range, (int, float)) and config.initializer_range > 0):
+        raise InputError(f"initializer_range must be a positive number, got {config.initializer_range!r}")
+
+
+def _check_token_ids(config: ModelConfig) -> None:
+    """pad/bos/eos ids inside the vocabulary; a tuple of eos ids becomes a list."""
+    for name in ("pad_token_id", "bos_token_id"):
+        _check_token_id(name, getattr(config, name), config.vocab_size)
+    eos = config.eos_token_id
+    for token in eos if isinstance(eos, (list, tuple)) else [eos]:
+        _check_token_id("eos_token_id", token, config.vocab_size)
+    if isinstance(eos, tuple):
+        config.eos_token_id = list(eos)
+
+
+def _check_family(config: ModelConfig) -> None:
+    """layer_types (made a list), hidden_act, the family flags and query_pre_attn_scalar (None when it
+    equals head_dim)."""
+    if config.layer_types is not None:
+        config.layer_types = list(config.layer_types)
+        bad = sorted({t for t in config.layer_types if t not in LAYER_TYPES}, key=str)
+        if len(config.layer_types) != config.num_layers or bad:
+            raise InputError(
+                f"layer_types must be None or a list of num_layers={config.num_layers} entries from "
+                f"{list(LAYER_TYPES)}, got {len(config.layer_types)} entries"
+                + (f" with unknown values {bad}" if bad else "")
+            )
+    if config.hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise InputError(
+            f"hidden_act must be one of {list(SUPPORTED_ACTIVATIONS)}, got {config.hidden_act!r}"
+        )
+    for name in ("qkv_bias", "qk_norm", "rms_norm_unit_offset", "post_norms", "embed_scale"):
+        if not isinstance(getattr(config, name), bool):
+            raise TypeError(f"{name} must be a bool, got {getattr(config, name)!r}")
+    scalar = config.query_pre_attn_scalar
+    if scalar is not None and (
+        isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0
+    ):
+        raise InputError(f"query_pre_attn_scalar must be None or a positive number, got {scalar!r}")
+    if scalar is not None and scalar == config.head_dim:
+        config.query_pre_attn_scalar = None  # the same scale; one spelling so configs compare equal
 
 
 def _check_positive_int(name: str, value: Any) -> None:
