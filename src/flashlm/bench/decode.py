@@ -59,6 +59,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -323,12 +324,37 @@ def summarize(points: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace, log: Callable[[str], None] = print,
-        checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Measure every (batch, context, implementation); ``checkpoint(partial results)`` after each point
-    (so a run cut short by a time limit still leaves its JSON)."""
-    from flashlm.attention import use_backend
-    from flashlm.decode_graph import cache_capacity, release_graphs
+@dataclass
+class _Sweep:
+    """What every grid point shares: the arguments, the flashlm model (and the HF copy of its weights,
+    None when it is not needed or could not be built), the byte counts, and the points and notes so far."""
+
+    args: argparse.Namespace
+    config: Any
+    flash: torch.nn.Module
+    hf: torch.nn.Module | None
+    w_bytes: int
+    kv_tok: int
+    peak_fields: dict[str, Any]
+    points: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def results(self) -> dict[str, Any]:
+        """The JSON record of the points measured so far."""
+        args = self.args
+        return {"benchmark": "decode", "preset": args.preset, "dtype": str(args.torch_dtype).replace("torch.", ""),
+                "device": str(args.device), "new_tokens": args.new_tokens, "repeats": args.repeats,
+                "inductor_mode": args.inductor_mode,
+                "weight_bytes_per_step": self.w_bytes, "kv_bytes_per_token_per_row": self.kv_tok,
+                **self.peak_fields,
+                "method": "first token = median T(1); per token = (median T(1+N) - median T(1)) / N; T = wall "
+                          "time of one generate call, device synchronized; GB/s = (weights + KV of batch x "
+                          "(context + N/2)) / per token",
+                "points": self.points, "summary": summarize(self.points), "notes": self.notes}
+
+
+def _build_sweep(args: argparse.Namespace, log: Callable[[str], None]) -> _Sweep:
+    """Build the models (seeded with ``args.seed``), log the header line, note a missing peak."""
     from flashlm.models import build_model
     from flashlm.models.config import get_preset
 
@@ -345,10 +371,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
             notes.append(f"transformers model could not be built: {type(e).__name__}: {e}")
     w_bytes = weight_read_bytes(flash)
     kv_tok = kv_bytes_per_token(config, dtype)
-    n = args.new_tokens
     log(f"decode bench: {args.preset} {str(dtype).replace('torch.', '')} on {device}; weights read per step "
-        f"{w_bytes / 1e9:.3f} GB, KV {kv_tok} B per token per row; N = {n} new tokens, {args.repeats} repeats")
-    points: list[dict[str, Any]] = []
+        f"{w_bytes / 1e9:.3f} GB, KV {kv_tok} B per token per row; N = {args.new_tokens} new tokens, "
+        f"{args.repeats} repeats")
     peak = args.peak
     if peak is None:
         notes.append("no %-of-peak column: " + (
@@ -356,85 +381,106 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
             if args.gpu_name else "a CPU run (pass --peak-gbs to get one)"))
     peak_fields = peak.as_dict() if peak is not None else {
         "peak_gbs": None, "peak_basis": None, "peak_gpu": None, "peak_label": None}
+    return _Sweep(args, config, flash, hf, w_bytes, kv_tok, peak_fields, notes=notes)
 
-    def results() -> dict[str, Any]:
-        return {"benchmark": "decode", "preset": args.preset, "dtype": str(dtype).replace("torch.", ""),
-                "device": str(device), "new_tokens": n, "repeats": args.repeats,
-                "inductor_mode": args.inductor_mode,
-                "weight_bytes_per_step": w_bytes, "kv_bytes_per_token_per_row": kv_tok, **peak_fields,
-                "method": "first token = median T(1); per token = (median T(1+N) - median T(1)) / N; T = wall "
-                          "time of one generate call, device synchronized; GB/s = (weights + KV of batch x "
-                          "(context + N/2)) / per token",
-                "points": points, "summary": summarize(points), "notes": notes}
 
+def _measure_point(sw: _Sweep, point: dict[str, Any], ids: torch.Tensor, max_cache_len: int,
+                   tokens: dict[str, torch.Tensor]) -> None:
+    """Time ``point["impl"]`` on ``ids`` (batch, context) into ``point`` (or its error record); its greedy
+    tokens go to ``tokens[impl]`` for the correctness riders."""
+    from flashlm.attention import use_backend
+    from flashlm.decode_graph import release_graphs
+
+    args, device = sw.args, sw.args.device
+    impl, batch, ctx, n = point["impl"], point["batch"], point["context"], point["new_tokens"]
+    t0 = time.perf_counter()
+    try:
+        runner = make_runner(impl, sw.flash, sw.hf, max_cache_len, args.inductor_mode)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if impl.startswith("flashlm") and args.attn_backend:
+            with use_backend(args.attn_backend):
+                res = measure(runner, ids, n, args.repeats, device)
+        else:
+            res = measure(runner, ids, n, args.repeats, device)
+        tokens[impl] = res.pop("_tokens").cpu()
+        point.update(status="ok", **res)
+        read = sw.w_bytes + sw.kv_tok * batch * (ctx + n / 2)
+        point["bytes_per_step"] = read
+        if point["per_token_ms"] > 0:
+            point["gb_per_s"] = read / (point["per_token_ms"] / 1e3) / 1e9
+            if args.peak is not None:
+                point["pct_of_peak"] = 100 * point["gb_per_s"] / args.peak.gbs
+        if device.type == "cuda":
+            point["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        if impl == "hf-static-compile":
+            point["compiled"] = getattr(sw.hf, "_compiled_call", None) is not None
+        if impl == "flashlm-graph-inductor":
+            point["compile_mode"] = args.inductor_mode
+    except Exception as e:  # noqa: BLE001 one point failing (OOM, compile error) must not end the sweep
+        point.update(_error(e))
+    point["wall_s"] = time.perf_counter() - t0
+    if impl in GRAPH_IMPLS:
+        release_graphs(sw.flash)  # the next grid point has another cache shape
+    _free(device)
+
+
+def _point_line(point: dict[str, Any]) -> str:
+    """The log line of one measured point."""
+    return f"  {point['impl']:<23} batch {point['batch']:>3} ctx {point['context']:>5}: " + (
+        f"first {point['first_token_ms']:.2f} ms, {point['per_token_ms']:.3f} ms/token, "
+        f"{_f(point.get('gb_per_s'), 0)} GB/s ({point['wall_s']:.1f} s)" if point["status"] == "ok"
+        else f"{point['status']}: {point.get('error', '')}")
+
+
+def _token_riders(grid_points: list[dict[str, Any]], tokens: dict[str, torch.Tensor]) -> None:
+    """Correctness riders on one grid point's records: same greedy tokens graph vs eager (same kernels;
+    inductor's fused ones round differently: its agreement is recorded too); agreement with HF."""
+    for graph_impl in GRAPH_IMPLS:
+        if graph_impl in tokens and "flashlm-eager" in tokens:
+            same = tokens[graph_impl] == tokens["flashlm-eager"]
+            for p in grid_points:
+                if p["impl"] == graph_impl and p["status"] == "ok":
+                    p["graph_tokens_equal_eager"] = bool(same.all())
+                    if graph_impl == "flashlm-graph-inductor":
+                        p["token_agreement_with_eager"] = float(same.float().mean())
+    ours = tokens.get("flashlm-eager", tokens.get("flashlm-graph"))
+    if ours is not None and "hf-dynamic" in tokens:
+        for p in grid_points:
+            if p["impl"] == "hf-dynamic" and p["status"] == "ok":
+                p["token_agreement_with_flashlm"] = float((tokens["hf-dynamic"] == ours).float().mean())
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every (batch, context, implementation); ``checkpoint(partial results)`` after each point
+    (so a run cut short by a time limit still leaves its JSON)."""
+    from flashlm.decode_graph import cache_capacity
+
+    sw = _build_sweep(args, log)
+    n, points = args.new_tokens, sw.points
     gen = torch.Generator().manual_seed(args.seed + 1)
     for batch in args.batch_sizes:
         for ctx in args.contexts:
-            ids = torch.randint(3, config.vocab_size, (batch, ctx), generator=gen).to(device)
+            ids = torch.randint(3, sw.config.vocab_size, (batch, ctx), generator=gen).to(args.device)
             max_cache_len = cache_capacity(ctx + 1 + n)
             tokens: dict[str, torch.Tensor] = {}
             for impl in args.models:
                 point: dict[str, Any] = {"impl": impl, "batch": batch, "context": ctx, "new_tokens": n}
                 reason = _skip_reason(impl, args, batch, ctx)
-                if reason is None and impl.startswith("hf-") and hf is None:
+                if reason is None and impl.startswith("hf-") and sw.hf is None:
                     reason = "no transformers model (see notes)"
                 if reason is not None:
                     point.update(status="skipped", reason=reason)
                     points.append(point)
                     continue
-                t0 = time.perf_counter()
-                try:
-                    runner = make_runner(impl, flash, hf, max_cache_len, args.inductor_mode)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    if impl.startswith("flashlm") and args.attn_backend:
-                        with use_backend(args.attn_backend):
-                            res = measure(runner, ids, n, args.repeats, device)
-                    else:
-                        res = measure(runner, ids, n, args.repeats, device)
-                    tokens[impl] = res.pop("_tokens").cpu()
-                    point.update(status="ok", **res)
-                    read = w_bytes + kv_tok * batch * (ctx + n / 2)
-                    point["bytes_per_step"] = read
-                    if point["per_token_ms"] > 0:
-                        point["gb_per_s"] = read / (point["per_token_ms"] / 1e3) / 1e9
-                        if peak is not None:
-                            point["pct_of_peak"] = 100 * point["gb_per_s"] / peak.gbs
-                    if device.type == "cuda":
-                        point["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-                    if impl == "hf-static-compile":
-                        point["compiled"] = getattr(hf, "_compiled_call", None) is not None
-                    if impl == "flashlm-graph-inductor":
-                        point["compile_mode"] = args.inductor_mode
-                except Exception as e:  # noqa: BLE001 one point failing (OOM, compile error) must not end the sweep
-                    point.update(_error(e))
-                point["wall_s"] = time.perf_counter() - t0
-                if impl in GRAPH_IMPLS:
-                    release_graphs(flash)  # the next grid point has another cache shape
-                _free(device)
+                _measure_point(sw, point, ids, max_cache_len, tokens)
                 points.append(point)
                 if checkpoint is not None:
-                    checkpoint(results())
-                log(f"  {impl:<23} batch {batch:>3} ctx {ctx:>5}: " + (
-                    f"first {point['first_token_ms']:.2f} ms, {point['per_token_ms']:.3f} ms/token, "
-                    f"{_f(point.get('gb_per_s'), 0)} GB/s ({point['wall_s']:.1f} s)" if point["status"] == "ok"
-                    else f"{point['status']}: {point.get('error', '')}"))
-            # correctness riders: same greedy tokens graph vs eager (same kernels; inductor's fused ones
-            # round differently: its agreement is recorded too); agreement with HF
-            for graph_impl in GRAPH_IMPLS:
-                if graph_impl in tokens and "flashlm-eager" in tokens:
-                    same = tokens[graph_impl] == tokens["flashlm-eager"]
-                    for p in points[-len(args.models):]:
-                        if p["impl"] == graph_impl and p["status"] == "ok":
-                            p["graph_tokens_equal_eager"] = bool(same.all())
-                            if graph_impl == "flashlm-graph-inductor":
-                                p["token_agreement_with_eager"] = float(same.float().mean())
-            ours = tokens.get("flashlm-eager", tokens.get("flashlm-graph"))
-            if ours is not None and "hf-dynamic" in tokens:
-                for p in points[-len(args.models):]:
-                    if p["impl"] == "hf-dynamic" and p["status"] == "ok":
-                        p["token_agreement_with_flashlm"] = float((tokens["hf-dynamic"] == ours).float().mean())
-    return results()
+                    checkpoint(sw.results())
+                log(_point_line(point))
+            _token_riders(points[-len(args.models):], tokens)
+    return sw.results()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -674,116 +674,168 @@ def _backend_scope(cfg: BenchConfig):
     return use_backend(cfg.attn_backend)
 
 
+def _build_inputs(cfg: BenchConfig, results: dict[str, Any], model_config) -> tuple[Batch, list[str]]:
+    """The benchmark batch and the cases to run; fills ``results``' "inputs" and "attention" records and
+    the notes that --packed implies."""
+    notes = results["notes"]
+    batch = make_batch(cfg.batch_size, cfg.seq_length, model_config.vocab_size,
+                       padding_ratio=cfg.padding_ratio, packed=cfg.packed,
+                       pad_token_id=getattr(model_config, "pad_token_id", None) or 0,
+                       device=cfg.device, seed=cfg.seed)
+    results["inputs"] = {"real_tokens": batch.real_tokens, "total_tokens": batch.input_ids.numel(),
+                         "padding_ratio": batch.padding_ratio, "row_lengths": batch.row_lengths,
+                         "docs_per_row": [len(d) for d in batch.doc_lengths] or None,
+                         "doc_lengths": batch.doc_lengths or None}
+    cases = [c for c in cfg.cases if not (c == "generate" and cfg.packed)]
+    if cfg.packed and "generate" in cfg.cases:
+        notes.append("generate skipped with --packed: packing is a training/prefill layout.")
+    if cfg.packed:
+        notes.append("packed: flash runs each document separately (varlen via position_ids); whether "
+                     "the others isolate documents is measured per model (packed_isolation).")
+    with _backend_scope(cfg):
+        results["attention"] = attention_record(model_config, batch, cfg)
+    return batch, cases
+
+
+class _Progress:
+    """The tqdm bar over all (model, case) steps, and how many steps each case counts (decode: one
+    warmup + benchmark run per grid point)."""
+
+    def __init__(self, cfg: BenchConfig, cases: list[str], tqdm):
+        self.steps = cfg.warmup_steps + cfg.benchmark_steps
+        self.per_step = {"decode": len(cfg.decode_batch_sizes) * len(cfg.decode_contexts)}
+        self.per_model = sum(self.per_step.get(c, 1) for c in cases) * self.steps
+        self.bar = tqdm(total=len(cfg.compare) * self.per_model, desc="bench", unit="step",
+                        disable=not cfg.progress, mininterval=0.5, dynamic_ncols=True)
+
+    def case_total(self, case: str) -> int:
+        return self.per_step.get(case, 1) * self.steps
+
+
+def _load_row(name: str, path: str, cfg: BenchConfig, rec: dict[str, Any], notes: list[str]):
+    """Load model ``name`` into its row ``rec`` (status, load time, sizes); None when it cannot load (the
+    row then holds the error and a note says why)."""
+    try:
+        t0 = time.perf_counter()
+        model = load_model(name, path, cfg)
+        rec.update(status="ok", load_s=time.perf_counter() - t0,
+                   parameters=sum(p.numel() for p in model.parameters()),
+                   weight_bytes=weight_bytes(model))
+        return model
+    except Exception as e:  # noqa: BLE001 a model that cannot load is a row, not a crash
+        rec.update(_error_record(e))
+        notes.append(f"{name} failed to load: {rec['error']}")
+        return None
+
+
+def _record_isolation(name: str, model, batch: Batch, rec: dict[str, Any], notes: list[str]) -> None:
+    """--packed: whether ``name`` keeps the documents of a packed row apart, into ``rec`` and a note."""
+    try:
+        rec["packed_isolation"] = packed_isolation(name, model, batch)
+    except Exception as e:  # noqa: BLE001 recorded in the JSON
+        rec["packed_isolation"] = _error_record(e)
+    iso = rec["packed_isolation"] or {}
+    if "isolated" in iso:
+        notes.append(f"packed: {name} " + ("isolates documents" if iso["isolated"] else
+                     "lets documents attend to each other (the row is one causal sequence)")
+                     + f" (last document's max |logit diff| when earlier ones change: "
+                       f"{iso['max_abs_diff']:.2e})")
+
+
+def _run_case(case: str, name: str, model, batch: Batch, cfg: BenchConfig, progress: _Progress,
+              model_config) -> dict[str, Any]:
+    """One case of one model: its record, or the error record (the bar then skips the case's rest)."""
+    bar = progress.bar
+    done = bar.n
+    try:
+        if case == "train":
+            r = run_train(name, model, batch, cfg, bar.update)
+        elif case == "forward":
+            r = run_forward(name, model, batch, cfg, bar.update)
+        elif case == "generate":
+            r = run_generate(name, model, batch, cfg, bar.update, model_config)
+        else:
+            r = run_decode(name, model, cfg, bar.update, model_config)
+    except Exception as e:  # noqa: BLE001 OOM/unsupported: recorded, the run goes on
+        r = _error_record(e)
+        bar.update(progress.case_total(case) - (bar.n - done))
+    _free(cfg.device)
+    return r
+
+
+def _compare_to_reference(name: str, r: dict[str, Any], refs: dict[str, Any]) -> None:
+    """Replace a case's raw outputs in ``r`` by their agreement with the first model that produced them
+    (``refs`` holds that model's (name, tensor) under "logits" and "tokens")."""
+    if "_last_logits" in r:
+        logits = r.pop("_last_logits")
+        if refs["logits"] is None:
+            refs["logits"] = (name, logits)
+        else:
+            r[f"last_logits_max_abs_diff_vs_{refs['logits'][0]}"] = (logits - refs["logits"][1]).abs().max().item()
+    if "_tokens" in r:
+        tokens = r.pop("_tokens")
+        if refs["tokens"] is None:
+            refs["tokens"] = (name, tokens)
+        elif tokens.shape == refs["tokens"][1].shape:
+            r[f"greedy_tokens_equal_vs_{refs['tokens'][0]}"] = (tokens == refs["tokens"][1]).float().mean().item()
+
+
+def _run_model(name: str, path: str, batch: Batch, cases: list[str], cfg: BenchConfig, model_config,
+               results: dict[str, Any], progress: _Progress, refs: dict[str, Any],
+               log: Callable[[str], None]) -> None:
+    """Load model ``name`` and run its cases into ``results["models"][name]``; failures are recorded."""
+    notes = results["notes"]
+    rec: dict[str, Any] = {"cases": {}}
+    results["models"][name] = rec
+    bar = progress.bar
+    skip = model_unavailable(name)
+    if skip:
+        rec.update(status="skipped", note=skip)
+        notes.append(f"{name} skipped: {skip}")
+        bar.update(progress.per_model)
+        return
+    bar.set_description(f"bench {name}")
+    if name in GENERATION_ONLY and {"train", "forward"} & set(cases):
+        notes.append(f"{name} measures generation only: {GENERATION_ONLY[name]}.")
+    # Liger patches transformers' llama module while hf-liger runs; undone before the next row.
+    with contextlib.ExitStack() as model_scope:
+        if name == "hf-liger":
+            model_scope.enter_context(_restoring_llama_module())
+        model = _load_row(name, path, cfg, rec, notes)
+        if model is None:
+            bar.update(progress.per_model)
+        else:
+            with _backend_scope(cfg):
+                if cfg.packed:
+                    _record_isolation(name, model, batch, rec, notes)
+                # Train last: it updates the weights, and forward/generate should see the saved ones.
+                for case in sorted(cases, key=("forward", "generate", "decode", "train").index):
+                    if name in GENERATION_ONLY and case in ("train", "forward"):
+                        rec["cases"][case] = {"status": "skipped",
+                                              "error": f"generation-only row: {GENERATION_ONLY[name]}"}
+                        bar.update(progress.steps)
+                        continue
+                    r = _run_case(case, name, model, batch, cfg, progress, model_config)
+                    _compare_to_reference(name, r, refs)
+                    rec["cases"][case] = r
+                    if r["status"] != "ok":
+                        log(f"[bench] {name} {case}: {r['error']}")
+            del model
+    _free(cfg.device)
+
+
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every (model, case) of ``cfg``; a failing case or model is recorded, never raised."""
     from tqdm.auto import tqdm
 
     results: dict[str, Any] = {"config": asdict(cfg), "models": {}, "notes": []}
-    notes = results["notes"]
     with contextlib.ExitStack() as stack:
         path, model_config = _prepare_weights(cfg, stack)
         results["model_config"] = {k: v for k, v in asdict(model_config).items()}
-        batch = make_batch(cfg.batch_size, cfg.seq_length, model_config.vocab_size,
-                           padding_ratio=cfg.padding_ratio, packed=cfg.packed,
-                           pad_token_id=getattr(model_config, "pad_token_id", None) or 0,
-                           device=cfg.device, seed=cfg.seed)
-        results["inputs"] = {"real_tokens": batch.real_tokens, "total_tokens": batch.input_ids.numel(),
-                             "padding_ratio": batch.padding_ratio, "row_lengths": batch.row_lengths,
-                             "docs_per_row": [len(d) for d in batch.doc_lengths] or None,
-                             "doc_lengths": batch.doc_lengths or None}
-        cases = [c for c in cfg.cases if not (c == "generate" and cfg.packed)]
-        if cfg.packed and "generate" in cfg.cases:
-            notes.append("generate skipped with --packed: packing is a training/prefill layout.")
-        if cfg.packed:
-            notes.append("packed: flash runs each document separately (varlen via position_ids); whether "
-                         "the others isolate documents is measured per model (packed_isolation).")
-        with _backend_scope(cfg):
-            results["attention"] = attention_record(model_config, batch, cfg)
-
-        per_step = {"decode": len(cfg.decode_batch_sizes) * len(cfg.decode_contexts)}
-        total = len(cfg.compare) * sum(per_step.get(c, 1) for c in cases) * (cfg.warmup_steps + cfg.benchmark_steps)
-        bar = tqdm(total=total, desc="bench", unit="step", disable=not cfg.progress, mininterval=0.5,
-                   dynamic_ncols=True)
-        ref_logits = ref_tokens = None
+        batch, cases = _build_inputs(cfg, results, model_config)
+        progress = _Progress(cfg, cases, tqdm)
+        refs: dict[str, Any] = {"logits": None, "tokens": None}
         for name in cfg.compare:
-            rec: dict[str, Any] = {"cases": {}}
-            results["models"][name] = rec
-            skip = model_unavailable(name)
-            if skip:
-                rec.update(status="skipped", note=skip)
-                notes.append(f"{name} skipped: {skip}")
-                bar.update(sum(per_step.get(c, 1) for c in cases) * (cfg.warmup_steps + cfg.benchmark_steps))
-                continue
-            bar.set_description(f"bench {name}")
-            if name in GENERATION_ONLY and {"train", "forward"} & set(cases):
-                notes.append(f"{name} measures generation only: {GENERATION_ONLY[name]}.")
-            model = None
-            # Liger patches transformers' llama module while hf-liger runs; undone before the next row.
-            model_scope = contextlib.ExitStack()
-            if name == "hf-liger":
-                model_scope.enter_context(_restoring_llama_module())
-            try:
-                t0 = time.perf_counter()
-                model = load_model(name, path, cfg)
-                rec.update(status="ok", load_s=time.perf_counter() - t0,
-                           parameters=sum(p.numel() for p in model.parameters()),
-                           weight_bytes=weight_bytes(model))
-            except Exception as e:  # noqa: BLE001 a model that cannot load is a row, not a crash
-                rec.update(_error_record(e))
-                notes.append(f"{name} failed to load: {rec['error']}")
-                bar.update(sum(per_step.get(c, 1) for c in cases) * (cfg.warmup_steps + cfg.benchmark_steps))
-                model_scope.close()
-                _free(cfg.device)
-                continue
-            with _backend_scope(cfg):
-                if cfg.packed:
-                    try:
-                        rec["packed_isolation"] = packed_isolation(name, model, batch)
-                    except Exception as e:  # noqa: BLE001 recorded in the JSON
-                        rec["packed_isolation"] = _error_record(e)
-                    iso = rec["packed_isolation"] or {}
-                    if "isolated" in iso:
-                        notes.append(f"packed: {name} " + ("isolates documents" if iso["isolated"] else
-                                     "lets documents attend to each other (the row is one causal sequence)")
-                                     + f" (last document's max |logit diff| when earlier ones change: "
-                                       f"{iso['max_abs_diff']:.2e})")
-                # Train last: it updates the weights, and forward/generate should see the saved ones.
-                for case in sorted(cases, key=("forward", "generate", "decode", "train").index):
-                    done = bar.n
-                    if name in GENERATION_ONLY and case in ("train", "forward"):
-                        rec["cases"][case] = {"status": "skipped", "error": f"generation-only row: {GENERATION_ONLY[name]}"}
-                        bar.update(cfg.warmup_steps + cfg.benchmark_steps)
-                        continue
-                    try:
-                        if case == "train":
-                            r = run_train(name, model, batch, cfg, bar.update)
-                        elif case == "forward":
-                            r = run_forward(name, model, batch, cfg, bar.update)
-                        elif case == "generate":
-                            r = run_generate(name, model, batch, cfg, bar.update, model_config)
-                        else:
-                            r = run_decode(name, model, cfg, bar.update, model_config)
-                    except Exception as e:  # noqa: BLE001 OOM/unsupported: recorded, the run goes on
-                        r = _error_record(e)
-                        bar.update(per_step.get(case, 1) * (cfg.warmup_steps + cfg.benchmark_steps) - (bar.n - done))
-                    _free(cfg.device)
-                    if "_last_logits" in r:
-                        logits = r.pop("_last_logits")
-                        if ref_logits is None:
-                            ref_logits = (name, logits)
-                        else:
-                            r[f"last_logits_max_abs_diff_vs_{ref_logits[0]}"] = (logits - ref_logits[1]).abs().max().item()
-                    if "_tokens" in r:
-                        tokens = r.pop("_tokens")
-                        if ref_tokens is None:
-                            ref_tokens = (name, tokens)
-                        elif tokens.shape == ref_tokens[1].shape:
-                            r[f"greedy_tokens_equal_vs_{ref_tokens[0]}"] = (tokens == ref_tokens[1]).float().mean().item()
-                    rec["cases"][case] = r
-                    if r["status"] != "ok":
-                        log(f"[bench] {name} {case}: {r['error']}")
-            del model
-            model_scope.close()
-            _free(cfg.device)
-        bar.close()
+            _run_model(name, path, batch, cases, cfg, model_config, results, progress, refs, log)
+        progress.bar.close()
     return results
