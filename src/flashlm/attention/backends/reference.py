@@ -11,8 +11,22 @@ Memory is O(batch * heads * seqlen_q * seqlen_k): a correctness tool, not a fast
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .base import Backend, Capabilities
+
+
+def within_window(keep: Tensor, key_pos: Tensor, diag: Tensor, causal: bool, window: tuple[int, int]) -> Tensor:
+    """``keep`` and flash-attn's band: key position ``key_pos`` in [diag - left, diag + right], inclusive,
+    -1 unbounded, ``causal`` meaning right = 0 (``diag``: the key aligned with the query, bottom-right)."""
+    left, right = window
+    if causal:
+        right = 0
+    if right >= 0:
+        keep = keep & (key_pos <= diag + right)
+    if left >= 0:
+        keep = keep & (key_pos >= diag - left)
+    return keep
 
 
 def attention_core(q, k, v, *, q_lens=None, k_lo=None, k_hi=None, softmax_scale: float,
@@ -48,14 +62,7 @@ def attention_core(q, k, v, *, q_lens=None, k_lo=None, k_hi=None, softmax_scale:
     j = torch.arange(Sk, device=dev).view(1, 1, Sk)
     col = j - k_lo
     diag = i + (k_hi - k_lo) - q_lens  # key column aligned with query i (bottom-right)
-    keep = (col >= 0) & (j < k_hi) & (i < q_lens)  # (B, Sq, Sk)
-    left, right = window_size
-    if causal:
-        right = 0
-    if right >= 0:
-        keep = keep & (col <= diag + right)
-    if left >= 0:
-        keep = keep & (col >= diag - left)
+    keep = within_window((col >= 0) & (j < k_hi) & (i < q_lens), col, diag, causal, window_size)  # (B, Sq, Sk)
     # keys no query sees (past cache_seqlens, before cache_leftpad, padding, outside every window) are
     # never read: zeroed by selection, so NaN/inf left in such slots cannot reach the output (0 * NaN)
     used = keep.any(dim=1)[:, :, None, None]  # (B, Sk, 1, 1)

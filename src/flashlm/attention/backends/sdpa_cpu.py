@@ -32,6 +32,7 @@ from functools import lru_cache
 import torch
 
 from .base import AttnCall, Backend, Capabilities
+from .reference import within_window
 
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _INF = float("inf")
@@ -53,14 +54,7 @@ def _keep(sq: int, sk: int, causal: bool, window: tuple[int, int], hi=None, lo=N
     keep = j < (sk if hi is None else hi)
     if lo is not None:
         keep = keep & (j >= lo.long().view(-1, 1, 1, 1))
-    left, right = window
-    if causal:
-        right = 0
-    if right >= 0:
-        keep = keep & (j <= diag + right)
-    if left >= 0:
-        keep = keep & (j >= diag - left)
-    return keep
+    return within_window(keep, j, diag, causal, window)
 
 
 def _additive(keep, dtype):
