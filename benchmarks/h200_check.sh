@@ -10,9 +10,11 @@ mkdir -p $site
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
 export PYTHONPATH="$site:$PWD/src"
 git log -1 --format='commit %h %s' 2>/dev/null || true
-timeout "${TESTS_TIMEOUT:-150}" python -m pytest -n 8 -q -m cuda -p no:cacheprovider --no-header -rfE tests/ops \
-  tests/test_losses.py tests/test_loss*.py tests/test_optim*.py tests/test_flash_model.py tests/test_flash_fused.py \
-  tests/test_decode.py tests/test_decode_compile.py tests/test_generation.py tests/test_train.py > $OUT/gpu_tests_check.log 2>&1
+shopt -s nullglob
+tests=(tests/ops tests/test_loss*.py tests/test_optim*.py tests/test_flash_model.py tests/test_flash_fused.py \
+  tests/test_decode.py tests/test_decode_compile.py tests/test_generation.py tests/test_train.py)
+timeout "${TESTS_TIMEOUT:-150}" python -m pytest -n 8 -q -m cuda -p no:cacheprovider --no-header -rfE "${tests[@]}" \
+  > $OUT/gpu_tests_check.log 2>&1
 echo "pytest rc=$?"; tail -n 25 $OUT/gpu_tests_check.log
 timeout 40 python benchmarks/optim_bench.py 2>&1 | tee $OUT/optim_bench.txt
 timeout 90 python benchmarks/profile_steps.py --preset small --batch 2 --seqlen 256 --out $OUT 2>&1 | grep -v Warn | tail -n 9
