@@ -19,3 +19,6 @@ echo "pytest rc=$?"; tail -n 25 $OUT/gpu_tests_check.log
 timeout 40 python benchmarks/optim_bench.py 2>&1 | tee $OUT/optim_bench.txt
 timeout 90 python benchmarks/profile_steps.py --preset small --batch 2 --seqlen 256 --out $OUT 2>&1 | grep -v Warn | tail -n 9
 timeout 70 python benchmarks/profile_decode.py --preset llama-1b --points 1x128,32x128 --out $OUT 2>&1 | grep -v Warn | tail -n 30
+# the eager decode step (no CUDA graph) of the seed config: flash vs default (issue 17: >= 1.3x)
+timeout 90 python -m flashlm.bench --model small --batch-size 2 --seq-length 256 --warmup-steps 10 --benchmark-steps 20 \
+  --cases generate --cuda-graph off --compare default,flash --no-progress --output $OUT/seed_generate_eager.json 2>&1 | tail -n 12

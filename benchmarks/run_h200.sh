@@ -38,7 +38,7 @@ for c in ${CONFIGS:-seed seed_compile 1b 1b_compile}; do
     seed_compile) bench seed_small_bs2x256_compile --model small --batch-size 2 --seq-length 256 --warmup-steps 10 \
             --benchmark-steps 20 --compile --compare "default,flash,hf-sdpa" ;;
     1b) bench train_llama1b_bs8x2048 --model llama-1b --batch-size 8 --seq-length 2048 --warmup-steps 3 \
-            --benchmark-steps 10 --cases train --compare "flash,hf-sdpa$liger" ;;
+            --benchmark-steps 10 --cases train --compare "flash,hf-sdpa$liger,hf-flashlm" ;;
     1b_compile) bench train_llama1b_bs8x2048_compile --model llama-1b --batch-size 8 --seq-length 2048 \
             --warmup-steps 3 --benchmark-steps 10 --cases train --compile --compare "flash,hf-sdpa" ;;
     *) echo "unknown config $c"; failed+=("$c") ;;
