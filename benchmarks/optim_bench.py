@@ -1,6 +1,8 @@
 """Time one optimizer step over llama-1b's parameter shapes (bf16 model, random grads) on CUDA:
-MasterWeightAdamW (fp32 masters) with torch's foreach vs fused AdamW, and plain fused AdamW on the
-bf16 parameters (what `flashlm bench` steps). Prints median ms and peak memory per variant.
+MasterWeightAdamW (fp32 masters) with torch's foreach AdamW, torch's fused AdamW (both forced with
+kernel="torch") and its one-pass Triton kernel (kernel="triton", what the default takes on CUDA),
+and plain fused AdamW on the bf16 parameters (what `flashlm bench` steps). Prints median ms and
+peak memory per variant.
 
     python benchmarks/optim_bench.py [--preset llama-1b] [--steps 10]
 """
@@ -21,8 +23,11 @@ model = build_model(args.preset, attn="flash", device="cuda", dtype=torch.bfloat
 params = [q for q in model.parameters() if q.requires_grad]
 print(f"{sum(q.numel() for q in params) / 1e9:.3f} B parameters in {len(params)} tensors")
 variants = {
-    "master_foreach": lambda: MasterWeightAdamW([{"params": params}], lr=1e-5, betas=(0.9, 0.95), foreach=True),
-    "master_fused": lambda: MasterWeightAdamW([{"params": params}], lr=1e-5, betas=(0.9, 0.95), fused=True),
+    "master_foreach": lambda: MasterWeightAdamW([{"params": params}], kernel="torch", lr=1e-5, betas=(0.9, 0.95),
+                                                foreach=True),
+    "master_fused": lambda: MasterWeightAdamW([{"params": params}], kernel="torch", lr=1e-5, betas=(0.9, 0.95),
+                                              fused=True),
+    "master_triton": lambda: MasterWeightAdamW([{"params": params}], kernel="triton", lr=1e-5, betas=(0.9, 0.95)),
     "bf16_fused": lambda: torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=True),
 }
 for name, make in variants.items():
