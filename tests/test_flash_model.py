@@ -9,11 +9,13 @@ the same comparisons in bf16 on the GPU backends with Dao's error rule.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from helpers import make_pair
 
+from flashlm import ops as fused_ops
 from flashlm.models import from_pretrained, save_pretrained
 from flashlm.models.config import get_preset
 from flashlm.models.flash import (
@@ -78,6 +80,21 @@ def test_no_padding_logits_and_grads_match_default(name):
     assert out_fused.logits is None
     torch.testing.assert_close(out_fused.loss, out_d.loss, atol=ATOL, rtol=RTOL)
     out_fused.loss.backward()
+    assert_grads_close(grads(flash), grads(default))
+
+
+@pytest.mark.parametrize("impl", ["swiglu_linear", "swiglu_linear_recompute"])
+def test_mlp_without_a_saved_activation_matches_default(impl):
+    """The MLP's SwiGLU + down projection as the op that recomputes the activation in the backward
+    (Triton under the interpreter, or its torch twin): loss and gradients as the default model's."""
+    default, flash = make_pair()
+    for layer in flash.model.layers:
+        layer.mlp.ops = dataclasses.replace(layer.mlp.ops, swiglu_linear=getattr(fused_ops, impl))
+    ids = torch.randint(0, 256, (2, 11))
+    out_d, out_f = default(ids, labels=ids), flash(ids, labels=ids)
+    torch.testing.assert_close(out_f.loss, out_d.loss, atol=ATOL, rtol=RTOL)
+    out_d.loss.backward()
+    out_f.loss.backward()
     assert_grads_close(grads(flash), grads(default))
 
 

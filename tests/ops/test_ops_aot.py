@@ -55,6 +55,8 @@ for xd in DTYPES:
 for xd, p in DTYPES.items():
     for jit in (swi._fwd_kernel, swi._bwd_kernel):
         build(jit, {"BLOCK": min(next_pow2(5632), swi._BLOCK)}, dict.fromkeys(("GU", "OUT", "DO", "DGU"), p))
+    build(swi._bwd_act_kernel, {"BLOCK": min(next_pow2(5632), swi._BLOCK)},
+          dict.fromkeys(("DO", "GU", "DGU", "ACT"), p))  # swiglu_linear's backward
 
 # rotary_qkv / rotary: x's dtype, fp32 cos/sin tables; a power-of-two head_dim and one that is not
 for xd, p in DTYPES.items():
@@ -76,7 +78,7 @@ print("compiled", count, "variants of", len(done), "kernels")
 
 
 def test_ops_kernels_compile_for_sm90():
-    """rms_norm, add_rms_norm, swiglu, rotary_qkv and rotary kernels (forward and backward) compile for
+    """rms_norm, add_rms_norm, swiglu (and swiglu_linear's backward), rotary_qkv and rotary kernels (forward and backward) compile for
     sm90 in each variant and dtype their launchers use (the interpreter would not catch an error the
     compiler reports, e.g. a variable whose type changes across an if/else)."""
     run_aot(_SCRIPT)

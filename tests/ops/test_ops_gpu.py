@@ -68,6 +68,14 @@ def test_swiglu(size, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size,out", [((1, 1, 2 * 75), 33), ((2, 256, 2 * 2048), 768), ((3, 100, 2 * 3001), 500)])
+def test_swiglu_linear(size, out, dtype):
+    w = torch.randn(out, size[-1] // 2, device=DEV) / (size[-1] // 2) ** 0.5
+    _check("swiglu_linear", lambda fn, a, w, b: fn(a, w, b),
+           [torch.randn(size, device=DEV) * 3, w, torch.randn(out, device=DEV)], 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,s,h,kv,d,tb", [(1, 1, 3, 1, 10, 1), (2, 256, 12, 12, 64, 2), (2, 300, 32, 8, 64, 1),
                                            (3, 17, 5, 1, 128, 3)])
 def test_rotary(b, s, h, kv, d, tb, dtype):
@@ -82,8 +90,9 @@ def _block(o, x, residual, w, gu_w, cos, sin):
     y, residual = o.add_rms_norm(x, residual, w, 1e-6)
     q, k, v = o.rotary_qkv(y[..., : 16 * 64], cos, sin, 8, 4, 64)
     h = o.swiglu(y @ gu_w)
+    down = o.swiglu_linear(y @ gu_w, gu_w[:, :512])  # weight (1024, 512): a leaf's view
     return q.float().sum() + k.float().pow(2).sum() + v.float().sum() + h.float().pow(2).sum() \
-        + o.rms_norm(residual, w, 1e-6).float().sum()
+        + o.rms_norm(residual, w, 1e-6).float().sum() + down.float().pow(2).sum()
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton", "liger", "torch"])

@@ -16,6 +16,21 @@ def test_resolve_names_each_choice():
     assert set(chosen.names.values()) == {"triton"} and chosen.rotary_qkv is ops.rotary_qkv
 
 
+def test_resolve_swiglu_linear_per_mode(monkeypatch):
+    """The activation-not-saved op: our Triton one where kernels are chosen (Liger has none), by size
+    for "auto" on CUDA, the plain reference on CPU and for a compiled model (inductor recomputes)."""
+    assert ops.resolve("torch").swiglu_linear is ops.swiglu_linear_ref
+    assert ops.resolve("auto", "cpu").swiglu_linear is ops.swiglu_linear_ref
+    assert ops.resolve("auto", "cuda", compiled=True).swiglu_linear is ops.swiglu_linear_ref
+    assert ops.resolve("auto", "cuda").swiglu_linear is ops.swiglu_linear_sized
+    assert ops.resolve("triton", "cpu").swiglu_linear is ops.swiglu_linear
+    from flashlm.ops import liger
+
+    monkeypatch.setattr(liger, "functions", lambda: {"rms_norm": ops.rms_norm_ref})  # as if installed
+    chosen = ops.resolve("liger", "cpu")
+    assert chosen.swiglu_linear is ops.swiglu_linear and chosen.names["swiglu_linear"] == "triton"
+
+
 def test_resolve_refuses_what_cannot_run(monkeypatch):
     with pytest.raises(InputError, match="kernels must be one of"):
         ops.resolve("fast")
@@ -35,7 +50,9 @@ def _block(ops_, x, residual, w, gate_up_w, cos, sin):
     y, residual = ops_.add_rms_norm(x, residual, w, 1e-6)
     q, k, v = ops_.rotary_qkv(y[..., : 4 * 8], cos, sin, 2, 1, 8)
     h = ops_.swiglu(y @ gate_up_w)
-    return (q.sum() + 2 * k.sum() + 3 * v.sum()) + h.pow(2).sum() + ops_.rms_norm(residual, w, 1e-6).sum()
+    down = ops_.swiglu_linear(y @ gate_up_w, gate_up_w[:, :24])  # weight (40, 24): a leaf's view
+    return (q.sum() + 2 * k.sum() + 3 * v.sum()) + h.pow(2).sum() + ops_.rms_norm(residual, w, 1e-6).sum() \
+        + down.pow(2).sum()
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
@@ -66,6 +83,7 @@ def test_resolve_auto_on_cuda_takes_the_measured_table():
     assert {k: v for k, v in chosen.names.items() if v != "liger"} == {
         k: v for k, v in _AUTO.items() if chosen.names[k] != "liger"}
     assert chosen.rms_norm is ops.rms_norm_aten and chosen.swiglu is ops.swiglu_sized
+    assert chosen.swiglu_linear is ops.swiglu_linear_sized
     assert chosen.rotary_qkv is ops.rotary_qkv
 
 

@@ -239,7 +239,8 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
 
 class FlashMLP(_BindsKernels, MLP):
     """The gated MLP with gate and up as ONE projection ``gate_up_proj`` (rows: gate, then up; saved and
-    loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU as one op (``ops.swiglu``); GeGLU (Gemma2)
+    loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU with the down projection as one op
+    (``ops.swiglu_linear``, which does not save the activation for the backward); GeGLU (Gemma2)
     splits and applies its activation in torch."""
 
     def __init__(self, config: ModelConfig, mlp: MLP | None = None) -> None:
@@ -257,8 +258,12 @@ class FlashMLP(_BindsKernels, MLP):
     def forward(self, x: Tensor, compiled: bool = False) -> Tensor:
         """x (..., hidden) -> (..., hidden); ``compiled``: the ops bound for torch.compile."""
         gate_up = self.gate_up_proj(x)
-        if self.fused_act:
-            return self.down_proj((self.compiled_ops if compiled else self.ops).swiglu(gate_up))
+        ops = self.compiled_ops if compiled else self.ops
+        if self.fused_act and type(self.down_proj) is torch.nn.Linear:
+            # one op with down_proj: autograd keeps gate_up, not the (..., I) activation
+            return ops.swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+        if self.fused_act:  # a wrapped down_proj (PEFT/LoRA, quantized): call the module itself
+            return self.down_proj(ops.swiglu(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 

@@ -8,6 +8,7 @@ function:
 - :func:`rms_norm` / :func:`add_rms_norm` (``rms_norm.py``): RMSNorm, and the residual add fused in
   (plus ``*_aten``: torch's fused ``F.rms_norm``, one rounding);
 - :func:`swiglu` (``swiglu.py``): ``silu(gate) * up`` on the fused ``[gate | up]`` projection;
+  :func:`swiglu_linear`: it and the down projection as one node that does not save the activation;
 - :func:`rotary_qkv` / :func:`rotary` (``rotary.py``): RoPE of q and k fused with the q/k/v split,
   and the single-tensor form.
 
@@ -17,7 +18,15 @@ Models choose the implementations once with :func:`resolve` ("auto" | "liger" | 
 from .resolve import KERNELS, Ops, resolve
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
 from .rotary import rotary, rotary_qkv, rotary_qkv_ref, rotary_ref
-from .swiglu import swiglu, swiglu_ref, swiglu_sized
+from .swiglu import (
+    swiglu,
+    swiglu_linear,
+    swiglu_linear_recompute,
+    swiglu_linear_ref,
+    swiglu_linear_sized,
+    swiglu_ref,
+    swiglu_sized,
+)
 
 __all__ = [
     "KERNELS",
@@ -34,6 +43,10 @@ __all__ = [
     "rotary_qkv_ref",
     "rotary_ref",
     "swiglu",
+    "swiglu_linear",
+    "swiglu_linear_recompute",
+    "swiglu_linear_ref",
+    "swiglu_linear_sized",
     "swiglu_ref",
     "swiglu_sized",
 ]

@@ -9,7 +9,8 @@
             neither fits the fused layouts). Under torch.compile the Liger entries run our custom
             ops (Liger's autograd Functions crashed compiled training on the H200, issue 16).
   "auto":   on CUDA with Triton installed, eager, per op the implementation measured cheapest
-            (``_AUTO``: torch's fused ``F.rms_norm`` for the norms, SwiGLU by size, our Triton RoPE;
+            (``_AUTO``: torch's fused ``F.rms_norm`` for the norms, SwiGLU (and SwiGLU + down
+            projection) by size, our Triton RoPE;
             Liger only for ops in ``_LIGER_FASTER``); else (CPU, or ``compiled=True``) "torch".
 
 The model keeps the returned :class:`Ops` and calls its fields in ``forward``: no lookups per call.
@@ -31,7 +32,7 @@ from ._dispatch import triton
 # public functions, which shadow their submodules once flashlm.ops is imported
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
 from .rotary import rotary, rotary_qkv, rotary_qkv_ref, rotary_ref
-from .swiglu import swiglu, swiglu_ref, swiglu_sized
+from .swiglu import swiglu, swiglu_linear, swiglu_linear_ref, swiglu_linear_sized, swiglu_ref, swiglu_sized
 
 KERNELS = ("auto", "liger", "triton", "torch")
 
@@ -42,8 +43,10 @@ KERNELS = ("auto", "liger", "triton", "torch")
 # ops_bench on the H200 (06:20): (add_)rms_norm aten beats ours in host and GPU time; swiglu: torch
 # below ~32M elements (host), ours above (GPU: 523 vs 1932 us at llama-1b); rotary_qkv: ours (107/490
 # us host fwd/fwd+bwd vs 284/1331 for torch).
-_AUTO = {"rms_norm": "aten", "add_rms_norm": "aten", "swiglu": "sized", "rotary_qkv": "triton",
-         "rotary": "triton"}
+# swiglu_linear as swiglu: below the size its torch recompute Function (the memory saving without our
+# kernel's host cost), above it ours.
+_AUTO = {"rms_norm": "aten", "add_rms_norm": "aten", "swiglu": "sized", "swiglu_linear": "sized",
+         "rotary_qkv": "triton", "rotary": "triton"}
 # Ops for which Liger's kernel measured faster than ours; "auto" takes Liger only for these. Empty:
 # Liger's Python wrappers cost more host time than plain torch at small shapes (GPU_NOTES.md 06:00).
 _LIGER_FASTER: frozenset = frozenset()
@@ -58,17 +61,20 @@ class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
     swiglu: Callable
+    swiglu_linear: Callable
     rotary_qkv: Callable
     rotary: Callable
     names: dict = field(default_factory=dict)
 
 
+# "torch" keeps the plain swiglu_linear_ref: on CPU recomputing would only add host time, and under
+# torch.compile AOTAutograd's min-cut partitioner already recomputes the cheap activation.
 _TORCH = {"rms_norm": rms_norm_ref, "add_rms_norm": add_rms_norm_ref, "swiglu": swiglu_ref,
-          "rotary_qkv": rotary_qkv_ref, "rotary": rotary_ref}
+          "swiglu_linear": swiglu_linear_ref, "rotary_qkv": rotary_qkv_ref, "rotary": rotary_ref}
 _ATEN = {"rms_norm": rms_norm_aten, "add_rms_norm": add_rms_norm_aten}
-_SIZED = {"swiglu": swiglu_sized}
-_TRITON = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "rotary_qkv": rotary_qkv,
-           "rotary": rotary}
+_SIZED = {"swiglu": swiglu_sized, "swiglu_linear": swiglu_linear_sized}
+_TRITON = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "swiglu_linear": swiglu_linear,
+           "rotary_qkv": rotary_qkv, "rotary": rotary}
 
 
 def _triton_usable(device: torch.device) -> bool:
