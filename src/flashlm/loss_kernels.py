@@ -150,11 +150,13 @@ class LogitsCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         dlogits, hidden, weight = ctx.saved_tensors
         need_h, need_w, need_b = ctx.need
-        # The upstream grad multiplies the fresh (N, H) / (V, H) products, not the saved buffer: the
-        # graph stays re-runnable (retain_graph) and rounding is exact for the usual 1 or 2^k.
+        # The upstream grad scales only (N, H) tensors: hidden before the d_weight matmul and the
+        # d_hidden product, never the saved buffer (the graph stays re-runnable with retain_graph) nor
+        # the (V, H) d_weight (on the H200 a 0-dim-tensor mul_ over it cost more than the kernel).
+        # Exact for the usual upstream 1 or 2^k; otherwise one input-dtype rounding, as F.linear's.
         g = grad_output
         d_h = (dlogits @ weight).mul_(g) if need_h else None
-        d_w = (dlogits.t() @ hidden).mul_(g) if need_w else None
+        d_w = dlogits.t() @ (hidden * g) if need_w else None
         d_b = None
         if need_b:
             acc = torch.promote_types(dlogits.dtype, torch.float32)
