@@ -16,8 +16,9 @@ so one safetensors folder loads into either. What differs is the path between em
   (``(1, total_tokens, hidden)``, varlen kernels with ``cu_seqlens`` computed once), packing detected
   or given, a static BSHD cache (:class:`~flashlm.models.flash_cache.StaticKVCache`) appended in place;
   under torch.compile the planner reads nothing back from the device (sync-free plans);
-- with ``labels``: plain cross-entropy on materialized logits when tokens x vocab is small, else
-  ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
+- with ``labels``: when tokens x vocab is small, ``flashlm.loss_kernels.logits_cross_entropy`` (one
+  matmul, the logits overwritten by their gradient; plain cross-entropy when compiled or softcapped),
+  else ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
 
 Host syncs (eager): at most one per forward while planning (unpadding reads the token count and the
 longest row; detecting packing reads the longest sequence; the token-range check reads min/max), none
@@ -40,6 +41,7 @@ from torch import Tensor
 from flashlm import ops as fused_ops
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flashlm.attention.padding import pad_input
+from flashlm.loss_kernels import logits_cross_entropy
 from flashlm.losses import cross_entropy, linear_cross_entropy, materialize_logits_for_loss
 
 from .config import ModelConfig
@@ -517,18 +519,27 @@ class FlashForCausalLM(DefaultForCausalLM):
                 token_logits = self._logits(hidden)  # (tokens, vocab): padding never reaches lm_head
                 logits = _to_padded(token_logits, plan, batch, seqlen)
         if labels is not None:
-            targets = self._shifted_targets(labels, plan)
-            if token_logits is None and materialize_logits_for_loss(targets.numel(), self.config.vocab_size):
-                token_logits = self._logits(hidden)  # small: one matmul + one cross-entropy beats chunks
-            if token_logits is not None:
-                loss = cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), targets)
-            else:  # large: fused, never materializes (tokens x vocab); compiled: the chunked torch
-                # path that Dynamo traces (Liger's autograd Function crashed compiled steps, issue 16)
-                loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
-                                            targets, bias=self.lm_head.bias,
-                                            softcap=self.config.final_logit_softcap,
-                                            backend="torch" if plan.meta.compiled else None)
+            loss = self._loss(hidden, self._shifted_targets(labels, plan), token_logits, plan.meta.compiled)
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _loss(self, hidden: Tensor, targets: Tensor, token_logits: Tensor | None, compiled: bool) -> Tensor:
+        """Mean cross-entropy of hidden (tokens, H) -- or of token_logits (tokens, vocab) when the
+        caller asked for logits -- against targets (tokens,), -100 ignored."""
+        small = materialize_logits_for_loss(targets.numel(), self.config.vocab_size)
+        if token_logits is None and small and not compiled and self.config.final_logit_softcap is None:
+            # small, eager: one matmul + one row kernel; only the input-dtype logit grad is saved
+            return logits_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
+                                        self.lm_head.bias)
+        if token_logits is not None or small:
+            # logits asked for; or small and compiled (inductor fuses plain CE) or softcapped
+            if token_logits is None:
+                token_logits = self._logits(hidden)
+            return cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), targets)
+        # large: fused, never materializes (tokens x vocab); compiled: the chunked torch path that
+        # Dynamo traces (Liger's autograd Function crashed compiled steps, issue 16)
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
+                                    bias=self.lm_head.bias, softcap=self.config.final_logit_softcap,
+                                    backend="torch" if compiled else None)
 
     def decode_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """Logits (batch, vocab) of the last of ``input_ids`` (batch, seqlen), appended to a non-empty
