@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU work of one session on the H200, as stages run in back-to-back device calls (the machine keeps
 # /tmp between calls that follow within ~30 s). From the repo root on the GPU machine:
-#   STAGE=fa4a   carry .fa4a          unpack FA4 part a (and print the machine's versions)
+#   STAGE=fa4a   carry .fa4a .whl     unpack FA4 part a; CUDA tests of the fused ops/loss/optimizer; optim_bench
 #   STAGE=fa4b   carry .fa4b .whl     unpack FA4 part b + Liger; the model benchmarks (benchmarks/run_h200.sh)
-#   STAGE=rest   (after fa4b)         attention GPU tests with FA4 (TESTS_K selects), decode grid, flashlm train
+#   STAGE=rest   (after fa4b)         attention GPU tests with FA4 (TESTS_K), decode profile + grid, flashlm train
 # Each stage writes its logs/JSON under $OUT; COMMANDS.md says which file came from which stage.
 # Knobs: TESTS_TIMEOUT, TESTS_K (pytest -k of stage rest), DECODE_MODELS, DECODE_TIMEOUT, TRAIN_TIMEOUT,
 # TRAIN_FLAGS, CONFIGS (run_h200.sh).
@@ -19,6 +19,11 @@ case "${STAGE:?}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cudnn', torch.backends.cudnn.version())"
     git log -1 --format='commit %h %s' 2>/dev/null || true
+    # the new fused ops / small loss / optimizer kernel and the models that use them (FA4 not importable yet)
+    pyt "${TESTS_TIMEOUT:-120}" -n 8 tests/ops tests/test_loss_kernels.py tests/test_losses.py tests/test_optim_kernel.py \
+      tests/test_optim.py tests/test_flash_model.py tests/test_flash_fused.py tests/test_decode.py \
+      tests/test_decode_compile.py 2>&1 | tee $OUT/gpu_tests_new_ops.log | tail -n 15
+    timeout 45 python benchmarks/optim_bench.py 2>&1 | tee $OUT/optim_bench.txt
     ;;
   fa4b)
     tar -C $site -xJf .fa4b/b.tar.xz && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -27,16 +32,17 @@ case "${STAGE:?}" in
     OUT=$OUT CONFIGS="${CONFIGS:-seed seed_compile 1b 1b_compile}" bash benchmarks/run_h200.sh
     ;;
   rest)
-    pyt "${TESTS_TIMEOUT:-120}" -n 8 tests/test_attention_gpu.py tests/test_attention_bounds.py \
-      -k "${TESTS_K:-fa4 or tiny or repeat or paged or masked}" 2>&1 | tee $OUT/gpu_tests_attention_fa4.log | tail -n 20
-    timeout "${DECODE_TIMEOUT:-200}" python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,8,32 \
-      --contexts 128,2048,8192 --models "${DECODE_MODELS:-flashlm-graph,flashlm-graph-inductor,hf-static-compile}" \
+    pyt "${TESTS_TIMEOUT:-75}" -n 8 tests/test_attention_gpu.py tests/test_attention_bounds.py \
+      -k "${TESTS_K:-tiny or repeat}" 2>&1 | tee $OUT/gpu_tests_attention_fa4.log | tail -n 12
+    timeout 60 python benchmarks/profile_decode.py --preset llama-1b --points 1x128 --out $OUT 2>&1 | grep -v Warn | tail -n 14
+    timeout "${DECODE_TIMEOUT:-150}" python -m flashlm.bench.decode --preset llama-1b --dtype bf16 \
+      --batch-sizes "${DECODE_BATCHES:-1,32}" --contexts "${DECODE_CONTEXTS:-128,8192}" --models "${DECODE_MODELS:-flashlm-graph,flashlm-graph-inductor,hf-static-compile}" \
       --new-tokens 32 --repeats 2 \
       --output $OUT/decode_grid_h200.json 2>&1 | tail -n 30
     # flashlm train llama-1b on packed real-looking text (the corpus generator of COMMANDS.md)
     python -c "import random,json;r=random.Random(0);W=[''.join(r.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(r.randint(2,9))) for _ in range(20000)];f=open('/tmp/c.jsonl','w');[f.write(json.dumps({'text':' '.join(r.choice(W) for _ in range(r.randint(50,400)))})+'\\n') for _ in range(6000)]"
-    timeout "${TRAIN_TIMEOUT:-150}" python -m flashlm.train --model llama-1b --data /tmp/c.jsonl --seq-length 2048 \
-      --batch-size 8 --max-steps 20 --warmup-steps 5 --eval-every 0 --save-every 0 --no-progress --output /tmp/r1 \
+    timeout "${TRAIN_TIMEOUT:-120}" python -m flashlm.train --model llama-1b --data /tmp/c.jsonl --seq-length 2048 \
+      --batch-size 8 --max-steps "${TRAIN_STEPS:-15}" --warmup-steps 5 --eval-every 0 --save-every 0 --no-progress --output /tmp/r1 \
       --cache-dir /tmp/cache ${TRAIN_FLAGS:-} 2>&1 | tail -n 5 | tee $OUT/train_llama1b_h200.log
     ;;
 esac

@@ -31,10 +31,10 @@ bench() {  # bench NAME FLAGS...
   "$PY" -m flashlm.bench "$@" --no-progress --output "$DIR/$name.json" --plot "$DIR/$name.png" || failed+=("$name")
   echo "=== $name took $((SECONDS - t0)) s"
 }
-for c in ${CONFIGS:-seed seed_compile 1b 1b_compile}; do
+for c in ${CONFIGS:-seed 1b seed_compile 1b_compile}; do
   case "$c" in
     seed) bench seed_small_bs2x256 --model small --batch-size 2 --seq-length 256 --warmup-steps 10 \
-            --benchmark-steps 20 --compare "default,flash,hf-sdpa$liger,hf-flashlm" ;;
+            --benchmark-steps 20 --compare "default,flash,hf-sdpa$liger" ;;
     seed_compile) bench seed_small_bs2x256_compile --model small --batch-size 2 --seq-length 256 --warmup-steps 10 \
             --benchmark-steps 20 --compile --compare "default,flash,hf-sdpa" ;;
     1b) bench train_llama1b_bs8x2048 --model llama-1b --batch-size 8 --seq-length 2048 --warmup-steps 3 \
