@@ -68,6 +68,9 @@ def test_tiny_preset_learns_and_writes_its_run_folder(corpus, cache, tmp_path):
     assert [m["step"] for m in metrics] == list(range(1, 41))
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"} <= set(metrics[0])
     assert metrics[-1]["tokens"] == 40 * 8 * 64
+    # the summary's median step throughput lies within the per-step figures of the timed steps (2..40)
+    timed = sorted(m["tokens_per_s"] for m in metrics[1:])
+    assert timed[0] <= res.median_step_tokens_per_s <= timed[-1]
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000040"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000020", "step_0000040"]

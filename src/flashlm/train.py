@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -476,6 +477,9 @@ class TrainResult:
     start_step: int = 0
     tokens_per_s: float | None = None
     mfu: float | None = None
+    # the median over the timed steps, the statistic `flashlm bench` reports (robust to a slow step:
+    # a JIT compile, an eval, a checkpoint)
+    median_step_tokens_per_s: float | None = None
     peak_mem_gib: float | None = None
 
 
@@ -638,6 +642,7 @@ class _Run:
     metrics_path: Path
     timed_tokens: int = 0  # tokens and seconds of the steps after the first (throughput, MFU)
     timed_s: float = 0.0
+    timed_step_s: list = field(default_factory=list)  # each timed step's seconds (the median)
     last_ckpt: Path | None = None
 
 
@@ -857,6 +862,7 @@ def _step_record(run: _Run, result: TrainResult, step: int, step_loss: float, gr
     tok_s = run.tokens_per_step / dt
     if step > run.start_step + 1:  # the first step pays for compilation / allocator warmup
         run.timed_tokens, run.timed_s = run.timed_tokens + run.tokens_per_step, run.timed_s + dt
+        run.timed_step_s.append(dt)
     mfu = run.fpt * tok_s / (run.peak * run.dd.world_size) if run.peak else None
     mem = _peak_mem_gib(run.device)
     result.losses.append(step_loss)
@@ -904,6 +910,7 @@ def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
     if run.timed_s > 0:
         result.tokens_per_s = run.timed_tokens / run.timed_s
         result.mfu = fpt * result.tokens_per_s / (run.peak * dd.world_size) if run.peak else None
+        result.median_step_tokens_per_s = run.tokens_per_step / statistics.median(run.timed_step_s)
     result.peak_mem_gib = _peak_mem_gib(run.device)
     # every rank's peak during training (the summary reports them all under FSDP2)
     peaks = torch.zeros(dd.world_size, device=run.device)
@@ -917,7 +924,8 @@ def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
             plot_losses(run.metrics_path, run.out / "loss.png")
     if dd.main:
         summary = {"steps": end_step, "final_loss": result.losses[-1] if result.losses else None,
-                   "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "peak_mem_gib": result.peak_mem_gib,
+                   "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
+                   "median_step_tokens_per_s": result.median_step_tokens_per_s, "peak_mem_gib": result.peak_mem_gib,
                    "peak_mem_gib_per_rank": peaks, "flops_per_token": fpt, "world_size": dd.world_size,
                    "dtype": dtype, "attn": run.args.attn}
         print(json.dumps(summary))
