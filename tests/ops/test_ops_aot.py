@@ -53,10 +53,10 @@ for xd in DTYPES:
 
 # swiglu: one dtype for all tensors; BLOCK = min(next_pow2(I), 1024), triton's default 4 warps
 for xd, p in DTYPES.items():
-    for jit in (swi._fwd_kernel, swi._bwd_kernel):
-        build(jit, {"BLOCK": min(next_pow2(5632), swi._BLOCK)}, dict.fromkeys(("GU", "OUT", "DO", "DGU"), p))
-    build(swi._bwd_act_kernel, {"BLOCK": min(next_pow2(5632), swi._BLOCK)},
-          dict.fromkeys(("DO", "GU", "DGU", "ACT"), p))  # swiglu_linear's backward
+    build(swi._fwd_kernel, {"BLOCK": min(next_pow2(5632), swi._BLOCK)}, dict.fromkeys(("GU", "OUT"), p))
+    for store_act in (False, True):  # swiglu's backward; swiglu_linear's (also writes the activation)
+        build(swi._bwd_kernel, {"BLOCK": min(next_pow2(5632), swi._BLOCK), "STORE_ACT": store_act},
+              dict.fromkeys(("DO", "GU", "DGU", "ACT"), p))
 
 # rotary_qkv / rotary: x's dtype, fp32 cos/sin tables; a power-of-two head_dim and one that is not
 for xd, p in DTYPES.items():

@@ -58,7 +58,7 @@ def test_only_the_needed_gradients(impl, wanted):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backward_kernel_recomputes_the_forward_activation_bitwise(dtype):
-    """One pass writes grad_gate_up as _bwd_kernel does and the activation as _fwd_kernel does."""
+    """One pass writes grad_gate_up and (STORE_ACT) the activation exactly as _fwd_kernel does."""
     gu = (torch.randn(7, 2 * 80) * 3).to(dtype)
     d_act = torch.randn(7, 80).to(dtype)
     dgu, act = swi._launch_bwd_act(d_act, gu)

@@ -48,23 +48,9 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _bwd_kernel(DO, GU, DGU, n_cols, stride_do, stride_gu, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        do = tl.load(DO + row * stride_do + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(GU + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        dgate = do * up * sig * (1.0 + g * (1.0 - sig))
-        out = DGU + row * (2 * n_cols) + cols
-        tl.store(out, dgate.to(DGU.dtype.element_ty), mask=mask)
-        tl.store(out + n_cols, (do * silu).to(DGU.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _bwd_act_kernel(DO, GU, DGU, ACT, n_cols, stride_do, stride_gu, BLOCK: tl.constexpr):
-        """_bwd_kernel plus the activation, recomputed and rounded exactly as _fwd_kernel stores it."""
+    def _bwd_kernel(DO, GU, DGU, ACT, n_cols, stride_do, stride_gu, BLOCK: tl.constexpr, STORE_ACT: tl.constexpr):
+        """grad_gate_up (one tensor) and, with STORE_ACT, the activation recomputed and rounded exactly
+        as _fwd_kernel stores it (swiglu_linear's backward: the activation was not saved)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -78,8 +64,9 @@ if triton is not None:
         out = DGU + row * (2 * n_cols) + cols
         tl.store(out, dgate.to(DGU.dtype.element_ty), mask=mask)
         tl.store(out + n_cols, (do * silu).to(DGU.dtype.element_ty), mask=mask)
-        act = silu.to(gate.dtype)
-        tl.store(ACT + row * n_cols + cols, (act.to(tl.float32) * up).to(ACT.dtype.element_ty), mask=mask)
+        if STORE_ACT:
+            act = silu.to(gate.dtype)
+            tl.store(ACT + row * n_cols + cols, (act.to(tl.float32) * up).to(ACT.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -103,8 +90,8 @@ def _launch_bwd(grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     if gu.shape[0] and inter:
         block = min(next_pow2(inter), _BLOCK)
-        _bwd_kernel[(gu.shape[0], triton.cdiv(inter, block))](do, gu, dgu, inter, do.stride(0), gu.stride(0),
-                                                              BLOCK=block)
+        _bwd_kernel[(gu.shape[0], triton.cdiv(inter, block))](do, gu, dgu, dgu, inter, do.stride(0), gu.stride(0),
+                                                              BLOCK=block, STORE_ACT=False)
     return dgu
 
 
@@ -117,8 +104,8 @@ def _launch_bwd_act(grad: torch.Tensor, gate_up: torch.Tensor) -> tuple[torch.Te
     act = torch.empty((gu.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
     if gu.shape[0] and inter:
         block = min(next_pow2(inter), _BLOCK)
-        _bwd_act_kernel[(gu.shape[0], triton.cdiv(inter, block))](do, gu, dgu, act, inter, do.stride(0),
-                                                                  gu.stride(0), BLOCK=block)
+        _bwd_kernel[(gu.shape[0], triton.cdiv(inter, block))](do, gu, dgu, act, inter, do.stride(0),
+                                                              gu.stride(0), BLOCK=block, STORE_ACT=True)
     return dgu, act
 
 
