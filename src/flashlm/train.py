@@ -640,9 +640,8 @@ class _Run:
     end_step: int
     train_args: dict
     metrics_path: Path
-    timed_tokens: int = 0  # tokens and seconds of the steps after the first (throughput, MFU)
-    timed_s: float = 0.0
-    timed_step_s: list = field(default_factory=list)  # each timed step's seconds (the median)
+    # seconds of each step after the first (throughput, MFU, the median step)
+    timed_step_s: list = field(default_factory=list)
     last_ckpt: Path | None = None
 
 
@@ -861,7 +860,6 @@ def _step_record(run: _Run, result: TrainResult, step: int, step_loss: float, gr
     counters and ``result``'s losses."""
     tok_s = run.tokens_per_step / dt
     if step > run.start_step + 1:  # the first step pays for compilation / allocator warmup
-        run.timed_tokens, run.timed_s = run.timed_tokens + run.tokens_per_step, run.timed_s + dt
         run.timed_step_s.append(dt)
     mfu = run.fpt * tok_s / (run.peak * run.dd.world_size) if run.peak else None
     mem = _peak_mem_gib(run.device)
@@ -907,8 +905,9 @@ def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
     one-line JSON summary on stdout (rank 0)."""
     dd, fpt, end_step = run.dd, run.fpt, run.end_step
     result.last_checkpoint = run.last_ckpt
-    if run.timed_s > 0:
-        result.tokens_per_s = run.timed_tokens / run.timed_s
+    timed_s = sum(run.timed_step_s)
+    if timed_s > 0:
+        result.tokens_per_s = run.tokens_per_step * len(run.timed_step_s) / timed_s
         result.mfu = fpt * result.tokens_per_s / (run.peak * dd.world_size) if run.peak else None
         result.median_step_tokens_per_s = run.tokens_per_step / statistics.median(run.timed_step_s)
     result.peak_mem_gib = _peak_mem_gib(run.device)
