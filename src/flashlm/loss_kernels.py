@@ -22,17 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from flashlm.errors import InputError
+from flashlm.ops._dispatch import autocast_linear_inputs, is_compiling, next_pow2, row_warps, triton
 
-try:
-    from torch.compiler import is_compiling
-except ImportError:  # torch < 2.3
-    from torch._dynamo import is_compiling
-
-try:
-    import triton
+if triton is not None:  # CPU-only installs: the torch reference runs
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch reference runs
-    triton = None
 
 __all__ = ["LogitsCrossEntropy", "logits_cross_entropy"]
 
@@ -85,18 +78,14 @@ if triton is not None:
                 tl.store(x_ptr + cols, g.to(X.dtype.element_ty), mask=mask)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def _rows_triton(logits, targets, n_valid, ignore_index, mean, grad, block=None):
     """Row losses (N,) fp32 of logits (N, V); with ``grad``, logits are overwritten by the gradient.
     ``block``: vocab elements per kernel step (default min(next_pow2(V), MAX_BLOCK))."""
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        block = block or min(_next_pow2(vocab), MAX_BLOCK)
-        warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+        block = block or min(next_pow2(vocab), MAX_BLOCK)
+        warps = row_warps(block)
         _ce_rows_kernel[(rows,)](logits, targets, loss, n_valid, logits.stride(0), vocab, ignore_index,
                                  MEAN=mean, GRAD=grad, BLOCK=block, num_warps=warps)
     return loss
@@ -220,10 +209,8 @@ def logits_cross_entropy(
     Returns:
         A 0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    from flashlm.losses import _autocast_inputs  # losses imports this module: import late
-
     _check_args(hidden, weight, targets, bias, reduction, backend)
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise InputError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
                          f" and {None if bias is None else bias.dtype}")

@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flashlm.ops._dispatch import autocast_linear_inputs
+
 __all__ = ["MATERIALIZED_LOGITS_MAX_BYTES", "ChunkedLinearCrossEntropy", "cross_entropy", "liger_available",
            "linear_cross_entropy", "materialize_logits_for_loss"]
 
@@ -210,19 +212,6 @@ def _liger_loss(hidden, weight, labels, bias, ignore_index, softcap, reduction):
     return getattr(out, "loss", out)
 
 
-def _autocast_inputs(hidden, weight, bias):
-    # A custom autograd.Function is not autocast-aware; mimic what autocast does to the LM head.
-    dev = hidden.device.type
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-        dtype = torch.get_autocast_dtype(dev)
-    except TypeError:  # torch < 2.4 signatures
-        return hidden, weight, bias
-    if not enabled or not hidden.is_floating_point():
-        return hidden, weight, bias
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -271,7 +260,7 @@ def linear_cross_entropy(
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)  # as autocast casts the LM head
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _get_scalar_dtype
 
-from flashlm.optim_kernels import LOW_PRECISION, adamw_master_step, kernel_usable
+from flashlm.ops._dispatch import triton_usable
+from flashlm.optim_kernels import LOW_PRECISION, adamw_master_step
 
 __all__ = ["MasterWeightAdamW"]
 
@@ -87,7 +88,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         devices = {m.device for m in self._masters}
         # "auto" never takes Triton's CPU interpreter: tests set TRITON_INTERPRET=1 globally, and the
         # interpreted kernel is slow and casts fp32 -> bf16 by truncation
-        usable = all(kernel_usable(d) for d in devices)
+        usable = all(triton_usable(d) for d in devices)
         self._kernel = usable and (kernel == "triton" or (kernel == "auto" and
                                                           all(d.type == "cuda" for d in devices)))
         if kernel == "triton" and not usable:

@@ -27,22 +27,15 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: MasterWeightAdamW keeps torch's path
-    triton = None
+from flashlm.ops._dispatch import triton
 
-__all__ = ["LOW_PRECISION", "adamw_master_step", "kernel_usable"]
+if triton is not None:  # CPU-only installs: MasterWeightAdamW keeps torch's path
+    import triton.language as tl
+
+__all__ = ["LOW_PRECISION", "adamw_master_step"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 BLOCK = 2048  # elements per program: 8 per thread at 8 warps, a streaming kernel's usual size
-
-
-def kernel_usable(device: torch.device) -> bool:
-    """True when the kernel can run on ``device``: Triton importable and a CUDA device, or
-    TRITON_INTERPRET=1 (Triton's CPU interpreter)."""
-    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _adamw_kernel_fn(P, G, W, M, V, n, decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size,

@@ -12,6 +12,7 @@ not a lookup.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -42,6 +43,23 @@ def dispatch(function: type[torch.autograd.Function], launch: Callable, compiled
         return launch(*args)
 
     return call
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether our Triton kernels can run on ``device``: Triton importable and a CUDA device, or
+    TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests)."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def autocast_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """(x, weight, bias) cast as autocast casts ``F.linear``'s inputs, for an autograd.Function that
+    wraps a linear layer (Functions are not autocast-aware). The casts are differentiable, so fp32
+    parameters still get their gradients. Unchanged outside autocast or for a non-float x."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) or not x.is_floating_point():
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(dev)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def next_pow2(n: int) -> int:

@@ -18,7 +18,6 @@ The model keeps the returned :class:`Ops` and calls its fields in ``forward``: n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ import torch
 
 from flashlm.errors import InputError
 
-from ._dispatch import triton
+from ._dispatch import triton, triton_usable
 
 # import the functions, not the submodules: the package's names rms_norm, swiglu and rotary are the
 # public functions, which shadow their submodules once flashlm.ops is imported
@@ -77,9 +76,6 @@ _TRITON = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu,
            "rotary_qkv": rotary_qkv, "rotary": rotary}
 
 
-def _triton_usable(device: torch.device) -> bool:
-    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
 
 def resolve(kernels: str = "auto", device: torch.device | str | None = None, compiled: bool = False) -> Ops:
     """The :class:`Ops` for ``kernels`` ("auto" | "liger" | "triton" | "torch") on ``device``
@@ -93,7 +89,7 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
     device = torch.device(device if device is not None else "cpu")
     if kernels == "torch" or (kernels == "auto" and (compiled or device.type != "cuda" or triton is None)):
         return Ops(**_TORCH, names=dict.fromkeys(_TORCH, "torch"))
-    if not _triton_usable(device):
+    if not triton_usable(device):
         raise InputError(f"kernels={kernels!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 on "
                          f"CPU, for tests); got device {device}, triton "
                          f"{'installed' if triton is not None else 'not installed'}; use kernels='torch'")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from flashlm.errors import InputError
 
-from ._dispatch import dispatch, is_compiling, next_pow2, triton
+from ._dispatch import autocast_linear_inputs, dispatch, is_compiling, next_pow2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -290,10 +290,9 @@ _swiglu_linear = dispatch(_SwiGLULinearFunction, _swiglu_linear_launch, _swiglu_
 
 
 def _linear_inputs(name: str, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
-    """Validated inputs, cast as autocast casts F.linear's (an autograd.Function is not autocast-aware;
-    the casts are differentiable, so fp32 parameters still get their gradients). gate_up is cast before
-    the activation where F.linear would cast the activation: the same in the model, whose gate_up comes
-    out of an autocast linear already in the autocast dtype."""
+    """Validated inputs, cast as autocast casts F.linear's (:func:`autocast_linear_inputs`). gate_up is
+    cast before the activation where F.linear would cast the activation: the same in the model, whose
+    gate_up comes out of an autocast linear already in the autocast dtype."""
     _check_width(name, gate_up)
     inter = gate_up.shape[-1] // 2
     if weight.dim() != 2 or weight.shape[1] != inter:
@@ -301,11 +300,7 @@ def _linear_inputs(name: str, gate_up: torch.Tensor, weight: torch.Tensor, bias:
                          f"{tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise InputError(f"{name}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-    dev = gate_up.device.type
-    if not torch.is_autocast_enabled(dev) or not gate_up.is_floating_point():
-        return gate_up, weight, bias
-    dtype = torch.get_autocast_dtype(dev)
-    return gate_up.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return autocast_linear_inputs(gate_up, weight, bias)
 
 
 def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
