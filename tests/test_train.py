@@ -316,7 +316,8 @@ def test_bf16_master_weights_resume_bit_exact_and_learn_like_autocast(corpus, ca
 def test_packing_metadata_from_the_loader_plans_the_flash_model_as_detection_does():
     """cu_seqlens / max_seqlen computed on the CPU by the loader (what flashlm train passes the flash
     model) give the very loss and gradients of the model's own detection from position_ids."""
-    from flashlm.data import PackedDataset, packing_metadata
+    from flashlm.attention.padding import prepare_from_position_ids
+    from flashlm.data import PackedDataset
     from flashlm.models import build_model
 
     rows = torch.randint(0, 200, (6, 32), dtype=torch.int32)
@@ -324,7 +325,7 @@ def test_packing_metadata_from_the_loader_plans_the_flash_model_as_detection_doe
     starts[:, 0] = True
     starts[0, 7] = starts[0, 20] = starts[3, 11] = True  # documents restart inside rows
     batch = PackedDataset(rows, starts).batch(torch.arange(4))
-    cu, max_len = packing_metadata(batch["position_ids"])
+    cu, max_len = prepare_from_position_ids(batch["position_ids"])
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 7, 20, 32, 64, 96, 107, 128] and max_len == 32
     model = build_model("tiny", attn="flash")
     grads = []

@@ -46,7 +46,6 @@ __all__ = [
     "find_files",
     "load_tokenizer",
     "pack",
-    "packing_metadata",
     "read_documents",
     "resolve_eos_id",
     "tokenize_corpus",
@@ -357,17 +356,6 @@ class PackedDataset:
         position_ids = col - last_start
         labels = input_ids.masked_fill(starts, IGNORE_INDEX)
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
-
-
-def packing_metadata(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``cu_seqlens`` int32 (num_docs + 1,) over the flattened batch * seqlen tokens and ``max_seqlen``
-    (a host int) of a packed batch whose ``position_ids`` (B, S) restart at 0 at each document and row
-    start (what :meth:`PackedDataset.batch` makes). Computed on the CPU where the batch is made, so the
-    flash model plans the batch without reading the device (``model(..., cu_seqlens=, max_seqlen=)``)."""
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0, as_tuple=False).flatten()
-    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 class DataIterator:

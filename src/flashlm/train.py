@@ -48,6 +48,7 @@ from torch import nn
 
 from flashlm import checkpoint as ckpt
 from flashlm import data as fdata
+from flashlm.attention.padding import prepare_from_position_ids
 from flashlm.errors import InputError
 from flashlm.optim import MasterWeightAdamW
 
@@ -554,11 +555,12 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
 @torch.no_grad()
 def model_inputs(cpu_batch: dict[str, torch.Tensor], device: torch.device, packed: bool) -> dict:
     """A CPU batch of :class:`~flashlm.data.PackedDataset` moved to ``device``; with ``packed`` (the
-    flash model) also ``cu_seqlens`` / ``max_seqlen`` computed here on the CPU, so the model plans the
-    packed batch from host-known values instead of reading its position ids back from the device."""
+    flash model) also ``cu_seqlens`` / ``max_seqlen`` computed here on the CPU (the model's own packing
+    rule, ``prepare_from_position_ids``), so the model plans the packed batch from host-known values
+    instead of reading its position ids back from the device. Rows of one token are no packed batch."""
     batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-    if packed:
-        cu_seqlens, max_seqlen = fdata.packing_metadata(cpu_batch["position_ids"])
+    if packed and cpu_batch["position_ids"].shape[1] > 1:
+        cu_seqlens, max_seqlen = prepare_from_position_ids(cpu_batch["position_ids"])
         batch.update(cu_seqlens=cu_seqlens.to(device, non_blocking=True), max_seqlen=max_seqlen)
     return batch
 
