@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flashlm.errors import InputError
+from flashlm.ops.resolve import KERNELS
 
 from .hf_config import (
     HF_ARCHITECTURES,
@@ -288,7 +289,7 @@ def _check_architecture_and_rope(config: ModelConfig) -> None:
     if not (isinstance(config.rope_theta, (int, float)) and config.rope_theta > 0):
         raise InputError(f"rope_theta must be a positive number, got {config.rope_theta!r}")
     config.rope_theta = float(config.rope_theta)
-    if config.kernels not in ("auto", "liger", "triton", "torch"):
+    if config.kernels not in KERNELS:
         raise ValueError(f"kernels must be 'auto', 'liger', 'triton' or 'torch', got {config.kernels!r}")
     config.rope_scaling = _normalize_rope_scaling(config.rope_scaling)
 
