@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from flashlm.bench.bandwidth import peak_bandwidth
+from flashlm.bench.decode import weight_read_bytes
+from flashlm.bench.models import kv_bytes_per_token
 from flashlm.generation import generate
 from flashlm.models import build_model
 
@@ -38,8 +40,8 @@ def _profile_point(model, batch: int, ctx: int, tokens: int, compile_mode) -> di
     for e in kernels:
         by_name.setdefault(e.name[:100], []).append(e.device_time)
     steps = max(1, tokens - 1)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = 2 * cfg.num_layers * batch * (ctx + tokens / 2) * cfg.num_kv_heads * cfg.head_dim * 2
+    weights = weight_read_bytes(model)  # as flashlm bench decode counts a step's reads
+    kv = kv_bytes_per_token(cfg, next(model.parameters()).dtype) * batch * (ctx + tokens / 2)
     top = sorted(((sum(v), len(v), k) for k, v in by_name.items()), reverse=True)[:25]
     return {"batch": batch, "context": ctx, "compile": compile_mode, "per_token_ms": per_token_ms,
             "profiled_per_token_ms": out.per_token_s * 1e3,
