@@ -68,6 +68,31 @@ def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dic
     table: dict = {}
     if device.type == "meta":
         return table
+    capability = registry.compute_capability(device)
+
+    def call(kind, dtype, grad, dropout):
+        return AttnCall(kind=kind, device_type=device.type, compute_capability=capability, dtype=dtype,
+                        head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
+                        nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
+                        window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0, alibi=False,
+                        dropout=dropout, needs_grad=grad, deterministic=False,
+                        seqlens_equal=kind != "kvcache")
+
+    dtypes = {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}
+    dropouts = (False, True) if attn.attention_dropout > 0 else (False,)
+    keys = [("kvcache", dtype, False, False) for dtype in dtypes]
+    keys += [(kind, dtype, grad, dropout) for kind in ("dense", "varlen") for dtype in dtypes
+             for grad in (False, True) for dropout in dropouts]
+    for key in keys:
+        c = call(*key)
+        try:
+            table[key] = registry.select(c)
+        except (ValueError, TypeError):
+            pass
+        traced = _traceable_backend(c) if key[0] != "kvcache" else None
+        if traced is not None:
+            table[key + ("compiled",)] = traced
+    return table
     for dtype in {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}:
         call = AttnCall(kind="kvcache", device_type=device.type,
                         compute_capability=registry.compute_capability(device), dtype=dtype,
