@@ -197,10 +197,11 @@ def auto_num_splits(q: torch.Tensor, programs: int, max_keys: int, block_n: int)
 
 def attn_decode(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                 softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-                alibi_slopes, num_splits: int):
+                alibi_slopes, num_splits: int, *, block_n: int | None = None, num_warps: int | None = None):
     """q (B, Sq, H, D); k/v_cache (B_cache, S_cache, Hk, D) or paged (num_blocks, page_size, Hk, D)
     with block_table int32 (B, max_blocks); cache_seqlens int32 (B,) keys per row after the append.
-    Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) fp32. num_splits <= 0: heuristic."""
+    Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) fp32. num_splits <= 0: heuristic.
+    ``block_n`` / ``num_warps``: override the tuned config (benchmarks/probe_decode.py sweeps them)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
@@ -208,6 +209,8 @@ def attn_decode(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftp
     page_size = k_cache.shape[1] if paged else 1
     max_keys = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     cfg = decode_config(q, head_dim)
+    if block_n is not None or num_warps is not None:
+        cfg = cfg._replace(block_n=block_n or cfg.block_n, num_warps=num_warps or cfg.num_warps)
     rows = seqlen_q * group
     block_m = max(cfg.block_m, min(next_pow2(rows), 64))
     n_row_blocks = triton.cdiv(rows, block_m)
