@@ -472,6 +472,9 @@ FLAGS = {"BANDED": True, "SOFTCAP": False, "ALIBI": False, "IS_VARLEN": False, "
 for jit, bm, bn, warps in [(fwd._fwd_kernel, 128, 64, 8), (bwd._dq_kernel, 128, 64, 8),
                            (bwd._dkdv_kernel, 64, 128, 8), (decode._decode_kernel, 16, 128, 4)]:
     compile_sm90(jit, {**FLAGS, "BLOCK_M": bm, "BLOCK_N": bn}, PTRS, "*fp16", SCALARS, num_warps=warps)
+# decode_config's Hopper tile at head_dim 64 (64-key tiles, 2 warps past one wave of programs)
+compile_sm90(decode._decode_kernel, {**FLAGS, "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_M": 16, "BLOCK_N": 64}, PTRS,
+             "*fp16", SCALARS, num_warps=2)
 compile_sm90(bwd._bwd_preprocess, {**FLAGS, "BLOCK_M": 64}, PTRS, "*fp16", SCALARS)
 compile_sm90(decode._combine_kernel, {**FLAGS, "BLOCK_S": 8}, PTRS, "*fp16", SCALARS)
 # rotary (apply_rotary_bshd): every flag, full and partial rotary_dim, each x dtype, fp32 tables
