@@ -91,3 +91,25 @@ def test_resolve_auto_for_a_compiled_model_takes_torch():
     """Inductor fuses the references itself; our ops would stay opaque custom ops in its graph."""
     assert set(ops.resolve("auto", "cuda", compiled=True).names.values()) == {"torch"}
     assert ops.resolve("triton", "cpu", compiled=True).names["swiglu"] == "triton"  # explicit choice kept
+
+
+def test_resolve_auto_for_decode_steps_takes_our_kernels():
+    """A decode step (mostly a CUDA-graph replay) pays GPU time only: every op is our Triton kernel;
+    CPU and explicit choices are unchanged."""
+    chosen = ops.resolve("auto", "cuda", decode=True)
+    assert set(chosen.names.values()) == {"triton"}
+    assert chosen.add_rms_norm is ops.add_rms_norm and chosen.swiglu_linear is ops.swiglu_linear
+    assert ops.resolve("auto", "cpu", decode=True).add_rms_norm is ops.add_rms_norm_ref
+    assert set(ops.resolve("torch", "cuda", decode=True).names.values()) == {"torch"}
+
+
+def test_flash_model_binds_the_decode_set_to_direct_cache_appends():
+    """Eager decode steps and captured ones plan alike (direct appends) and so run the same ops."""
+    from flashlm.models import build_model
+    from flashlm.models.plan import FlashMeta
+
+    flash = build_model("tiny", attn="flash")
+    layer = flash.model.layers[0]
+    assert layer.ops_for(FlashMeta("kvcache", direct=True)) is layer.decode_ops
+    assert layer.ops_for(FlashMeta("kvcache")) is layer.ops and layer.ops_for(None) is layer.ops
+    assert layer.ops_for(FlashMeta("dense", compiled=True)) is layer.compiled_ops

@@ -85,6 +85,17 @@ class _BindsKernels:
         self.ops = fused_ops.resolve(self.config.kernels, device)
         # what a plan made under torch.compile asks for (FlashMeta.compiled): ops inductor can fuse
         self.compiled_ops = fused_ops.resolve(self.config.kernels, device, compiled=True)
+        # what a decode step asks for (tokens appended to the cache, planned direct): least GPU time
+        self.decode_ops = fused_ops.resolve(self.config.kernels, device, decode=True)
+
+    def ops_for(self, meta: FlashMeta | None) -> fused_ops.Ops:
+        """The op set of a planned call: compiled, decode step (eager or captured alike, so both give
+        the same tokens), or any other eager call (host time counts)."""
+        if meta is None:
+            return self.ops
+        if meta.compiled:
+            return self.compiled_ops
+        return self.decode_ops if meta.direct else self.ops
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -185,7 +196,7 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
                                                 training=self.training,
                                                 position_ids=kwargs.get("position_ids"), **common)
             return self._project_out(out.to(hidden_states.dtype))
-        q, k, v = self._rotated_qkv(hidden_states, cos, sin, self.compiled_ops if meta.compiled else self.ops)
+        q, k, v = self._rotated_qkv(hidden_states, cos, sin, self.ops_for(meta))
         return self._project_out(self._attend_planned(q, k, v, meta, common))
 
     def _attend_planned(self, q: Tensor, k: Tensor, v: Tensor, meta: FlashMeta, common: dict) -> Tensor:
@@ -257,10 +268,11 @@ class FlashMLP(_BindsKernels, MLP):
         self.fused_act = config.hidden_act == "silu"
         self._bind_kernels()
 
-    def forward(self, x: Tensor, compiled: bool = False) -> Tensor:
-        """x (..., hidden) -> (..., hidden); ``compiled``: the ops bound for torch.compile."""
+    def forward(self, x: Tensor, ops: fused_ops.Ops | None = None) -> Tensor:
+        """x (..., hidden) -> (..., hidden); ``ops``: the op set of the planned call (see
+        ``ops_for``; default: the eager one)."""
         gate_up = self.gate_up_proj(x)
-        ops = self.compiled_ops if compiled else self.ops
+        ops = ops if ops is not None else self.ops
         if self.fused_act and type(self.down_proj) is torch.nn.Linear:
             # one op with down_proj: autograd keeps gate_up, not the (..., I) activation
             return ops.swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
@@ -294,8 +306,7 @@ class FlashDecoderLayer(_BindsKernels, DecoderLayer):
                 hidden_states = hidden_states + residual
             return super().forward(hidden_states, cos, sin, attention_mask=attention_mask,
                                    past_key_values=past_key_values, meta=meta, **kwargs), None
-        compiled = meta is not None and meta.compiled
-        ops = self.compiled_ops if compiled else self.ops
+        ops = self.ops_for(meta)
         norm = self.input_layernorm
         if residual is None:
             residual = hidden_states
@@ -306,7 +317,7 @@ class FlashDecoderLayer(_BindsKernels, DecoderLayer):
                            meta=meta, **kwargs)
         norm = self.post_attention_layernorm
         h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps, norm.unit_offset)
-        return self.mlp(h, compiled), residual
+        return self.mlp(h, ops), residual
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +365,7 @@ class FlashModel(_BindsKernels, DefaultModel):
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, cos, sin, meta=plan.meta, residual=residual)
         norm = self.norm
-        ops = self.compiled_ops if plan.meta.compiled else self.ops
+        ops = self.ops_for(plan.meta)
         if residual is None:
             return ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
         return ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)[0]
@@ -377,7 +388,7 @@ class FlashModel(_BindsKernels, DefaultModel):
         before (``cache.check_room(batch, seqlen)``) and records the append after
         (``cache.note_appended(batch, seqlen)``).
         """
-        # captured in a CUDA graph: the direct plan; compiled: through the opaque kvcache op
+        # eager or captured: the direct plan; compiled: through the opaque kvcache op
         compiling = torch.compiler.is_compiling()
         plan = append_plan(input_ids, cache, None, direct=not compiling)
         hidden_states = self._run(plan._replace(meta=plan.meta._replace(compiled=True)) if compiling else plan)
