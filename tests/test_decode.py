@@ -55,6 +55,33 @@ def test_decode_step_left_padded_matches_default_and_cache_free_loop():
     assert torch.equal(tokens, ref.sequences[:, ids.shape[1]:])
 
 
+def test_decode_step_with_our_kernels_matches_the_torch_ops():
+    """kernels="triton" (the interpreter, fp32): the decode step's fused RoPE + cache append, add +
+    RMSNorm and SwiGLU kernels give the torch ops' greedy tokens and the same cache contents."""
+    torch.manual_seed(0)
+    _, ref = make_pair()
+    ours = type(ref)(get_preset("tiny", kernels="triton")).eval()
+    ours.load_state_dict(ref.state_dict())
+    assert ours.model.layers[0].decode_ops.names["rotary_qkv_append"] == "triton"
+    # a kvcache backend is bound, so the steps take _decode_step (the fused append), not index_put_
+    assert ours.model.layers[0].self_attn.backends.get(("kvcache", torch.float32, False, False)) is not None
+    ids, mask = left_padded_prompts(PROMPTS[:2])
+    runs = []
+    for model in (ref, ours):
+        with torch.inference_mode():
+            cache = model.allocate_cache(2, 16)
+            out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            step = DecodeStep(model, cache, 2, SamplingKey())
+            step.begin(out.logits[:, -1])
+            for _ in range(5):
+                step()
+        runs.append((step.new_tokens(6), cache))
+    assert torch.equal(runs[1][0], runs[0][0])
+    for layer in range(ref.config.num_layers):
+        torch.testing.assert_close(runs[1][1].k[layer], runs[0][1].k[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runs[1][1].v[layer], runs[0][1].v[layer], atol=1e-5, rtol=1e-5)
+
+
 def test_cuda_graph_auto_on_cpu_is_the_eager_path_and_says_why(caplog):
     default, flash = make_pair()
     ids, mask = left_padded_prompts(PROMPTS)

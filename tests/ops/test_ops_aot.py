@@ -66,6 +66,9 @@ for xd, p in DTYPES.items():
         for conj in (False, True):
             build(rot._fwd_kernel, {**consts, "CONJUGATE": conj}, ptrs)
         build(rot._qkv_bwd_kernel, consts, ptrs)
+        # rotary_qkv_append: q buffer and caches in x's dtype, int64 slots (the model's)
+        build(rot._append_kernel, consts, {**dict.fromkeys(("X", "Q", "KC", "VC"), p), "COS": "*fp32",
+                                           "SIN": "*fp32", "SLOTS": "*i64"})
 
 kernels = set()
 for info in pkgutil.iter_modules(flashlm.ops.__path__):

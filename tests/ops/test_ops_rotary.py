@@ -69,3 +69,46 @@ def test_bad_input_is_refused():
         ops.rotary_qkv(torch.randn(1, 4, 4 * 8), cos[:, :3], sin[:, :3], 2, 1, 8)
     with pytest.raises(InputError, match="cos/sin must"):
         ops.rotary(torch.randn(1, 4, 2, 16), cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,seqlen,heads,kv_heads,head_dim,cache_rows,table_batch", [
+    (1, 1, 4, 2, 8, 1, 1), (3, 1, 20, 5, 16, 4, 3), (2, 3, 3, 3, 10, 2, 2)])
+def test_rotary_qkv_append_writes_the_cache_as_rotary_then_index_put(batch, seqlen, heads, kv_heads, head_dim,
+                                                                     cache_rows, table_batch, dtype):
+    """The decode step's fused op: q equal to rotary_qkv's, k/v in the cache slots equal to an
+    index_put_ of rotary_qkv's k and v (bit for bit: same math, one rounding), other slots untouched,
+    a slot past the capacity never written."""
+    capacity = 12
+    qkv = torch.randn(batch, seqlen, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    cos, sin = _tables(table_batch, seqlen, head_dim)
+    slots = torch.randint(0, capacity - seqlen, (batch, 1)) + torch.arange(seqlen)
+    args = (cos, sin, heads, kv_heads, head_dim)
+    fill = torch.randn(cache_rows, capacity, kv_heads, head_dim).to(dtype)
+    k_ref, v_ref, k_got, v_got = fill.clone(), fill.clone(), fill.clone(), fill.clone()
+    q_ref = ops.rotary_qkv_append_ref(qkv, *args, k_ref, v_ref, slots)
+    q_got = ops.rotary_qkv_append(qkv, *args, k_got, v_got, slots)
+    q, k, v = ops.rotary_qkv(qkv, *args)
+    assert torch.equal(q_got, q) and torch.equal(q_ref, q)
+    assert torch.equal(k_got, k_ref) and torch.equal(v_got, v_ref)
+    rows = torch.arange(batch)[:, None].expand_as(slots)
+    assert torch.equal(k_got[rows, slots], k) and torch.equal(v_got[rows, slots], v)
+    untouched = torch.ones(cache_rows, capacity, dtype=torch.bool)
+    untouched[rows, slots] = False
+    assert torch.equal(k_got[untouched], fill[untouched]) and torch.equal(v_got[untouched], fill[untouched])
+    k_out = fill.clone()
+    ops.rotary_qkv_append(qkv, *args, k_out, fill.clone(), torch.full((batch, seqlen), capacity))
+    assert torch.equal(k_out, fill)  # out of the cache: nothing written
+
+
+def test_rotary_qkv_append_refuses_bad_caches_and_slots():
+    qkv = torch.randn(2, 1, 4 * 8)
+    cos, sin = _tables(2, 1, 8)
+    cache = torch.zeros(2, 6, 1, 8)
+    slots = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(InputError, match="k_cache must be"):
+        ops.rotary_qkv_append(qkv, cos, sin, 2, 1, 8, torch.zeros(1, 6, 1, 8), cache, slots)
+    with pytest.raises(InputError, match="share capacity and dtype"):
+        ops.rotary_qkv_append(qkv, cos, sin, 2, 1, 8, cache, torch.zeros(2, 6, 1, 8, dtype=torch.float64), slots)
+    with pytest.raises(InputError, match="slots must be"):
+        ops.rotary_qkv_append(qkv, cos, sin, 2, 1, 8, cache, cache.clone(), slots.float())

@@ -196,15 +196,31 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
                                                 training=self.training,
                                                 position_ids=kwargs.get("position_ids"), **common)
             return self._project_out(out.to(hidden_states.dtype))
-        q, k, v = self._rotated_qkv(hidden_states, cos, sin, self.ops_for(meta))
+        ops = self.ops_for(meta)
+        if meta.direct and not self.config.qk_norm:
+            be = self.backends.get(("kvcache", hidden_states.dtype, False, False))
+            if be is not None:
+                return self._project_out(self._decode_step(hidden_states, cos, sin, meta, ops, be))
+        q, k, v = self._rotated_qkv(hidden_states, cos, sin, ops)
         return self._project_out(self._attend_planned(q, k, v, meta, common))
+
+    @torch.no_grad()
+    def _decode_step(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, meta: FlashMeta, ops, be) -> Tensor:
+        """Tokens appended to the cache, planned direct (decode steps, eager or captured): RoPE and the
+        k/v append in one launch (``ops.rotary_qkv_append``), then the bound kvcache kernel, no checks."""
+        k_cache, v_cache = meta.cache.layer(self.layer_idx, hidden_states.shape[0])
+        q = ops.rotary_qkv_append(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
+                                  self.head_dim, k_cache, v_cache, meta.write_slot_idx)
+        return be.kvcache(q, k_cache, v_cache, meta.seqlens_after, cache_batch_idx=None, cache_leftpad=None,
+                          block_table=None, softmax_scale=self.scaling, causal=True, window_size=self.window_size,
+                          softcap=self.softcap_value, alibi_slopes=None, num_splits=0)[0]
 
     def _attend_planned(self, q: Tensor, k: Tensor, v: Tensor, meta: FlashMeta, common: dict) -> Tensor:
         """Attention of rotated BSHD q/k/v under the model's plan (cache writes included)."""
         cache = meta.cache
         if meta.mode == "kvcache":
             k_cache, v_cache = cache.layer(self.layer_idx, q.shape[0])
-            if meta.append:
+            if meta.append:  # direct with q/k normed (else _decode_step), or not direct
                 be = self.backends.get(("kvcache", q.dtype, False, False)) if meta.direct else None
                 if be is None:
                     return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,

@@ -10,14 +10,15 @@ function:
 - :func:`swiglu` (``swiglu.py``): ``silu(gate) * up`` on the fused ``[gate | up]`` projection;
   :func:`swiglu_linear`: it and the down projection as one node that does not save the activation;
 - :func:`rotary_qkv` / :func:`rotary` (``rotary.py``): RoPE of q and k fused with the q/k/v split,
-  and the single-tensor form.
+  and the single-tensor form; :func:`rotary_qkv_append`: a decode step's form, k/v written straight
+  into the KV cache.
 
 Models choose the implementations once with :func:`resolve` ("auto" | "liger" | "triton" | "torch").
 """
 
 from .resolve import KERNELS, Ops, resolve
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
-from .rotary import rotary, rotary_qkv, rotary_qkv_ref, rotary_ref
+from .rotary import rotary, rotary_qkv, rotary_qkv_append, rotary_qkv_append_ref, rotary_qkv_ref, rotary_ref
 from .swiglu import (
     swiglu,
     swiglu_linear,
@@ -40,6 +41,8 @@ __all__ = [
     "rms_norm_ref",
     "rotary",
     "rotary_qkv",
+    "rotary_qkv_append",
+    "rotary_qkv_append_ref",
     "rotary_qkv_ref",
     "rotary_ref",
     "swiglu",

@@ -30,7 +30,7 @@ from ._dispatch import triton, triton_usable
 # import the functions, not the submodules: the package's names rms_norm, swiglu and rotary are the
 # public functions, which shadow their submodules once flashlm.ops is imported
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
-from .rotary import rotary, rotary_qkv, rotary_qkv_ref, rotary_ref
+from .rotary import rotary, rotary_qkv, rotary_qkv_append, rotary_qkv_append_ref, rotary_qkv_ref, rotary_ref
 from .swiglu import swiglu, swiglu_linear, swiglu_linear_ref, swiglu_linear_sized, swiglu_ref, swiglu_sized
 
 KERNELS = ("auto", "liger", "triton", "torch")
@@ -44,8 +44,10 @@ KERNELS = ("auto", "liger", "triton", "torch")
 # us host fwd/fwd+bwd vs 284/1331 for torch).
 # swiglu_linear as swiglu: below the size its torch recompute Function (the memory saving without our
 # kernel's host cost), above it ours.
+# rotary_qkv_append (decode steps): one launch where the torch path takes the rotation and two index_put_
+# (H200 graph replay: the two index_put_ alone 6.7 us per layer at batch 1).
 _AUTO = {"rms_norm": "aten", "add_rms_norm": "aten", "swiglu": "sized", "swiglu_linear": "sized",
-         "rotary_qkv": "triton", "rotary": "triton"}
+         "rotary_qkv": "triton", "rotary": "triton", "rotary_qkv_append": "triton"}
 # Ops for which Liger's kernel measured faster than ours; "auto" takes Liger only for these. Empty:
 # Liger's Python wrappers cost more host time than plain torch at small shapes (GPU_NOTES.md 06:00).
 _LIGER_FASTER: frozenset = frozenset()
@@ -63,17 +65,19 @@ class Ops:
     swiglu_linear: Callable
     rotary_qkv: Callable
     rotary: Callable
+    rotary_qkv_append: Callable
     names: dict = field(default_factory=dict)
 
 
 # "torch" keeps the plain swiglu_linear_ref: on CPU recomputing would only add host time, and under
 # torch.compile AOTAutograd's min-cut partitioner already recomputes the cheap activation.
 _TORCH = {"rms_norm": rms_norm_ref, "add_rms_norm": add_rms_norm_ref, "swiglu": swiglu_ref,
-          "swiglu_linear": swiglu_linear_ref, "rotary_qkv": rotary_qkv_ref, "rotary": rotary_ref}
+          "swiglu_linear": swiglu_linear_ref, "rotary_qkv": rotary_qkv_ref, "rotary": rotary_ref,
+          "rotary_qkv_append": rotary_qkv_append_ref}
 _ATEN = {"rms_norm": rms_norm_aten, "add_rms_norm": add_rms_norm_aten}
 _SIZED = {"swiglu": swiglu_sized, "swiglu_linear": swiglu_linear_sized}
 _TRITON = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "swiglu_linear": swiglu_linear,
-           "rotary_qkv": rotary_qkv, "rotary": rotary}
+           "rotary_qkv": rotary_qkv, "rotary": rotary, "rotary_qkv_append": rotary_qkv_append}
 
 
 

@@ -8,6 +8,11 @@ takes grad_q, grad_k, grad_v (any strides, last dim contiguous) and writes grad_
 
 ``rotary(x, cos, sin) -> x rotated``: the single-tensor form (x (B, S, H, D)), for the kv-cache path.
 
+``rotary_qkv_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots) -> q``:
+a decode step's form (inference only, no autograd): q rotated into a new (B, S, H, D) buffer, k rotated
+and v copied straight into the caches (B_cache >= B, capacity, KV, D) at row b, slot ``slots[b, s]``,
+in one launch instead of the rotation and two ``index_put_``.
+
 cos/sin: (batch or 1, seqlen, D // 2) fp32 half-width tables, one row per token (per-row positions,
 so left padding and packing just work), in transformers' rotate_half convention: pairs (i, i + D/2)
 rotate as ``(x1 * c - x2 * s, x2 * c + x1 * s)``. The math is fp32 with one rounding to x's dtype,
@@ -41,6 +46,19 @@ def rotary_qkv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
     qkv = qkv.unflatten(-1, (num_heads + 2 * num_kv_heads, head_dim))
     q, k, v = qkv.split((num_heads, num_kv_heads, num_kv_heads), dim=2)
     return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin), v
+
+
+def rotary_qkv_append_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                          num_kv_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slots: torch.Tensor) -> torch.Tensor:
+    """Torch reference of :func:`rotary_qkv_append`: :func:`rotary_qkv_ref`, then k/v written in place
+    to cache row b, slot ``slots[b, s]`` (slots int (B, S)); returns q (B, S, H, D)."""
+    q, k, v = rotary_qkv_ref(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand(slots.shape)
+    with torch.no_grad():
+        k_cache.index_put_((rows, slots.long()), k.to(k_cache.dtype))
+        v_cache.index_put_((rows, slots.long()), v.to(v_cache.dtype))
+    return q
 
 
 def _check_tables(cos: torch.Tensor, sin: torch.Tensor, batch: int, seqlen: int, head_dim: int,
@@ -92,6 +110,43 @@ if triton is not None:
         o_ptr = OUT + (pid.to(tl.int64) * n_heads + heads[:, None]) * (2 * HALF) + d[None, :]
         tl.store(o_ptr, o1, mask=mask)
         tl.store(o_ptr + HALF, o2, mask=mask)
+
+    @triton.jit
+    def _append_kernel(X, COS, SIN, Q, KC, VC, SLOTS, seqlen, n_q, n_kv, capacity, stride_xb, stride_xs,
+                       stride_xh, stride_cb, stride_cs, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                       stride_vh, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One token's heads: q rotated into Q (contiguous (batch, seqlen, n_q, 2 * HALF)), k rotated into
+        # KC[b, slot], v copied into VC[b, slot]; a slot outside the cache is never written.
+        pid = tl.program_id(0)
+        b = (pid // seqlen).to(tl.int64)
+        s = (pid % seqlen).to(tl.int64)
+        slot = tl.load(SLOTS + pid).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HALF
+        c = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=d_ok, other=1.0).to(tl.float32)
+        sn = tl.load(SIN + b * stride_cb + s * stride_cs + d, mask=d_ok, other=0.0).to(tl.float32)
+        mask = (heads < n_q + 2 * n_kv)[:, None] & d_ok[None, :]
+        x_ptr = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh + d[None, :]
+        x1 = tl.load(x_ptr, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+        rot = (heads < n_q + n_kv)[:, None]
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        o1 = tl.where(rot, (x1f * c[None, :] - x2f * sn[None, :]).to(x1.dtype), x1)
+        o2 = tl.where(rot, (x2f * c[None, :] + x1f * sn[None, :]).to(x1.dtype), x2)
+        is_q = mask & (heads < n_q)[:, None]
+        slots_ok = (tl.zeros([BLOCK_H], tl.int64) + slot >= 0) & (tl.zeros([BLOCK_H], tl.int64) + slot < capacity)
+        is_k = mask & ((heads >= n_q) & (heads < n_q + n_kv) & slots_ok)[:, None]
+        is_v = mask & ((heads >= n_q + n_kv) & slots_ok)[:, None]
+        q_ptr = Q + (pid.to(tl.int64) * n_q + heads[:, None]) * (2 * HALF) + d[None, :]
+        k_ptr = KC + b * stride_kb + slot * stride_ks + (heads[:, None] - n_q) * stride_kh + d[None, :]
+        v_ptr = VC + b * stride_vb + slot * stride_vs + (heads[:, None] - n_q - n_kv) * stride_vh + d[None, :]
+        tl.store(q_ptr, o1, mask=is_q)
+        tl.store(q_ptr + HALF, o2, mask=is_q)
+        tl.store(k_ptr, o1.to(KC.dtype.element_ty), mask=is_k)
+        tl.store(k_ptr + HALF, o2.to(KC.dtype.element_ty), mask=is_k)
+        tl.store(v_ptr, o1.to(VC.dtype.element_ty), mask=is_v)
+        tl.store(v_ptr + HALF, o2.to(VC.dtype.element_ty), mask=is_v)
 
     @triton.jit
     def _qkv_bwd_kernel(GQ, GK, GV, COS, SIN, DQKV, seqlen, n_q, n_kv,
@@ -299,3 +354,45 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         raise InputError(f"rotary: x must be (batch, seqlen, heads, head_dim), got {tuple(x.shape)}")
     _check_tables(cos, sin, x.shape[0], x.shape[1], x.shape[-1], "rotary")
     return _rotary(x, cos, sin)
+
+
+def _check_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots) -> None:
+    _check_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    batch, seqlen = qkv.shape[:2]
+    want = f"(>= {batch}, capacity, {num_kv_heads}, {head_dim})"
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (cache.dim() != 4 or cache.shape[0] < batch or cache.shape[2:] != (num_kv_heads, head_dim)
+                or cache.stride(-1) != 1):
+            raise InputError(f"rotary_qkv_append: {name} must be {want} with a contiguous last dim, got "
+                             f"{tuple(cache.shape)}")
+    if k_cache.shape[1] != v_cache.shape[1] or k_cache.dtype != v_cache.dtype:
+        raise InputError("rotary_qkv_append: k_cache and v_cache must share capacity and dtype, got "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
+    if slots.shape != (batch, seqlen) or slots.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"rotary_qkv_append: slots must be int32/int64 (batch, seqlen) = ({batch}, {seqlen}), "
+                         f"got {slots.dtype} {tuple(slots.shape)}")
+
+
+def rotary_qkv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                      num_kv_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slots: torch.Tensor) -> torch.Tensor:
+    """Split + RoPE of q and k with k/v appended to the cache, one Triton launch (inference only).
+
+    qkv (batch, seqlen, (H + 2 * KV) * D); cos/sin (batch or 1, seqlen, D // 2) fp32; k_cache / v_cache
+    (B_cache >= batch, capacity, KV, D) written in place at row b, slot ``slots[b, s]`` (int (batch,
+    seqlen); the caller keeps slots inside the capacity: a slot outside it is not written). Returns q
+    (batch, seqlen, H, D), contiguous. No autograd: the cache write is not differentiable."""
+    _check_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots)
+    batch, seqlen = qkv.shape[:2]
+    x = _last_contiguous(qkv).unflatten(-1, (num_heads + 2 * num_kv_heads, head_dim))
+    q = torch.empty((batch, seqlen, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if q.numel():
+        cos, sin, scb, scs = _tables(cos, sin)
+        n_heads = num_heads + 2 * num_kv_heads
+        block_h = min(next_pow2(n_heads), _MAX_BLOCK_H)
+        with torch.no_grad():
+            _append_kernel[(batch * seqlen, triton.cdiv(n_heads, block_h))](
+                x, cos, sin, q, k_cache, v_cache, slots.contiguous(), seqlen, num_heads, num_kv_heads,
+                k_cache.shape[1], x.stride(0), x.stride(1), x.stride(2), scb, scs, *k_cache.stride()[:3],
+                *v_cache.stride()[:3], HALF=head_dim // 2, BLOCK_D=next_pow2(head_dim // 2), BLOCK_H=block_h)
+    return q
