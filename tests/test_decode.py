@@ -16,6 +16,7 @@ import torch
 from helpers import left_padded_prompts, make_pair, naive_greedy
 
 from flashlm.decode_graph import (
+    _GRAPHS_ATTR,
     CUDAGraphDecodeStep,
     DecodeStep,
     SamplingKey,
@@ -158,6 +159,23 @@ def test_cache_host_bookkeeping_for_replayed_steps():
         cache.prepare_for_capture(4)
 
 
+def test_prefill_logits_is_the_forward_of_an_unpadded_prompt():
+    _, flash = make_pair()
+    ids = torch.tensor([PROMPTS[0], PROMPTS[2] + [1, 2]])
+    with torch.inference_mode():
+        cache, other = flash.allocate_cache(2, 16), flash.allocate_cache(2, 16)
+        want = flash(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        other.check_room(2, ids.shape[1])
+        got = flash.prefill_logits(ids, other)
+        assert other.max_len_bound == 0  # the host half is the caller's
+        other.note_appended(2, ids.shape[1])
+        assert torch.equal(got, want) and torch.equal(other.cache_seqlens, cache.cache_seqlens)
+        for layer in range(flash.config.num_layers):
+            assert torch.equal(other.k[layer], cache.k[layer]) and torch.equal(other.v[layer], cache.v[layer])
+        with pytest.raises(ValueError, match="empty cache"):
+            flash.prefill_logits(ids, other)
+
+
 def test_capacity_and_argument_errors():
     assert cache_capacity(10) == 256 and cache_capacity(256) == 256 and cache_capacity(257) == 512
     assert cache_capacity(10, 12) == 12
@@ -274,6 +292,39 @@ def test_decode_steps_make_no_host_sync(do_sample):
             torch.cuda.synchronize()
             assert int(step.step_idx) == 9
     assert isinstance(graphed, CUDAGraphDecodeStep)
+    release_graphs(flash)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_graph_from_the_second_use_of_a_prompt_shape_gives_the_eager_tokens(dtype):
+    _, flash = make_pair("cuda", dtype, **GPU_MODEL)
+    ids = torch.tensor([PROMPTS[0], PROMPTS[2] + [1, 2]], device="cuda")
+    kw = {"max_new_tokens": 12, "eos_token_id": []}
+    eager = generate(flash, ids, cuda_graph=False, **kw)
+    runs = [generate(flash, ids, **kw) for _ in range(3)]
+    assert [r.prefill_graph for r in runs] == [False, True, True]
+    assert runs[1].capture_s > 0 and runs[2].capture_s == 0.0  # captured once, before the timed prefill
+    for run in runs:
+        assert torch.equal(run.sequences, eager.sequences)
+    ones = generate(flash, ids, attention_mask=torch.ones_like(ids), **kw)  # no padding: same path
+    assert ones.prefill_graph and torch.equal(ones.sequences, eager.sequences)
+    assert not generate(flash, ids[:, 1:], **kw).prefill_graph  # another length: eager the first time
+    padded, mask = left_padded_prompts(PROMPTS[:2], "cuda")
+    assert not generate(flash, padded, attention_mask=mask, **kw).prefill_graph
+    assert not generate(flash, padded, attention_mask=mask, **kw).prefill_graph  # padding: always eager
+    step = flash.__dict__[_GRAPHS_ATTR][2]  # the batch-2 step generate() kept, with its prefill graphs
+    step.cache.reset()
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # the replay reads nothing back
+        try:
+            logits = step.prefills.run(ids)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        want = flash(ids, past_key_values=flash.allocate_cache(2, 32), use_cache=True, logits_to_keep=1)
+        assert torch.equal(logits, want.logits[:, -1])
+    assert step.cache.cache_seqlens.tolist() == [ids.shape[1]] * 2
     release_graphs(flash)
 
 

@@ -10,6 +10,10 @@ tensor it touches has a fixed shape and address, and nothing is read back to the
 - :class:`CUDAGraphDecodeStep` captures the very same step once (per batch size) in a
   ``torch.cuda.CUDAGraph`` with static input/output buffers and replays it per token: one launch per
   token instead of ~15 kernels x layers launched from Python;
+- :class:`CUDAGraphDecodeStep` also captures the prefill (``FlashForCausalLM.prefill_logits``) of an
+  unpadded prompt of a length it has seen :data:`PREFILL_GRAPH_AFTER_USES` times (up to
+  :data:`PREFILL_GRAPH_MAX_TOKENS` tokens, the last few lengths kept): the first token of a repeated
+  prompt shape then costs a replay, not ~15 kernels x layers of host work;
 - either one with ``compile=True`` (or an inductor mode, see :data:`COMPILE_MODES`) runs the step body
   through ``torch.compile(fullgraph=True, dynamic=False)`` first: inductor fuses the norms, residual
   adds, SwiGLU, RoPE, cache append and sampling into a few Triton kernels (C++ on the CPU), and the
@@ -49,6 +53,7 @@ an accidental recompile raises, with Dynamo's guard failure, instead of silently
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 import types
@@ -62,13 +67,16 @@ from flashlm.sampling import SamplingKey, sample_next_token
 if TYPE_CHECKING:  # keep `import flashlm.generation` light: the models package loads on first use
     from flashlm.models.flash_cache import StaticKVCache
 
-__all__ = ["CAPACITY_MULTIPLE", "COMPILE_MODES", "CUDAGraphDecodeStep", "DecodeStep", "SamplingKey",
-           "cache_capacity", "compile_mode", "graph_unavailable_reason", "graphed_decode_step", "release_graphs"]
+__all__ = ["CAPACITY_MULTIPLE", "COMPILE_MODES", "PREFILL_GRAPH_AFTER_USES", "PREFILL_GRAPH_MAX_TOKENS",
+           "CUDAGraphDecodeStep", "DecodeStep", "SamplingKey", "cache_capacity", "compile_mode", "graph_unavailable_reason", "graphed_decode_step", "release_graphs"]
 
 # Cache capacities are rounded up to this many tokens so that one captured graph serves prompts of
 # similar lengths (a graph is tied to its cache's shape and addresses).
 CAPACITY_MULTIPLE = 256
 _GRAPHS_ATTR = "_flashlm_decode_graphs"
+
+
+_log = logging.getLogger(__name__)
 
 
 # torch.compile modes for the decode step. No mode that makes CUDA graphs ("reduce-overhead",
@@ -233,6 +241,78 @@ class DecodeStep:
         return self.history[:, :steps].clone()
 
 
+# Prefill graphs (first token): captured for a prompt shape on its second use, at most this many tokens
+# (batch x prompt length: beyond, the prefill is GPU-bound and a graph saves little), kept per decode
+# step for the last few prompt lengths, all in one memory pool.
+PREFILL_GRAPH_MAX_TOKENS = 4096
+PREFILL_GRAPH_AFTER_USES = 2
+PREFILL_GRAPHS_KEPT = 4
+
+
+class _PrefillGraphs:
+    """The captured prefills of one :class:`CUDAGraphDecodeStep` (its model, batch size and cache), one
+    per prompt length: ``FlashForCausalLM.prefill_logits`` on a static ``input_ids`` buffer, replayed
+    with the prompt copied in. Why: an eager llama-1b prefill of 128 tokens is ~8 ms of host time for
+    ~1.5 ms of GPU work (H200, benchmarks/probe_decode.py)."""
+
+    def __init__(self, step: CUDAGraphDecodeStep) -> None:
+        self.step = step
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}  # length -> graph, ids, logits
+        self.uses: dict[int, int] = {}
+        self.pool = None
+        self.refused: dict[int, str] = {}  # length -> why capturing failed (then eager for good)
+
+    def ready(self, prompt_len: int) -> float:
+        """Count a use of ``prompt_len``; capture its graph when due. Returns the seconds spent capturing."""
+        self.uses[prompt_len] = self.uses.get(prompt_len, 0) + 1
+        if (prompt_len in self.graphs or prompt_len in self.refused
+                or self.uses[prompt_len] < PREFILL_GRAPH_AFTER_USES
+                or self.step.batch_size * prompt_len > PREFILL_GRAPH_MAX_TOKENS):
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            self._capture(prompt_len)
+        except RuntimeError as exc:  # a backend that cannot be captured: stay eager, say why once
+            self.step.cache.reset()
+            self.refused[prompt_len] = f"{type(exc).__name__}: {exc}"
+            _log.warning("prefill of %d tokens not captured in a CUDA graph (eager instead): %s", prompt_len, exc)
+        return time.perf_counter() - t0
+
+    def _capture(self, prompt_len: int) -> None:
+        step = self.step
+        model, cache = step.model, step.cache
+        ids = torch.zeros(step.batch_size, prompt_len, dtype=torch.long, device=step.device)
+        side = torch.cuda.Stream(step.device)
+        side.wait_stream(torch.cuda.current_stream(step.device))
+        with torch.cuda.stream(side):  # warm-up: lazy imports, Triton JIT, backend handles
+            model.prefill_logits(ids, cache.reset())
+        torch.cuda.current_stream(step.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = model.prefill_logits(ids, cache.reset())
+        torch.cuda.synchronize(step.device)
+        cache.reset()
+        if len(self.graphs) >= PREFILL_GRAPHS_KEPT:  # forget the oldest length
+            self.graphs.pop(next(iter(self.graphs)))
+        self.graphs[prompt_len] = (graph, ids, logits)
+
+    def run(self, input_ids: Tensor) -> Tensor | None:
+        """Replay the prefill of ``input_ids`` into the (reset) cache; None when no graph is captured
+        for its length. Returns the last position's logits (batch, vocab), a static buffer."""
+        found = self.graphs.get(input_ids.shape[1])
+        if found is None:
+            return None
+        graph, ids, logits = found
+        cache = self.step.cache
+        cache.check_room(*input_ids.shape)
+        ids.copy_(input_ids)
+        graph.replay()
+        cache.note_appended(*input_ids.shape)  # the device half (cache_seqlens += prompt_len) ran inside
+        return logits
+
+
 def graph_unavailable_reason(model: torch.nn.Module, device: torch.device, key: SamplingKey) -> str | None:
     """Why the decode step of ``model`` on ``device`` cannot be captured in a CUDA graph, or None."""
     if not hasattr(model, "allocate_cache"):
@@ -291,6 +371,7 @@ class CUDAGraphDecodeStep(DecodeStep):
         self.capacity = capacity
         self.signature = _signature(model)
         self.graph = torch.cuda.CUDAGraph()
+        self.prefills = _PrefillGraphs(self)
         t0 = time.perf_counter()
         with torch.cuda.device(device):
             self._capture(warmup_steps)

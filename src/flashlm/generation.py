@@ -73,10 +73,13 @@ class GenerationOutput:
         per_token_s: mean seconds per decode step after the first token (``nan`` if fewer than two
             tokens were generated).
         cuda_graph: whether the decode steps were replayed from a CUDA graph.
+        prefill_graph: whether the prefill was replayed from a CUDA graph (the CUDA-graph path, an
+            unpadded prompt whose length this batch size has seen before: see
+            ``flashlm.decode_graph.PREFILL_GRAPH_AFTER_USES``).
         graph_fallback: why they were not (the model, the device, ``cuda_graph=False``, ...); None when
             they were.
-        capture_s: seconds spent preparing the decode step during this call: compiling it and/or
-            capturing its graph (0 when a captured graph was reused); not included in
+        capture_s: seconds spent preparing the decode step (and the prefill graph) during this call:
+            compiling and/or capturing (0 when captured graphs were reused); not included in
             ``first_token_s``.
         compile_mode: the torch.compile mode the decode step ran with (None: not compiled).
     """
@@ -89,6 +92,7 @@ class GenerationOutput:
     capture_s: float = 0.0
     compile_mode: str | None = None
     graph_fallback: str | None = None
+    prefill_graph: bool = False
 
     @property
     def decode_path(self) -> str:
@@ -146,7 +150,8 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
         raise ValueError("right-padded prompts are not supported: a decoder appends new tokens after the "
                          "last position, so padding must be on the left (attention_mask rows of the form "
                          "0..0 1..1; tokenizer padding_side='left')")
-    return mask
+    # no padding at all: the unpadded path (same plan; the flash model can replay its prefill graph)
+    return None if bool(mask.all()) else mask
 
 
 def _check_ids_and_length(config: Any, eos_ids: list[int], pad_token_id: Any, prompt_len: int) -> None:
@@ -353,6 +358,8 @@ def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_token
                                              compile=mode)
         capture_s = step.capture_s if captured else 0.0
         cache = step.cache.reset()
+        if mask is None:  # an unpadded prompt: its prefill graph, once its length is seen again
+            capture_s += step.prefills.ready(prompt_len)
         if key.do_sample:  # draw from the caller's stream: copy its state in (and back out below)
             source_gen = generator if generator is not None else torch.cuda.default_generators[step.device.index]
             step.generator.set_state(source_gen.get_state())
@@ -365,9 +372,13 @@ def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_token
     try:
         _sync(device)
         t_start = time.perf_counter()
-        out = model(input_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        # left padding puts every row's last real token at the last position
-        step.begin(out.logits[:, -1, :])
+        logits = step.prefills.run(input_ids) if use_graph and mask is None else None
+        prefill_graph = logits is not None
+        if logits is None:
+            # left padding puts every row's last real token at the last position
+            logits = model(input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1, :]
+        step.begin(logits)
         steps = 1
         _sync(device)
         t_first = time.perf_counter()
@@ -383,7 +394,7 @@ def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_token
     finally:
         if source_gen is not None:
             source_gen.set_state(step.generator.get_state())
-    return step.new_tokens(steps), t_start, t_first, t_end, steps, use_graph, capture_s, mode
+    return step.new_tokens(steps), t_start, t_first, t_end, steps, use_graph, capture_s, mode, prefill_graph
 
 
 def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
@@ -432,12 +443,12 @@ def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tok
         next_tokens = sample_next_token(out.logits[:, -1, :], **sample)
     _sync(device)
     t_end = time.perf_counter()
-    return new_tokens[:, :steps], t_start, t_first, t_end, steps, False, 0.0, None
+    return new_tokens[:, :steps], t_start, t_first, t_end, steps, False, 0.0, None, False
 
 
 def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: float, t_first: float,
             t_end: float, steps: int, used_graph: bool, capture_s: float, mode: str | None,
-            fallback: str | None) -> GenerationOutput:
+            prefill_graph: bool, fallback: str | None) -> GenerationOutput:
     batch = input_ids.shape[0]
     if key.eos_ids:
         eos = torch.tensor(key.eos_ids, dtype=torch.long, device=new_tokens.device)
@@ -454,7 +465,8 @@ def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: fl
     per_token = (t_end - t_first) / (steps - 1) if steps > 1 else float("nan")
     return GenerationOutput(sequences=torch.cat([input_ids, new_tokens], dim=-1), num_new_tokens=num_new,
                             first_token_s=t_first - t_start, per_token_s=per_token, cuda_graph=used_graph,
-                            capture_s=capture_s, compile_mode=mode, graph_fallback=fallback)
+                            capture_s=capture_s, compile_mode=mode, graph_fallback=fallback,
+                            prefill_graph=prefill_graph)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@
 
 Implementations, all on the same random weights (bf16 on CUDA) and the same prompts (no padding):
 
-- ``flashlm-graph``: ``flashlm.generation.generate(cuda_graph=True)``: eager prefill, decode step
-  replayed from a CUDA graph captured once per batch size (captured in the warm-up call);
+- ``flashlm-graph``: ``flashlm.generation.generate(cuda_graph=True)``: decode step replayed from a
+  CUDA graph captured once per batch size (in the warm-up call); the prefill replayed from a graph of
+  its prompt shape, captured on the shape's second use (the first timed call), eager before and for
+  prompts over ``flashlm.decode_graph.PREFILL_GRAPH_MAX_TOKENS`` tokens;
 - ``flashlm-graph-inductor``: ``generate(cuda_graph=True, compile=...)``: the decode step compiled by
   ``torch.compile`` (inductor, ``--inductor-mode``; fullgraph, static shapes) and captured in the
   CUDA graph (compiled and captured in the warm-up call);

@@ -448,8 +448,9 @@ def _generate_fn(name: str, model, cfg: BenchConfig) -> tuple[GenerateFn, bool]:
     """A function (input_ids, attention_mask, n) -> (new tokens (batch, n), first-token s, per-token s,
     {"decode_path": ..., ...}), and whether its decode is compiled. First token: from the call to the
     first new token on the host (prefill + one sampling step); per token: mean time of each later step.
-    decode_path: flashlm's "cuda_graph" / "eager" (+ "graph_fallback": why not the graph), or HF's
-    "hf-dynamic" / "hf-static" / "hf-static+compile"."""
+    decode_path: flashlm's "cuda_graph" / "eager" (+ "graph_fallback": why not the graph, and
+    "prefill_path": whether that call's prefill was a graph replay), or HF's "hf-dynamic" / "hf-static"
+    / "hf-static+compile"."""
     if not name.startswith("hf-"):
         from flashlm.generation import generate
 
@@ -460,7 +461,8 @@ def _generate_fn(name: str, model, cfg: BenchConfig) -> tuple[GenerateFn, bool]:
             # generate times itself: synchronized at the first token and at the end, nowhere else.
             out = generate(model, ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                            eos_token_id=[], **kw)
-            path = {"decode_path": out.decode_path, "graph_fallback": out.graph_fallback}
+            path = {"decode_path": out.decode_path, "graph_fallback": out.graph_fallback,
+                    "prefill_path": "cuda_graph" if out.prefill_graph else "eager"}
             return out.sequences[:, -n:], out.first_token_s, out.per_token_s, path
 
         return ours, "compile" in kw

@@ -393,6 +393,18 @@ class FlashModel(_BindsKernels, DefaultModel):
         freqs = position_ids[..., None].float() * self.rotary_emb.inv_freq
         return freqs.cos(), freqs.sin()
 
+    def prefill_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """Unpadded prompts ``input_ids`` (batch, seqlen) written into an empty ``cache``: the body of
+        ``forward(input_ids, past_key_values=cache)`` (the dense plan) with no host check and no host
+        bookkeeping, so a CUDA graph can capture it; returns the final hidden states (batch, seqlen,
+        hidden). The caller runs ``cache.check_room(batch, seqlen)`` before and
+        ``cache.note_appended(batch, seqlen)`` after."""
+        if not cache.is_empty:
+            raise ValueError("prefill_tokens writes into an empty cache; call cache.reset() first")
+        hidden_states = self._run(plan_batch(input_ids, None, None, cache, None, None))  # the dense plan
+        cache.bump(*input_ids.shape)
+        return hidden_states
+
     def decode_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """The decode core: ``input_ids`` (batch, seqlen) appended to a non-empty ``cache`` without a
         mask (one token per row when decoding); returns the final hidden states (batch, seqlen, hidden).
@@ -567,6 +579,13 @@ class FlashForCausalLM(DefaultForCausalLM):
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
                                     bias=self.lm_head.bias, softcap=self.config.final_logit_softcap,
                                     backend="torch" if compiled else None)
+
+    def prefill_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """Logits (batch, vocab) of the last token of unpadded prompts ``input_ids`` (batch, seqlen)
+        written into an empty ``cache``: ``forward(input_ids, past_key_values=cache,
+        logits_to_keep=1)`` as a pure tensor function (see :meth:`FlashModel.prefill_tokens`). What
+        ``flashlm.decode_graph`` captures for a prompt shape it has seen before."""
+        return self._logits(self.model.prefill_tokens(input_ids, cache)[:, -1])
 
     def decode_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """Logits (batch, vocab) of the last of ``input_ids`` (batch, seqlen), appended to a non-empty
