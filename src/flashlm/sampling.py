@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingKey", "sample_next_token", "top_k_filter", "top_p_filter"]
+__all__ = ["SamplingKey", "argmax_rows", "sample_next_token", "top_k_filter", "top_p_filter"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,27 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+# argmax over a wide vocab in two passes: torch's one-pass reduction of one (1, 128256) row runs one
+# block (H200 graph replay: 26.5 us); (row, group) maxima then the best group take 11.6 us.
+_ARGMAX_GROUP = 256
+_ARGMAX_TWO_PASS_MIN = 16384
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """``x.argmax(-1)`` of ``(batch, vocab)``, the same index (the first maximum; a NaN counts as the
+    maximum, as in torch), in two passes on CUDA when vocab is wide and a multiple of 256."""
+    if not x.is_cuda or x.shape[-1] < _ARGMAX_TWO_PASS_MIN or x.shape[-1] % _ARGMAX_GROUP:
+        return x.argmax(dim=-1)
+    return _argmax_two_pass(x)
+
+
+def _argmax_two_pass(x: Tensor) -> Tensor:
+    batch, vocab = x.shape
+    values, within = x.reshape(batch, vocab // _ARGMAX_GROUP, _ARGMAX_GROUP).max(dim=-1)
+    group = values.argmax(dim=-1, keepdim=True)
+    return (group * _ARGMAX_GROUP + within.gather(-1, group)).squeeze(-1)
+
+
 def sample_next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
                       race: Tensor | None = None) -> Tensor:
@@ -66,7 +87,7 @@ def sample_next_token(logits: Tensor, *, do_sample: bool = False, temperature: f
     which keeps a compiled caller free of generator calls.
     """
     if not do_sample:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     logits = logits.float() / temperature
     logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     probs = torch.softmax(logits, dim=-1)
@@ -75,4 +96,4 @@ def sample_next_token(logits: Tensor, *, do_sample: bool = False, temperature: f
     # E == 0 would give 0/0 = nan for a filtered-out token (argmax picks nan): clamp it away
     # (out of place: a caller's buffer stays as drawn).
     race = race.clamp_min(torch.finfo(race.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
+    return argmax_rows(probs / race)
