@@ -226,8 +226,11 @@ def test_graph_greedy_identical_to_eager(rows):
     graph = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
     assert graph.cuda_graph and graph.capture_s > 0 and not eager.cuda_graph
     assert torch.equal(graph.sequences, eager.sequences)
+    step = flash.__dict__[_GRAPHS_ATTR][ids.shape[0]]
     again = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
-    assert again.capture_s == 0.0  # reused, not re-captured
+    assert flash.__dict__[_GRAPHS_ATTR][ids.shape[0]] is step  # reused, not re-captured
+    third = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
+    assert third.capture_s == 0.0  # nothing captured once the prompt shape was seen twice
     assert torch.equal(again.sequences, eager.sequences)
     # per-row EOS through the graph: the same rows stop at the same tokens
     eos = [int(eager.sequences[-1, ids.shape[1] + 3])]
@@ -314,8 +317,8 @@ def test_prefill_graph_from_the_second_use_of_a_prompt_shape_gives_the_eager_tok
     assert not generate(flash, padded, attention_mask=mask, **kw).prefill_graph
     assert not generate(flash, padded, attention_mask=mask, **kw).prefill_graph  # padding: always eager
     step = flash.__dict__[_GRAPHS_ATTR][2]  # the batch-2 step generate() kept, with its prefill graphs
-    step.cache.reset()
-    with torch.inference_mode():
+    with torch.inference_mode():  # the cache's tensors were made under generate()'s inference mode
+        step.cache.reset()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # the replay reads nothing back
         try:

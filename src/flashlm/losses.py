@@ -27,16 +27,16 @@ from flashlm.ops._dispatch import autocast_linear_inputs
 __all__ = ["MATERIALIZED_LOGITS_MAX_BYTES", "ChunkedLinearCrossEntropy", "cross_entropy", "liger_available",
            "linear_cross_entropy", "materialize_logits_for_loss"]
 
-# Loss by size: below this many bytes of fp32 (tokens x vocab) logits a model computes plain
-# cross-entropy on materialized logits (one lm_head matmul, one fused log-softmax kernel); above it,
-# the fused/chunked linear cross-entropy. PROVISIONAL (CPU reasoning, 2026-12-01): plain CE holds about
-# 16 bytes per logit at its peak (bf16 logits 2 + fp32 upcast 4 + saved log-softmax 4 + fp32 grad 4 +
-# bf16 grad 2), so 256 MiB of fp32 logits is ~1 GiB of transient memory -- small next to a 1B model's
-# activations -- while the chunked path's fixed cost (one matmul pair + ~10 launches per chunk, the
-# H200 seed profile: 316 matmuls vs 255) dominates small problems. The seed config (512 x 32000,
-# 64 MiB) is plain; llama-1b bs8 x 2048 (16384 x 128256, 8 GiB) is fused. Replace with the measured
-# crossover of benchmarks/loss_crossover.py (GPU) when the lead has run it.
-MATERIALIZED_LOGITS_MAX_BYTES = 256 * 2**20
+# Loss by size: up to this many bytes of fp32 (tokens x vocab) logits the eager model computes the loss
+# on materialized logits (flashlm.loss_kernels.logits_cross_entropy: one lm_head matmul, the bf16 logits
+# overwritten by their gradient); above it, the fused/chunked linear cross-entropy. Measured on the H200
+# (benchmarks/loss_crossover.py, hidden 2048, bf16, fused = Liger 0.8.5;
+# benchmarks/results/h200/loss_crossover.json): ours is faster at every size (32000 vocab: 0.18x of the
+# fused time at 256 tokens, 0.94x at 16384; 128256 vocab: 0.06x at 256, 0.43x at 4096, 0.74x at 8192,
+# 0.88x at 16384), but holds the bf16 logits, half the fp32 size (+2 GiB at 8192 x 128256, +4 GiB at
+# 16384 x 128256 over the fused path). The cut at 4 GiB of fp32 logits keeps that extra memory under
+# 2 GiB: llama-1b bs8 x 2048 (8 GiB) stays fused, where the memory target (<= 28 GB) binds.
+MATERIALIZED_LOGITS_MAX_BYTES = 4 * 2**30
 
 
 def materialize_logits_for_loss(n_tokens: int, vocab: int) -> bool:
