@@ -23,7 +23,6 @@ from flashlm.ops._dispatch import next_pow2, row_warps
 rms = importlib.import_module("flashlm.ops.rms_norm")
 swi = importlib.import_module("flashlm.ops.swiglu")
 rot = importlib.import_module("flashlm.ops.rotary")
-gemv = importlib.import_module("flashlm.ops.gemv")
 
 DTYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 done, count = set(), 0
@@ -70,13 +69,6 @@ for xd, p in DTYPES.items():
         # rotary_qkv_append: q buffer and caches in x's dtype, int64 slots (the model's)
         build(rot._append_kernel, consts, {**dict.fromkeys(("X", "Q", "KC", "VC"), p), "COS": "*fp32",
                                            "SIN": "*fp32", "SLOTS": "*i64"})
-
-# gemv: x, weight, bias, y in one dtype; every tile tried against cuBLAS
-for xd, p in DTYPES.items():
-    for cfg in gemv.CONFIGS:
-        for has_bias in (False, True):
-            build(gemv._gemv_kernel, {"HAS_BIAS": has_bias, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k},
-                  dict.fromkeys(("X", "W", "B", "Y"), p), cfg.num_warps)
 
 kernels = set()
 for info in pkgutil.iter_modules(flashlm.ops.__path__):

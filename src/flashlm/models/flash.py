@@ -128,14 +128,6 @@ def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.d
     return q.to(target), k.to(target), v.to(target)
 
 
-def _linear(ops: fused_ops.Ops, module: torch.nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` through the op set's ``linear`` (a decode step's GEMV) when it is a plain
-    ``nn.Linear``; a wrapped one (PEFT/LoRA, quantized) is called as it is."""
-    if type(module) is torch.nn.Linear:
-        return ops.linear(x, module.weight, module.bias)
-    return module(x)
-
-
 # --------------------------------------------------------------------------------------------
 # Attention layer
 # --------------------------------------------------------------------------------------------
@@ -208,8 +200,7 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
         if meta.direct and not self.config.qk_norm:
             be = self.backends.get(("kvcache", hidden_states.dtype, False, False))
             if be is not None:
-                out = self._decode_step(hidden_states, cos, sin, meta, ops, be)
-                return _linear(ops, self.o_proj, out.reshape(*out.shape[:2], self.num_heads * self.head_dim))
+                return self._project_out(self._decode_step(hidden_states, cos, sin, meta, ops, be))
         q, k, v = self._rotated_qkv(hidden_states, cos, sin, ops)
         return self._project_out(self._attend_planned(q, k, v, meta, common))
 
@@ -218,7 +209,7 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
         """Tokens appended to the cache, planned direct (decode steps, eager or captured): RoPE and the
         k/v append in one launch (``ops.rotary_qkv_append``), then the bound kvcache kernel, no checks."""
         k_cache, v_cache = meta.cache.layer(self.layer_idx, hidden_states.shape[0])
-        q = ops.rotary_qkv_append(_linear(ops, self.qkv_proj, hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
+        q = ops.rotary_qkv_append(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
                                   self.head_dim, k_cache, v_cache, meta.write_slot_idx)
         return be.kvcache(q, k_cache, v_cache, meta.seqlens_after, cache_batch_idx=None, cache_leftpad=None,
                           block_table=None, softmax_scale=self.scaling, causal=True, window_size=self.window_size,
@@ -296,8 +287,8 @@ class FlashMLP(_BindsKernels, MLP):
     def forward(self, x: Tensor, ops: fused_ops.Ops | None = None) -> Tensor:
         """x (..., hidden) -> (..., hidden); ``ops``: the op set of the planned call (see
         ``ops_for``; default: the eager one)."""
+        gate_up = self.gate_up_proj(x)
         ops = ops if ops is not None else self.ops
-        gate_up = _linear(ops, self.gate_up_proj, x)
         if self.fused_act and type(self.down_proj) is torch.nn.Linear:
             # one op with down_proj: autograd keeps gate_up, not the (..., I) activation
             return ops.swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)

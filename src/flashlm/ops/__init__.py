@@ -11,14 +11,11 @@ function:
   :func:`swiglu_linear`: it and the down projection as one node that does not save the activation;
 - :func:`rotary_qkv` / :func:`rotary` (``rotary.py``): RoPE of q and k fused with the q/k/v split,
   and the single-tensor form; :func:`rotary_qkv_append`: a decode step's form, k/v written straight
-  into the KV cache;
-- :func:`linear` / :func:`gemv` (``gemv.py``): a batch-1 decode step's matrix-vector products, our
-  Triton GEMV where measured faster than cuBLAS.
+  into the KV cache.
 
 Models choose the implementations once with :func:`resolve` ("auto" | "liger" | "triton" | "torch").
 """
 
-from .gemv import gemv, gemv_ref, linear, swiglu_linear_decode
 from .resolve import KERNELS, Ops, resolve
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
 from .rotary import rotary, rotary_qkv, rotary_qkv_append, rotary_qkv_append_ref, rotary_qkv_ref, rotary_ref
@@ -38,9 +35,6 @@ __all__ = [
     "add_rms_norm",
     "add_rms_norm_aten",
     "add_rms_norm_ref",
-    "gemv",
-    "gemv_ref",
-    "linear",
     "resolve",
     "rms_norm",
     "rms_norm_aten",
@@ -53,7 +47,6 @@ __all__ = [
     "rotary_ref",
     "swiglu",
     "swiglu_linear",
-    "swiglu_linear_decode",
     "swiglu_linear_recompute",
     "swiglu_linear_ref",
     "swiglu_linear_sized",

@@ -29,7 +29,6 @@ from ._dispatch import triton, triton_usable
 
 # import the functions, not the submodules: the package's names rms_norm, swiglu and rotary are the
 # public functions, which shadow their submodules once flashlm.ops is imported
-from .gemv import gemv_ref, linear, swiglu_linear_decode
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
 from .rotary import rotary, rotary_qkv, rotary_qkv_append, rotary_qkv_append_ref, rotary_qkv_ref, rotary_ref
 from .swiglu import swiglu, swiglu_linear, swiglu_linear_ref, swiglu_linear_sized, swiglu_ref, swiglu_sized
@@ -47,9 +46,8 @@ KERNELS = ("auto", "liger", "triton", "torch")
 # kernel's host cost), above it ours.
 # rotary_qkv_append (decode steps): one launch where the torch path takes the rotation and two index_put_
 # (H200 graph replay: the two index_put_ alone 6.7 us per layer at batch 1).
-# linear: F.linear (host time) except in decode steps (see resolve's decode).
 _AUTO = {"rms_norm": "aten", "add_rms_norm": "aten", "swiglu": "sized", "swiglu_linear": "sized",
-         "rotary_qkv": "triton", "rotary": "triton", "rotary_qkv_append": "triton", "linear": "torch"}
+         "rotary_qkv": "triton", "rotary": "triton", "rotary_qkv_append": "triton"}
 # Ops for which Liger's kernel measured faster than ours; "auto" takes Liger only for these. Empty:
 # Liger's Python wrappers cost more host time than plain torch at small shapes (GPU_NOTES.md 06:00).
 _LIGER_FASTER: frozenset = frozenset()
@@ -68,7 +66,6 @@ class Ops:
     rotary_qkv: Callable
     rotary: Callable
     rotary_qkv_append: Callable
-    linear: Callable
     names: dict = field(default_factory=dict)
 
 
@@ -76,11 +73,11 @@ class Ops:
 # torch.compile AOTAutograd's min-cut partitioner already recomputes the cheap activation.
 _TORCH = {"rms_norm": rms_norm_ref, "add_rms_norm": add_rms_norm_ref, "swiglu": swiglu_ref,
           "swiglu_linear": swiglu_linear_ref, "rotary_qkv": rotary_qkv_ref, "rotary": rotary_ref,
-          "rotary_qkv_append": rotary_qkv_append_ref, "linear": gemv_ref}
+          "rotary_qkv_append": rotary_qkv_append_ref}
 _ATEN = {"rms_norm": rms_norm_aten, "add_rms_norm": add_rms_norm_aten}
 _SIZED = {"swiglu": swiglu_sized, "swiglu_linear": swiglu_linear_sized}
 _TRITON = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "swiglu_linear": swiglu_linear,
-           "rotary_qkv": rotary_qkv, "rotary": rotary, "rotary_qkv_append": rotary_qkv_append, "linear": linear}
+           "rotary_qkv": rotary_qkv, "rotary": rotary, "rotary_qkv_append": rotary_qkv_append}
 
 
 
@@ -93,9 +90,8 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
     ``decode=True`` asks for the ops of a decode step, mostly replayed from a CUDA graph, where host
     time is gone and only GPU time counts: "auto" on CUDA then takes our Triton kernel for every op
     (H200, decode shapes as graph replays, benchmarks/probe_decode.py: add + RMSNorm 1.8 us vs aten's
-    4.3, SwiGLU 1.4 vs torch's 3.0), with ``linear`` / ``swiglu_linear`` taking our GEMV for one row
-    where it measures faster than cuBLAS (``flashlm.ops.gemv``); an eager step runs the same set (same
-    tokens as the graph) at about the same host time (one Triton launch where aten launches two ops). Raises InputError for an unknown name, "triton" where Triton cannot
+    4.3, SwiGLU 1.4 vs torch's 3.0); an eager step runs the same set (same tokens as the graph) at
+    about the same host time (one Triton launch where aten launches two ops). Raises InputError for an unknown name, "triton" where Triton cannot
     run, and "liger" where Liger-Kernel is not installed."""
     if kernels not in KERNELS:
         raise InputError(f"kernels must be one of {KERNELS}, got {kernels!r}")
@@ -107,14 +103,12 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
                          f"CPU, for tests); got device {device}, triton "
                          f"{'installed' if triton is not None else 'not installed'}; use kernels='torch'")
     chosen, names = dict(_TRITON), dict.fromkeys(_TRITON, "triton")
-    if decode:  # batch-1 steps: the GEMV where measured faster than cuBLAS (ops/gemv.py), after our SwiGLU
-        chosen["swiglu_linear"] = swiglu_linear_decode
     if kernels == "triton":
         return Ops(**chosen, names=names)
     if kernels == "auto" and not decode:
         for name, impl in _AUTO.items():
             if impl != "triton":
-                chosen[name], names[name] = {"aten": _ATEN, "sized": _SIZED, "torch": _TORCH}[impl][name], impl
+                chosen[name], names[name] = (_ATEN if impl == "aten" else _SIZED)[name], impl
     if kernels == "auto" and not _LIGER_FASTER:  # do not even import Liger
         return Ops(**chosen, names=names)
     from . import liger
