@@ -264,6 +264,8 @@ class _PrefillGraphs:
 
     def ready(self, prompt_len: int) -> float:
         """Count a use of ``prompt_len``; capture its graph when due. Returns the seconds spent capturing."""
+        if len(self.uses) > 4096:  # a server of many prompt lengths: forget the counts, not the graphs
+            self.uses.clear()
         self.uses[prompt_len] = self.uses.get(prompt_len, 0) + 1
         if (prompt_len in self.graphs or prompt_len in self.refused
                 or self.uses[prompt_len] < PREFILL_GRAPH_AFTER_USES

@@ -211,6 +211,10 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
         k_cache, v_cache = meta.cache.layer(self.layer_idx, hidden_states.shape[0])
         q = ops.rotary_qkv_append(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
                                   self.head_dim, k_cache, v_cache, meta.write_slot_idx)
+        return self._bound_kvcache(be, q, k_cache, v_cache, meta)
+
+    def _bound_kvcache(self, be, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: FlashMeta) -> Tensor:
+        """The bound backend's kvcache attention of a direct plan (k/v already appended), no checks."""
         return be.kvcache(q, k_cache, v_cache, meta.seqlens_after, cache_batch_idx=None, cache_leftpad=None,
                           block_table=None, softmax_scale=self.scaling, causal=True, window_size=self.window_size,
                           softcap=self.softcap_value, alibi_slopes=None, num_splits=0)[0]
@@ -229,10 +233,7 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
                     idx = (meta.write_batch_idx, meta.write_slot_idx)
                     k_cache.index_put_(idx, k)
                     v_cache.index_put_(idx, v)
-                    return be.kvcache(q, k_cache, v_cache, meta.seqlens_after, cache_batch_idx=None,
-                                      cache_leftpad=None, block_table=None, softmax_scale=self.scaling,
-                                      causal=True, window_size=self.window_size, softcap=self.softcap_value,
-                                      alibi_slopes=None, num_splits=0)[0]
+                    return self._bound_kvcache(be, q, k_cache, v_cache, meta)
             b, s = k.shape[:2]
             cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[meta.write_token_idx],
                         v.reshape(b * s, *v.shape[2:])[meta.write_token_idx],
