@@ -2,14 +2,7 @@
 # Issue 17 session 3 (FA4 not carried; Liger carried as .whl): the CUDA tests of the decode path, the
 # decode profile, the llama-1b decode grid. From the repo root on the GPU machine:
 #   OUT=... bash benchmarks/h200_decode.sh
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT="${OUT:?set OUT}"
-site=/tmp/site
-mkdir -p $site
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
-export PYTHONPATH="$site:$PWD/src"
-nvidia-smi --query-gpu=name --format=csv,noheader
+source benchmarks/gpu_env.sh
 git log -1 --format='commit %h %s' 2>/dev/null || true
 if [ "${TESTS:-1}" = 1 ]; then
   timeout "${TESTS_TIMEOUT:-200}" python -m pytest -n 8 -q -m cuda -p no:cacheprovider --no-header -rfE \

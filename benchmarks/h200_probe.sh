@@ -1,14 +1,7 @@
 #!/usr/bin/env bash
 # First GPU call of a session (FA4 not carried; Liger carried as .whl): issue 15's GPU tests, then the
 # profiles that steer issue 16's work. From the repo root on the GPU machine: OUT=... bash benchmarks/h200_probe.sh
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT="${OUT:?set OUT}"
-site=/tmp/site
-mkdir -p $site
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
-export PYTHONPATH="$site:$PWD/src"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/gpu_env.sh
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cudnn', torch.backends.cudnn.version())"
 git log -1 --format='commit %h %s' 2>/dev/null || true
 timeout 60 python benchmarks/diag_varlen_grads.py > $OUT/diag_varlen_grads.txt 2>&1; echo "diag_varlen_grads rc=$?"; tail -n 12 $OUT/diag_varlen_grads.txt
