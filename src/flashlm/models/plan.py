@@ -64,9 +64,11 @@ class FlashMeta(NamedTuple):
     write_token_idx: Tensor | None = None
     write_batch_idx: Tensor | None = None
     write_slot_idx: Tensor | None = None
-    # "kvcache" with append, planned eagerly: the layers append k/v at (write_batch_idx, write_slot_idx)
-    # ((batch, seqlen) each) and call their bound backend with ``seqlens_after`` keys per row, skipping
-    # the public API's per-call checks and registry (what a compiled step does instead: see append_plan)
+    # "kvcache" with append, planned eagerly (decode steps, eager or captured): the layers append k/v at
+    # (write_batch_idx, write_slot_idx) ((batch, seqlen) each; fused with RoPE: ops.rotary_qkv_append)
+    # and call their bound backend with ``seqlens_after`` keys per row, skipping the public API's per-call
+    # checks and registry (what a compiled step does instead: see append_plan); they also take the
+    # decode op set (``ops_for``: least GPU time)
     direct: bool = False
     seqlens_after: Tensor | None = None
     # planned under torch.compile: layers take the ops meant for inductor (flashlm.ops.resolve(compiled=True))
