@@ -68,7 +68,8 @@ if TYPE_CHECKING:  # keep `import flashlm.generation` light: the models package 
     from flashlm.models.flash_cache import StaticKVCache
 
 __all__ = ["CAPACITY_MULTIPLE", "COMPILE_MODES", "PREFILL_GRAPH_AFTER_USES", "PREFILL_GRAPH_MAX_TOKENS",
-           "CUDAGraphDecodeStep", "DecodeStep", "SamplingKey", "cache_capacity", "compile_mode", "graph_unavailable_reason", "graphed_decode_step", "release_graphs"]
+           "CUDAGraphDecodeStep", "DecodeStep", "SamplingKey", "cache_capacity", "compile_mode",
+           "graph_unavailable_reason", "graphed_decode_step", "release_graphs"]
 
 # Cache capacities are rounded up to this many tokens so that one captured graph serves prompts of
 # similar lengths (a graph is tied to its cache's shape and addresses).
@@ -241,6 +242,17 @@ class DecodeStep:
         return self.history[:, :steps].clone()
 
 
+def _warm_up_on_side_stream(device: torch.device, fn, times: int) -> None:
+    """Run ``fn()`` ``times`` times on a side stream, as torch.cuda.graphs asks before a capture
+    (torch.compile and inductor's autotuning, Triton JIT, cuBLAS handles, the allocator)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
 # Prefill graphs (first token): captured for a prompt shape on its second use, at most this many tokens
 # (batch x prompt length: beyond, the prefill is GPU-bound and a graph saves little), kept per decode
 # step for the last few prompt lengths, all in one memory pool.
@@ -284,11 +296,7 @@ class _PrefillGraphs:
         step = self.step
         model, cache = step.model, step.cache
         ids = torch.zeros(step.batch_size, prompt_len, dtype=torch.long, device=step.device)
-        side = torch.cuda.Stream(step.device)
-        side.wait_stream(torch.cuda.current_stream(step.device))
-        with torch.cuda.stream(side):  # warm-up: lazy imports, Triton JIT, backend handles
-            model.prefill_logits(ids, cache.reset())
-        torch.cuda.current_stream(step.device).wait_stream(side)
+        _warm_up_on_side_stream(step.device, lambda: model.prefill_logits(ids, cache.reset()), 1)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -380,15 +388,9 @@ class CUDAGraphDecodeStep(DecodeStep):
         self.capture_s = time.perf_counter() - t0
 
     def _capture(self, warmup_steps: int) -> None:
-        # Warm up on a side stream (torch.compile and inductor's autotuning, Triton JIT, cuBLAS handles,
-        # allocator), as torch.cuda.graphs asks, on a cache whose rows pretend to be empty.
+        # Warm up on a cache whose rows pretend to be empty.
         self.cache.prepare_for_capture(self.batch_size)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                self.forward_step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        _warm_up_on_side_stream(self.device, self.forward_step, warmup_steps)
         self.cache.prepare_for_capture(self.batch_size)
         if self.generator is not None:
             self.graph.register_generator_state(self.generator)

@@ -9,8 +9,8 @@
   ``cache_seqlens``. The decode step (``flashlm.decode_graph.DecodeStep``) has fixed shapes and reads
   nothing back to the host; on CUDA it is captured once per batch size in a CUDA graph and replayed
   per token (``cuda_graph="auto"``, the default; the prefill of an unpadded prompt is replayed from a
-  graph of its shape from the shape's second use, ``GenerationOutput.prefill_graph``), elsewhere it runs eagerly and
-  the result says why (``GenerationOutput.graph_fallback``); with ``compile=True`` its body runs
+  graph of its shape from the shape's second use, ``GenerationOutput.prefill_graph``), elsewhere it
+  runs eagerly and the result says why (``GenerationOutput.graph_fallback``); with ``compile=True`` its body runs
   through ``torch.compile`` (inductor fuses its small kernels), captured in that graph on CUDA;
 - the **default** model: its dynamic cache, with the attention mask grown by one column per step and
   position ids taken from the mask.
@@ -347,8 +347,8 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
 def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
                     streamer, generator: torch.Generator | None, use_graph: bool, max_cache_len: int | None,
                     mode: str | None):
-    """Prefill (eager, or a graph replay) + fixed-shape decode steps (compiled or not), launched or replayed from a CUDA
-    graph."""
+    """Prefill (eager, or a graph replay) + fixed-shape decode steps (compiled or not), launched or
+    replayed from a CUDA graph."""
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     needed = prompt_len + max_new_tokens
