@@ -285,7 +285,8 @@ class _PrefillGraphs:
             return 0.0
         t0 = time.perf_counter()
         try:
-            self._capture(prompt_len)
+            with torch.cuda.device(self.step.device):  # as the decode step's capture: the cache's card
+                self._capture(prompt_len)
         except RuntimeError as exc:  # a backend that cannot be captured: stay eager, say why once
             self.step.cache.reset()
             self.refused[prompt_len] = f"{type(exc).__name__}: {exc}"
