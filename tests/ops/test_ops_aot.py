@@ -70,6 +70,8 @@ for xd, p in DTYPES.items():
         build(rot._append_kernel, consts, {**dict.fromkeys(("X", "Q", "KC", "VC"), p), "COS": "*fp32",
                                            "SIN": "*fp32", "SLOTS": "*i64"})
 
+done.add(rot._rotated_heads)  # a device function: compiled inside _fwd_kernel and _append_kernel above
+
 kernels = set()
 for info in pkgutil.iter_modules(flashlm.ops.__path__):
     mod = importlib.import_module(f"flashlm.ops.{info.name}")

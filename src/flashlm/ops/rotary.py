@@ -54,10 +54,10 @@ def rotary_qkv_append_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """Torch reference of :func:`rotary_qkv_append`: :func:`rotary_qkv_ref`, then k/v written in place
     to cache row b, slot ``slots[b, s]`` (slots int (B, S)); returns q (B, S, H, D)."""
     q, k, v = rotary_qkv_ref(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
-    rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand(slots.shape)
+    idx = (torch.arange(slots.shape[0], device=slots.device)[:, None].expand(slots.shape), slots.long())
     with torch.no_grad():
-        k_cache.index_put_((rows, slots.long()), k.to(k_cache.dtype))
-        v_cache.index_put_((rows, slots.long()), v.to(v_cache.dtype))
+        k_cache.index_put_(idx, k.to(k_cache.dtype))
+        v_cache.index_put_(idx, v.to(v_cache.dtype))
     return q
 
 
@@ -84,15 +84,10 @@ _MAX_BLOCK_H = 16  # heads per program: (batch * seqlen, cdiv(heads, BLOCK_H)) p
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(X, COS, SIN, OUT, seqlen, n_rot, n_heads, stride_xb, stride_xs, stride_xh, stride_cb,
-                    stride_cs, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                    CONJUGATE: tl.constexpr):
-        # heads [0, n_rot) are rotated (by -theta when CONJUGATE: the backward), [n_rot, n_heads) copied;
-        # OUT is a contiguous (batch, seqlen, n_heads, 2 * HALF) buffer.
-        pid = tl.program_id(0)
-        b = (pid // seqlen).to(tl.int64)
-        s = (pid % seqlen).to(tl.int64)
-        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    def _rotated_heads(X, COS, SIN, b, s, heads, n_rot, n_heads, stride_xb, stride_xs, stride_xh, stride_cb,
+                       stride_cs, HALF: tl.constexpr, BLOCK_D: tl.constexpr, CONJUGATE: tl.constexpr):
+        # Token (b, s)'s heads of X, the halves of heads < n_rot rotated (by -theta when CONJUGATE),
+        # the rest as loaded: (o1, o2, mask over (heads, half dims), the half-dim offsets).
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HALF
         c = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=d_ok, other=1.0).to(tl.float32)
@@ -107,6 +102,20 @@ if triton is not None:
         x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
         o1 = tl.where(rot, (x1f * c[None, :] - x2f * sn[None, :]).to(x1.dtype), x1)
         o2 = tl.where(rot, (x2f * c[None, :] + x1f * sn[None, :]).to(x1.dtype), x2)
+        return o1, o2, mask, d
+
+    @triton.jit
+    def _fwd_kernel(X, COS, SIN, OUT, seqlen, n_rot, n_heads, stride_xb, stride_xs, stride_xh, stride_cb,
+                    stride_cs, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                    CONJUGATE: tl.constexpr):
+        # heads [0, n_rot) are rotated (by -theta when CONJUGATE: the backward), [n_rot, n_heads) copied;
+        # OUT is a contiguous (batch, seqlen, n_heads, 2 * HALF) buffer.
+        pid = tl.program_id(0)
+        b = (pid // seqlen).to(tl.int64)
+        s = (pid % seqlen).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        o1, o2, mask, d = _rotated_heads(X, COS, SIN, b, s, heads, n_rot, n_heads, stride_xb, stride_xs, stride_xh,
+                                         stride_cb, stride_cs, HALF, BLOCK_D, CONJUGATE)
         o_ptr = OUT + (pid.to(tl.int64) * n_heads + heads[:, None]) * (2 * HALF) + d[None, :]
         tl.store(o_ptr, o1, mask=mask)
         tl.store(o_ptr + HALF, o2, mask=mask)
@@ -122,22 +131,13 @@ if triton is not None:
         s = (pid % seqlen).to(tl.int64)
         slot = tl.load(SLOTS + pid).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HALF
-        c = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=d_ok, other=1.0).to(tl.float32)
-        sn = tl.load(SIN + b * stride_cb + s * stride_cs + d, mask=d_ok, other=0.0).to(tl.float32)
-        mask = (heads < n_q + 2 * n_kv)[:, None] & d_ok[None, :]
-        x_ptr = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh + d[None, :]
-        x1 = tl.load(x_ptr, mask=mask, other=0.0)
-        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
-        rot = (heads < n_q + n_kv)[:, None]
-        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        o1 = tl.where(rot, (x1f * c[None, :] - x2f * sn[None, :]).to(x1.dtype), x1)
-        o2 = tl.where(rot, (x2f * c[None, :] + x1f * sn[None, :]).to(x1.dtype), x2)
+        o1, o2, mask, d = _rotated_heads(X, COS, SIN, b, s, heads, n_q + n_kv, n_q + 2 * n_kv, stride_xb, stride_xs,
+                                         stride_xh, stride_cb, stride_cs, HALF, BLOCK_D, False)
+        slot_h = tl.zeros([BLOCK_H], tl.int64) + slot  # per head: the interpreter masks with tensors only
+        in_cache = (slot_h >= 0) & (slot_h < capacity)
         is_q = mask & (heads < n_q)[:, None]
-        slots_ok = (tl.zeros([BLOCK_H], tl.int64) + slot >= 0) & (tl.zeros([BLOCK_H], tl.int64) + slot < capacity)
-        is_k = mask & ((heads >= n_q) & (heads < n_q + n_kv) & slots_ok)[:, None]
-        is_v = mask & ((heads >= n_q + n_kv) & slots_ok)[:, None]
+        is_k = mask & ((heads >= n_q) & (heads < n_q + n_kv) & in_cache)[:, None]
+        is_v = mask & ((heads >= n_q + n_kv) & in_cache)[:, None]
         q_ptr = Q + (pid.to(tl.int64) * n_q + heads[:, None]) * (2 * HALF) + d[None, :]
         k_ptr = KC + b * stride_kb + slot * stride_ks + (heads[:, None] - n_q) * stride_kh + d[None, :]
         v_ptr = VC + b * stride_vb + slot * stride_vs + (heads[:, None] - n_q - n_kv) * stride_vh + d[None, :]
