@@ -107,23 +107,28 @@ def bwd_config(q: torch.Tensor, head_dim: int) -> BwdCfg:
     return BwdCfg(Cfg(16, 32, 4, 1), Cfg(32, 16, 4, 1))
 
 
+# The decode kernel's smallest row block (tl.dot needs 16); the launcher sizes its row blocks from it
+# before choosing the rest of the tile (the tile depends on how many row blocks there are).
+DECODE_BLOCK_M = 16
+
+
 def decode_config(q: torch.Tensor, head_dim: int, kv_programs: int = 1) -> Cfg:
-    """block_m is a minimum (rows are seqlen_q x heads-per-kv-head, padded to a power of two);
-    ``kv_programs``: batch x kv heads x row blocks, the programs before splitting the keys."""
+    """block_m is :data:`DECODE_BLOCK_M`, a minimum (rows are seqlen_q x heads-per-kv-head, padded to a
+    power of two); ``kv_programs``: batch x kv heads x row blocks, the programs before splitting the keys."""
     if interpreting() or q.device.type != "cuda":
-        return Cfg(16, 16, 4, 1)
+        return Cfg(DECODE_BLOCK_M, 16, 4, 1)
     bd = block_d(head_dim)
     if q.dtype == torch.float32:
-        return Cfg(16, 32, 4, 1)
+        return Cfg(DECODE_BLOCK_M, 32, 4, 1)
     if bd <= 64 and _hopper(q):
         # H200 sweep (benchmarks/probe_decode.py, 32/8 heads, D=64, batch 1-32, context 128-8k, graph
         # replays): 64-key tiles with 2 waves of split programs beat 128-key tiles at every point
         # (b1 ctx2048 6.3 vs 9.7 us, b8 ctx8192 39 vs 53 us); 4 warps while the programs fit in one
         # wave, 2 beyond (b32 ctx8192 128 vs 137 us)
-        return Cfg(16, 64, 4 if kv_programs <= device_info(q)[1] else 2, 3)
+        return Cfg(DECODE_BLOCK_M, 64, 4 if kv_programs <= device_info(q)[1] else 2, 3)
     if bd <= 128:
-        return Cfg(16, 128 if _hopper(q) else 64, 4, 3 if _hopper(q) else 2)
-    return Cfg(16, 64, 4, 2)
+        return Cfg(DECODE_BLOCK_M, 128 if _hopper(q) else 64, 4, 3 if _hopper(q) else 2)
+    return Cfg(DECODE_BLOCK_M, 64, 4, 2)
 
 
 def window_bounds(causal: bool, window_size: tuple[int, int]) -> tuple[bool, int, int]:

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    DECODE_BLOCK_M,
     alibi_batch_stride,
     block_d,
     decode_config,
@@ -211,12 +212,11 @@ def attn_decode(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftp
     page_size = k_cache.shape[1] if paged else 1
     max_keys = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     rows = seqlen_q * group
-    block_m = max(16, min(next_pow2(rows), 64))  # decode_config's block_m is 16 everywhere
+    block_m = max(DECODE_BLOCK_M, min(next_pow2(rows), 64))
     n_row_blocks = triton.cdiv(rows, block_m)
     cfg = decode_config(q, head_dim, batch * nheads_k * n_row_blocks)
     if block_n is not None or num_warps is not None:
         cfg = cfg._replace(block_n=block_n or cfg.block_n, num_warps=num_warps or cfg.num_warps)
-    block_m = max(cfg.block_m, block_m)
     if num_splits <= 0:
         num_splits = auto_num_splits(q, batch * nheads_k * n_row_blocks, max_keys, cfg.block_n)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
