@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.testing
 
-CAPACITY_MULTIPLE = 256
+from flashlm.decode_graph import cache_capacity
 
 
 def _graph_us(fn) -> float:
@@ -43,7 +43,7 @@ def probe_kernel() -> list[dict]:
     heads, kv_heads, dim = 32, 8, 64
     for batch in (1, 8, 32):
         for ctx in (128, 2048, 8192):
-            cap = -(-(ctx + 32) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+            cap = cache_capacity(ctx + 32)  # as generate sizes the cache for 32 new tokens
             q = torch.randn(batch, 1, heads, dim, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(batch, cap, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
