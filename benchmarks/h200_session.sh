@@ -4,6 +4,8 @@
 #   STAGE=fa4a   carry .fa4a .whl     unpack FA4 part a; CUDA tests of the fused ops/loss/optimizer; optim_bench
 #   STAGE=fa4b   carry .fa4b .whl     unpack FA4 part b + Liger; the model benchmarks (benchmarks/run_h200.sh)
 #   STAGE=rest   (after fa4b)         attention GPU tests with FA4 (TESTS_K), decode profile + grid, flashlm train
+#   STAGE=profile carry .fa4b .whl    (after fa4a) unpack part b + Liger; profiles of the llama-1b train step
+#                                     (flash eager/compiled, hf-sdpa, hf-flashlm) and of the seed's (memory)
 # Each stage writes its logs/JSON under $OUT; COMMANDS.md says which file came from which stage.
 # Knobs: TESTS_TIMEOUT, TESTS_K (pytest -k of stage rest), DECODE_MODELS, DECODE_TIMEOUT, TRAIN_TIMEOUT,
 # TRAIN_FLAGS, CONFIGS (run_h200.sh).
@@ -30,6 +32,19 @@ case "${STAGE:?}" in
       --upgrade --target $site .whl/*.whl
     python -c "import flash_attn.cute, liger_kernel; print('FA4 and Liger importable')"
     OUT=$OUT CONFIGS="${CONFIGS:-seed seed_compile 1b 1b_compile}" bash benchmarks/run_h200.sh
+    ;;
+  profile)
+    tar -C $site -xJf .fa4b/b.tar.xz && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target $site .whl/*.whl
+    python -c "import flash_attn.cute, liger_kernel; print('FA4 and Liger importable')"
+    git log -1 --format='commit %h %s' 2>/dev/null || true
+    pyt 150 tests/test_fa4_compile.py 2>&1 | tee $OUT/gpu_tests_fa4_compile.log | tail -n 12
+    p1b="--preset llama-1b --batch 8 --seqlen 2048 --cases train --warmup 3 --steps 5"
+    timeout 200 python benchmarks/profile_steps.py $p1b --models flash,hf-sdpa,hf-flashlm --modes eager \
+      --out $OUT/eager 2>&1 | grep -v Warn | tail -n 8
+    timeout 200 python benchmarks/profile_steps.py $p1b --models flash --modes compiled --out $OUT/compiled 2>&1 \
+      | grep -v Warn | tail -n 8
+    timeout 60 python benchmarks/memory_peak.py --out $OUT 2>&1 | grep -v Warn | tail -n 34
     ;;
   rest)
     pyt "${TESTS_TIMEOUT:-75}" -n 8 tests/test_attention_gpu.py tests/test_attention_bounds.py \

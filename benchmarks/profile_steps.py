@@ -3,6 +3,9 @@
     python benchmarks/profile_steps.py --preset small --batch 2 --seqlen 256 [--modes eager,compiled]
         [--models default,flash] [--cases forward,train] [--steps 20] --out DIR
 
+``--models`` also takes the bench's HF rows (hf-sdpa, hf-liger, hf-flashlm), loaded as ``flashlm bench``
+loads them (the same seeded weights through a saved checkpoint).
+
 Per (model, mode, case): the median wall time of ``--steps`` steps (after warm-up, synchronized), then
 one profiled step: GPU kernels launched, their summed GPU time, the step's wall time under the
 profiler, the top kernels by GPU time and the top host ops, and (compiled) Dynamo's graph/break/
@@ -13,6 +16,7 @@ Writes DIR/profile_<preset>_b<batch>x<seqlen>.json and a readable .txt beside it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -21,6 +25,18 @@ from pathlib import Path
 import torch
 
 from flashlm.models import build_model
+
+
+def _load(name: str, preset: str, stack):
+    """Model ``name`` in bf16 on CUDA: flashlm's built directly, HF's rows through the bench's loader."""
+    if not name.startswith("hf-"):
+        torch.manual_seed(0)
+        return build_model(preset, attn=name, device="cuda", dtype=torch.bfloat16)
+    from flashlm.bench.models import BenchConfig, _prepare_weights, load_model
+
+    cfg = BenchConfig(model=preset)
+    path, _ = _prepare_weights(cfg, stack)
+    return load_model(name, path, cfg)
 
 
 def _step_fn(model, case: str, ids: torch.Tensor, compiled: bool, name: str):
@@ -66,9 +82,9 @@ def run(args) -> dict:
 
     results = {"preset": args.preset, "batch": args.batch, "seqlen": args.seqlen, "device": torch.cuda.get_device_name(),
                "torch": torch.__version__, "rows": []}
+    stack = contextlib.ExitStack()
     for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = build_model(args.preset, attn=name, device="cuda", dtype=torch.bfloat16)
+        model = _load(name, args.preset, stack)
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (args.batch, args.seqlen), device="cuda")
         for mode in args.modes.split(","):

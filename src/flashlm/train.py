@@ -788,7 +788,12 @@ def _print_banner(run: _Run, dtype: str, n_params: int) -> None:
 
 
 def _run_steps(run: _Run, result: TrainResult) -> None:
-    """Steps ``start_step + 1 .. end_step``: train, log to metrics.jsonl and the progress bar, save."""
+    """Steps ``start_step + 1 .. end_step``: train, log to metrics.jsonl and the progress bar, save.
+
+    A step's loss is read back (the one host sync per step) after the next step has been enqueued, so
+    the GPU is never idle while the host prepares a batch; steps that evaluate, checkpoint or end the run
+    are read before anything else is enqueued (the saved data position and weights are that step's). A
+    step's time is the interval between two read-backs: the GPU's step time once the host keeps ahead."""
     args, dd = run.args, run.dd
     bar = None
     if dd.main and not args.no_progress:
@@ -798,20 +803,32 @@ def _run_steps(run: _Run, result: TrainResult) -> None:
 
     metrics_file = open(run.metrics_path, "a", encoding="utf-8") if dd.main else None  # noqa: SIM115
     t_run = time.perf_counter()
+    t_done = [t_run]  # when the last read-back returned
+
+    def complete(pending: _Enqueued) -> None:
+        step_loss = float(pending.loss)  # waits for that step only; the next one is already queued
+        now = time.perf_counter()
+        dt, t_done[0] = now - t_done[0], now
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {pending.step}; lower --lr or check the data")
+        rec = _step_record(run, result, pending, step_loss, dt, t_run)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+        if bar is not None:
+            _update_bar(bar, rec)
+        _maybe_save(run, pending.step)
+
     try:
+        pending = None
         for step in range(run.start_step + 1, run.end_step + 1):
-            t0 = time.perf_counter()
-            step_loss, grad_norm = _train_step(run)
-            dt = time.perf_counter() - t0
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or check the data")
-            rec = _step_record(run, result, step, step_loss, grad_norm, dt, t_run)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-            if bar is not None:
-                _update_bar(bar, rec)
-            _maybe_save(run, step)
+            enqueued = _train_step(run, step)
+            if pending is not None:
+                complete(pending)
+            pending = enqueued
+            if _host_needs_step(run, step):
+                complete(pending)
+                pending = None
     finally:
         if bar is not None:
             bar.close()
@@ -819,8 +836,28 @@ def _run_steps(run: _Run, result: TrainResult) -> None:
             metrics_file.close()
 
 
-def _train_step(run: _Run) -> tuple[float, torch.Tensor | None]:
-    """One optimizer step over ``--grad-accum`` micro-batches; returns (global loss, grad norm or None).
+def _host_needs_step(run: _Run, step: int) -> bool:
+    """Whether ``step``'s results must be read before the next step is enqueued: it evaluates, saves a
+    checkpoint (weights and data position of exactly that step), or is the last."""
+    args = run.args
+    return (step == run.end_step or (args.save_every > 0 and step % args.save_every == 0)
+            or (run.data.eval_ds is not None and step % args.eval_every == 0))
+
+
+@dataclass
+class _Enqueued:
+    """A train step launched on the device, not yet read back: its global loss (0-dim, on the device),
+    grad norm (or None) and the learning rate it used."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | None
+    lr: float
+
+
+def _train_step(run: _Run, step: int) -> _Enqueued:
+    """One optimizer step over ``--grad-accum`` micro-batches, enqueued without a host read: returns the
+    global loss and grad norm as device tensors (see :func:`_run_steps`).
 
     Token-weighted loss over the whole global batch (all micro-batches, all ranks), so the gradient
     equals one big batch's whatever --grad-accum and the process count: each micro-batch's mean loss
@@ -829,7 +866,8 @@ def _train_step(run: _Run) -> tuple[float, torch.Tensor | None]:
     args, dd, device, model = run.args, run.dd, run.device, run.model
     micro_batches = [next(run.data.train_iter) for _ in range(args.grad_accum)]
     n_local = torch.stack([(b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum() for b in micro_batches])
-    n_global = dd.sum(n_local.sum().to(device).float())
+    # non_blocking: a blocking host-to-device copy waits for the whole stream (the previous step)
+    n_global = dd.sum(n_local.sum().float().to(device, non_blocking=True))
     loss_sum = torch.zeros((), device=device)
     for micro, cpu_batch in enumerate(micro_batches):
         batch = model_inputs(cpu_batch, device, args.attn == "flash")
@@ -838,7 +876,7 @@ def _train_step(run: _Run) -> tuple[float, torch.Tensor | None]:
             model.set_requires_gradient_sync(micro == args.grad_accum - 1)
         with run.autocast():
             loss = model(**batch).loss
-        n = n_local[micro].to(device)
+        n = n_local[micro].to(device, non_blocking=True)
         # an all-ignored micro-batch has a nan mean (torch semantics) and zero gradients
         weighted = torch.where(n > 0, loss.float() * n, torch.zeros_like(loss, dtype=torch.float32))
         weighted = weighted / n_global
@@ -849,24 +887,25 @@ def _train_step(run: _Run) -> tuple[float, torch.Tensor | None]:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     else:
         grad_norm = None
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used (the scheduler moves on below)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    # One host sync per step (the logged loss), never inside the model.
-    return float(dd.sum(loss_sum)), grad_norm
+    return _Enqueued(step, dd.sum(loss_sum), grad_norm, lr)
 
 
-def _step_record(run: _Run, result: TrainResult, step: int, step_loss: float, grad_norm, dt: float,
+def _step_record(run: _Run, result: TrainResult, pending: _Enqueued, step_loss: float, dt: float,
                  t_run: float) -> dict:
     """The step's metrics.jsonl record (with ``eval_loss`` on eval steps); updates the throughput
     counters and ``result``'s losses."""
+    step, grad_norm = pending.step, pending.grad_norm
     tok_s = run.tokens_per_step / dt
     if step > run.start_step + 1:  # the first step pays for compilation / allocator warmup
         run.timed_step_s.append(dt)
     mfu = run.fpt * tok_s / (run.peak * run.dd.world_size) if run.peak else None
     mem = _peak_mem_gib(run.device)
     result.losses.append(step_loss)
-    rec = {"step": step, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
+    rec = {"step": step, "loss": step_loss, "lr": pending.lr,
            "grad_norm": None if grad_norm is None else float(grad_norm),
            "tokens": step * run.tokens_per_step, "tokens_per_s": tok_s, "mfu": mfu,
            "peak_mem_gib": mem, "elapsed_s": time.perf_counter() - t_run}

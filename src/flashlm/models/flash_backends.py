@@ -93,54 +93,17 @@ def _select_backends(attn: FlashMultiHeadAttention, device: torch.device) -> dic
         if traced is not None:
             table[key + ("compiled",)] = traced
     return table
-    for dtype in {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}:
-        call = AttnCall(kind="kvcache", device_type=device.type,
-                        compute_capability=registry.compute_capability(device), dtype=dtype,
-                        head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
-                        nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
-                        window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0, alibi=False,
-                        dropout=False, needs_grad=False, deterministic=False)
-        try:
-            table[("kvcache", dtype, False, False)] = registry.select(call)
-        except (ValueError, TypeError):
-            pass
-    dtypes = {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}
-    dropouts = (False, True) if attn.attention_dropout > 0 else (False,)
-    for kind in ("dense", "varlen"):
-        for dtype in dtypes:
-            for grad in (False, True):
-                for dropout in dropouts:
-                    call = AttnCall(kind=kind, device_type=device.type,
-                                    compute_capability=registry.compute_capability(device), dtype=dtype,
-                                    head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
-                                    nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
-                                    window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0,
-                                    alibi=False, dropout=dropout, needs_grad=grad, deterministic=False,
-                                    seqlens_equal=True)
-                    try:
-                        table[(kind, dtype, grad, dropout)] = registry.select(call)
-                    except (ValueError, TypeError):
-                        pass
-                    traced = _traceable_backend(call)
-                    if traced is not None:
-                        table[(kind, dtype, grad, dropout, "compiled")] = traced
-    return table
-
-
-# Backends whose Python entry points torch.compile cannot trace: FA4's CuTe DSL functions are skipped
-# by Dynamo ("Attempted to call function marked as skipped", the compiled llama-1b step on the H200).
-# Compiled plans take the first capable backend after them (cuDNN / our Triton custom ops / aten FA2).
-# sdpa_cpu reads cu_seqlens / cache lengths on the host for varlen and KV-cache calls (a graph break).
-_NOT_TRACEABLE = {"fa4": ("dense", "varlen", "kvcache"), "sdpa_cpu": ("varlen", "kvcache")}
 
 
 def _traceable_backend(call):
-    """The registry's choice for ``call`` among the backends torch.compile can trace, or None."""
+    """The registry's choice for ``call`` among the backends torch.compile can trace (each backend's
+    ``traceable_kinds``: FA4 through its custom ops, sdpa_cpu dense only), or None. Compiled plans take
+    it; a backend that cannot be traced would end the graph (fullgraph: an error)."""
     from flashlm.attention import registry
 
     if registry.forced_backend()[0] is not None:
         return None  # a forced backend is used as is (an untraceable one then fails to compile, loudly)
     exp = registry.explain_call(call)
-    name = next((n for n, why in exp.reasons.items() if why is None and call.kind not in _NOT_TRACEABLE.get(n, ())),
-                None)
+    name = next((n for n, why in exp.reasons.items()
+                 if why is None and call.kind in registry.get_backend(n).traceable_kinds), None)
     return None if name is None or name == "reference" and call.device_type != "cpu" else registry.get_backend(name)

@@ -104,6 +104,9 @@ class Backend:
 
     name: str = "?"
     capabilities: Capabilities
+    # call kinds whose entry points torch.compile can trace (Dynamo, fake tensors, no host reads);
+    # compiled plans skip a backend for the other kinds (flashlm.models.flash_backends)
+    traceable_kinds: frozenset[str] = frozenset({"dense", "varlen", "kvcache"})
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all here (package not importable, no GPU), or None."""

@@ -152,6 +152,7 @@ class SdpaCpuBackend(Backend):
         head_dims=(1, 512), varlen=True, kvcache=True, leftpad=True, window=True, backward=True,
         notes=("aten._scaled_dot_product_flash_attention_for_cpu (+ its backward via autograd)",
                "bottom-right causal and windows through a float mask"))
+    traceable_kinds = frozenset({"dense"})  # varlen / KV-cache calls read cu_seqlens / lengths on the host
 
     def unavailable_reason(self) -> str | None:
         if _FWD is None:
