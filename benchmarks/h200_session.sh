@@ -5,7 +5,7 @@
 #   STAGE=fa4b   carry .fa4b .whl     unpack FA4 part b + Liger; the model benchmarks (benchmarks/run_h200.sh)
 #   STAGE=rest   (after fa4b)         attention GPU tests with FA4 (TESTS_K), decode profile + grid, flashlm train
 #   STAGE=profile carry .fa4b .whl    (after fa4a) unpack part b + Liger; profiles of the llama-1b train step
-#                                     (flash eager/compiled, hf-sdpa, hf-flashlm) and of the seed's (memory)
+#                                     (flash eager/compiled, hf-sdpa, hf-flashlm); FA4 compile tests
 # Each stage writes its logs/JSON under $OUT; COMMANDS.md says which file came from which stage.
 # Knobs: TESTS_TIMEOUT, TESTS_K (pytest -k of stage rest), DECODE_MODELS, DECODE_TIMEOUT, TRAIN_TIMEOUT,
 # TRAIN_FLAGS, CONFIGS (run_h200.sh).
@@ -44,7 +44,6 @@ case "${STAGE:?}" in
       --out $OUT/eager 2>&1 | grep -v Warn | tail -n 8
     timeout 200 python benchmarks/profile_steps.py $p1b --models flash --modes compiled --out $OUT/compiled 2>&1 \
       | grep -v Warn | tail -n 8
-    timeout 60 python benchmarks/memory_peak.py --out $OUT 2>&1 | grep -v Warn | tail -n 34
     ;;
   rest)
     pyt "${TESTS_TIMEOUT:-75}" -n 8 tests/test_attention_gpu.py tests/test_attention_bounds.py \
