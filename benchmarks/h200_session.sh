@@ -4,6 +4,8 @@
 #   STAGE=fa4a   carry .fa4a .whl     unpack FA4 part a; CUDA tests of the fused ops/loss/optimizer; optim_bench
 #   STAGE=fa4b   carry .fa4b .whl     unpack FA4 part b + Liger; the model benchmarks (benchmarks/run_h200.sh)
 #   STAGE=rest   (after fa4b)         attention GPU tests with FA4 (TESTS_K), decode profile + grid, flashlm train
+#   STAGE=check  carry .whl           (FA4 not needed) CUDA tests of the ops/models/train, the seed's memory
+#                                     residue probe, the compiled llama-1b step's profile, flashlm train
 #   STAGE=profile carry .fa4b .whl    (after fa4a) unpack part b + Liger; profiles of the llama-1b train step
 #                                     (flash eager/compiled, hf-sdpa, hf-flashlm); FA4 compile tests
 # Each stage writes its logs/JSON under $OUT; COMMANDS.md says which file came from which stage.
@@ -14,6 +16,8 @@ export PYTHONUNBUFFERED=1
 OUT="${OUT:?set OUT}"
 site=/tmp/site
 export PYTHONPATH="$site:$site/nvidia_cutlass_dsl/dsl_packages:$PWD/src"
+# the random-word corpus flashlm train reads (COMMANDS.md: 6000 jsonl documents of 50-400 words)
+corpus() { python -c "import random,json;r=random.Random(0);W=[''.join(r.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(r.randint(2,9))) for _ in range(20000)];f=open('/tmp/c.jsonl','w');[f.write(json.dumps({'text':' '.join(r.choice(W) for _ in range(r.randint(50,400)))})+'\\n') for _ in range(6000)]"; }
 pyt() { timeout "$1" python -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE "${@:2}"; }
 case "${STAGE:?}" in
   fa4a)
@@ -32,6 +36,20 @@ case "${STAGE:?}" in
       --upgrade --target $site .whl/*.whl
     python -c "import flash_attn.cute, liger_kernel; print('FA4 and Liger importable')"
     OUT=$OUT CONFIGS="${CONFIGS:-seed seed_compile 1b 1b_compile}" bash benchmarks/run_h200.sh
+    ;;
+  check)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    git log -1 --format='commit %h %s' 2>/dev/null || true
+    pyt "${TESTS_TIMEOUT:-180}" -n 8 tests/ops tests/test_flash_fused.py tests/test_flash_model.py tests/test_train.py \
+      tests/test_fa4_compile.py tests/test_losses.py 2>&1 | tee $OUT/gpu_tests_check.log | tail -n 8
+    timeout 90 python benchmarks/memory_peak.py --models flash --residue --out $OUT 2>&1 | grep -v Warn | tail -n 40
+    timeout 200 python benchmarks/profile_steps.py --preset llama-1b --batch 8 --seqlen 2048 --cases train --warmup 3 \
+      --steps 5 --models flash --modes compiled --out $OUT/compiled 2>&1 | grep -v Warn | tail -n 4
+    corpus
+    timeout 150 python -m flashlm.train --model llama-1b --data /tmp/c.jsonl --seq-length 2048 --batch-size 8 \
+      --max-steps 20 --warmup-steps 5 --eval-every 0 --save-every 0 --no-progress --output /tmp/r1 \
+      --cache-dir /tmp/cache 2>&1 | grep -v Warn | tail -n 3 | tee $OUT/train_llama1b_check.log
     ;;
   profile)
     tar -C $site -xJf .fa4b/b.tar.xz && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -54,7 +72,7 @@ case "${STAGE:?}" in
       --new-tokens 32 --repeats 2 \
       --output $OUT/decode_grid_h200.json 2>&1 | tail -n 30
     # flashlm train llama-1b on packed real-looking text (the corpus generator of COMMANDS.md)
-    python -c "import random,json;r=random.Random(0);W=[''.join(r.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(r.randint(2,9))) for _ in range(20000)];f=open('/tmp/c.jsonl','w');[f.write(json.dumps({'text':' '.join(r.choice(W) for _ in range(r.randint(50,400)))})+'\\n') for _ in range(6000)]"
+    corpus
     timeout "${TRAIN_TIMEOUT:-120}" python -m flashlm.train --model llama-1b --data /tmp/c.jsonl --seq-length 2048 \
       --batch-size 8 --max-steps "${TRAIN_STEPS:-15}" --warmup-steps 5 --eval-every 0 --save-every 0 --no-progress --output /tmp/r1 \
       --cache-dir /tmp/cache ${TRAIN_FLAGS:-} 2>&1 | tail -n 5 | tee $OUT/train_llama1b_h200.log

@@ -6,6 +6,9 @@ On CUDA: a few warm-up train steps (forward + loss + backward + fused AdamW, as 
 one step under ``torch.cuda.memory._record_memory_history``; the allocator's trace is replayed to find
 the step's peak and the blocks alive there, grouped by the innermost flashlm/torch frame that made them.
 Writes DIR/memory_peak_<preset>.json (and prints the top groups).
+
+``--residue``: also what a flashlm model still holds after ``flashlm bench``'s forward and generate cases
+(which run before its train case, so anything left counts in the train row's peak), by allocation site.
 """
 
 from __future__ import annotations
@@ -84,15 +87,67 @@ def run(name: str, preset: str, batch: int, seqlen: int) -> dict:
     return res
 
 
+def residue(name: str, preset: str, batch: int, seqlen: int) -> dict:
+    """Bytes allocated after the bench's forward + generate cases of ``name`` beyond what was there before,
+    grouped by allocation site (blocks still alive in the allocator's snapshot)."""
+    import contextlib
+    import gc
+
+    from flashlm.bench.models import (
+        BenchConfig,
+        _prepare_weights,
+        load_model,
+        make_batch,
+        run_forward,
+        run_generate,
+    )
+
+    cfg = BenchConfig(model=preset, batch_size=batch, seq_length=seqlen, warmup_steps=2, benchmark_steps=3,
+                      compare=(name,))
+    with contextlib.ExitStack() as stack:
+        path, model_config = _prepare_weights(cfg, stack)
+        model = load_model(name, path, cfg)
+        inputs = make_batch(batch, seqlen, model_config.vocab_size, device="cuda")
+        gc.collect()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=500_000)
+        run_forward(name, model, inputs, cfg, lambda: None)
+        after_forward = torch.cuda.memory_allocated()
+        run_generate(name, model, inputs, cfg, lambda: None, model_config)
+        gc.collect()
+        after_generate = torch.cuda.memory_allocated()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for seg in snap["segments"]:
+        for blk in seg["blocks"]:
+            if blk["state"] == "active_allocated" and blk.get("frames"):
+                g = groups[_frame(blk["frames"])]
+                g[0] += blk["size"]
+                g[1] += 1
+    top = sorted(((b, n, k) for k, (b, n) in groups.items()), reverse=True)[:20]
+    res = {"model": name, "before_bytes": base, "after_forward_bytes": after_forward,
+           "after_generate_bytes": after_generate,
+           "alive_after_generate": [{"where": k, "bytes": b, "blocks": n} for b, n, k in top]}
+    print(f"{name} residue: +{(after_forward - base) / 1e6:.1f} MB after forward, "
+          f"+{(after_generate - base) / 1e6:.1f} MB after generate")
+    for b, n, k in top[:12]:
+        print(f"   {b / 1e6:9.2f} MB {n:5d}  {k}")
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--models", default="default,flash")
+    p.add_argument("--residue", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     rows = [run(n, args.preset, args.batch, args.seqlen) for n in args.models.split(",")]
+    if args.residue:
+        rows += [residue(n, args.preset, args.batch, args.seqlen) for n in args.models.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"memory_peak_{args.preset}.json").write_text(json.dumps(rows, indent=1))

@@ -2,8 +2,9 @@
 
 Compiled code reaches FA4 through two opaque custom ops (Dynamo skips the package's own Python entry
 points). These tests check the ops' registration (``torch.library.opcheck``: schema, fake shapes and
-strides, autograd), that ``fullgraph`` compiles of the public API and of the flash model's train step
-run FA4 with no graph break, and that the compiled results equal eager FA4's.
+strides, autograd), that ``fullgraph`` compiles of the backend's entry points (what a compiled flash
+model calls) and of the flash model's train step run FA4 with no graph break, and that the compiled
+results equal eager FA4's (through the public API).
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def test_compiled_dense_equals_eager(window):
     _need_fa4()
     q, k, v = _qkv(2, 256, 8, 2, 64)
 
-    def fn(q, k, v):
-        return flash_attn_func(q, k, v, causal=True, window_size=window)
+    def fn(q, k, v):  # what the flash model's compiled plan calls (its bound backend)
+        return fa4.BACKEND.dense(q, k, v, dropout_p=0.0, softmax_scale=0.125, causal=True, window_size=window,
+                                 softcap=0.0, alibi_slopes=None, deterministic=False)[0]
 
     with use_backend("fa4"):
-        ref = fn(q, k, v)
+        ref = flash_attn_func(q, k, v, softmax_scale=0.125, causal=True, window_size=window)
         ref.float().square().sum().backward()
         ref_grads = [t.grad.clone() for t in (q, k, v)]
         for t in (q, k, v):
@@ -82,10 +84,12 @@ def test_compiled_varlen_equals_eager():
     v = torch.randn(total, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
 
     def fn(q, k, v):
-        return flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+        return fa4.BACKEND.varlen(q, k, v, cu, cu, max(lens), max(lens), dropout_p=0.0, softmax_scale=0.125,
+                                  causal=True, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                  deterministic=False)[0]
 
     with use_backend("fa4"):
-        ref = fn(q, k, v)
+        ref = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), softmax_scale=0.125, causal=True)
         ref.float().sum().backward()
         ref_grads = [t.grad.clone() for t in (q, k, v)]
         for t in (q, k, v):

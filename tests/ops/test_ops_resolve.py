@@ -18,10 +18,11 @@ def test_resolve_names_each_choice():
 
 def test_resolve_swiglu_linear_per_mode(monkeypatch):
     """The activation-not-saved op: our Triton one where kernels are chosen (Liger has none), by size
-    for "auto" on CUDA, the plain reference on CPU and for a compiled model (inductor recomputes)."""
+    for "auto" on CUDA (eager or compiled: ours is faster than inductor's at large shapes), the plain
+    reference on CPU."""
     assert ops.resolve("torch").swiglu_linear is ops.swiglu_linear_ref
     assert ops.resolve("auto", "cpu").swiglu_linear is ops.swiglu_linear_ref
-    assert ops.resolve("auto", "cuda", compiled=True).swiglu_linear is ops.swiglu_linear_ref
+    assert ops.resolve("auto", "cuda", compiled=True).swiglu_linear is ops.swiglu_linear_sized
     assert ops.resolve("auto", "cuda").swiglu_linear is ops.swiglu_linear_sized
     assert ops.resolve("triton", "cpu").swiglu_linear is ops.swiglu_linear
     from flashlm.ops import liger
@@ -87,9 +88,14 @@ def test_resolve_auto_on_cuda_takes_the_measured_table():
     assert chosen.rotary_qkv is ops.rotary_qkv
 
 
-def test_resolve_auto_for_a_compiled_model_takes_torch():
-    """Inductor fuses the references itself; our ops would stay opaque custom ops in its graph."""
-    assert set(ops.resolve("auto", "cuda", compiled=True).names.values()) == {"torch"}
+def test_resolve_auto_for_a_compiled_model():
+    """Inductor fuses the norms' references itself; SwiGLU and RoPE go by size (our Triton custom ops
+    from SIZED_MIN_NUMEL on, where their kernels beat inductor's); CPU stays torch."""
+    chosen = ops.resolve("auto", "cuda", compiled=True)
+    assert chosen.rms_norm is ops.rms_norm_ref and chosen.add_rms_norm is ops.add_rms_norm_ref
+    assert chosen.swiglu is ops.swiglu_sized and chosen.rotary_qkv is ops.rotary_qkv_sized
+    assert chosen.rotary is ops.rotary_sized and chosen.rotary_qkv_append is ops.rotary_qkv_append_ref
+    assert set(ops.resolve("auto", "cpu", compiled=True).names.values()) == {"torch"}
     assert ops.resolve("triton", "cpu", compiled=True).names["swiglu"] == "triton"  # explicit choice kept
 
 

@@ -112,3 +112,28 @@ def test_rotary_qkv_append_refuses_bad_caches_and_slots():
         ops.rotary_qkv_append(qkv, cos, sin, 2, 1, 8, cache, torch.zeros(2, 6, 1, 8, dtype=torch.float64), slots)
     with pytest.raises(InputError, match="slots must be"):
         ops.rotary_qkv_append(qkv, cos, sin, 2, 1, 8, cache, cache.clone(), slots.float())
+
+
+def test_rotary_sized_picks_by_size(monkeypatch):
+    """The sized RoPE ops: the torch reference below SIZED_MIN_NUMEL elements, our Triton op from there
+    on (a compiled model's choice at large shapes); both give the reference's values."""
+    import sys
+
+    module = sys.modules["flashlm.ops.rotary"]
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 8, (4 + 2 * 2) * 16)  # (batch, seqlen, (heads + 2 kv_heads) * head_dim)
+    x = torch.randn(2, 8, 4, 16)
+    cos, sin = torch.rand(2, 8, 8), torch.rand(2, 8, 8)
+    calls = []
+    monkeypatch.setattr(module, "rotary_qkv", lambda *a: calls.append("triton") or module.rotary_qkv_ref(*a))
+    monkeypatch.setattr(module, "rotary", lambda *a: calls.append("triton1") or module.rotary_ref(*a))
+    monkeypatch.setattr(module, "SIZED_MIN_NUMEL", qkv.numel() + 1)
+    small = module.rotary_qkv_sized(qkv, cos, sin, 4, 2, 16)
+    module.rotary_sized(x, cos, sin)
+    assert calls == []
+    monkeypatch.setattr(module, "SIZED_MIN_NUMEL", qkv.numel())
+    large = module.rotary_qkv_sized(qkv, cos, sin, 4, 2, 16)
+    module.rotary_sized(x.repeat(1, 1, 2, 1), cos, sin)  # 2048 elements, as qkv
+    assert calls == ["triton", "triton1"]
+    for a, b in zip(small, large):
+        torch.testing.assert_close(a, b)

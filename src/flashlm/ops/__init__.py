@@ -18,7 +18,16 @@ Models choose the implementations once with :func:`resolve` ("auto" | "liger" | 
 
 from .resolve import KERNELS, Ops, resolve
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
-from .rotary import rotary, rotary_qkv, rotary_qkv_append, rotary_qkv_append_ref, rotary_qkv_ref, rotary_ref
+from .rotary import (
+    rotary,
+    rotary_qkv,
+    rotary_qkv_append,
+    rotary_qkv_append_ref,
+    rotary_qkv_ref,
+    rotary_qkv_sized,
+    rotary_ref,
+    rotary_sized,
+)
 from .swiglu import (
     swiglu,
     swiglu_linear,
@@ -44,7 +53,9 @@ __all__ = [
     "rotary_qkv_append",
     "rotary_qkv_append_ref",
     "rotary_qkv_ref",
+    "rotary_qkv_sized",
     "rotary_ref",
+    "rotary_sized",
     "swiglu",
     "swiglu_linear",
     "swiglu_linear_recompute",

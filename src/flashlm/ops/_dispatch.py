@@ -28,6 +28,13 @@ except ImportError:  # CPU-only installs: only the torch references work
     triton = None
 
 
+# "sized" ops (flashlm.ops.resolve): the torch reference below this many elements of the op's main input,
+# where a step is host-bound and one aten op (or inductor's fusion) costs less host time than a Triton
+# launch; our Triton kernel from here on, where GPU time decides (H200, ops_bench: SwiGLU at llama-1b
+# 523 vs 1932 us, RoPE of q/k 490 vs 1331 us fwd+bwd).
+SIZED_MIN_NUMEL = 32 * 1024 * 1024
+
+
 def dispatch(function: type[torch.autograd.Function], launch: Callable, compiled: Callable) -> Callable:
     """A callable taking the op's positional arguments and running ``compiled`` under torch.compile,
     ``function.apply`` in eager mode with grad enabled, else ``launch``. All three take the same

@@ -11,7 +11,8 @@
   "auto":   on CUDA with Triton installed, eager, per op the implementation measured cheapest
             (``_AUTO``: torch's fused ``F.rms_norm`` for the norms, SwiGLU (and SwiGLU + down
             projection) by size, our Triton RoPE;
-            Liger only for ops in ``_LIGER_FASTER``); else (CPU, or ``compiled=True``) "torch".
+            Liger only for ops in ``_LIGER_FASTER``); compiled (``compiled=True``) ``_AUTO_COMPILED``
+            (inductor's norms, SwiGLU and RoPE by size); on CPU "torch".
 
 The model keeps the returned :class:`Ops` and calls its fields in ``forward``: no lookups per call.
 """
@@ -30,7 +31,16 @@ from ._dispatch import triton, triton_usable
 # import the functions, not the submodules: the package's names rms_norm, swiglu and rotary are the
 # public functions, which shadow their submodules once flashlm.ops is imported
 from .rms_norm import add_rms_norm, add_rms_norm_aten, add_rms_norm_ref, rms_norm, rms_norm_aten, rms_norm_ref
-from .rotary import rotary, rotary_qkv, rotary_qkv_append, rotary_qkv_append_ref, rotary_qkv_ref, rotary_ref
+from .rotary import (
+    rotary,
+    rotary_qkv,
+    rotary_qkv_append,
+    rotary_qkv_append_ref,
+    rotary_qkv_ref,
+    rotary_qkv_sized,
+    rotary_ref,
+    rotary_sized,
+)
 from .swiglu import swiglu, swiglu_linear, swiglu_linear_ref, swiglu_linear_sized, swiglu_ref, swiglu_sized
 
 KERNELS = ("auto", "liger", "triton", "torch")
@@ -75,7 +85,15 @@ _TORCH = {"rms_norm": rms_norm_ref, "add_rms_norm": add_rms_norm_ref, "swiglu": 
           "swiglu_linear": swiglu_linear_ref, "rotary_qkv": rotary_qkv_ref, "rotary": rotary_ref,
           "rotary_qkv_append": rotary_qkv_append_ref}
 _ATEN = {"rms_norm": rms_norm_aten, "add_rms_norm": add_rms_norm_aten}
-_SIZED = {"swiglu": swiglu_sized, "swiglu_linear": swiglu_linear_sized}
+_SIZED = {"swiglu": swiglu_sized, "swiglu_linear": swiglu_linear_sized, "rotary_qkv": rotary_qkv_sized,
+          "rotary": rotary_sized}
+# "auto" under torch.compile on CUDA: inductor's fusions for the norms (H200, llama-1b bs8 x 2048 step:
+# its RMSNorm kernels 4.2 ms vs aten's fused ones 6.0), and by size our Triton SwiGLU and RoPE as opaque
+# custom ops, whose kernels beat inductor's at large shapes (same profile: SwiGLU backward 11.2 vs 6.4 ms,
+# RoPE ~8 vs ~5 ms; benchmarks/results/h200/profile_llama-1b_b8x2048_s4.txt) while small shapes keep
+# the references inductor fuses (the seed config's compiled step is host-bound).
+_AUTO_COMPILED = {"rms_norm": "torch", "add_rms_norm": "torch", "swiglu": "sized", "swiglu_linear": "sized",
+                  "rotary_qkv": "sized", "rotary": "sized", "rotary_qkv_append": "torch"}
 _TRITON = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "swiglu_linear": swiglu_linear,
            "rotary_qkv": rotary_qkv, "rotary": rotary, "rotary_qkv_append": rotary_qkv_append}
 
@@ -86,7 +104,8 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
     """The :class:`Ops` for ``kernels`` ("auto" | "liger" | "triton" | "torch") on ``device``
     (default: CPU). ``compiled=True`` says the caller will run under torch.compile: "auto" then
     takes the torch references, which inductor fuses with their neighbours and launches from
-    generated code, where our ops would stay opaque Python custom ops (GPU_NOTES 06:24).
+    generated code (GPU_NOTES 06:24), except SwiGLU and RoPE at large shapes, where our Triton kernels
+    (opaque custom ops there) measured faster than inductor's (``_AUTO_COMPILED``).
     ``decode=True`` asks for the ops of a decode step, mostly replayed from a CUDA graph, where host
     time is gone and only GPU time counts: "auto" on CUDA then takes our Triton kernel for every op
     (H200, decode shapes as graph replays, benchmarks/probe_decode.py: add + RMSNorm 1.8 us vs aten's
@@ -96,8 +115,11 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
     if kernels not in KERNELS:
         raise InputError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     device = torch.device(device if device is not None else "cpu")
-    if kernels == "torch" or (kernels == "auto" and (compiled or device.type != "cuda" or triton is None)):
+    if kernels == "torch" or (kernels == "auto" and (device.type != "cuda" or triton is None)):
         return Ops(**_TORCH, names=dict.fromkeys(_TORCH, "torch"))
+    if kernels == "auto" and compiled:
+        chosen = {n: (_SIZED if impl == "sized" else _TORCH)[n] for n, impl in _AUTO_COMPILED.items()}
+        return Ops(**chosen, names=dict(_AUTO_COMPILED))
     if not triton_usable(device):
         raise InputError(f"kernels={kernels!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 on "
                          f"CPU, for tests); got device {device}, triton "

@@ -26,7 +26,7 @@ import torch
 
 from flashlm.errors import InputError
 
-from ._dispatch import dispatch, next_pow2, triton
+from ._dispatch import SIZED_MIN_NUMEL, dispatch, next_pow2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -354,6 +354,22 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         raise InputError(f"rotary: x must be (batch, seqlen, heads, head_dim), got {tuple(x.shape)}")
     _check_tables(cos, sin, x.shape[0], x.shape[1], x.shape[-1], "rotary")
     return _rotary(x, cos, sin)
+
+
+def rotary_qkv_sized(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rotary_qkv_ref` below ``SIZED_MIN_NUMEL`` elements of qkv (host-bound), :func:`rotary_qkv`
+    (Triton) from there on. Shapes as :func:`rotary_qkv`."""
+    if qkv.numel() < SIZED_MIN_NUMEL:
+        return rotary_qkv_ref(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    return rotary_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+
+
+def rotary_sized(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rotary_ref` below ``SIZED_MIN_NUMEL`` elements of x, :func:`rotary` (Triton) from there on."""
+    if x.numel() < SIZED_MIN_NUMEL:
+        return rotary_ref(x, cos, sin)
+    return rotary(x, cos, sin)
 
 
 def _check_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots) -> None:

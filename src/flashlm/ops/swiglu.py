@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from flashlm.errors import InputError
 
-from ._dispatch import autocast_linear_inputs, dispatch, is_compiling, next_pow2, triton
+from ._dispatch import SIZED_MIN_NUMEL, autocast_linear_inputs, dispatch, is_compiling, next_pow2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -168,9 +168,6 @@ def _check_width(name: str, gate_up: torch.Tensor) -> None:
 # Function; above it our one-pass kernel wins on GPU time. H200 (GPU_NOTES 06:20), fwd+bwd: seed
 # shape (2M elements) torch 218 vs Triton 373 us host; llama-1b (268M) torch 1932 vs Triton 523 us
 # wall: the ~155 us host premium is repaid at ~30M elements (a linear fit of the two points).
-SIZED_MIN_NUMEL = 32 * 1024 * 1024
-
-
 def swiglu_sized(gate_up: torch.Tensor) -> torch.Tensor:
     """:func:`swiglu_ref` for small inputs (host-bound), :func:`swiglu` (Triton) from
     ``SIZED_MIN_NUMEL`` elements of gate_up on."""
