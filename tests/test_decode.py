@@ -21,6 +21,7 @@ from flashlm.decode_graph import (
     DecodeStep,
     SamplingKey,
     cache_capacity,
+    capture_stream,
     graph_unavailable_reason,
     graphed_decode_step,
     release_graphs,
@@ -238,6 +239,27 @@ def test_graph_greedy_identical_to_eager(rows):
     g = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, cuda_graph=True)
     assert torch.equal(g.sequences, e.sequences) and torch.equal(g.num_new_tokens, e.num_new_tokens)
     assert release_graphs(flash) == 1
+
+
+@pytest.mark.cuda
+def test_captures_share_one_stream_and_leave_little_memory_behind():
+    """Every warm-up and capture runs on one stream per card: cuBLAS keeps a 32 MiB workspace per stream
+    it ran on, so captures for several batch sizes and prompt lengths (decode steps and prefills) must not
+    leave a workspace each once their graphs are released."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert capture_stream(dev) is capture_stream(torch.device("cuda"))
+    _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
+    ids, mask = left_padded_prompts(PROMPTS, "cuda")
+    generate(flash, ids[:1], max_new_tokens=4, eos_token_id=[], cuda_graph=True)  # first captures, stream made
+    release_graphs(flash)
+    before = torch.cuda.memory_allocated()
+    for rows in (1, 2, 4):
+        for length in (5, 9):
+            for _ in range(2):  # a prefill graph is captured on a prompt length's second use
+                out = generate(flash, ids[:rows, -length:], max_new_tokens=4, eos_token_id=[], cuda_graph=True)
+            assert out.cuda_graph and out.prefill_graph
+    release_graphs(flash)
+    assert torch.cuda.memory_allocated() - before < 8 * 2**20
 
 
 @pytest.mark.cuda

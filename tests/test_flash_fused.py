@@ -94,21 +94,39 @@ def test_kernels_are_bound_at_build_and_rebound_on_move():
         get_preset("tiny", kernels="cuda")
 
 
-def test_loss_by_size_plain_and_fused_agree(monkeypatch):
+def test_eager_loss_in_token_chunks_and_softcapped_by_size_agree(monkeypatch):
+    """Eager: logits_cross_entropy in one chunk or in several (CHUNK_LOGITS_BYTES) gives the default
+    model's loss and gradients; a softcapped loss goes by size (plain cross-entropy, else fused)."""
+    import flashlm.loss_kernels as lk
+    from test_flash_model import assert_grads_close, grads
+
     default, flash = make_pair()
     ids = torch.randint(0, 256, (2, 11))
     ref = default(ids, labels=ids).loss
-    assert losses.materialize_logits_for_loss(22, 256)  # tiny: plain cross-entropy
+    ref.backward()
+    chunks = []
+    real = lk._chunked
+    monkeypatch.setattr(lk, "_chunked", lambda *a: chunks.append(a[8]) or real(*a))
+    one = flash(ids, labels=ids).loss
+    assert chunks == []  # 22 x 256 logits: one chunk
+    monkeypatch.setattr(lk, "CHUNK_LOGITS_BYTES", 5 * 256 * 4)  # 5 tokens of fp32 logits per chunk
+    several = flash(ids, labels=ids).loss
+    several.backward()
+    assert chunks == [5]
+    torch.testing.assert_close(one, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(several, ref, atol=ATOL, rtol=RTOL)
+    assert_grads_close(grads(flash), grads(default))
+
+    _, capped = make_pair(final_logit_softcap=3.0)
     calls = []
-    real = flash_mod.linear_cross_entropy
-    monkeypatch.setattr(flash_mod, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
-    plain = flash(ids, labels=ids).loss
-    assert calls == []
+    real_fused = flash_mod.linear_cross_entropy
+    monkeypatch.setattr(flash_mod, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real_fused(*a, **k))
+    plain = capped(ids, labels=ids).loss
+    assert calls == [] and losses.materialize_logits_for_loss(22, 256)
     monkeypatch.setattr(losses, "MATERIALIZED_LOGITS_MAX_BYTES", 0)
-    fused = flash(ids, labels=ids).loss
+    fused = capped(ids, labels=ids).loss
     assert calls == [1]
-    torch.testing.assert_close(plain, ref, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(fused, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(fused, plain, atol=ATOL, rtol=RTOL)
 
 
 def _batches(kind, step):

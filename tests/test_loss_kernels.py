@@ -82,6 +82,49 @@ def test_no_bias_and_frozen_weight(backend):
     assert weight.grad is None and hidden.grad is not None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_token_chunks_match_reference(backend, dtype, chunk, reduction):
+    """Chunks of tokens (gradients folded in the forward, d_weight accumulated across chunks, the upstream
+    scale applied in the backward) equal the one-shot reference; chunk 7 leaves a partial last chunk and
+    an all-ignored one (rows 0..6 of 45 with every row ignored in the first chunk)."""
+    hidden, weight, bias, targets = _inputs(45, 16, 1000, dtype, ignore_every=5)
+    targets[:7] = -100
+    got = _run(logits_cross_entropy, hidden, weight, bias, targets, reduction=reduction, backend=backend,
+               chunk_tokens=chunk)
+    want = _run(_reference, hidden, weight, bias, targets, reduction=reduction)
+    tol = TOL[dtype] if reduction == "mean" else {k: x * 10 for k, x in TOL[dtype].items()}
+    if dtype == torch.float16:  # d_weight sums the chunks in fp16 (as Liger does in the weight's dtype)
+        tol = {k: x * 4 for k, x in tol.items()}
+    _assert_close(got, want, **tol)
+
+
+def test_token_chunks_refuse_a_second_backward():
+    hidden, weight, bias, targets = _inputs(12, 16, 100, torch.float32)
+    loss = logits_cross_entropy(hidden, weight, targets, bias, backend="torch", chunk_tokens=5)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_chunk_rows_bounds_a_chunks_logits(monkeypatch):
+    assert lk.chunk_rows(16384, 128256, torch.bfloat16) == 2**30 // (128256 * 2)  # 4186: 4 chunks
+    assert lk.chunk_rows(512, 32000, torch.bfloat16) == 512  # the seed: one chunk
+    assert lk.chunk_rows(3, 10**12, torch.float32) == 1
+    hidden, weight, bias, targets = _inputs(30, 16, 1000, torch.float32, ignore_every=4)
+    monkeypatch.setattr(lk, "CHUNK_LOGITS_BYTES", 10 * 1000 * 4)  # 10 rows of fp32 logits: 3 chunks
+    seen = []
+    real = lk._chunked
+    monkeypatch.setattr(lk, "_chunked", lambda *a: seen.append(a[8]) or real(*a))
+    _assert_close(_run(logits_cross_entropy, hidden, weight, bias, targets, backend="torch"),
+                  _run(_reference, hidden, weight, bias, targets), **TOL[torch.float32])
+    assert seen == [10]
+    with pytest.raises(InputError, match="chunk_tokens"):
+        logits_cross_entropy(hidden, weight, targets, bias, chunk_tokens=0)
+
+
 @pytest.mark.skipif(lk.triton is None, reason="no triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_kernel_vocab_spans_several_blocks(monkeypatch, dtype):
@@ -219,14 +262,14 @@ def test_flash_model_keeps_plain_path_for_softcap_and_logits(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n,v", [(512, 32000), (300, 1000), (7, 50257)])
-def test_cuda_bf16_within_dao_rule(n, v):
+@pytest.mark.parametrize("n,v,chunk", [(512, 32000, None), (300, 1000, None), (7, 50257, None), (1000, 32000, 128)])
+def test_cuda_bf16_within_dao_rule(n, v, chunk):
     """bf16 Triton vs fp32 math: loss and grads within 2x (+atol) the plain bf16 path's own error."""
     ref32 = _inputs(n, 256, v, torch.float32, ignore_every=6, device="cuda")
     ref16 = _inputs(n, 256, v, torch.bfloat16, ignore_every=6, device="cuda")
     want = _run(_reference, *ref32[:3], ref32[3])
     plain = _run(_reference, *ref16[:3], ref16[3])
-    got = _run(logits_cross_entropy, *ref16[:3], ref16[3], backend="triton")
+    got = _run(logits_cross_entropy, *ref16[:3], ref16[3], backend="triton", chunk_tokens=chunk)
     assert got[0].dtype == torch.float32
     assert abs(got[0] - want[0]) <= 2 * abs(plain[0] - want[0]) + 1e-4
     for g, p, w, name in zip(got[1], plain[1], want[1], ("hidden", "weight", "bias")):
@@ -253,3 +296,7 @@ def test_cuda_peak_memory_below_plain_path():
     ours = _peak_bytes(lambda *a: logits_cross_entropy(*a, backend="triton"), hidden, weight, targets)
     print(f"peak MiB: plain {plain / 2**20:.1f}, logits_cross_entropy {ours / 2**20:.1f}")
     assert ours < 0.6 * plain, (ours, plain)
+    chunked = _peak_bytes(lambda *a: logits_cross_entropy(*a, backend="triton", chunk_tokens=128), hidden, weight,
+                          targets)
+    # d_weight (weight's size) is held from the forward on, a quarter of the logits instead of all of them
+    assert chunked < ours - 16 * 2**20, (chunked, ours)

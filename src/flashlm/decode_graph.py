@@ -242,10 +242,27 @@ class DecodeStep:
         return self.history[:, :steps].clone()
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per card on which every warm-up and capture of this module runs. cuBLAS keeps a
+    32 MiB workspace per stream it has run on (for the process's life: captured graphs point into it), so
+    a new stream per capture would pile up workspaces (H200, seed config: +100 MB still allocated after
+    generate, in the next train step's peak; benchmarks/memory_peak.py --residue)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
 def _warm_up_on_side_stream(device: torch.device, fn, times: int) -> None:
-    """Run ``fn()`` ``times`` times on a side stream, as torch.cuda.graphs asks before a capture
+    """Run ``fn()`` ``times`` times on the capture stream, as torch.cuda.graphs asks before a capture
     (torch.compile and inductor's autotuning, Triton JIT, cuBLAS handles, the allocator)."""
-    side = torch.cuda.Stream(device)
+    side = capture_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(times):
@@ -301,7 +318,7 @@ class _PrefillGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(step.device)):
             logits = model.prefill_logits(ids, cache.reset())
         torch.cuda.synchronize(step.device)
         cache.reset()
@@ -395,7 +412,7 @@ class CUDAGraphDecodeStep(DecodeStep):
         self.cache.prepare_for_capture(self.batch_size)
         if self.generator is not None:
             self.graph.register_generator_state(self.generator)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=capture_stream(self.device)):
             self.forward_step()
         torch.cuda.synchronize(self.device)
         # capture ran no kernel, the warm-up did: forget its k/v and lengths (prefill overwrites slots)

@@ -10,6 +10,13 @@ log-sum-exp over vocab blocks) and overwrites the logits in place with
 ``d loss / d logits = (softmax - onehot(target)) * scale``. Only that buffer (plus hidden and
 weight, which the matmul's backward needs anyway) is saved; the backward is two matmuls.
 
+Large problems run in token chunks whose logits stay under ``CHUNK_LOGITS_BYTES`` (llama-1b bs8 x 2048:
+4 chunks of 4096 tokens, 1 GiB of bf16 logits each): each chunk's gradients are folded into d_hidden and
+d_weight in the forward (``d_weight`` accumulated in the weight's dtype by ``addmm_``, as Liger does), so
+memory stays bounded while the per-chunk work keeps the single-matmul speed (H200, benchmarks/
+loss_crossover.py: ours at 4096 x 128256 tokens x vocab 10.6 ms, x4 = 42.3 ms, vs Liger's fused loss at
+16384 tokens 48.4 ms; +0.85 GiB of memory over Liger's).
+
 Semantics follow ``F.cross_entropy``: ``ignore_index`` targets give zero loss and zero gradient;
 ``"mean"`` divides by the count of non-ignored targets (a device tensor: no host sync), giving a
 ``nan`` loss with all-zero gradients when there are none; ``"sum"`` does not scale. Without Triton
@@ -27,10 +34,13 @@ from flashlm.ops._dispatch import autocast_linear_inputs, is_compiling, next_pow
 if triton is not None:  # CPU-only installs: the torch reference runs
     import triton.language as tl
 
-__all__ = ["LogitsCrossEntropy", "logits_cross_entropy"]
+__all__ = ["CHUNK_LOGITS_BYTES", "LogitsCrossEntropy", "chunk_rows", "logits_cross_entropy"]
 
 # Vocab elements per kernel step: 32000 -> 2 steps of 16384 (16 warps hold 32 fp32 per thread).
 MAX_BLOCK = 16384
+# Logits per chunk, in bytes of the input dtype: from ~4096 tokens on (at vocab 128256) the time per token
+# no longer falls (loss_crossover.json), so larger chunks would only hold more memory.
+CHUNK_LOGITS_BYTES = 2**30
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -110,35 +120,53 @@ def _rows_torch(logits, targets, n_valid, ignore_index, mean, grad, block=None):
     return loss
 
 
+def _logits(hidden, weight, bias):
+    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
 class LogitsCrossEntropy(torch.autograd.Function):
-    """loss = CE(hidden @ weight.T + bias, targets); saves d loss / d logits in the input dtype.
+    """loss = CE(hidden @ weight.T + bias, targets); saves d loss / d logits in the input dtype, or, in
+    token chunks of ``chunk`` rows (fewer than N), the gradients themselves.
 
     forward(hidden (N, H), weight (V, H), targets (N,) int, bias (V,) or None, ignore_index,
-    reduction, use_triton) -> 0-dim loss, fp32 (fp64 for fp64 inputs).
+    reduction, use_triton, chunk) -> 0-dim loss, fp32 (fp64 for fp64 inputs).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, ignore_index, reduction, use_triton):
+    def forward(ctx, hidden, weight, targets, bias, ignore_index, reduction, use_triton, chunk):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[3]
         grad = need_h or need_w or need_b
-        logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())  # (N, V)
         n_valid = (targets != ignore_index).sum()  # device scalar: read by the kernel, no host sync
         rows = _rows_triton if use_triton else _rows_torch
-        row_loss = rows(logits, targets, n_valid, ignore_index, reduction == "mean", grad)
         acc = torch.promote_types(hidden.dtype, torch.float32)
-        loss = row_loss.to(acc).sum()
+        ctx.need, ctx.chunked, ctx.consumed = (need_h, need_w, need_b), chunk < hidden.shape[0], False
+        if ctx.chunked:
+            loss, grads = _chunked(hidden, weight, targets, bias, n_valid, ignore_index, reduction, rows, chunk,
+                                   ctx.need)
+            ctx.save_for_backward(*grads)
+        else:
+            logits = _logits(hidden, weight, bias)  # (N, V)
+            loss = rows(logits, targets, n_valid, ignore_index, reduction == "mean", grad).to(acc).sum()
+            # logits now hold the gradient; hidden / weight only when the other's grad needs them
+            ctx.save_for_backward(logits if grad else None, hidden if need_w else None, weight if need_h else None)
         if reduction == "mean":
             loss = loss / n_valid.to(acc)  # nan when nothing is valid, as torch
-        # logits now hold the gradient; hidden / weight only when the other's grad needs them
-        ctx.save_for_backward(logits if grad else None, hidden if need_w else None, weight if need_h else None)
-        ctx.need = (need_h, need_w, need_b)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        dlogits, hidden, weight = ctx.saved_tensors
         need_h, need_w, need_b = ctx.need
+        if ctx.chunked:
+            # the gradients were computed in the forward: scaled here by the upstream scalar, in place (a
+            # copy of the (V, H) d_weight would add its size to the backward's peak), hence once only
+            if ctx.consumed:
+                raise RuntimeError("logits_cross_entropy in token chunks computes its gradients in the forward "
+                                   "and hands them out once: a second backward through it is not supported")
+            ctx.consumed = True
+            d_h, d_w, d_b = (None if t is None else t.mul_(grad_output.to(t.dtype)) for t in ctx.saved_tensors)
+            return d_h, d_w, None, d_b, None, None, None, None
+        dlogits, hidden, weight = ctx.saved_tensors
         # The upstream grad scales only (N, H) tensors: hidden before the d_weight matmul and the
         # d_hidden product, never the saved buffer (the graph stays re-runnable with retain_graph) nor
         # the (V, H) d_weight (on the H200 a 0-dim-tensor mul_ over it cost more than the kernel).
@@ -150,7 +178,39 @@ class LogitsCrossEntropy(torch.autograd.Function):
         if need_b:
             acc = torch.promote_types(dlogits.dtype, torch.float32)
             d_b = dlogits.sum(0, dtype=acc).mul_(g).to(dlogits.dtype)
-        return d_h, d_w, None, d_b, None, None, None
+        return d_h, d_w, None, d_b, None, None, None, None
+
+
+def _chunked(hidden, weight, targets, bias, n_valid, ignore_index, reduction, rows, chunk, need):
+    """The loss sum over token chunks of ``chunk`` rows and (d_hidden, d_weight, d_bias) for an upstream
+    gradient of 1 (None where not needed): each chunk's logits are overwritten by their gradient, which is
+    folded into the gradients at once, so only one chunk of logits is ever held."""
+    need_h, need_w, need_b = need
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    d_h = torch.empty_like(hidden) if need_h else None
+    d_w = torch.zeros_like(weight) if need_w else None
+    d_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start:start + chunk]
+        logits = _logits(h, weight, bias)  # (chunk, V), then its gradient in place
+        loss += rows(logits, targets[start:start + chunk], n_valid, ignore_index, reduction == "mean",
+                     any(need)).to(acc).sum()
+        if need_h:
+            torch.mm(logits, weight, out=d_h[start:start + chunk])
+        if need_w:
+            d_w.addmm_(logits.t(), h)
+        if need_b:
+            d_b += logits.sum(0, dtype=acc)
+        del logits  # before the next chunk's is allocated
+    return loss, (d_h, d_w, None if d_b is None else d_b.to(weight.dtype))
+
+
+def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk: as many as keep a chunk's logits within ``CHUNK_LOGITS_BYTES`` (at least 1), all
+    of them when they fit."""
+    per_row = vocab * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(n_tokens, CHUNK_LOGITS_BYTES // per_row))
 
 
 def _check_args(hidden, weight, targets, bias, reduction, backend):
@@ -190,8 +250,10 @@ def logits_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str | None = None,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``hidden @ weight.T (+ bias)`` holding only the input-dtype logit gradient.
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` holding only the input-dtype logit gradient (of
+    one token chunk at a time for large problems).
 
     Args:
         hidden: (N, H) final hidden states, flattened over batch and sequence.
@@ -202,6 +264,8 @@ def logits_cross_entropy(
         reduction: "mean" over non-ignored targets (nan if none, zero grads, as torch) or "sum".
         backend: None (Triton on CUDA when importable, else torch), "triton" (also the CPU
             interpreter under TRITON_INTERPRET=1), or "torch" (the reference).
+        chunk_tokens: tokens per chunk; default :func:`chunk_rows` (a chunk's logits within
+            ``CHUNK_LOGITS_BYTES``). Fewer than N: gradients are computed chunk by chunk in the forward.
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear`` does;
     under ``torch.compile`` the plain ``F.cross_entropy`` on ``F.linear`` runs (inductor fuses it).
@@ -218,5 +282,9 @@ def logits_cross_entropy(
         logits = F.linear(hidden, weight, bias)
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.long(),
                                ignore_index=ignore_index, reduction=reduction)
+    if chunk_tokens is None:
+        chunk_tokens = chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
+    elif not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise InputError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     return LogitsCrossEntropy.apply(hidden, weight, targets.contiguous(), bias, ignore_index, reduction,
-                                    _use_triton(hidden, backend))
+                                    _use_triton(hidden, backend), chunk_tokens)

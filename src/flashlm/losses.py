@@ -27,15 +27,17 @@ from flashlm.ops._dispatch import autocast_linear_inputs
 __all__ = ["MATERIALIZED_LOGITS_MAX_BYTES", "ChunkedLinearCrossEntropy", "cross_entropy", "liger_available",
            "linear_cross_entropy", "materialize_logits_for_loss"]
 
-# Loss by size: up to this many bytes of fp32 (tokens x vocab) logits the eager model computes the loss
-# on materialized logits (flashlm.loss_kernels.logits_cross_entropy: one lm_head matmul, the bf16 logits
-# overwritten by their gradient); above it, the fused/chunked linear cross-entropy. Measured on the H200
+# Loss by size, for the flash model's compiled and softcapped losses: up to this many bytes of fp32
+# (tokens x vocab) logits, plain cross-entropy on materialized logits; above, the fused/chunked linear
+# cross-entropy. (Its eager loss is flashlm.loss_kernels.logits_cross_entropy at every size: one lm_head
+# matmul per token chunk, the bf16 logits overwritten by their gradient.) Measured on the H200
 # (benchmarks/loss_crossover.py, hidden 2048, bf16, fused = Liger 0.8.5;
 # benchmarks/results/h200/loss_crossover.json): ours is faster at every size (32000 vocab: 0.18x of the
 # fused time at 256 tokens, 0.94x at 16384; 128256 vocab: 0.06x at 256, 0.43x at 4096, 0.74x at 8192,
 # 0.88x at 16384), but holds the bf16 logits, half the fp32 size (+2 GiB at 8192 x 128256, +4 GiB at
-# 16384 x 128256 over the fused path). The cut at 4 GiB of fp32 logits keeps that extra memory under
-# 2 GiB: llama-1b bs8 x 2048 (8 GiB) stays fused, where the memory target (<= 28 GB) binds.
+# 16384 x 128256 over the fused path), which token chunks of <= 1 GiB of logits bound
+# (flashlm.loss_kernels.CHUNK_LOGITS_BYTES). The cut at 4 GiB of fp32 logits keeps a materialized
+# loss's extra memory under 2 GiB.
 MATERIALIZED_LOGITS_MAX_BYTES = 4 * 2**30
 
 

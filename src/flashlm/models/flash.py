@@ -16,9 +16,10 @@ so one safetensors folder loads into either. What differs is the path between em
   (``(1, total_tokens, hidden)``, varlen kernels with ``cu_seqlens`` computed once), packing detected
   or given, a static BSHD cache (:class:`~flashlm.models.flash_cache.StaticKVCache`) appended in place;
   under torch.compile the planner reads nothing back from the device (sync-free plans);
-- with ``labels``: when tokens x vocab is small, ``flashlm.loss_kernels.logits_cross_entropy`` (one
-  matmul, the logits overwritten by their gradient; plain cross-entropy when compiled or softcapped),
-  else ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
+- with ``labels`` (eager): ``flashlm.loss_kernels.logits_cross_entropy`` (one matmul per token chunk,
+  the chunk's logits overwritten by their gradient, at most 1 GiB of them held); compiled or
+  softcapped: plain cross-entropy when tokens x vocab is small, else
+  ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
 
 Host syncs (eager): at most one per forward while planning (unpadding reads the token count and the
 longest row; detecting packing reads the longest sequence; the token-range check reads min/max), none
@@ -519,7 +520,7 @@ class FlashForCausalLM(DefaultForCausalLM):
         labels (batch, seqlen): HF style, shifted inside, -100 ignored; in packed batches the last token
         of each sequence gets no target. Padding has no hidden state here, so a label whose
         predecessor is padding (the first real token of a left-padded row) is not scored; the default
-        model would score it from the padding position's logits. With labels the loss uses the fused linear cross-entropy and
+        model would score it from the padding position's logits. With labels the loss never holds more than a chunk of logits (see ``_loss``) and
         logits are skipped unless ``return_logits=True``.
         logits_to_keep: if > 0, logits only for the last that many positions (prefill for generation).
         Returns CausalLMOutput(loss, logits (batch, seqlen or logits_to_keep, vocab) or None, cache).
@@ -565,18 +566,19 @@ class FlashForCausalLM(DefaultForCausalLM):
     def _loss(self, hidden: Tensor, targets: Tensor, token_logits: Tensor | None, compiled: bool) -> Tensor:
         """Mean cross-entropy of hidden (tokens, H) -- or of token_logits (tokens, vocab) when the
         caller asked for logits -- against targets (tokens,), -100 ignored."""
-        small = materialize_logits_for_loss(targets.numel(), self.config.vocab_size)
-        if token_logits is None and small and not compiled and self.config.final_logit_softcap is None:
-            # small, eager: one matmul + one row kernel; only the input-dtype logit grad is saved
+        if token_logits is None and not compiled and self.config.final_logit_softcap is None:
+            # eager: one lm_head matmul + one row kernel that writes the logits' gradient in place, over
+            # token chunks whose logits stay within CHUNK_LOGITS_BYTES (one chunk when small); faster than
+            # Liger's fused loss at every size measured (benchmarks/results/h200/loss_crossover.json)
             return logits_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
                                         self.lm_head.bias)
-        if token_logits is not None or small:
+        if token_logits is not None or materialize_logits_for_loss(targets.numel(), self.config.vocab_size):
             # logits asked for; or small and compiled (inductor fuses plain CE) or softcapped
             if token_logits is None:
                 token_logits = self._logits(hidden)
             return cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), targets)
-        # large: fused, never materializes (tokens x vocab); compiled: the chunked torch path that
-        # Dynamo traces (Liger's autograd Function crashed compiled steps, issue 16)
+        # large, compiled or softcapped: fused, never materializes (tokens x vocab); compiled: the chunked
+        # torch path that Dynamo traces (Liger's autograd Function crashed compiled steps, issue 16)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
                                     bias=self.lm_head.bias, softcap=self.config.final_logit_softcap,
                                     backend="torch" if compiled else None)
