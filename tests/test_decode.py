@@ -249,7 +249,7 @@ def test_captures_share_one_stream_and_leave_little_memory_behind():
     dev = torch.device("cuda", torch.cuda.current_device())
     assert capture_stream(dev) is capture_stream(torch.device("cuda"))
     _, flash = make_pair("cuda", torch.bfloat16, **GPU_MODEL)
-    ids, mask = left_padded_prompts(PROMPTS, "cuda")
+    ids, _ = left_padded_prompts(PROMPTS, "cuda")
     generate(flash, ids[:1], max_new_tokens=4, eos_token_id=[], cuda_graph=True)  # first captures, stream made
     release_graphs(flash)
     before = torch.cuda.memory_allocated()

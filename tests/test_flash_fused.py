@@ -97,8 +97,9 @@ def test_kernels_are_bound_at_build_and_rebound_on_move():
 def test_eager_loss_in_token_chunks_and_softcapped_by_size_agree(monkeypatch):
     """Eager: logits_cross_entropy in one chunk or in several (CHUNK_LOGITS_BYTES) gives the default
     model's loss and gradients; a softcapped loss goes by size (plain cross-entropy, else fused)."""
-    import flashlm.loss_kernels as lk
     from test_flash_model import assert_grads_close, grads
+
+    import flashlm.loss_kernels as lk
 
     default, flash = make_pair()
     ids = torch.randint(0, 256, (2, 11))
