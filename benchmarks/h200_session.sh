@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU work of one session on the H200, as stages run in back-to-back device calls (the machine keeps
 # /tmp between calls that follow within ~30 s). From the repo root on the GPU machine:
-#   STAGE=fa4a   carry .fa4a .whl     unpack FA4 part a; CUDA tests of the fused ops/loss/optimizer; optim_bench
-#   STAGE=fa4b   carry .fa4b .whl     unpack FA4 part b + Liger; the model benchmarks (benchmarks/run_h200.sh)
+#   STAGE=fa4a   carry .fa4a .whl     unpack FA4 part a + Liger; CUDA tests of the fused ops/loss/optimizer/models/
+#                                     generation/train; the seed's train-memory probe (memory_peak.py --residue)
+#   STAGE=fa4b   carry .fa4b .whl     unpack FA4 part b; FA4 compile tests; the model benchmarks (run_h200.sh)
+#   STAGE=bench  (after fa4b)         more run_h200.sh configs (CONFIGS), flashlm train llama-1b 20 steps,
+#                                     the llama-1b flash train step's profile
 #   STAGE=rest   (after fa4b)         attention GPU tests with FA4 (TESTS_K), decode profile + grid, flashlm train
 #   STAGE=check  carry .whl           (FA4 not needed) CUDA tests of the ops/models/train, the seed's memory
 #                                     residue probe, the compiled llama-1b step's profile, flashlm train
@@ -22,20 +25,31 @@ pyt() { timeout "$1" python -m pytest -q -m cuda -p no:cacheprovider --no-header
 case "${STAGE:?}" in
   fa4a)
     mkdir -p $site && tar -C $site -xJf .fa4a/a.tar.xz
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cudnn', torch.backends.cudnn.version())"
-    git log -1 --format='commit %h %s' 2>/dev/null || true
-    # the new fused ops / small loss / optimizer kernel and the models that use them (FA4 not importable yet)
-    pyt "${TESTS_TIMEOUT:-120}" -n 8 tests/ops tests/test_loss_kernels.py tests/test_losses.py tests/test_optim_kernel.py \
+    # the fused ops / loss / optimizer kernels, the models and generation that use them, flashlm train
+    # (FA4 not importable yet: its compile tests skip here and run in stage fa4b)
+    pyt "${TESTS_TIMEOUT:-150}" -n 8 tests/ops tests/test_loss_kernels.py tests/test_losses.py tests/test_optim_kernel.py \
       tests/test_optim.py tests/test_flash_model.py tests/test_flash_fused.py tests/test_decode.py \
-      tests/test_decode_compile.py 2>&1 | tee $OUT/gpu_tests_new_ops.log | tail -n 15
-    timeout 45 python benchmarks/optim_bench.py 2>&1 | tee $OUT/optim_bench.txt
+      tests/test_decode_compile.py tests/test_train.py tests/test_registry.py 2>&1 | tee $OUT/gpu_tests_new_ops.log | tail -n 15
+    timeout 60 python benchmarks/memory_peak.py --residue --out $OUT 2>&1 | grep -v Warn | tail -n 40
     ;;
   fa4b)
     tar -C $site -xJf .fa4b/b.tar.xz && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --upgrade --target $site .whl/*.whl
     python -c "import flash_attn.cute, liger_kernel; print('FA4 and Liger importable')"
+    pyt 120 tests/test_fa4_compile.py 2>&1 | tee $OUT/gpu_tests_fa4_compile.log | tail -n 4
     OUT=$OUT CONFIGS="${CONFIGS:-seed seed_compile 1b 1b_compile}" bash benchmarks/run_h200.sh
+    ;;
+  bench)  # after fa4b (FA4 and Liger in /tmp/site): more configs of run_h200.sh, then flashlm train
+    OUT=$OUT CONFIGS="${CONFIGS:-seed_compile 1b_compile}" bash benchmarks/run_h200.sh
+    corpus
+    timeout "${TRAIN_TIMEOUT:-150}" python -m flashlm.train --model llama-1b --data /tmp/c.jsonl --seq-length 2048 \
+      --batch-size 8 --max-steps 20 --warmup-steps 5 --eval-every 0 --save-every 0 --no-progress --output /tmp/r1 \
+      --cache-dir /tmp/cache 2>&1 | grep -v "Warn\|warn" | tail -n 3 | tee $OUT/train_llama1b_h200_s4.log
+    timeout 90 python benchmarks/profile_steps.py --preset llama-1b --batch 8 --seqlen 2048 --cases train \
+      --warmup 3 --steps 5 --models flash --modes eager --out $OUT 2>&1 | grep -v Warn | tail -n 2
     ;;
   check)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
