@@ -32,6 +32,22 @@ def _frame(frames: list[dict]) -> str:
     return "?" if not frames else f"{Path(frames[0].get('filename', '?')).name}:{frames[0].get('line')}"
 
 
+def _by_site(blocks: list[dict], most: int) -> list[dict]:
+    """Blocks (each with "size" and "frames") summed per allocation site, largest first."""
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for blk in blocks:
+        g = groups[_frame(blk.get("frames", []))]
+        g[0] += blk["size"]
+        g[1] += 1
+    top = sorted(((b, n, k) for k, (b, n) in groups.items()), reverse=True)[:most]
+    return [{"where": k, "bytes": b, "blocks": n} for b, n, k in top]
+
+
+def _print_sites(sites: list[dict], most: int) -> None:
+    for site in sites[:most]:
+        print(f"   {site['bytes'] / 1e6:9.2f} MB {site['blocks']:5d}  {site['where']}")
+
+
 def _peak(trace: list[dict], base: int) -> tuple[int, list[dict]]:
     """(peak bytes, blocks alive at the peak) replaying alloc/free events from ``base`` bytes."""
     live: dict[int, dict] = {}
@@ -71,19 +87,11 @@ def run(name: str, preset: str, batch: int, seqlen: int) -> dict:
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = [ev for dev in snap["device_traces"] for ev in dev]
     peak, alive = _peak(trace, base)
-    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for ev in alive:
-        g = groups[_frame(ev.get("frames", []))]
-        g[0] += ev["size"]
-        g[1] += 1
-    top = sorted(((b, n, k) for k, (b, n) in groups.items()), reverse=True)[:30]
     res = {"model": name, "between_steps_bytes": base, "replayed_peak_bytes": peak,
-           "max_memory_allocated": torch.cuda.max_memory_allocated(),
-           "alive_at_peak": [{"where": k, "bytes": b, "blocks": n} for b, n, k in top]}
+           "max_memory_allocated": torch.cuda.max_memory_allocated(), "alive_at_peak": _by_site(alive, 30)}
     print(f"{name}: between steps {base / 1e6:.1f} MB, step peak {peak / 1e6:.1f} MB "
           f"(max_memory_allocated {res['max_memory_allocated'] / 1e6:.1f} MB)")
-    for b, n, k in top[:15]:
-        print(f"   {b / 1e6:9.2f} MB {n:5d}  {k}")
+    _print_sites(res["alive_at_peak"], 15)
     return res
 
 
@@ -118,21 +126,13 @@ def residue(name: str, preset: str, batch: int, seqlen: int) -> dict:
         after_generate = torch.cuda.memory_allocated()
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for seg in snap["segments"]:
-        for blk in seg["blocks"]:
-            if blk["state"] == "active_allocated" and blk.get("frames"):
-                g = groups[_frame(blk["frames"])]
-                g[0] += blk["size"]
-                g[1] += 1
-    top = sorted(((b, n, k) for k, (b, n) in groups.items()), reverse=True)[:20]
+    alive = [blk for seg in snap["segments"] for blk in seg["blocks"]
+             if blk["state"] == "active_allocated" and blk.get("frames")]
     res = {"model": name, "before_bytes": base, "after_forward_bytes": after_forward,
-           "after_generate_bytes": after_generate,
-           "alive_after_generate": [{"where": k, "bytes": b, "blocks": n} for b, n, k in top]}
+           "after_generate_bytes": after_generate, "alive_after_generate": _by_site(alive, 20)}
     print(f"{name} residue: +{(after_forward - base) / 1e6:.1f} MB after forward, "
           f"+{(after_generate - base) / 1e6:.1f} MB after generate")
-    for b, n, k in top[:12]:
-        print(f"   {b / 1e6:9.2f} MB {n:5d}  {k}")
+    _print_sites(res["alive_after_generate"], 12)
     return res
 
 
