@@ -803,12 +803,13 @@ def _run_steps(run: _Run, result: TrainResult) -> None:
 
     metrics_file = open(run.metrics_path, "a", encoding="utf-8") if dd.main else None  # noqa: SIM115
     t_run = time.perf_counter()
-    t_done = [t_run]  # when the last read-back returned
+    t_done = t_run  # when the last read-back returned
 
     def complete(pending: _Enqueued) -> None:
+        nonlocal t_done
         step_loss = float(pending.loss)  # waits for that step only; the next one is already queued
         now = time.perf_counter()
-        dt, t_done[0] = now - t_done[0], now
+        dt, t_done = now - t_done, now
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss is {step_loss} at step {pending.step}; lower --lr or check the data")
         rec = _step_record(run, result, pending, step_loss, dt, t_run)
@@ -839,9 +840,18 @@ def _run_steps(run: _Run, result: TrainResult) -> None:
 def _host_needs_step(run: _Run, step: int) -> bool:
     """Whether ``step``'s results must be read before the next step is enqueued: it evaluates, saves a
     checkpoint (weights and data position of exactly that step), or is the last."""
+    return step == run.end_step or _saves_at(run, step) or _evaluates_at(run, step)
+
+
+def _evaluates_at(run: _Run, step: int) -> bool:
+    return run.data.eval_ds is not None and step % run.args.eval_every == 0
+
+
+def _saves_at(run: _Run, step: int) -> bool:
+    """Checkpoint every ``--save-every`` steps and at the last step (always at a ``--stop-after`` stop)."""
     args = run.args
-    return (step == run.end_step or (args.save_every > 0 and step % args.save_every == 0)
-            or (run.data.eval_ds is not None and step % args.eval_every == 0))
+    periodic = args.save_every > 0 and (step % args.save_every == 0 or step == run.end_step)
+    return periodic or (step == run.end_step and args.stop_after is not None)
 
 
 @dataclass
@@ -911,7 +921,7 @@ def _step_record(run: _Run, result: TrainResult, pending: _Enqueued, step_loss: 
            "peak_mem_gib": mem, "elapsed_s": time.perf_counter() - t_run}
 
     args = run.args
-    if run.data.eval_ds is not None and step % args.eval_every == 0:
+    if _evaluates_at(run, step):
         ev = evaluate(run.model, run.data.eval_ds, args.batch_size, args.eval_batches, run.dd, run.device,
                       run.autocast, packed=args.attn == "flash")
         rec["eval_loss"] = ev
@@ -930,10 +940,8 @@ def _update_bar(bar, rec: dict) -> None:
 
 
 def _maybe_save(run: _Run, step: int) -> None:
-    """Checkpoint every ``--save-every`` steps and at the last step (always at a ``--stop-after`` stop)."""
-    args = run.args
-    periodic = args.save_every > 0 and (step % args.save_every == 0 or step == run.end_step)
-    if periodic or (step == run.end_step and args.stop_after is not None):
+    """Checkpoint where :func:`_saves_at` says."""
+    if _saves_at(run, step):
         check_finite_params(run.model, run.dd, step)
         run.last_ckpt = ckpt.save_checkpoint(
             run.out, step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
