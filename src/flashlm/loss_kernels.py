@@ -209,7 +209,7 @@ def _chunked(hidden, weight, targets, bias, n_valid, ignore_index, reduction, ro
 def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype) -> int:
     """Tokens per chunk: as many as keep a chunk's logits within ``CHUNK_LOGITS_BYTES`` (at least 1), all
     of them when they fit."""
-    per_row = vocab * torch.empty((), dtype=dtype).element_size()
+    per_row = vocab * dtype.itemsize
     return max(1, min(n_tokens, CHUNK_LOGITS_BYTES // per_row))
 
 
@@ -274,6 +274,8 @@ def logits_cross_entropy(
         A 0-dim fp32 loss (fp64 for fp64 inputs).
     """
     _check_args(hidden, weight, targets, bias, reduction, backend)
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise InputError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise InputError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
@@ -284,7 +286,5 @@ def logits_cross_entropy(
                                ignore_index=ignore_index, reduction=reduction)
     if chunk_tokens is None:
         chunk_tokens = chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
-    elif not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise InputError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     return LogitsCrossEntropy.apply(hidden, weight, targets.contiguous(), bias, ignore_index, reduction,
                                     _use_triton(hidden, backend), chunk_tokens)
