@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -341,7 +341,21 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
         model.train(was_training)
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
-    return _finish(input_ids, key, *run, fallback)
+    return _finish(input_ids, key, run, fallback)
+
+
+class _Decoded(NamedTuple):
+    """What a generation loop hands to :func:`_finish`: the new tokens (batch, steps) and how they came."""
+
+    new_tokens: Tensor
+    t_start: float
+    t_first: float
+    t_end: float
+    steps: int
+    used_graph: bool = False
+    capture_s: float = 0.0
+    mode: str | None = None
+    prefill_graph: bool = False
 
 
 def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
@@ -395,7 +409,7 @@ def _generate_flash(model, input_ids: Tensor, mask: Tensor | None, max_new_token
     finally:
         if source_gen is not None:
             source_gen.set_state(step.generator.get_state())
-    return step.new_tokens(steps), t_start, t_first, t_end, steps, use_graph, capture_s, mode, prefill_graph
+    return _Decoded(step.new_tokens(steps), t_start, t_first, t_end, steps, use_graph, capture_s, mode, prefill_graph)
 
 
 def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tokens: int, key: SamplingKey,
@@ -444,13 +458,11 @@ def _generate_default(model, input_ids: Tensor, mask: Tensor | None, max_new_tok
         next_tokens = sample_next_token(out.logits[:, -1, :], **sample)
     _sync(device)
     t_end = time.perf_counter()
-    return new_tokens[:, :steps], t_start, t_first, t_end, steps, False, 0.0, None, False
+    return _Decoded(new_tokens[:, :steps], t_start, t_first, t_end, steps)
 
 
-def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: float, t_first: float,
-            t_end: float, steps: int, used_graph: bool, capture_s: float, mode: str | None,
-            prefill_graph: bool, fallback: str | None) -> GenerationOutput:
-    batch = input_ids.shape[0]
+def _finish(input_ids: Tensor, key: SamplingKey, run: _Decoded, fallback: str | None) -> GenerationOutput:
+    batch, new_tokens, steps = input_ids.shape[0], run.new_tokens, run.steps
     if key.eos_ids:
         eos = torch.tensor(key.eos_ids, dtype=torch.long, device=new_tokens.device)
         # tokens up to and including the first EOS of each row count; later slots hold padding
@@ -463,11 +475,11 @@ def _finish(input_ids: Tensor, key: SamplingKey, new_tokens: Tensor, t_start: fl
         new_tokens = new_tokens[:, : int(num_new.max())]
     else:
         num_new = torch.full((batch,), steps, dtype=torch.long, device=new_tokens.device)
-    per_token = (t_end - t_first) / (steps - 1) if steps > 1 else float("nan")
+    per_token = (run.t_end - run.t_first) / (steps - 1) if steps > 1 else float("nan")
     return GenerationOutput(sequences=torch.cat([input_ids, new_tokens], dim=-1), num_new_tokens=num_new,
-                            first_token_s=t_first - t_start, per_token_s=per_token, cuda_graph=used_graph,
-                            capture_s=capture_s, compile_mode=mode, graph_fallback=fallback,
-                            prefill_graph=prefill_graph)
+                            first_token_s=run.t_first - run.t_start, per_token_s=per_token,
+                            cuda_graph=run.used_graph, capture_s=run.capture_s, compile_mode=run.mode,
+                            graph_fallback=fallback, prefill_graph=run.prefill_graph)
 
 
 # --------------------------------------------------------------------------------------------
