@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# A/B of two versions of flashlm on one warm GPU machine, side by side (issue 26: the commit before the
+# restructuring against the working tree). Made here, before the calls:
+#   git archive --format=tar.gz -o .ab/before.tar.gz <before-commit> src    # .ab/ is git-ignored
+#   bash ../shared/tools/pack-fa4-for-device.sh                           # .fa4a/ .fa4b/ (FA4)
+#   pip download liger-kernel==0.8.5 into .whl/ (the device README's command)
+# Then three device calls back to back (the machine keeps /tmp for ~30 s between calls):
+#   STAGE=a  carry .fa4a .whl .ab   FA4 part a, Liger, the before tree; every CUDA test of the working tree
+#   STAGE=b  carry .fa4b            FA4 part b; A/B: seed eager (default + flash), llama-1b train, decode
+#   STAGE=c  (after b)              A/B: seed compiled
+# Each A/B row runs the same `flashlm bench` command on both trees, one after the other (order alternates
+# per row against drift); JSON under $OUT, the ratio table (after / before) last: $OUT/ab_table_<stage>.md.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:?set OUT}"
+site=/tmp/site
+deps="$site:$site/nvidia_cutlass_dsl/dsl_packages"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+side() {  # side before|after NAME ARGS...: one flashlm command on that tree, JSON to $OUT/NAME_<side>.json
+  local which="$1" name="$2"; shift 2
+  local src="$PWD/src"; [ "$which" = before ] && src=/tmp/before/src
+  echo "=== $name $which: flashlm $* ($(date -u +%H:%M:%S))"
+  PYTHONPATH="$deps:$src" timeout "${ROW_TIMEOUT:-240}" python -m flashlm.cli "$@" --output "$OUT/${name}_$which.json" \
+    2>&1 | grep -v -i "warn" | tail -n 4
+}
+ab() { side before "$@"; side after "$@"; }
+ba() { side after "$@"; side before "$@"; }
+
+table() {  # the ratio table of every NAME_before.json / NAME_after.json pair in $OUT
+  python - "$OUT" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+KEYS = ("median_ms", "peak_memory_gb", "first_token_ms", "per_token_ms", "tokens_per_s")
+def rows(d):  # (label, value) of every timed figure: model bench cases, or decode points
+    for model, m in d.get("models", {}).items():
+        for case, c in m.get("cases", {}).items():
+            for k in KEYS:
+                if isinstance(c.get(k), (int, float)):
+                    yield f"{model} {case} {k}", c[k]
+    for p in d.get("points", []):
+        for k in ("first_token_ms", "per_token_ms", "tokens_per_s", "peak_memory_gb"):
+            if isinstance(p.get(k), (int, float)):
+                yield f"{p['impl']} b{p['batch']} x {p['context']} {k}", p[k]
+print("| row | figure | before | after | after / before |\n|---|---|---|---|---|")
+for b in sorted(out.glob("*_before.json")):
+    name = b.name[: -len("_before.json")]
+    a = out / f"{name}_after.json"
+    if not a.exists():
+        print(f"| {name} | (after missing) | | | |"); continue
+    before, after = dict(rows(json.loads(b.read_text()))), dict(rows(json.loads(a.read_text())))
+    for k in before:
+        if k in after and before[k]:
+            print(f"| {name} | {k} | {before[k]:.4g} | {after[k]:.4g} | {after[k] / before[k]:.3f} |")
+EOF
+}
+
+seed="bench --model small --batch-size 2 --seq-length 256 --warmup-steps 10 --benchmark-steps 20 --compare default,flash --no-progress"
+case "${STAGE:?}" in
+  a)
+    mkdir -p $site /tmp/before && tar -C $site -xJf .fa4a/a.tar.xz && tar -C /tmp/before -xzf .ab/before.tar.gz
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
+    python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    PYTHONPATH="$site:$PWD/src" timeout "${TESTS_TIMEOUT:-480}" python -m pytest -q -m cuda -n 8 -p no:cacheprovider \
+      --no-header -rfE tests 2>&1 | tee "$OUT/gpu_tests_ab.log" | tail -n 25
+    ;;
+  b)
+    tar -C $site -xJf .fa4b/b.tar.xz
+    PYTHONPATH="$deps" python -c "import flash_attn.cute, liger_kernel; print('FA4 and Liger importable')"
+    ab seed_eager $seed
+    ba train_llama1b bench --model llama-1b --batch-size 8 --seq-length 2048 --warmup-steps 3 --benchmark-steps 10 \
+      --cases train --compare flash --no-progress
+    ab decode_llama1b bench decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
+      --models flashlm-graph --new-tokens 64 --repeats 3
+    table | tee "$OUT/ab_table_b.md"
+    ;;
+  c)
+    ba seed_compiled $seed --compile
+    table | tee "$OUT/ab_table_c.md"
+    ;;
+esac
