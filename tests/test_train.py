@@ -157,6 +157,29 @@ def test_main_reports_errors_in_one_line(corpus, tmp_path, capsys):
     assert err == ["flashlm train: error: --seq-length 999 exceeds the model's max_position_embeddings 512"]
 
 
+def test_help_states_each_default_once():
+    """ArgumentDefaultsHelpFormatter appends "(default: X)" to every flag; flags whose help already
+    says what the default is (or whose default is None / a store_true False) must not get a second."""
+    parser = T.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help is None:
+            continue
+        text = " ".join(formatter._expand_help(action).split())
+        assert text.lower().count("default") <= 1, (action.option_strings, text)
+        assert "(default: None)" not in text and "(default: False)" not in text, (action.option_strings, text)
+    help_text = " ".join(parser.format_help().split())
+    assert "peak learning rate (AdamW) (default: 0.0003)" in help_text  # plain defaults still shown
+    assert "(default: 10% of --max-steps, <= 1000)" in help_text
+
+
+def test_seq_length_one_is_refused_up_front(corpus, cache, tmp_path):
+    out = tmp_path / "seq1"
+    with pytest.raises(ValueError, match=r"--seq-length must be >= 2 .*got 1"):
+        _run(corpus, cache, out, "--max-steps", 2, "--batch-size", 2, "--seq-length", 1)
+    assert not out.exists()  # refused before anything was written
+
+
 def test_flops_and_schedule():
     from flashlm.models import build_model, get_preset
 

@@ -70,11 +70,23 @@ DEFAULT_SEQ_LENGTH = 1024
 # ----------------------------------------------------------------------------------------------- args
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it tells something: not where the help already says what
+    the default is (a hand-written default would be followed by "(default: None)"), not for None
+    (the flag is off or computed) nor for a store_true flag's False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text.lower() or action.default is None or action.default is False:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flashlm train",
         description="Train a flashlm model on local text (packed, padding-free) with checkpoints and resume.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="preset name (tiny, small, llama-1b) or an HF checkpoint folder")
@@ -91,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--output's (kept from an earlier run), else a byte-level BPE trained on --data "
                         "and saved in --output")
     g.add_argument("--seq-length", type=int, default=None,
-                   help="tokens per packed row (default: 1024, or the model's max_position_embeddings if smaller)")
+                   help=f"tokens per packed row, >= 2 (default: {DEFAULT_SEQ_LENGTH}, or the model's "
+                        "max_position_embeddings if smaller)")
     g.add_argument("--eval-fraction", type=float, default=0.01, help="share of rows held out for --eval-every")
     g.add_argument("--cache-dir", default=None, help="tokenized-data cache (default $FLASHLM_CACHE or ~/.cache/flashlm)")
     g.add_argument("--seed", type=int, default=0, help="model init, document and row shuffling")
@@ -131,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Range checks that need no model or data; raise ValueError naming the flag."""
-    positive = ("seq_length", "batch_size", "grad_accum", "max_steps", "eval_batches")
+    if args.seq_length is not None and args.seq_length < 2:
+        # the model predicts token i + 1 from tokens <= i: a 1-token row has no target (the loss is nan)
+        raise InputError(f"--seq-length must be >= 2 (a row of one token has no next token to predict), "
+                         f"got {args.seq_length}")
+    positive = ("batch_size", "grad_accum", "max_steps", "eval_batches")
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
