@@ -4,10 +4,12 @@
   autograd formula, so ``fullgraph=True`` traces it without graph breaks);
 - eager with gradients: the ``torch.autograd.Function`` calling the Triton launcher directly (the
   custom op's dispatcher and generated backward cost 100-300 us of host time per call);
-- eager without gradients: the launcher itself.
+- eager without gradients: the launcher itself;
+- wherever Triton cannot run on the first argument's device (a CPU tensor without TRITON_INTERPRET=1,
+  or no Triton installed): the op's torch reference, so a public op runs on every device.
 
-The choice is made per call (the same model runs eager and compiled), but it costs two cheap checks,
-not a lookup.
+The choice is made per call (the same model runs eager and compiled), but it costs three cheap checks
+(on CUDA one ``is_cuda`` attribute read more), not a lookup.
 """
 
 from __future__ import annotations
@@ -35,14 +37,23 @@ except ImportError:  # CPU-only installs: only the torch references work
 SIZED_MIN_NUMEL = 32 * 1024 * 1024
 
 
-def dispatch(function: type[torch.autograd.Function], launch: Callable, compiled: Callable) -> Callable:
-    """A callable taking the op's positional arguments and running ``compiled`` under torch.compile,
-    ``function.apply`` in eager mode with grad enabled, else ``launch``. All three take the same
-    arguments and return the same outputs."""
-    apply = function.apply
+def dispatch(function: type[torch.autograd.Function] | None, launch: Callable, compiled: Callable,
+             reference: Callable) -> Callable:
+    """A callable taking the op's positional arguments and running ``reference`` where Triton cannot
+    run on the first argument's device (:func:`triton_usable`), else ``compiled`` under torch.compile,
+    ``function.apply`` in eager mode with grad enabled (``launch`` where ``function`` is None: an
+    inference-only op), else ``launch``. All four take the same arguments and return the same outputs."""
+    if triton is None:  # no kernel can run anywhere: the reference is the op
+        return reference
+    apply = launch if function is None else function.apply
     grad_enabled = torch.is_grad_enabled
 
     def call(*args):
+        x = args[0]
+        # CUDA (the hot path) pays one attribute read; other devices read TRITON_INTERPRET per call,
+        # since tests set and unset it. Before the compile check: a compiled CPU model traces the reference.
+        if not x.is_cuda and not triton_usable(x.device):
+            return reference(*args)
         if is_compiling():
             return compiled(*args)
         if grad_enabled():

@@ -231,8 +231,8 @@ def _add_rms_norm_compiled(x, residual, weight, eps, unit_offset):
     return y, s
 
 
-_rms_norm = dispatch(_RMSNormFunction, _rms_norm_nograd, _rms_norm_compiled)
-_add_rms_norm = dispatch(_AddRMSNormFunction, _add_rms_norm_nograd, _add_rms_norm_compiled)
+_rms_norm = dispatch(_RMSNormFunction, _rms_norm_nograd, _rms_norm_compiled, rms_norm_ref)
+_add_rms_norm = dispatch(_AddRMSNormFunction, _add_rms_norm_nograd, _add_rms_norm_compiled, add_rms_norm_ref)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, where: str) -> None:

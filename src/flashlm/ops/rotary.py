@@ -337,8 +337,8 @@ def _rot_compiled(x, cos, sin):
     return _rotary_fwd_op(x, cos, sin, False)
 
 
-_rotary_qkv = dispatch(_RotaryQKVFunction, _qkv_nograd, _qkv_compiled)
-_rotary = dispatch(_RotaryFunction, _rot_nograd, _rot_compiled)
+_rotary_qkv = dispatch(_RotaryQKVFunction, _qkv_nograd, _qkv_compiled, rotary_qkv_ref)
+_rotary = dispatch(_RotaryFunction, _rot_nograd, _rot_compiled, rotary_ref)
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
@@ -389,16 +389,7 @@ def _check_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_c
                          f"got {slots.dtype} {tuple(slots.shape)}")
 
 
-def rotary_qkv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                      num_kv_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slots: torch.Tensor) -> torch.Tensor:
-    """Split + RoPE of q and k with k/v appended to the cache, one Triton launch (inference only).
-
-    qkv (batch, seqlen, (H + 2 * KV) * D); cos/sin (batch or 1, seqlen, D // 2) fp32; k_cache / v_cache
-    (B_cache >= batch, capacity, KV, D) written in place at row b, slot ``slots[b, s]`` (int (batch,
-    seqlen); the caller keeps slots inside the capacity: a slot outside it is not written). Returns q
-    (batch, seqlen, H, D), contiguous. No autograd: the cache write is not differentiable."""
-    _check_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots)
+def _launch_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots):
     batch, seqlen = qkv.shape[:2]
     x = _last_contiguous(qkv).unflatten(-1, (num_heads + 2 * num_kv_heads, head_dim))
     q = torch.empty((batch, seqlen, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -412,3 +403,21 @@ def rotary_qkv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n
                 k_cache.shape[1], x.stride(0), x.stride(1), x.stride(2), scb, scs, *k_cache.stride()[:3],
                 *v_cache.stride()[:3], HALF=head_dim // 2, BLOCK_D=next_pow2(head_dim // 2), BLOCK_H=block_h)
     return q
+
+
+# inference only: no autograd Function, and the launch under torch.compile too (as before dispatch)
+_rotary_qkv_append = dispatch(None, _launch_append, _launch_append, rotary_qkv_append_ref)
+
+
+def rotary_qkv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                      num_kv_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slots: torch.Tensor) -> torch.Tensor:
+    """Split + RoPE of q and k with k/v appended to the cache, one Triton launch (inference only).
+
+    qkv (batch, seqlen, (H + 2 * KV) * D); cos/sin (batch or 1, seqlen, D // 2) fp32; k_cache / v_cache
+    (B_cache >= batch, capacity, KV, D) written in place at row b, slot ``slots[b, s]`` (int (batch,
+    seqlen); the caller keeps slots inside the capacity: a slot outside it is not written). Returns q
+    (batch, seqlen, H, D), contiguous. No autograd: the cache write is not differentiable."""
+    _check_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots)
+    return _rotary_qkv_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots)
+

@@ -149,7 +149,7 @@ def _op_backward(ctx, grad):
 
 
 _swiglu_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
-_swiglu = dispatch(_SwiGLUFunction, _launch_fwd, _swiglu_fwd_op)
+_swiglu = dispatch(_SwiGLUFunction, _launch_fwd, _swiglu_fwd_op, swiglu_ref)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -283,7 +283,7 @@ def _linear_op_backward(ctx, grad):
 
 
 _swiglu_linear_fwd_op.register_autograd(_linear_op_backward, setup_context=_linear_op_setup)
-_swiglu_linear = dispatch(_SwiGLULinearFunction, _swiglu_linear_launch, _swiglu_linear_fwd_op)
+_swiglu_linear = dispatch(_SwiGLULinearFunction, _swiglu_linear_launch, _swiglu_linear_fwd_op, swiglu_linear_ref)
 
 
 def _linear_inputs(name: str, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
