@@ -1,8 +1,10 @@
 """flashlm.train end to end on CPU: the tiny preset learns a generated corpus, saves, resumes bit-exactly,
 refuses bad input clearly, and runs under torchrun as 2 gloo processes with FSDP2."""
 
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -178,6 +180,25 @@ def test_seq_length_one_is_refused_up_front(corpus, cache, tmp_path):
     with pytest.raises(ValueError, match=r"--seq-length must be >= 2 .*got 1"):
         _run(corpus, cache, out, "--max-steps", 2, "--batch-size", 2, "--seq-length", 1)
     assert not out.exists()  # refused before anything was written
+
+
+def test_evaluate_builds_no_autograd_graph():
+    """Evaluation runs without autograd: no graph kept alive (memory) and no "requires_grad=True to
+    a scalar" UserWarning from train.py printed in the middle of the progress bar."""
+    import warnings
+
+    from flashlm.data import PackedDataset
+    from flashlm.models import build_model
+
+    model = build_model("tiny", attn="default")
+    ds = PackedDataset(torch.randint(0, 200, (6, 16), dtype=torch.int32), torch.zeros(6, 16, dtype=torch.bool))
+    seen = []
+    model.register_forward_hook(lambda mod, inp, out: seen.append((torch.is_grad_enabled(), out.loss.requires_grad)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = T.evaluate(model, ds, 2, 3, T.Dist(), torch.device("cpu"), contextlib.nullcontext)
+    assert seen == [(False, False)] * 3 and math.isfinite(loss)
+    assert model.training  # its mode is restored
 
 
 def test_flops_and_schedule():

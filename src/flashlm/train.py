@@ -582,6 +582,7 @@ def model_inputs(cpu_batch: dict[str, torch.Tensor], device: torch.device, packe
     return batch
 
 
+@torch.no_grad()  # no graph kept for backward (no_grad, not inference_mode: FSDP2 and compiled layers accept it)
 def evaluate(model, eval_ds, batch_size: int, n_batches: int, dd: Dist, device, autocast,
              packed: bool = False) -> float:
     """Token-weighted mean loss over the first ``min(len, n_batches * batch_size * world)`` held-out
