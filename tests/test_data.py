@@ -50,6 +50,34 @@ def test_find_files_errors(tmp_path, corpus):
         D.find_files(corpus / "ignored.md")
 
 
+def test_binary_files_are_refused_naming_the_file(tmp_path):
+    """A binary file named .txt (or a folder holding one) is refused, not tokenized into junk."""
+    import random
+
+    rng = random.Random(0)
+    cases = {
+        "weights.txt": b"PK\x03\x04" + bytes(100) + b"some text",  # a zip / torch.save: NUL bytes
+        "noise.txt": bytes(rng.randrange(1, 256) for _ in range(4000)),  # no NUL, mostly not UTF-8
+        "utf16.jsonl": '{"text": "hello"}\n'.encode("utf-16"),  # text, but not UTF-8
+    }
+    for name, blob in cases.items():
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / "ok.txt").write_text("plain text\n")
+        (folder / name).write_bytes(blob)
+        for data in (folder, folder / name):
+            with pytest.raises(ValueError, match=rf"--data: .*{name} is not UTF-8 text"):
+                D.find_files(data)
+    # UTF-8 text passes: emoji, a 3-byte character cut at the end of the probed chunk, a few stray
+    # latin-1 bytes (decoded with replacement characters, as before)
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    (fine / "a.txt").write_text("emoji 🙂 and Ünïcödé\n" * 50)
+    (fine / "b.txt").write_text("€" * 5000)
+    (fine / "c.txt").write_bytes("caf\xe9 cr\xe8me, na\xefve fa\xe7ade. ".encode("latin-1") * 30)
+    assert [f.name for f in D.find_files(fine)] == ["a.txt", "b.txt", "c.txt"]
+
+
 def test_read_documents_jsonl_field_and_errors(corpus, tmp_path):
     docs = list(D.read_documents(D.find_files(corpus), "body"))
     assert len(docs) == 41 and docs[1].startswith("document 0:")

@@ -133,6 +133,10 @@ def test_clear_errors(corpus, cache, tmp_path):
     empty.mkdir()
     (empty / "a.txt").write_text("\n \n")
     fails(ValueError, "hold no text", data=empty)
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    torch.save({"w": torch.zeros(64)}, binary / "weights.txt")  # a zip with NUL bytes, named .txt
+    fails(ValueError, r"--data: .*weights.txt is not UTF-8 text \(it holds NUL bytes", data=binary)
     fails(ValueError, "no .txt or .jsonl files", data=tmp_path / "err")  # exists, no data files
     fails(ValueError, "--seq-length 1000 exceeds the model's max_position_embeddings 512", "--seq-length", 1000)
     big = _tokenizer_json(tmp_path / "big.json", 700, corpus)

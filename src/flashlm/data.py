@@ -29,9 +29,11 @@ Pipeline (all deterministic given the files, the tokenizer and the seed):
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,9 +42,12 @@ from pathlib import Path
 
 import torch
 
+from flashlm.errors import InputError
+
 __all__ = [
     "DataIterator",
     "PackedDataset",
+    "check_text_file",
     "find_files",
     "load_tokenizer",
     "pack",
@@ -59,6 +64,14 @@ DATA_SUFFIXES = (".txt", ".jsonl")
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 DEFAULT_EOS = "<|endoftext|>"
 _CACHE_VERSION = 1
+# Binary detection reads this many leading bytes (git's heuristic looks for NUL in the first 8000).
+PROBE_BYTES = 8192
+# Share of the probed characters that may be undecodable or control characters: stray latin-1
+# bytes in text stay far below it, random bytes (compressed or encrypted data) reach ~60%.
+MAX_JUNK_FRACTION = 0.3
+# Undecodable bytes (U+FFFD after decoding) and control characters text does not hold (all C0 but
+# tab, newline, vertical tab, form feed, carriage return and escape; DEL).
+_JUNK = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f\ufffd]")
 
 
 def default_cache_dir() -> Path:
@@ -90,7 +103,27 @@ def find_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Pa
             raise ValueError(f"--data: {p} is not a .txt or .jsonl file (allowed: {DATA_SUFFIXES})")
     if not files:
         raise ValueError(f"--data: no .txt or .jsonl files found in {[str(i) for i in items]}")
+    for f in files:
+        check_text_file(f)
     return files
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse (``InputError`` naming the file) a file whose first :data:`PROBE_BYTES` bytes are not
+    UTF-8 text: a NUL byte, or more than :data:`MAX_JUNK_FRACTION` of the characters undecodable or
+    control characters. Documents are read with ``errors="replace"``, so a binary file would
+    otherwise train silently on replacement characters."""
+    with open(path, "rb") as fh:
+        head = fh.read(PROBE_BYTES)
+    # incremental: a multi-byte character cut at the end of the probe is not an error
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    junk = len(_JUNK.findall(text))
+    if b"\0" in head or junk > MAX_JUNK_FRACTION * max(1, len(text)):
+        why = "it holds NUL bytes" if b"\0" in head else f"{junk} of its first {len(text)} characters are not text"
+        raise InputError(
+            f"--data: {path} is not UTF-8 text ({why}: a binary file, or text in another encoding such as "
+            "UTF-16); convert it to UTF-8 or leave it out of --data"
+        )
 
 
 def read_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[str]:
