@@ -167,3 +167,61 @@ def test_cli_text_prompt_with_tokenizer(tmp_path, capsys):
     assert "first token" in out
     rc = main(["--model", "tiny", "--prompt", "w1", "--max-new-tokens", "2"])
     assert rc == 2 and "tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["default", "flash"])
+def test_more_positions_than_the_model_has_are_refused_up_front(which):
+    """prompt + max_new_tokens past max_position_embeddings (tiny: 512) would decode at untrained
+    positions, and max_new_tokens=10**8 would run until memory is gone: refused before any step."""
+    from flashlm.errors import InputError
+
+    model = dict(zip(("default", "flash"), make_pair()))[which]
+    ids = torch.randint(3, 256, (1, 10))
+    for n in (503, 10**8):
+        with pytest.raises(InputError, match=rf"prompt \(10 tokens\) \+ max_new_tokens {n} = {10 + n} positions "
+                                             r"exceed the model's max_position_embeddings 512.*at most 502"):
+            generate(model, ids, max_new_tokens=n, eos_token_id=[])
+
+
+@pytest.mark.parametrize("which", ["default", "flash"])
+def test_a_kv_cache_larger_than_memory_is_refused_up_front(which):
+    """With positions to spare (max_position_embeddings 2**50), 10**12 new tokens need a ~500 TB cache:
+    an InputError naming the sizes, not an allocator error (or a run that fills memory)."""
+    from flashlm.errors import InputError
+
+    default, flash = make_pair(max_position_embeddings=2**50)
+    model = default if which == "default" else flash
+    ids = torch.randint(3, 256, (2, 4))
+    with pytest.raises(InputError, match=r"KV cache for 2 rows x \d+ positions .* needs [\d.]+ TiB .* more than "
+                                         r"the [\d.]+ GiB available on cpu: lower max_new_tokens"):
+        generate(model, ids, max_new_tokens=10**12, eos_token_id=[])
+
+
+def _word_tokenizer(tmp_path, n_words):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = tokenizers.Tokenizer(WordLevel({f"w{i}": i for i in range(n_words)}, unk_token="w0"))
+    tok.pre_tokenizer = Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+def test_cli_names_both_vocab_sizes_when_the_tokenizer_is_larger(tmp_path, capsys):
+    path = _word_tokenizer(tmp_path, 300)  # ids up to 299; the tiny model has 256
+    rc = main(["--model", "tiny", "--prompt", "w1 w290", "--tokenizer", path, "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "tokenizer's vocab (300 tokens)" in err and "vocab_size 256" in err and "id 290" in err, err
+
+
+def test_cli_warns_once_when_the_model_can_generate_undecodable_ids(tmp_path, capsys):
+    path = _word_tokenizer(tmp_path, 100)  # the tiny model can generate ids 100..255
+    rc = main(["--model", "tiny", "--prompt", "w1 w2", "--prompt", "w3", "--tokenizer", path,
+               "--max-new-tokens", "3", "--do-sample"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert err.count("warning:") == 1, err
+    assert "vocab_size 256 is larger than the tokenizer's vocab (100 tokens)" in err and "ids >= 100" in err

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from flashlm.decode_graph import (
+    _GRAPHS_ATTR,
     DecodeStep,
     cache_capacity,
     compile_mode,
@@ -155,10 +156,12 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
     return None if bool(mask.all()) else mask
 
 
-def _check_ids_and_length(config: Any, eos_ids: list[int], pad_token_id: Any, prompt_len: int) -> None:
+def _check_ids_and_length(config: Any, eos_ids: list[int], pad_token_id: Any, prompt_len: int,
+                          max_new_tokens: int) -> None:
     """EOS and pad ids must be token ids of the model (a pad id past the vocab would fail mid-run,
-    when the first row finishes); the prompt must fit the model's positions. New tokens may run past
-    them, as in transformers (benchmarks time a full-length prompt plus a few tokens)."""
+    when the first row finishes); the prompt and the new tokens must fit the model's positions
+    (positions past them were never trained, and a huge max_new_tokens would run until memory is
+    gone)."""
     vocab = getattr(config, "vocab_size", None)
     for name, ids in (("eos_token_id", eos_ids), ("pad_token_id", [pad_token_id])):
         for i in ids:
@@ -174,6 +177,69 @@ def _check_ids_and_length(config: Any, eos_ids: list[int], pad_token_id: Any, pr
             f"the prompt ({prompt_len} tokens) exceeds the model's max_position_embeddings {max_pos}: "
             "positions past it were never trained (flashlm train refuses such rows too); shorten the prompt"
         )
+    if max_pos is not None and prompt_len + max_new_tokens > max_pos:
+        room = max_pos - prompt_len
+        raise InputError(
+            f"the prompt ({prompt_len} tokens) + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
+            f"positions exceed the model's max_position_embeddings {max_pos}: positions past it were never "
+            "trained; " + (f"pass max_new_tokens at most {room}" if room > 0 else "shorten the prompt")
+        )
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can take: CUDA's free memory plus what the caching
+    allocator holds unused; on CPU the kernel's MemAvailable (else physical memory); None elsewhere."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**40:.1f} TiB" if n >= 2**40 else f"{n / 2**30:.2f} GiB"
+
+
+def _check_memory(model: torch.nn.Module, config: Any, batch: int, prompt_len: int, max_new_tokens: int,
+                  max_cache_len: int | None, device: torch.device) -> None:
+    """Refuse a KV cache (the flash model's static one, or the default model's once grown) that cannot
+    fit the memory left on ``device``: it would fail mid-run, or fill the host until the OOM killer."""
+    shape = [getattr(config, f, None) for f in ("num_layers", "num_kv_heads", "head_dim")]
+    weight = next(model.parameters(), None)
+    available = _available_bytes(device)
+    if None in shape or weight is None or available is None:
+        return
+    needed = prompt_len + max_new_tokens
+    flash = _is_flash(model)
+    slots = cache_capacity(needed, max_cache_len) if flash else needed  # refuses a bad max_cache_len too
+    per_slot = 2 * shape[0] * shape[1] * shape[2] * weight.dtype.itemsize  # k and v, every layer
+    # plus the int64 token buffers: the flash step's history (batch, slots); the default loop's new
+    # tokens and mask (batch, needed)
+    total = batch * slots * (per_slot + 8 * (1 if flash else 2))
+    if flash and device.type == "cuda":  # a kept graph of this batch size is reused or freed first
+        kept = getattr(model.__dict__.get(_GRAPHS_ATTR, {}).get(batch), "cache", None)
+        available += 0 if kept is None else sum(t.numel() * t.element_size() for t in kept.k + kept.v)
+    if total <= available:
+        return
+    rounded = f", rounded up to {slots}" if slots != needed else ""
+    raise InputError(
+        f"the KV cache for {batch} rows x {slots} positions (prompt {prompt_len} + max_new_tokens "
+        f"{max_new_tokens}{rounded}) needs {_gib(total)} ({shape[0]} layers x 2 x {shape[1]} kv heads x "
+        f"{shape[2]} x {weight.dtype.itemsize} bytes per position and row, plus the token ids), more than the {_gib(available)} "
+        f"available on {device}: lower max_new_tokens or the batch size"
+        + (" (or max_cache_len)" if flash and max_cache_len is not None else "")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,8 +384,9 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
         pad_token_id = getattr(config, "pad_token_id", None)
         if pad_token_id is None:
             pad_token_id = eos_ids[0] if eos_ids else 0
-    _check_ids_and_length(config, eos_ids, pad_token_id, input_ids.shape[1])
+    _check_ids_and_length(config, eos_ids, pad_token_id, input_ids.shape[1], max_new_tokens)
     device = input_ids.device
+    _check_memory(model, config, input_ids.shape[0], input_ids.shape[1], max_new_tokens, max_cache_len, device)
     input_ids = input_ids.long()
     key = SamplingKey(bool(do_sample), float(temperature), int(top_k), float(top_p), tuple(eos_ids),
                       int(pad_token_id))
@@ -603,6 +670,21 @@ def _prompt_rows(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     return rows, tokenizer
 
 
+def _check_tokenizer_vocab(tokenizer: Any, rows: list[list[int]], model_vocab: int) -> str | None:
+    """InputError when a prompt encodes to an id the model does not have (naming both vocab sizes);
+    the warning to print when the model can generate ids the tokenizer cannot decode; else None."""
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    top = max(max(r) for r in rows)
+    if top >= model_vocab:
+        raise InputError(f"the tokenizer's vocab ({n} tokens) does not match the model's vocab_size {model_vocab}: "
+                         f"the prompt encodes to id {top}, which the model does not have; pass the tokenizer the "
+                         "model was trained with (--tokenizer)")
+    if model_vocab > n:
+        return (f"warning: the model's vocab_size {model_vocab} is larger than the tokenizer's vocab ({n} tokens): "
+                f"generated ids >= {n} cannot be decoded and print as nothing (see new_token_ids in the JSON)")
+    return None
+
+
 def _make_streamer(args: argparse.Namespace, tokenizer: Any):
     """--stream (and not --json): a streamer printing row 0's tokens (decoded if there is a tokenizer)."""
     if not args.stream or args.json:
@@ -675,9 +757,12 @@ def main(argv: list[str] | None = None) -> int:
     config = model.config
     try:
         rows, tokenizer = _prompt_rows(args)
+        warning = None if tokenizer is None else _check_tokenizer_vocab(tokenizer, rows, config.vocab_size)
     except ValueError as e:
         print(f"flashlm generate: {e}", file=sys.stderr)
         return 2
+    if warning is not None:  # once per run, before any output
+        print(f"flashlm generate: {warning}", file=sys.stderr)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     input_ids, mask = _left_pad(rows, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
