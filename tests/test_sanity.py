@@ -45,3 +45,12 @@ def test_sanity_refuses_bad_tolerance(tol, capsys):
         sanity.main(["--tol", tol])
     assert exc.value.code == 2  # argparse's usage error, before any model is built
     assert "--tol" in capsys.readouterr().err
+
+
+def test_help_states_the_real_parameter_count(capsys):
+    with pytest.raises(SystemExit) as exc:
+        sanity.main(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    real = sanity.sanity_config("sanity").num_parameters() / 1e6
+    assert f"{real:.2f}M params" in out and "~1M" not in out

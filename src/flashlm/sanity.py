@@ -28,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         default="sanity",
         choices=["sanity", *PRESETS],
-        help="model shape: 'sanity' (default: 4 layers, GQA, llama3 RoPE scaling, ~1M params) "
-        "or a named preset",
+        help=f"model shape: 'sanity' (default: 4 layers, GQA, llama3 RoPE scaling, "
+        f"{sanity_config('sanity').num_parameters() / 1e6:.2f}M params) or a named preset",
     )
     p.add_argument("--batch", type=_positive_int, default=3, help="batch size, >= 1 (default 3)")
     p.add_argument("--seqlen", type=_positive_int, default=48, help="prompt length, >= 1 (default 48)")
