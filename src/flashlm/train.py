@@ -499,6 +499,9 @@ class TrainResult:
     # a JIT compile, an eval, a checkpoint)
     median_step_tokens_per_s: float | None = None
     peak_mem_gib: float | None = None
+    # seconds spent evaluating and checkpointing (not in any step's time, nor in tokens_per_s)
+    eval_s: float = 0.0
+    save_s: float = 0.0
 
 
 def _peak_mem_gib(device: torch.device) -> float:
@@ -810,8 +813,12 @@ def _run_steps(run: _Run, result: TrainResult) -> None:
 
     A step's loss is read back (the one host sync per step) after the next step has been enqueued, so
     the GPU is never idle while the host prepares a batch; steps that evaluate, checkpoint or end the run
-    are read before anything else is enqueued (the saved data position and weights are that step's). A
-    step's time is the interval between two read-backs: the GPU's step time once the host keeps ahead."""
+    are read before anything else is enqueued (the saved data position and weights are that step's).
+
+    A step's time runs from the end of the step before (or of the evaluation or checkpoint after it,
+    which are timed apart as ``eval_s`` / ``save_s``) to the end of its own work, on the device's
+    timeline (`_clock`): not between read-backs, which come one step late and, at eval and save
+    steps, twice in a row."""
     args, dd = run.args, run.dd
     bar = None
     if dd.main and not args.no_progress:
@@ -821,33 +828,32 @@ def _run_steps(run: _Run, result: TrainResult) -> None:
 
     metrics_file = open(run.metrics_path, "a", encoding="utf-8") if dd.main else None  # noqa: SIM115
     t_run = time.perf_counter()
-    t_done = t_run  # when the last read-back returned
 
     def complete(pending: _Enqueued) -> None:
-        nonlocal t_done
         step_loss = float(pending.loss)  # waits for that step only; the next one is already queued
-        now = time.perf_counter()
-        dt, t_done = now - t_done, now
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss is {step_loss} at step {pending.step}; lower --lr or check the data")
+        dt = _seconds(pending.began, pending.ended)
         rec = _step_record(run, result, pending, step_loss, dt, t_run)
         if metrics_file is not None:
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
         if bar is not None:
             _update_bar(bar, rec)
-        _maybe_save(run, pending.step)
+        result.save_s += _maybe_save(run, pending.step)
 
     try:
-        pending = None
+        pending, began = None, None  # began: where the next step's time starts (None: now)
         for step in range(run.start_step + 1, run.end_step + 1):
+            began = _clock(run.device) if began is None else began
             enqueued = _train_step(run, step)
+            enqueued.began, began = began, enqueued.ended
             if pending is not None:
                 complete(pending)
             pending = enqueued
             if _host_needs_step(run, step):
                 complete(pending)
-                pending = None
+                pending, began = None, None  # an eval or a save ran: not the next step's time
     finally:
         if bar is not None:
             bar.close()
@@ -875,12 +881,33 @@ def _saves_at(run: _Run, step: int) -> bool:
 @dataclass
 class _Enqueued:
     """A train step launched on the device, not yet read back: its global loss (0-dim, on the device),
-    grad norm (or None) and the learning rate it used."""
+    grad norm (or None), the learning rate it used, and the `_clock` marks its time runs between."""
 
     step: int
     loss: torch.Tensor
     grad_norm: torch.Tensor | None
     lr: float
+    ended: Any = None
+    began: Any = None
+
+
+def _clock(device: torch.device) -> float | torch.cuda.Event:
+    """A mark after the work queued so far: a CUDA event on CUDA (the host runs ahead of the GPU, so
+    its clock tells when work was queued, not when it ran), else the host's clock (the CPU computes
+    as it goes)."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _seconds(began: float | torch.cuda.Event, ended: float | torch.cuda.Event) -> float:
+    """Seconds between two `_clock` marks; call it once the work before ``ended`` is done (the step's
+    loss was read back), so a CUDA event's time is there without a further sync."""
+    if isinstance(began, float):
+        return ended - began
+    return began.elapsed_time(ended) / 1e3
 
 
 def _train_step(run: _Run, step: int) -> _Enqueued:
@@ -919,7 +946,8 @@ def _train_step(run: _Run, step: int) -> _Enqueued:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return _Enqueued(step, dd.sum(loss_sum), grad_norm, lr)
+    loss_sum = dd.sum(loss_sum)
+    return _Enqueued(step, loss_sum, grad_norm, lr, ended=_clock(device))
 
 
 def _step_record(run: _Run, result: TrainResult, pending: _Enqueued, step_loss: float, dt: float,
@@ -940,10 +968,12 @@ def _step_record(run: _Run, result: TrainResult, pending: _Enqueued, step_loss: 
 
     args = run.args
     if _evaluates_at(run, step):
+        t0 = time.perf_counter()  # evaluate reads its loss back: the host's clock holds its time
         ev = evaluate(run.model, run.data.eval_ds, args.batch_size, args.eval_batches, run.dd, run.device,
                       run.autocast, packed=args.attn == "flash")
-        rec["eval_loss"] = ev
+        rec["eval_loss"], rec["eval_s"] = ev, time.perf_counter() - t0
         result.eval_losses.append((step, ev))
+        result.eval_s += rec["eval_s"]
     return rec
 
 
@@ -957,14 +987,17 @@ def _update_bar(bar, rec: dict) -> None:
     bar.update(1)
 
 
-def _maybe_save(run: _Run, step: int) -> None:
-    """Checkpoint where :func:`_saves_at` says."""
-    if _saves_at(run, step):
-        check_finite_params(run.model, run.dd, step)
-        run.last_ckpt = ckpt.save_checkpoint(
-            run.out, step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-            data_state=run.data.train_iter.state_dict(), train_args=run.train_args, tokenizer=run.data.tok,
-        )
+def _maybe_save(run: _Run, step: int) -> float:
+    """Checkpoint where :func:`_saves_at` says; returns the seconds it took (0.0: no save)."""
+    if not _saves_at(run, step):
+        return 0.0
+    t0 = time.perf_counter()  # the save reads the weights back: the host's clock holds its time
+    check_finite_params(run.model, run.dd, step)
+    run.last_ckpt = ckpt.save_checkpoint(
+        run.out, step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+        data_state=run.data.train_iter.state_dict(), train_args=run.train_args, tokenizer=run.data.tok,
+    )
+    return time.perf_counter() - t0
 
 
 def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
@@ -992,8 +1025,8 @@ def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
         summary = {"steps": end_step, "final_loss": result.losses[-1] if result.losses else None,
                    "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
                    "median_step_tokens_per_s": result.median_step_tokens_per_s, "peak_mem_gib": result.peak_mem_gib,
-                   "peak_mem_gib_per_rank": peaks, "flops_per_token": fpt, "world_size": dd.world_size,
-                   "dtype": dtype, "attn": run.args.attn}
+                   "peak_mem_gib_per_rank": peaks, "eval_s": result.eval_s, "save_s": result.save_s,
+                   "flops_per_token": fpt, "world_size": dd.world_size, "dtype": dtype, "attn": run.args.attn}
         print(json.dumps(summary))
     return result
 
