@@ -236,3 +236,19 @@ def test_kernels_prints_refusals_apart_from_the_figures(tmp_path, capsys):
     cudnn_lines = [line for line in decode_table.splitlines() if line.startswith("cudnn")]
     assert cudnn_lines and all("refused: " in line for line in cudnn_lines), cudnn_lines
     assert set(payload["suggested_orders"]) == {"dense", "kvcache"}
+
+
+def test_kernels_on_cpu_print_nonzero_figures(tmp_path, capsys):
+    """A CPU reaches a few GFLOP/s: printed (and stored) with significant digits, not as 0.0 TFLOP/s."""
+    from flashlm.bench import kernels
+
+    path = tmp_path / "k.json"
+    kernels.main(["--backends", "reference", "--modes", "fwd", "--causal", "1", "--tiny", "--json", str(path)])
+    out = capsys.readouterr().out
+    payload = json.loads(path.read_text())
+    assert payload["dense"] and all(r["tflops"] > 0 for r in payload["dense"]), payload["dense"]
+    assert payload["decode"] and all(r["gbps"] > 0 for r in payload["decode"]), payload["decode"]
+    dense_rows = [line.split() for line in out[:out.index("decode cache")].splitlines() if line.startswith("reference")]
+    assert dense_rows and all(float(row[-1]) > 0 for row in dense_rows), dense_rows
+    decode_rows = [line.split() for line in out[out.index("decode cache"):].splitlines() if line.startswith("reference")]
+    assert decode_rows and all(float(row[-1]) > 0 for row in decode_rows), decode_rows

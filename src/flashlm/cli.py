@@ -10,16 +10,39 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "bench": ("flashlm.bench.cli", "benchmark default vs flash vs HF models (`bench kernels`: attention kernels)"),
+    "bench": ("flashlm.bench.cli", "benchmark default vs flash vs HF models"),
     "sanity": ("flashlm.sanity", "check the default model against transformers' LlamaForCausalLM"),
     "generate": ("flashlm.generation", "generate text/tokens with a flashlm model"),
     "train": ("flashlm.train", "train a model on local text with packing and checkpoints"),
 }
 
 
+# `flashlm bench <sub>`: flashlm.bench.cli dispatches through this table, so both helps list every one
+# (kept here, not there, so that `flashlm --help` does not import torch)
+BENCH_SUBCOMMANDS = {
+    "kernels": ("flashlm.bench.kernels", "attention kernels: TFLOP/s per backend, KV-cache decode GB/s"),
+    "decode": ("flashlm.bench.decode", "decode latency, tokens/s and GB/s over batch x context"),
+}
+
+
+def version() -> str:
+    """The installed distribution's version, else (a source tree on sys.path) ``flashlm.__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("flashlm")
+    except metadata.PackageNotFoundError:
+        from flashlm import __version__
+
+        return __version__
+
+
 def _usage() -> str:
-    lines = ["usage: flashlm <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
+    lines = ["usage: flashlm <command> [options]", "       flashlm --version", "", "commands:"]
+    for name, (_, doc) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<16} {doc}")
+        if name == "bench":
+            lines += [f"  bench {sub:<10} {sub_doc}" for sub, (_, sub_doc) in BENCH_SUBCOMMANDS.items()]
     lines += ["", "`flashlm <command> --help` shows a command's options."]
     return "\n".join(lines)
 
@@ -29,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"flashlm {version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"flashlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

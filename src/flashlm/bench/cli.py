@@ -6,6 +6,8 @@
     flashlm bench kernels ...      attention kernel benchmark (flashlm.bench.kernels)
     flashlm bench decode ...       fast-decode benchmark (flashlm.bench.decode)
 
+(``SUBCOMMANDS``, the table both ``--help`` texts print.)
+
 On CPU the defaults become the ``tiny`` preset in fp32: that run checks the command works; its
 numbers say nothing about GPU speed. See docs/bench.md.
 """
@@ -13,6 +15,7 @@ numbers say nothing about GPU speed. See docs/bench.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
@@ -20,6 +23,7 @@ import sys
 import torch
 
 from flashlm.bench.models import CASE_NAMES, DTYPES, MODEL_NAMES, BenchConfig
+from flashlm.cli import BENCH_SUBCOMMANDS as SUBCOMMANDS
 from flashlm.errors import InputError
 
 DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
@@ -27,11 +31,13 @@ DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    subs = "\n".join(f"  flashlm bench {name:<8} {doc}" for name, (_, doc) in SUBCOMMANDS.items())
     p = argparse.ArgumentParser(
         prog="flashlm bench",
         description="Benchmark flashlm's default and flash models against transformers' Llama on the same "
-                    "weights and inputs: train step, inference forward, generation latency, peak memory. "
-                    "`flashlm bench kernels --help` benchmarks the attention kernels instead.")
+                    "weights and inputs: train step, inference forward, generation latency, peak memory.",
+        epilog=f"subcommands (`flashlm bench <name> --help` for their options):\n{subs}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help="preset name (tiny, small, llama-1b) or an HF checkpoint folder "
                         "(default: small on CUDA, tiny on CPU)")
@@ -187,23 +193,19 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, argparse.Namespace, list[s
     return cfg, args, notes
 
 
-def _kernels(argv: list[str]) -> int:
+def _subcommand(name: str, argv: list[str]) -> int:
     try:
-        from flashlm.bench import kernels
+        module = importlib.import_module(SUBCOMMANDS[name][0])
     except ImportError as e:
-        print(f"flashlm bench kernels: the kernel benchmark is not available ({e})", file=sys.stderr)
+        print(f"flashlm bench {name}: not available ({e})", file=sys.stderr)
         return 2
-    return int(kernels.main(argv) or 0)
+    return int(module.main(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "kernels":
-        return _kernels(argv[1:])
-    if argv and argv[0] == "decode":
-        from flashlm.bench import decode
-
-        return int(decode.main(argv[1:]) or 0)
+    if argv and argv[0] in SUBCOMMANDS:
+        return _subcommand(argv[0], argv[1:])
     from flashlm.bench import report
     from flashlm.bench.models import run_benchmark
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -224,7 +225,8 @@ def _run_row(row: dict, figures: list, refused: list, measure, unit: str) -> Non
     """Measure one row into ``figures``; a refusal goes to ``refused`` instead, an error stays a row."""
     try:
         ms, value = measure()
-        row.update(ms=round(ms, 4), **{unit: round(value, 2 if unit == "tflops" else 1)})
+        # significant digits, not decimals: a CPU's ~0.005 TFLOP/s must not be stored as 0.0
+        row.update(ms=round(ms, 4), **{unit: float(f"{value:.4g}")})
     except Refused as exc:
         refused.append({**row, "refused": str(exc)})
         return
@@ -245,6 +247,14 @@ def _suggest(rows: list, names: list, unit: str) -> list[str]:
         "reference"]
 
 
+def _sig(x: float, digits: int = 3) -> str:
+    """``x`` in fixed notation with ``digits`` significant digits (568 TFLOP/s on a GPU, 0.000551 on a
+    CPU), so that a small figure is neither 0.0 nor 5.51e-04."""
+    if not (math.isfinite(x) and x > 0):
+        return f"{x:g}"
+    return f"{x:.{max(0, digits - 1 - math.floor(math.log10(x)))}f}"
+
+
 def _table(results, decode, refused=()) -> str:
     def dense_key(r):
         return f"{r['backend']:<12} {r['mode']:<8} {r['causal']!s:<6} {r['head_dim']:>4} {r['seqlen']:>6} {r['batch']:>5}"
@@ -252,15 +262,15 @@ def _table(results, decode, refused=()) -> str:
     def decode_key(r):
         return f"{r['backend']:<12} {r['cache_len']:>12}"
 
-    lines = [f"{'backend':<12} {'mode':<8} {'causal':<6} {'D':>4} {'seqlen':>6} {'batch':>5} {'ms':>9} {'TFLOP/s':>8}"]
+    lines = [f"{'backend':<12} {'mode':<8} {'causal':<6} {'D':>4} {'seqlen':>6} {'batch':>5} {'ms':>9} {'TFLOP/s':>10}"]
     for r in results:
-        val = f"{r['ms']:>9.3f} {r['tflops']:>8.1f}" if "tflops" in r else f"  {r['error'][:70]}"
+        val = f"{r['ms']:>9.3f} {_sig(r['tflops']):>10}" if "tflops" in r else f"  {r['error'][:70]}"
         lines.append(f"{dense_key(r)} {val}")
     lines += [f"{dense_key(r)}   refused: {r['refused'][:90]}" for r in refused if r["kind"] == "dense"]
     lines.append("")
-    lines.append(f"{'backend':<12} {'decode cache':>12} {'ms':>9} {'GB/s':>8}")
+    lines.append(f"{'backend':<12} {'decode cache':>12} {'ms':>9} {'GB/s':>10}")
     for r in decode:
-        val = f"{r['ms']:>9.4f} {r['gbps']:>8.0f}" if "gbps" in r else f"  {r['error'][:70]}"
+        val = f"{r['ms']:>9.4f} {_sig(r['gbps']):>10}" if "gbps" in r else f"  {r['error'][:70]}"
         lines.append(f"{decode_key(r)} {val}")
     lines += [f"{decode_key(r)}   refused: {r['refused'][:90]}" for r in refused if r["kind"] == "kvcache"]
     return "\n".join(lines)
