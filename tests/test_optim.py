@@ -112,3 +112,111 @@ def test_model_dtype_casts_an_fp32_model_and_keeps_its_exact_init_as_masters():
     opt.step()
     assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in model.parameters())
     assert any(not torch.equal(m, p0) for m, p0 in zip(opt._masters, init))
+
+
+def _bf16_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).to(torch.bfloat16)
+
+
+def _step_all(opt, params, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("form", ["generator", "named", "dict_generator", "tensor_group"])
+def test_params_in_every_form_torch_accepts(form):
+    """model.parameters() (a generator: the usual call), named parameters, a generator of groups and a
+    group whose params is one tensor or a generator train as the same groups given as lists."""
+    ref_model, model = _bf16_model(), _bf16_model()
+    ref = MasterWeightAdamW([{"params": list(ref_model.parameters())}], lr=1e-2)
+    params = list(model.parameters())
+    given = {"generator": lambda: model.parameters(),
+             "named": lambda: model.named_parameters(),
+             "dict_generator": lambda: ({"params": (p for p in params[i:i + 1])} for i in range(len(params))),
+             "tensor_group": lambda: [{"params": p} for p in params]}[form]()
+    opt = MasterWeightAdamW(given, lr=1e-2)
+    assert [id(p) for p in opt.model_params] == [id(p) for p in params] and len(opt._masters) == len(params)
+    init = [p.detach().clone() for p in params]
+    for step in range(3):
+        _step_all(ref, list(ref_model.parameters()), step)
+        _step_all(opt, params, step)
+    for r, p, p0 in zip(ref_model.parameters(), params, init, strict=True):
+        assert not torch.equal(p, p0) and torch.equal(r, p)
+    if form == "named":
+        assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+
+
+def test_empty_or_unordered_params_are_refused_as_torch_does():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="empty parameter list"):
+        MasterWeightAdamW(iter([]), lr=1e-3)
+    with pytest.raises(TypeError, match="ordered collections"):
+        MasterWeightAdamW([{"params": {p}}], lr=1e-3)
+    with pytest.raises(TypeError, match="iterable of Tensors or dicts"):
+        MasterWeightAdamW(p, lr=1e-3)
+
+
+def test_a_parameter_in_two_groups_is_refused_and_nothing_is_cast():
+    """torch's AdamW refuses it too; here one group's update would be lost (two masters, one model
+    tensor). Refused before model_dtype casts anything."""
+    model = torch.nn.Linear(4, 4)
+    w, b = model.weight, model.bias
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        torch.optim.AdamW([{"params": [w]}, {"params": [w, b]}], lr=1e-3)
+    for groups in ([{"params": [w, b]}, {"params": [w]}], [{"params": [w, b, w]}]):
+        with pytest.raises(ValueError, match="more than once") as err:
+            MasterWeightAdamW(groups, model_dtype=torch.bfloat16, lr=1e-3)
+        assert "(4, 4)" in str(err.value)
+        assert w.dtype == b.dtype == torch.float32  # refused: the model was not cast
+    opt = MasterWeightAdamW([{"params": [w]}], lr=1e-3)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [b, w]})
+    assert len(opt.param_groups) == 1 and len(opt.model_params) == len(opt._masters) == 1
+
+
+def test_add_param_group_trains_the_new_group_with_its_own_masters():
+    """A group added after construction (e.g. layers unfrozen mid-training) gets fp32 masters (its
+    fp32 params cast by model_dtype, as at construction), steps like fp32 AdamW, and round-trips
+    through state_dict / load_state_dict."""
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        opt = MasterWeightAdamW([{"params": list(model[0].parameters())}], model_dtype=torch.bfloat16, lr=1e-2)
+        init = [p.detach().clone() for p in model[1].parameters()]
+        opt.add_param_group({"params": model[1].parameters(), "lr": 1e-3, "weight_decay": 0.0})
+        return model, opt, init
+
+    model, opt, init = build()
+    new = list(model[1].parameters())
+    assert all(p.dtype == torch.bfloat16 for p in new) and len(opt._masters) == 4
+    for m, p0 in zip(opt._masters[2:], init, strict=True):
+        assert m.dtype == torch.float32 and torch.equal(m, p0)  # the exact fp32 init
+    # the new group's masters follow fp32 AdamW with its own options, given the same grads
+    ref = [torch.nn.Parameter(p0.clone()) for p0 in init]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.0)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+        for r, p in zip(ref, new):
+            r.grad = p.grad.float()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+    for r, m, p in zip(ref, opt._masters[2:], new, strict=True):
+        assert torch.equal(m, r.detach()) and torch.equal(p.detach(), m.to(torch.bfloat16))
+    # resume: a fresh optimizer built the same way loads the state and continues bit for bit
+    state = copy.deepcopy(opt.state_dict())
+    assert len(state["master_weights"]) == 4 and len(state["param_groups"]) == 2
+    model_b, opt_b, _ = build()
+    opt_b.load_state_dict(state)
+    for (pa, pb), ma, mb in zip(zip(model.parameters(), model_b.parameters()), opt._masters, opt_b._masters):
+        assert torch.equal(pa, pb) and torch.equal(ma, mb)
+    _step_all(opt, list(model.parameters()), 7)
+    _step_all(opt_b, list(model_b.parameters()), 7)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(model.parameters(), model_b.parameters()))

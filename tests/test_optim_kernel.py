@@ -165,6 +165,20 @@ def test_auto_takes_torch_on_cpu_even_under_the_interpreter(interpret, kernel_ca
     assert kernel_calls == []
 
 
+def test_added_group_is_stepped_by_the_kernel(interpret, kernel_calls):
+    """A group given to add_param_group gets masters and the kernel, as the constructor's groups do."""
+    opts = []
+    for kernel in ("triton", "torch"):
+        params = _model(torch.float16)
+        opt = MasterWeightAdamW([{"params": params[:1], "weight_decay": 0.1}], kernel=kernel, lr=1e-2,
+                                betas=(0.9, 0.95), eps=1e-8)
+        opt.add_param_group({"params": params[1:], "weight_decay": 0.0})
+        _steps(opt, params, 3)
+        opts.append(opt)
+    assert len(kernel_calls) == 6  # 2 low-precision params (one in the added group) x 3 steps
+    _assert_close_states(*opts, **TOL)
+
+
 def test_kernel_argument_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="kernel must be"):
         _optimizer(_model(torch.float16), "cuda")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _get_scalar_dtype
 
+from flashlm.errors import InputError
 from flashlm.ops._dispatch import triton_usable
 from flashlm.optim_kernels import LOW_PRECISION, adamw_master_step
 
@@ -41,10 +42,14 @@ _KERNEL_OFF = ("amsgrad", "maximize", "capturable", "differentiable")
 class MasterWeightAdamW(torch.optim.AdamW):
     """AdamW stepping fp32 copies of low-precision model parameters.
 
-    ``param_groups``: AdamW's groups (dicts with "params" and options) over the model's parameters
-    (any dtype; fp32 ones are stepped in place, as plain AdamW would). The optimizer's own
-    parameters are the fp32 masters, so LR schedulers, ``state_dict`` and ``load_state_dict`` work
-    as for AdamW; ``state_dict`` also carries the master weights (a resume continues bit for bit).
+    ``params``: what torch's optimizers take, over the model's parameters (any dtype; fp32 ones are
+    stepped in place, as plain AdamW would): an iterable of parameters (``model.parameters()``), of
+    (name, parameter) pairs (``model.named_parameters()``), or of AdamW's groups (dicts with "params"
+    and options); each parameter once (refused with InputError otherwise: two masters of one tensor
+    would lose one group's update). :meth:`add_param_group` takes a group later (masters made for
+    it). The optimizer's own parameters are the fp32 masters, so LR schedulers, ``state_dict`` and
+    ``load_state_dict`` work as for AdamW; ``state_dict`` also carries the master weights (a resume
+    continues bit for bit).
     ``step`` reads the model parameters' ``.grad``, steps the masters and copies them back rounded.
     The state has torch's non-fused layout (``step`` a CPU scalar tensor) for the parameters the
     kernel steps, so a checkpoint loads into either path.
@@ -55,53 +60,99 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     ``kernel``: "auto" (default) steps low-precision parameters with the Triton kernel when the
     masters are on CUDA and the group allows it; "triton" the same, also on CPU under
-    TRITON_INTERPRET=1 (tests), and raises ValueError at construction where Triton cannot run on
-    the masters' device; "torch" always takes torch's AdamW (fp32 grad copies, then a copy back),
-    e.g. to benchmark it. Unless a group or ``adamw_kwargs`` chooses ``foreach``, ``fused`` or
-    ``differentiable``, torch's AdamW is fused when every master is on CUDA (twice as fast as
-    foreach on an H200).
+    TRITON_INTERPRET=1 (tests), and raises ValueError at construction (or ``add_param_group``) where
+    Triton cannot run on the masters' device; "torch" always takes torch's AdamW (fp32 grad copies,
+    then a copy back), e.g. to benchmark it. Unless a group or ``adamw_kwargs`` chooses ``foreach``,
+    ``fused`` or ``differentiable``, torch's AdamW is fused when every master is on CUDA (twice as
+    fast as foreach on an H200).
     """
 
-    def __init__(self, param_groups: Iterable[dict[str, Any]], *, model_dtype: torch.dtype | None = None,
-                 kernel: str = "auto", **adamw_kwargs: Any) -> None:
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], *,
+                 model_dtype: torch.dtype | None = None, kernel: str = "auto", **adamw_kwargs: Any) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        self.model_params: list[nn.Parameter] = []
-        master_groups = []
-        for group in param_groups:
-            params = list(group["params"])
-            if model_dtype is not None:
-                masters = [p.detach().clone() if p.dtype == torch.float32 else p.detach().float() for p in params]
-                for p in params:
-                    p.data = p.data.to(model_dtype)
-            else:
-                masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
-            self.model_params += params
-            master_groups.append({**group, "params": masters})
-        if _default_to_fused(master_groups, adamw_kwargs):
+        self._model_dtype, self._kernel_choice = model_dtype, kernel
+        self.model_params: list[nn.Parameter] = []  # one per master, in the groups' order
+        self._masters: list[torch.Tensor] = []
+        self._pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per group: (model param, master)
+        self._kernel_ok: list[bool] = []  # per group: whether Triton may step it (its masters' devices)
+        # model params to cast to model_dtype, held back until every group is accepted (a refused
+        # construction leaves the model as it was); None once constructed
+        self._uncast: list[torch.Tensor] | None = []
+        groups = _as_groups(params)
+        if _default_to_fused(groups, adamw_kwargs):
             adamw_kwargs["fused"] = True
-        super().__init__(master_groups, **adamw_kwargs)
-        self._masters = [p for g in self.param_groups for p in g["params"]]
-        # (model param, master) per group, in the groups' order (load_state_dict keeps both)
-        pairs = iter(zip(self.model_params, self._masters, strict=True))
-        self._pairs = [[next(pairs) for _ in g["params"]] for g in self.param_groups]
-        devices = {m.device for m in self._masters}
+        super().__init__(groups, **adamw_kwargs)  # calls add_param_group per group
+        uncast, self._uncast = self._uncast, None
+        self._cast(uncast)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` over model parameters: fp32 masters are made for the group's
+        parameters (fp32 ones cast to ``model_dtype`` where given, as at construction), so the group
+        trains and ``state_dict`` carries its masters. A parameter already held, or twice in the
+        group, is refused (InputError) before anything changes."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        entries = _group_params(param_group)
+        params = [e[1] if isinstance(e, tuple) else e for e in entries]
+        self._check_new(params)
+        masters = [self._master(p) for p in params]
+        kernel_ok = self._kernel_usable(masters)
+        # (name, tensor) entries keep their names: torch records them as the group's param_names
+        master_entries = [(e[0], m) if isinstance(e, tuple) else m for e, m in zip(entries, masters, strict=True)]
+        super().add_param_group({**param_group, "params": master_entries})
+        self.model_params += params
+        self._masters += masters
+        self._pairs.append(list(zip(params, masters, strict=True)))
+        self._kernel_ok.append(kernel_ok)
+        if self._uncast is None:
+            self._cast(params)
+        else:
+            self._uncast += params
+
+    def _check_new(self, params: list) -> None:
+        """Refuse non-tensors (as torch does) and parameters held already or repeated in ``params``."""
+        seen = set(self.model_params)
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")
+            if p in seen:
+                raise InputError(f"MasterWeightAdamW: a parameter of shape {tuple(p.shape)} appears more than "
+                                 "once (in two parameter groups, or twice in one): its two masters would each "
+                                 "take one update and one would be lost; pass each parameter once")
+            seen.add(p)
+
+    def _master(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 master of model parameter ``p``: ``p`` itself if fp32 and not cast, else a copy."""
+        if p.dtype != torch.float32:
+            return p.detach().float()
+        return p if self._model_dtype is None else p.detach().clone()
+
+    def _cast(self, params: list[torch.Tensor]) -> None:
+        if self._model_dtype is not None:
+            for p in params:
+                p.data = p.data.to(self._model_dtype)
+
+    def _kernel_usable(self, masters: list[torch.Tensor]) -> bool:
+        """Whether the Triton kernel may step these masters (``kernel`` and their devices)."""
+        devices = {m.device for m in masters}
         # "auto" never takes Triton's CPU interpreter: tests set TRITON_INTERPRET=1 globally, and the
         # interpreted kernel is slow and casts fp32 -> bf16 by truncation
         usable = all(triton_usable(d) for d in devices)
-        self._kernel = usable and (kernel == "triton" or (kernel == "auto" and
-                                                          all(d.type == "cuda" for d in devices)))
-        if kernel == "triton" and not usable:
-            raise ValueError(f"kernel='triton' needs Triton on CUDA (or TRITON_INTERPRET=1); masters on "
+        if self._kernel_choice == "triton" and not usable:
+            raise InputError(f"kernel='triton' needs Triton on CUDA (or TRITON_INTERPRET=1); masters on "
                              f"{sorted(map(str, devices))}")
+        return usable and (self._kernel_choice == "triton" or (self._kernel_choice == "auto" and
+                                                               all(d.type == "cuda" for d in devices)))
 
     def _low_precision_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         pairs = [(p, m) for p, m in zip(self.model_params, self._masters, strict=True) if p is not m]
         return [p for p, _ in pairs], [m for _, m in pairs]
 
-    def _kernel_group(self, group: dict[str, Any]) -> bool:
+    @staticmethod
+    def _kernel_group(group: dict[str, Any]) -> bool:
         """Whether the kernel's math is this group's AdamW: plain options, float hyperparameters."""
-        return (self._kernel and not any(group.get(k) for k in _KERNEL_OFF)
+        return (not any(group.get(k) for k in _KERNEL_OFF)
                 and group.get("decoupled_weight_decay", True)
                 and all(isinstance(group[k], (int, float)) for k in ("lr", "weight_decay", "eps"))
                 and all(isinstance(b, (int, float)) for b in group["betas"]))
@@ -135,8 +186,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
             raise ValueError("MasterWeightAdamW.step takes no closure")
         copied: list[tuple[torch.Tensor, torch.Tensor]] = []  # stepped by torch: fp32 grad copies
         torch_steps = False
-        for group, pairs in zip(self.param_groups, self._pairs, strict=True):
-            kernel = self._kernel_group(group)
+        for group, pairs, kernel_ok in zip(self.param_groups, self._pairs, self._kernel_ok, strict=True):
+            kernel = kernel_ok and self._kernel_group(group)
             for p, m in pairs:
                 if p.grad is None:
                     continue
@@ -187,12 +238,42 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 torch._foreach_copy_(model_params, low)
 
 
+def _group_params(group: dict[str, Any]) -> list:
+    """A group's "params" as a list (of tensors or (name, tensor) pairs), as torch's add_param_group
+    reads it: one tensor, or any ordered iterable (a generator too); a set is refused as torch does."""
+    if "params" not in group:
+        raise InputError(f"a parameter group needs a 'params' entry, got keys {sorted(group)}")
+    params = group["params"]
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                        "of tensors in sets will change between runs. Please use a list instead.")
+    return list(params)
+
+
+def _as_groups(params: Any) -> list:
+    """``params`` in any form torch's optimizers take, as a list of groups whose "params" are lists
+    (read once: a generator is consumed here). Torch's own errors for what it refuses."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                        f"but got {torch.typename(params)}")
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        return [{"params": groups}]
+    for g in groups:
+        if not isinstance(g, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(g)}")
+    return [{**g, "params": _group_params(g)} for g in groups]
+
+
 def _default_to_fused(groups: list[dict[str, Any]], adamw_kwargs: dict[str, Any]) -> bool:
     """Whether to pass ``fused=True``: every master on CUDA and no foreach/fused/differentiable choice."""
     chosen = ("foreach", "fused", "differentiable")
     if any(k in adamw_kwargs for k in chosen) or any(k in g for g in groups for k in chosen):
         return False
-    return all(m.device.type == "cuda" for g in groups for m in g["params"])
+    tensors = [p[1] if isinstance(p, tuple) else p for g in groups for p in g["params"]]
+    return all(isinstance(p, torch.Tensor) and p.device.type == "cuda" for p in tensors)
 
 
 def _place_step(state: dict[str, Any], group: dict[str, Any], device: torch.device) -> None:
