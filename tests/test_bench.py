@@ -10,7 +10,7 @@ import torch
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from flashlm.bench import cli
-from flashlm.bench.models import make_batch
+from flashlm.bench.batch import make_batch
 
 FAST = ["--warmup-steps", "1", "--benchmark-steps", "2", "--seq-length", "32", "--new-tokens", "4",
         "--no-progress", "--device", "cpu"]
@@ -252,3 +252,109 @@ def test_kernels_on_cpu_print_nonzero_figures(tmp_path, capsys):
     assert dense_rows and all(float(row[-1]) > 0 for row in dense_rows), dense_rows
     decode_rows = [line.split() for line in out[out.index("decode cache"):].splitlines() if line.startswith("reference")]
     assert decode_rows and all(float(row[-1]) > 0 for row in decode_rows), decode_rows
+
+
+# ------------------------------------------------------------------ the timing helper and the subcommands
+
+
+def test_timing_helper_drops_warmup_and_runs_hooks_untimed():
+    from flashlm.bench.timing import summarize, time_calls, time_loop, time_once
+
+    calls, before, after = [], [], []
+    t = time_calls(lambda: calls.append(1), warmup=2, iters=5, before=lambda: before.append(1),
+                   after=lambda: after.append(1))
+    assert len(calls) == len(before) == len(after) == 7 and len(t.times_s) == 5 and t.clock == "wall"
+    assert t.summary()["steps"] == 5 and t.p10_s <= t.median_s <= t.p90_s
+    # the CUDA-event clock falls back to the wall clock off CUDA
+    assert time_calls(lambda: None, iters=3, clock="cuda_event").clock == "wall"
+    s = summarize([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert s == pytest.approx({"median_ms": 3.0, "p10_ms": 1.4, "p90_ms": 4.6, "steps": 5})
+    loop = time_loop(lambda: None, warmup=1, iters=4)
+    assert loop.iters == 4 and 0 <= loop.host_s <= loop.wall_s
+    seconds, result = time_once(lambda: 42)
+    assert result == 42 and seconds >= 0
+    with pytest.raises(ValueError, match="iters >= 1"):
+        time_calls(lambda: None, iters=0)
+
+
+@pytest.mark.parametrize("sub", ["kernels", "decode", "ops", "optim", "loss", "memory", "profile", "launches",
+                                 "decode-probe"])
+def test_every_subcommand_has_help(sub, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([sub, "--help"])
+    assert exc.value.code == 0
+    assert f"flashlm bench {sub}" in capsys.readouterr().out
+
+
+def test_ops_subcommand_runs_tiny_on_cpu(tmp_path, capsys):
+    from flashlm.bench import ops
+
+    path = tmp_path / "ops.json"
+    assert cli.main(["ops", "--device", "cpu", "--iters", "2", "--output", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["shapes"] == {"tiny": list(ops.SHAPES["tiny"])} and data["dtype"] == "float32"
+    torch_rows = [r for r in data["rows"] if r["impl"] == "torch"]
+    assert {r["op"] for r in torch_rows} == {"rms_norm", "add_rms_norm", "swiglu", "rotary_qkv", "rotary"}
+    assert all(r["host_us"] > 0 and r["wall_us"] >= r["host_us"] and r["kernels"] is None for r in torch_rows)
+    assert {r["mode"] for r in data["rows"]} == {"fwd", "fwd+bwd"}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == data["rows"]
+
+
+def test_optim_subcommand_runs_tiny_on_cpu(tmp_path):
+    path = tmp_path / "optim.json"
+    assert cli.main(["optim", "--device", "cpu", "--steps", "2", "--output", str(path)]) == 0
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"master_foreach", "master_fused", "master_triton", "bf16_fused"}
+    assert rows["master_foreach"]["median_ms"] > 0 and rows["master_foreach"]["peak_memory_gb"] is None
+    assert "error" in rows["master_triton"] or rows["master_triton"]["median_ms"] > 0
+
+
+def test_loss_subcommand_runs_tiny_on_cpu(tmp_path):
+    path = tmp_path / "loss.json"
+    assert cli.main(["loss", "--device", "cpu", "--tokens", "16", "--vocabs", "128", "--hidden", "32",
+                     "--repeats", "2", "--output", str(path)]) == 0
+    (row,) = json.loads(path.read_text())["rows"]
+    assert (row["tokens"], row["vocab"]) == (16, 128)
+    assert all(row[f"{k}_ms"] > 0 for k in ("plain", "ours", "fused"))
+
+
+def test_profile_subcommand_runs_tiny_on_cpu(tmp_path):
+    path = tmp_path / "prof" / "p.json"
+    assert cli.main(["profile", "--device", "cpu", "--models", "flash", "--cases", "forward,decode",
+                     "--batch", "1", "--seqlen", "8", "--warmup", "0", "--steps", "1", "--points", "1x8",
+                     "--tokens", "3", "--repeats", "1", "--output", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["case"], r["mode"]) for r in rows] == [("forward", "eager"), ("decode", "eager")]
+    assert rows[0]["median_ms"] > 0 and rows[1]["per_token_ms"] is not None and rows[1]["bytes_per_step"] > 0
+    assert "==== flash" in (tmp_path / "prof" / "p.txt").read_text()
+
+
+def test_launches_subcommand_counts_aten_ops_on_cpu(tmp_path):
+    path = tmp_path / "launches.json"
+    assert cli.main(["launches", "--device", "cpu", "--preset", "tiny", "--seqlen", "8", "--dtype", "fp32",
+                     "--output", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["case"], r["model"]) for r in rows} == {(c, m) for c in ("train", "forward")
+                                                       for m in ("default", "flash")}
+    assert all(r["count"] > 0 and r["unit"] == "aten ops" for r in rows)
+
+
+@pytest.mark.parametrize("sub", ["memory", "decode-probe"])
+def test_cuda_only_subcommands_refuse_the_cpu_before_writing(sub, tmp_path, capsys):
+    path = tmp_path / "out.json"
+    assert cli.main([sub, "--device", "cpu", "--output", str(path)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not path.exists()
+
+
+def test_memory_replay_finds_the_peak_and_its_blocks():
+    from flashlm.bench.memory import by_site, replay_peak
+
+    frames = [{"filename": "/x/flashlm/models/flash.py", "line": 7, "name": "forward"}]
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": frames},
+             {"action": "alloc", "addr": 2, "size": 50, "frames": frames},
+             {"action": "free_requested", "addr": 1, "size": 100},
+             {"action": "free_completed", "addr": 1, "size": 100},
+             {"action": "alloc", "addr": 3, "size": 20, "frames": []}]
+    peak, alive = replay_peak(trace, base=10)
+    assert peak == 160 and [b["addr"] for b in alive] == [1, 2]
+    assert by_site(alive, 5) == [{"where": "flash.py:7 forward", "bytes": 150, "blocks": 2}]

@@ -22,6 +22,13 @@ SUBCOMMANDS = {
 BENCH_SUBCOMMANDS = {
     "kernels": ("flashlm.bench.kernels", "attention kernels: TFLOP/s per backend, KV-cache decode GB/s"),
     "decode": ("flashlm.bench.decode", "decode latency, tokens/s and GB/s over batch x context"),
+    "ops": ("flashlm.bench.ops", "fused ops: host/wall us per call and kernels, per implementation"),
+    "optim": ("flashlm.bench.optim", "one AdamW step per variant: median ms and peak memory"),
+    "loss": ("flashlm.bench.loss", "cross-entropy on logits vs fused linear loss: ms and MiB by size"),
+    "memory": ("flashlm.bench.memory", "what is alive at a train step's peak, by allocation site (CUDA)"),
+    "profile": ("flashlm.bench.profile", "where a forward/train/decode step's time goes (torch.profiler)"),
+    "launches": ("flashlm.bench.launches", "aten ops / CUDA kernels per step, default vs flash"),
+    "decode-probe": ("flashlm.bench.decode_probe", "decode kernel tile sweep, decode ops, prefill (CUDA)"),
 }
 
 

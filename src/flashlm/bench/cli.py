@@ -22,12 +22,10 @@ import sys
 
 import torch
 
-from flashlm.bench.models import CASE_NAMES, DTYPES, MODEL_NAMES, BenchConfig
+from flashlm._util import DTYPE_ALIASES, DTYPES
+from flashlm.bench.cli_common import check_output_file as _check_output_file
+from flashlm.bench.config import CASE_NAMES, MODEL_NAMES, BenchConfig
 from flashlm.cli import BENCH_SUBCOMMANDS as SUBCOMMANDS
-from flashlm.errors import InputError
-
-DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
-                 "fp32": "fp32", "float32": "fp32", "float": "fp32"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,20 +104,6 @@ def _check_model(model: str) -> None:
 
     if model not in PRESETS:
         raise ValueError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
-
-
-def _check_output_file(flag: str, path: str | None) -> None:
-    """Refuse, before the run, an output path that no file can be written to (a folder, a file
-    under a file): the results would be lost after minutes of measuring."""
-    if path is None:
-        return
-    if path == "" or os.path.isdir(path):
-        raise InputError(f"{flag} {path!r} is a folder; give a file name, e.g. {os.path.join(path or '.', 'r.json')!r}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path!r} cannot be written: {parent!r} is not a writable folder")
 
 
 def _check_backend(name: str) -> None:

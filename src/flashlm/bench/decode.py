@@ -53,7 +53,6 @@ inductor's fused kernels round differently, so in bf16 a near tie can flip a tok
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import shlex
@@ -66,8 +65,11 @@ from typing import Any
 
 import torch
 
+from flashlm._util import DTYPES
 from flashlm.bench.bandwidth import peak_bandwidth
-from flashlm.bench.models import DTYPES, kv_bytes_per_token, weight_bytes
+from flashlm.bench.cli_common import positive_ints
+from flashlm.bench.records import error_record, free_cuda, kv_bytes_per_token, weight_bytes
+from flashlm.bench.timing import time_once
 from flashlm.decode_graph import COMPILE_MODES
 
 IMPLS = ("flashlm-graph", "flashlm-graph-inductor", "flashlm-eager", "hf-dynamic", "hf-static-compile")
@@ -78,16 +80,6 @@ TARGETS = {"per_token_ms_b1_ctx128": 1.2, "first_token_ms_b1_ctx128": 15.0, "tok
 # --------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------
-def _ints(value: str, flag: str) -> list[int]:
-    try:
-        xs = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {value!r}") from None
-    if not xs or any(x < 1 for x in xs):
-        raise ValueError(f"{flag} needs positive integers, got {value!r}")
-    return xs
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flashlm bench decode",
@@ -122,8 +114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = args.device.type == "cuda"
     args.preset = args.preset or ("llama-1b" if cuda else "tiny")
-    args.batch_sizes = _ints(args.batch_sizes or ("1,8,32" if cuda else "1,2"), "--batch-sizes")
-    args.contexts = _ints(args.contexts or ("128,2048,8192" if cuda else "16,32"), "--contexts")
+    args.batch_sizes = positive_ints(args.batch_sizes or ("1,8,32" if cuda else "1,2"), "--batch-sizes")
+    args.contexts = positive_ints(args.contexts or ("128,2048,8192" if cuda else "16,32"), "--contexts")
     args.new_tokens = args.new_tokens if args.new_tokens is not None else (64 if cuda else 8)
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens must be >= 2, got {args.new_tokens}")
@@ -191,17 +183,6 @@ def build_hf(flash: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 Runner = Callable[[torch.Tensor, int], torch.Tensor]  # (input_ids, n) -> new tokens (batch, n)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def make_runner(impl: str, flash, hf, max_cache_len: int, inductor_mode: str = "default") -> Runner:
     if impl.startswith("flashlm"):
         from flashlm.generation import generate
@@ -232,11 +213,7 @@ def make_runner(impl: str, flash, hf, max_cache_len: int, inductor_mode: str = "
 def measure(run: Runner, ids: torch.Tensor, n: int, repeats: int, device: torch.device) -> dict[str, Any]:
     """first token = median T(1); per token = (median T(1 + n) - median T(1)) / n (see the module doc)."""
     def timed(k: int) -> tuple[float, torch.Tensor]:
-        _sync(device)
-        t0 = time.perf_counter()
-        tokens = run(ids, k)
-        _sync(device)
-        return time.perf_counter() - t0, tokens
+        return time_once(lambda: run(ids, k), device)
 
     t_warm, _ = timed(1 + n)  # warm-up: Triton JIT, graph capture, torch.compile
     timed(1)  # the prompt shape's second use: flashlm captures its prefill graph here, untimed
@@ -252,11 +229,6 @@ def measure(run: Runner, ids: torch.Tensor, n: int, repeats: int, device: torch.
     return {"first_token_ms": t1 * 1e3, "per_token_ms": per_token * 1e3, "total_ms": tn * 1e3,
             "warmup_ms": t_warm * 1e3, "tokens_per_s": ids.shape[0] / per_token if per_token > 0 else None,
             "_tokens": tokens}
-
-
-def _error(exc: BaseException) -> dict[str, Any]:
-    oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-    return {"status": "oom" if oom else "error", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
 
 
 def _skip_reason(impl: str, args: argparse.Namespace, batch: int, ctx: int) -> str | None:
@@ -421,11 +393,11 @@ def _measure_point(sw: _Sweep, point: dict[str, Any], ids: torch.Tensor, max_cac
         if impl == "flashlm-graph-inductor":
             point["compile_mode"] = args.inductor_mode
     except Exception as e:  # noqa: BLE001 one point failing (OOM, compile error) must not end the sweep
-        point.update(_error(e))
+        point.update(error_record(e, with_traceback=False))
     point["wall_s"] = time.perf_counter() - t0
     if impl in GRAPH_IMPLS:
         release_graphs(sw.flash)  # the next grid point has another cache shape
-    _free(device)
+    free_cuda(device)
 
 
 def _point_line(point: dict[str, Any]) -> str:

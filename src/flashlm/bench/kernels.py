@@ -26,14 +26,13 @@ import math
 import platform
 import statistics
 import sys
-import time
 from functools import partial
 
 import torch
 
+from flashlm._util import DTYPES
 from flashlm.attention import available_backends, explain, flash_attn_func, flash_attn_with_kvcache, registry
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from flashlm.bench.timing import time_calls
 
 
 def _ints(s: str) -> list[int]:
@@ -63,25 +62,9 @@ def parse_args(argv):
 
 
 def _time_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median ms per call: GPU time between CUDA events on CUDA, host wall time on the CPU."""
+    return time_calls(fn, warmup=warmup, iters=iters, device="cuda" if cuda else "cpu",
+                      clock="cuda_event").median_ms
 
 
 def _fa4_direct():

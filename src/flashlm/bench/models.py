@@ -1,6 +1,11 @@
 """Model benchmark: the same weights run as flashlm's default and flash models and as transformers'
 LlamaForCausalLM (eager / sdpa / Liger-Kernel / flashlm attention), on the same inputs.
 
+This module runs the benchmark: the rows one after another, their cases in a fixed order, failures
+recorded instead of raised. The parts live beside it: :mod:`~flashlm.bench.config` (names,
+:class:`BenchConfig`), :mod:`~flashlm.bench.batch` (inputs), :mod:`~flashlm.bench.rows` (loading),
+:mod:`~flashlm.bench.cases` (the measurements), :mod:`~flashlm.bench.timing` (the clock).
+
 Every model is loaded from one checkpoint folder (a preset is built once with a fixed seed and saved to
 a temporary folder; an HF folder is used as is), so all rows see identical weights. Models are measured
 one at a time and freed before the next, so peak memory is the model's own.
@@ -24,576 +29,18 @@ included); on CPU it is reported as n/a (tracemalloc does not see torch's alloca
 from __future__ import annotations
 
 import contextlib
-import gc
-import inspect
-import math
-import os
-import statistics
-import tempfile
-import time
-import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-MODEL_NAMES = ("default", "flash", "hf-eager", "hf-sdpa", "hf-liger", "hf-flashlm", "hf-static")
-# Rows that only measure generation (train/forward would repeat another row).
-GENERATION_ONLY = {"hf-static": "HF sdpa with a static cache in generate (transformers compiles its decode step on CUDA)"}
-CASE_NAMES = ("train", "forward", "generate", "decode")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HF_ATTN = {"hf-eager": "eager", "hf-sdpa": "sdpa", "hf-liger": "sdpa", "hf-flashlm": None, "hf-static": "sdpa"}
-
-
-@dataclass
-class BenchConfig:
-    """What one benchmark run measures (the CLI flags, validated by ``flashlm.bench.cli``)."""
-
-    model: str = "small"  # preset name or HF checkpoint folder
-    batch_size: int = 2
-    seq_length: int = 256
-    warmup_steps: int = 10
-    benchmark_steps: int = 20
-    dtype: str = "bf16"
-    device: str = "cuda"
-    attn_backend: str | None = None
-    padding_ratio: float = 0.0
-    packed: bool = False
-    compile: bool = False
-    cuda_graph: str = "auto"  # flashlm's generate: "auto" (its default: CUDA graph where it works) or "off"
-    compare: tuple[str, ...] = ("default", "flash", "hf-sdpa")
-    cases: tuple[str, ...] = ("train", "forward", "generate")
-    new_tokens: int = 32
-    decode_batch_sizes: tuple[int, ...] = (1, 8, 32)
-    decode_contexts: tuple[int, ...] = (128, 2048, 8192)
-    seed: int = 0
-    progress: bool = True
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass
-class Batch:
-    """One benchmark batch, shared by every model.
-
-    input_ids (batch, seqlen) int64; attention_mask (batch, seqlen) int64 with left padding or None;
-    position_ids (batch, seqlen) int64 restarting at 0 per document when packed, else None;
-    labels (batch, seqlen) HF-style (shifted inside the model), -100 at pads, at each row's first real
-    token and at document starts (no context to predict them from).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    position_ids: torch.Tensor | None
-    labels: torch.Tensor
-    real_tokens: int
-    row_lengths: list[int]
-    doc_lengths: list[list[int]] = field(default_factory=list)
-    cu_seqlens: torch.Tensor | None = None  # packed: int32 (num_docs + 1,) over the flattened batch
-
-    @property
-    def max_doc_length(self) -> int:
-        return max(map(max, self.doc_lengths))
-
-    @property
-    def padding_ratio(self) -> float:
-        return 1.0 - self.real_tokens / self.input_ids.numel()
-
-    def model_inputs(self, name: str) -> dict[str, Any]:
-        """Keyword inputs of model ``name`` for a forward. flashlm's models derive positions from the
-        left-padded mask themselves; HF's forward does not (only its generate does), so HF also gets the
-        same position ids explicitly (cumsum(mask) - 1, clamped at 0). Packed, the flash model also gets
-        cu_seqlens/max_seqlen, as a packing data loader would give it (no detection, no host read)."""
-        hf = name.startswith("hf-")
-        kw: dict[str, Any] = {"input_ids": self.input_ids}
-        if name == "flash" and self.cu_seqlens is not None:
-            kw.update(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_doc_length)
-        if self.attention_mask is not None:
-            kw["attention_mask"] = self.attention_mask
-            if hf:
-                kw["position_ids"] = (self.attention_mask.cumsum(-1) - 1).clamp_(min=0)
-        if self.position_ids is not None:
-            kw["position_ids"] = self.position_ids
-        return kw
-
-
-def _split_total(total: int, parts: int, lo: int, hi: int, gen: torch.Generator) -> list[int]:
-    """Random integers in [lo, hi] summing to ``total`` (requires parts*lo <= total <= parts*hi)."""
-    weights = torch.rand(parts, generator=gen) + 0.5
-    sizes = [min(hi, max(lo, int(w))) for w in (weights / weights.sum() * total).tolist()]
-    i = 0
-    while sum(sizes) != total:  # walk the rows, moving one token at a time toward the exact total
-        step = 1 if sum(sizes) < total else -1
-        if lo <= sizes[i % parts] + step <= hi:
-            sizes[i % parts] += step
-        i += 1
-    return sizes
-
-
-def make_batch(batch_size: int, seq_length: int, vocab_size: int, *, padding_ratio: float = 0.0,
-               packed: bool = False, pad_token_id: int = 0, device: str | torch.device = "cpu",
-               seed: int = 0) -> Batch:
-    """Random tokens; left padding with random row lengths whose pad fraction is ~``padding_ratio``
-    (exact up to rounding; every row keeps >= 1 real token), or rows packed with several documents of
-    random lengths in [seqlen/8, seqlen/2] (the last one fills the row) with restarting positions."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (batch_size, seq_length), generator=gen)
-    mask = position_ids = None
-    labels = ids.clone()
-    row_lengths = [seq_length] * batch_size
-    docs: list[list[int]] = []
-    if padding_ratio > 0:
-        real = max(batch_size, round(batch_size * seq_length * (1.0 - padding_ratio)))
-        row_lengths = _split_total(real, batch_size, 1, seq_length, gen)
-        mask = torch.zeros(batch_size, seq_length, dtype=torch.long)
-        for r, n in enumerate(row_lengths):
-            mask[r, seq_length - n:] = 1
-        ids = ids.masked_fill(mask == 0, pad_token_id)
-        # No loss on pads, nor on a row's first real token: it would be predicted from a pad slot,
-        # whose output each implementation leaves different (a fully masked attention row).
-        labels = ids.masked_fill(mask == 0, -100)
-        for r, n in enumerate(row_lengths):
-            labels[r, seq_length - n] = -100
-    elif packed:
-        lo, hi = max(1, seq_length // 8), max(1, seq_length // 2)
-        position_ids = torch.empty(batch_size, seq_length, dtype=torch.long)
-        for r in range(batch_size):
-            lens, left = [], seq_length
-            while left > 0:
-                n = left if left <= hi else int(torch.randint(lo, hi + 1, (1,), generator=gen))
-                lens.append(n)
-                left -= n
-            docs.append(lens)
-            start = 0
-            for n in lens:
-                position_ids[r, start:start + n] = torch.arange(n)
-                labels[r, start] = -100  # no loss for predicting a document's first token from the previous one
-                start += n
-    real_tokens = sum(row_lengths)
-    cu = None
-    if docs:
-        cu = torch.tensor([0, *[n for row in docs for n in row]], dtype=torch.int64).cumsum(0).to(torch.int32)
-
-    def to(t):
-        return None if t is None else t.to(device)
-
-    return Batch(to(ids), to(mask), to(position_ids), to(labels), real_tokens, row_lengths, docs, to(cu))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Timing helpers
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _free(device: str) -> None:
-    """Return freed CUDA blocks so the next case's peak starts from live tensors only. (On CPU there is
-    no peak to protect, and gc.collect costs ~0.5 s once transformers is imported.)"""
-    if device.startswith("cuda"):
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def summarize(times_s: list[float]) -> dict[str, float]:
-    """Median and p10/p90 spread of per-step times, in milliseconds."""
-    return {"median_ms": statistics.median(times_s) * 1e3, "p10_ms": _quantile(times_s, 0.1) * 1e3,
-            "p90_ms": _quantile(times_s, 0.9) * 1e3, "steps": len(times_s)}
-
-
-class _Memory:
-    """Peak CUDA memory of one case: reset at entry, read at exit (None on CPU)."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.peak: int | None = None
-        self.before: int | None = None
-
-    def __enter__(self):
-        if self.cuda:
-            _free("cuda")
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        return False
-
-    def record(self) -> dict[str, Any]:
-        if not self.cuda:
-            return {"peak_memory_bytes": None, "peak_memory_gb": None, "memory_note": "n/a on CPU"}
-        return {"peak_memory_bytes": self.peak, "peak_memory_gb": self.peak / 1e9,
-                "memory_before_bytes": self.before}
-
-
-def _error_record(exc: BaseException) -> dict[str, Any]:
-    oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-    msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    return {"status": "oom" if oom else "error", "error": msg[:500],
-            "traceback": "".join(traceback.format_exception(exc))[-3000:]}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model loading
-
-
-def _accepts_named(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def _restoring_llama_module():
-    """Liger-Kernel's ``apply_liger_kernel_to_llama`` patches transformers' llama module globals (RoPE,
-    RMSNorm, MLP classes, the causal-LM forward); restore them so later HF rows run unpatched."""
-    from transformers.models.llama import modeling_llama as ml
-
-    saved_module = dict(vars(ml))
-    saved_forward = ml.LlamaForCausalLM.__dict__.get("forward")
-    try:
-        yield
-    finally:
-        for k in [k for k in vars(ml) if k not in saved_module]:
-            delattr(ml, k)
-        for k, v in saved_module.items():
-            if vars(ml).get(k) is not v:
-                setattr(ml, k, v)
-        if saved_forward is not None:
-            ml.LlamaForCausalLM.forward = saved_forward
-
-
-def model_unavailable(name: str) -> str | None:
-    """Why a compared model cannot run in this environment (a skip note), or None."""
-    if name.startswith("hf-"):
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            return "transformers is not installed (pip install 'flashlm[hf]')"
-    if name == "hf-liger":
-        try:
-            import liger_kernel.transformers  # noqa: F401
-        except ImportError:
-            return "liger-kernel is not installed (pip install 'flashlm[liger]')"
-    if name == "hf-flashlm":
-        try:
-            from flashlm import hf
-        except ImportError as e:
-            return f"flashlm.hf is not available yet ({e})"
-        if not hasattr(hf, "register"):
-            return "flashlm.hf.register() does not exist yet"
-    if name == "flash":
-        from flashlm.models import MODEL_CLASSES
-
-        try:
-            MODEL_CLASSES["flash"]
-        except (KeyError, ImportError) as e:
-            return f"the flash model is not available ({e})"
-    return None
-
-
-def load_model(name: str, path: str, cfg: BenchConfig) -> torch.nn.Module:
-    """Load compared model ``name`` from checkpoint folder ``path`` on cfg.device in cfg.dtype."""
-    dtype = cfg.torch_dtype
-    if name in ("default", "flash"):
-        from flashlm.models import from_pretrained
-
-        return from_pretrained(path, attn=name, device=cfg.device, dtype=dtype).eval()
-    from transformers import AutoModelForCausalLM
-
-    attn_implementation = HF_ATTN.get(name)
-    if name == "hf-flashlm":
-        from flashlm import hf
-
-        attn_implementation = hf.register()  # the name transformers accepts ("FlashLM")
-    try:  # transformers' "Loading weights" bar would interleave with ours
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype)
-    if name == "hf-liger":
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model)
-    gen_cfg = model.generation_config  # random weights: never stop early, never warn about pads
-    gen_cfg.eos_token_id = None
-    gen_cfg.pad_token_id = 0 if gen_cfg.pad_token_id is None else gen_cfg.pad_token_id
-    return model.to(cfg.device).eval()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Cases
-
-
-def _timed_steps(step: Callable[[], Any], cfg: BenchConfig, tick: Callable[[], None]) -> list[float]:
-    times = []
-    for i in range(cfg.warmup_steps + cfg.benchmark_steps):
-        _sync(cfg.device)
-        t0 = time.perf_counter()
-        step()
-        _sync(cfg.device)
-        if i >= cfg.warmup_steps:
-            times.append(time.perf_counter() - t0)
-        tick()
-    return times
-
-
-def _compiled(name: str, model):
-    """--compile: the flash model as ONE graph (fullgraph: a graph break is an error, not a silent
-    slowdown; its planner takes sync-free plans under compile), the others as torch.compile makes them."""
-    return torch.compile(model, fullgraph=name == "flash")
-
-
-def run_train(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[str, Any]:
-    inputs = batch.model_inputs(name)
-    extra = {}
-    if name == "flash" and _accepts_named(model.forward, "return_logits"):
-        extra["return_logits"] = False  # fused linear cross-entropy: no (tokens x vocab) logits
-    model.train()
-    fwd = _compiled(name, model) if cfg.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cfg.device.startswith("cuda"))
-    first_loss: list[torch.Tensor] = []
-
-    def step():
-        # use_cache=False: no KV cache in training (HF builds one by default, and with one it also
-        # skips its packed-sequence mask, letting packed documents attend to each other)
-        out = fwd(**inputs, labels=batch.labels, use_cache=False, **extra)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if not first_loss:
-            first_loss.append(out.loss.detach().float())
-
-    try:
-        with _Memory(cfg.device) as mem:
-            times = _timed_steps(step, cfg, tick)
-    finally:
-        model.zero_grad(set_to_none=True)
-        opt.state.clear()  # AdamW moments go now, not when the caller's frame lets go
-        model.eval()
-    res = {"status": "ok", **summarize(times), **mem.record(), "compiled": cfg.compile,
-           "fused_linear_cross_entropy": bool(extra) or name == "hf-liger",
-           "first_step_loss": float(first_loss[0])}
-    res["tokens_per_s"] = batch.real_tokens / (res["median_ms"] / 1e3)
-    return res
-
-
-def run_forward(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[str, Any]:
-    inputs = batch.model_inputs(name)
-    fwd = _compiled(name, model) if cfg.compile else model
-    with torch.inference_mode(), _Memory(cfg.device) as mem:
-        times = _timed_steps(lambda: fwd(**inputs, use_cache=False), cfg, tick)
-        last_logits = fwd(**inputs, use_cache=False).logits[:, -1, :].float().cpu()
-    res = {"status": "ok", **summarize(times), **mem.record(), "compiled": cfg.compile}
-    res["tokens_per_s"] = batch.real_tokens / (res["median_ms"] / 1e3)
-    res["_last_logits"] = last_logits  # compared across models, dropped before writing JSON
-    return res
-
-
-class _TokenClock:
-    """A transformers streamer that only timestamps: ``put`` is called with the prompt, then once per new
-    token (after ``tokens.cpu()``, a sync that HF's stop check makes every step anyway)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-GenerateFn = Callable[[torch.Tensor, "torch.Tensor | None", int], tuple[torch.Tensor, float, float, dict]]
-
-
-def _flashlm_generate_kw(name: str, model, cfg: BenchConfig) -> dict[str, Any]:
-    """generate()'s decode options in the benchmark: its own default (cuda_graph="auto": the CUDA
-    graph where it works, so the first figure shown is the fast path) unless ``--cuda-graph off``;
-    ``--compile`` adds torch.compile to the flash model's graphed step (CUDA only: on the CPU the step
-    would recompile per call)."""
-    from flashlm.decode_graph import graph_unavailable_reason
-    from flashlm.sampling import SamplingKey
-
-    kw: dict[str, Any] = {"cuda_graph": "auto" if cfg.cuda_graph == "auto" else False}
-    if (cfg.compile and name == "flash" and cfg.cuda_graph == "auto"
-            and graph_unavailable_reason(model, torch.device(cfg.device), SamplingKey()) is None):
-        kw["compile"] = True
-    return kw
-
-
-def _generate_fn(name: str, model, cfg: BenchConfig) -> tuple[GenerateFn, bool]:
-    """A function (input_ids, attention_mask, n) -> (new tokens (batch, n), first-token s, per-token s,
-    {"decode_path": ..., ...}), and whether its decode is compiled. First token: from the call to the
-    first new token on the host (prefill + one sampling step); per token: mean time of each later step.
-    decode_path: flashlm's "cuda_graph" / "eager" (+ "graph_fallback": why not the graph, and
-    "prefill_path": whether that call's prefill was a graph replay), or HF's "hf-dynamic" / "hf-static"
-    / "hf-static+compile"."""
-    if not name.startswith("hf-"):
-        from flashlm.generation import generate
-
-        kw = _flashlm_generate_kw(name, model, cfg)
-
-        def ours(ids, mask, n):
-            # eos_token_id=[]: no EOS at all (None would mean the config's), so every row makes n tokens.
-            # generate times itself: synchronized at the first token and at the end, nowhere else.
-            out = generate(model, ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                           eos_token_id=[], **kw)
-            path = {"decode_path": out.decode_path, "graph_fallback": out.graph_fallback,
-                    "prefill_path": "cuda_graph" if out.prefill_graph else "eager"}
-            return out.sequences[:, -n:], out.first_token_s, out.per_token_s, path
-
-        return ours, "compile" in kw
-
-    kw = {"cache_implementation": "static"} if name == "hf-static" else {}
-    compiled = name == "hf-static" and cfg.device.startswith("cuda")
-    path = {"decode_path": "hf-static+compile" if compiled else "hf-static" if kw else "hf-dynamic"}
-
-    def theirs(ids, mask, n):
-        mask = torch.ones_like(ids) if mask is None else mask
-        clock = _TokenClock()
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, streamer=clock, **kw)
-        stamps = clock.times[1:]  # [0] is the prompt
-        if len(stamps) != n:
-            raise RuntimeError(f"HF generate streamed {len(stamps)} tokens, expected {n}")
-        return out[:, -n:], stamps[0] - t0, (stamps[-1] - stamps[0]) / (n - 1), path
-
-    return theirs, compiled
-
-
-def _measure_generation(fn: GenerateFn, ids, mask, n: int, cfg: BenchConfig, tick) -> tuple[dict, torch.Tensor]:
-    first, per, total = [], [], []
-    tokens, path = None, {}
-    for i in range(cfg.warmup_steps + cfg.benchmark_steps):
-        _sync(cfg.device)
-        t0 = time.perf_counter()
-        tokens, first_s, per_s, path = fn(ids, mask, n)
-        _sync(cfg.device)
-        if i >= cfg.warmup_steps:
-            total.append(time.perf_counter() - t0)
-            first.append(first_s)
-            per.append(per_s)
-        tick()
-    if tokens.shape[1] != n:
-        raise RuntimeError(f"generation returned {tokens.shape[1]} new tokens, expected {n}")
-    f, p = summarize(first), summarize(per)
-    res = {"first_token_ms": f["median_ms"], "first_token_p10_ms": f["p10_ms"], "first_token_p90_ms": f["p90_ms"],
-           "per_token_ms": p["median_ms"], "per_token_p10_ms": p["p10_ms"], "per_token_p90_ms": p["p90_ms"],
-           "total_ms": summarize(total)["median_ms"], "steps": len(total), "new_tokens": n}
-    res["decode_tokens_per_s"] = ids.shape[0] / (res["per_token_ms"] / 1e3)
-    res.update(path)  # which decode path ran (the last call's: every call takes the same one)
-    return res, tokens
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the unique parameters (tied embeddings counted once): what one decode step reads."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
-def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
-    """KV-cache bytes per cached token per row: 2 (k and v) x layers x kv_heads x head_dim x elem."""
-    c = model_config
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-def _release_graphs(model) -> None:
-    """Free the CUDA graphs (and their caches) generate() kept on a flashlm model, so that later cases and
-    grid points neither hold nor count that memory."""
-    from flashlm.decode_graph import release_graphs
-
-    release_graphs(model)
-
-
-def run_generate(name: str, model, batch: Batch, cfg: BenchConfig, tick, model_config=None) -> dict[str, Any]:
-    fn, compiled = _generate_fn(name, model, cfg)
-    n = cfg.new_tokens
-    with torch.inference_mode(), _Memory(cfg.device) as mem:
-        res, tokens = _measure_generation(fn, batch.input_ids, batch.attention_mask, n, cfg, tick)
-    res.update(status="ok", compiled=compiled, **mem.record())
-    _release_graphs(model)
-    if model_config is not None and res["per_token_ms"] > 0:
-        avg_ctx = max(batch.row_lengths) + n / 2  # mean cache length over the decode steps
-        read = weight_bytes(model) + kv_bytes_per_token(model_config, cfg.torch_dtype) * batch.input_ids.shape[0] * avg_ctx
-        res["decode_gb_per_s"] = read / (res["per_token_ms"] / 1e3) / 1e9
-    res["_tokens"] = tokens.cpu()
-    return res
-
-
-def run_decode(name: str, model, cfg: BenchConfig, tick, model_config) -> dict[str, Any]:
-    """Per-token latency, tokens/s and GB/s over the batch x context grid (no padding)."""
-    fn, compiled = _generate_fn(name, model, cfg)
-    grid = []
-    for b in cfg.decode_batch_sizes:
-        for ctx in cfg.decode_contexts:
-            point: dict[str, Any] = {"batch_size": b, "context": ctx}
-            try:
-                ids = make_batch(b, ctx, model_config.vocab_size, seed=cfg.seed + 1, device=cfg.device).input_ids
-                with torch.inference_mode(), _Memory(cfg.device) as mem:
-                    res, _ = _measure_generation(fn, ids, None, cfg.new_tokens, cfg, tick)
-                point.update(status="ok", **res, **mem.record())
-                read = (weight_bytes(model)
-                        + kv_bytes_per_token(model_config, cfg.torch_dtype) * b * (ctx + cfg.new_tokens / 2))
-                point["decode_gb_per_s"] = read / (res["per_token_ms"] / 1e3) / 1e9 if res["per_token_ms"] > 0 else None
-            except Exception as e:  # noqa: BLE001 one grid point failing (OOM at batch 32 x 8k) must not end the sweep
-                point.update(_error_record(e))
-                _free(cfg.device)
-            _release_graphs(model)
-            grid.append(point)
-    return {"status": "ok", "compiled": compiled, "grid": grid}
-
-
-def packed_isolation(name: str, model, batch: Batch) -> dict[str, Any] | None:
-    """Whether documents in a packed row are isolated: the logits of row 0's last document with the
-    earlier documents' tokens replaced by others; isolated rows give the same logits (diff ~0)."""
-    if batch.position_ids is None or len(batch.doc_lengths[0]) < 2:
-        return None
-    last = batch.doc_lengths[0][-1]
-    ids = batch.input_ids[:1].clone()
-    pos = batch.position_ids[:1]
-    with torch.inference_mode():
-        a = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, -last:].float()
-        ids[0, :-last] = (ids[0, :-last] + 1) % model_vocab(model)
-        b = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, -last:].float()
-    diff = (a - b).abs().max().item()
-    scale = a.abs().max().item()
-    # Isolation leaves the last document's computation unchanged (masked keys contribute exact zeros),
-    # so any difference beyond rounding means the row's documents attend to each other.
-    return {"max_abs_diff": diff, "logit_abs_max": scale, "isolated": diff <= 1e-3 * max(scale, 1e-6)}
-
-
-def model_vocab(model) -> int:
-    cfg = getattr(model, "config", None)
-    return int(getattr(cfg, "vocab_size", None) or model.get_input_embeddings().num_embeddings)
-
+from flashlm.bench.batch import Batch, make_batch
+from flashlm.bench.cases import packed_isolation, run_decode, run_forward, run_generate, run_train
+from flashlm.bench.config import GENERATION_ONLY, BenchConfig
+from flashlm.bench.records import error_record, free_cuda, weight_bytes
+from flashlm.bench.rows import load_model, model_unavailable, prepare_weights, restoring_llama_module
+from flashlm.bench.timing import time_once
 
 # ----------------------------------------------------------------------------------------------------
 # Attention backend record
@@ -650,23 +97,6 @@ def attention_record(model_config, batch: Batch, cfg: BenchConfig) -> dict[str, 
 # The run
 
 
-def _prepare_weights(cfg: BenchConfig, stack: contextlib.ExitStack):
-    """(checkpoint folder, ModelConfig): the HF folder itself, or the preset built with cfg.seed and
-    saved to a temporary folder that lives as long as ``stack``."""
-    from flashlm.models import build_model, save_pretrained
-    from flashlm.models.config import ModelConfig, get_preset
-
-    if os.path.isdir(cfg.model):
-        return cfg.model, ModelConfig.from_hf_config(cfg.model)
-    config = get_preset(cfg.model)
-    path = stack.enter_context(tempfile.TemporaryDirectory(prefix="flashlm-bench-"))
-    torch.manual_seed(cfg.seed)
-    model = build_model(config, attn="default", device=cfg.device, dtype=cfg.torch_dtype)
-    save_pretrained(model, path)
-    del model
-    _free(cfg.device)
-    return path, config
-
 
 def _backend_scope(cfg: BenchConfig):
     if cfg.attn_backend is None:
@@ -718,14 +148,13 @@ def _load_row(name: str, path: str, cfg: BenchConfig, rec: dict[str, Any], notes
     """Load model ``name`` into its row ``rec`` (status, load time, sizes); None when it cannot load (the
     row then holds the error and a note says why)."""
     try:
-        t0 = time.perf_counter()
-        model = load_model(name, path, cfg)
-        rec.update(status="ok", load_s=time.perf_counter() - t0,
+        load_s, model = time_once(lambda: load_model(name, path, cfg), cfg.device)
+        rec.update(status="ok", load_s=load_s,
                    parameters=sum(p.numel() for p in model.parameters()),
                    weight_bytes=weight_bytes(model))
         return model
     except Exception as e:  # noqa: BLE001 a model that cannot load is a row, not a crash
-        rec.update(_error_record(e))
+        rec.update(error_record(e))
         notes.append(f"{name} failed to load: {rec['error']}")
         return None
 
@@ -735,7 +164,7 @@ def _record_isolation(name: str, model, batch: Batch, rec: dict[str, Any], notes
     try:
         rec["packed_isolation"] = packed_isolation(name, model, batch)
     except Exception as e:  # noqa: BLE001 recorded in the JSON
-        rec["packed_isolation"] = _error_record(e)
+        rec["packed_isolation"] = error_record(e)
     iso = rec["packed_isolation"] or {}
     if "isolated" in iso:
         notes.append(f"packed: {name} " + ("isolates documents" if iso["isolated"] else
@@ -759,9 +188,9 @@ def _run_case(case: str, name: str, model, batch: Batch, cfg: BenchConfig, progr
         else:
             r = run_decode(name, model, cfg, bar.update, model_config)
     except Exception as e:  # noqa: BLE001 OOM/unsupported: recorded, the run goes on
-        r = _error_record(e)
+        r = error_record(e)
         bar.update(progress.case_total(case) - (bar.n - done))
-    _free(cfg.device)
+    free_cuda(cfg.device)
     return r
 
 
@@ -802,7 +231,7 @@ def _run_model(name: str, path: str, batch: Batch, cases: list[str], cfg: BenchC
     # Liger patches transformers' llama module while hf-liger runs; undone before the next row.
     with contextlib.ExitStack() as model_scope:
         if name == "hf-liger":
-            model_scope.enter_context(_restoring_llama_module())
+            model_scope.enter_context(restoring_llama_module())
         model = _load_row(name, path, cfg, rec, notes)
         if model is None:
             bar.update(progress.per_model)
@@ -823,7 +252,7 @@ def _run_model(name: str, path: str, batch: Batch, cases: list[str], cfg: BenchC
                     if r["status"] != "ok":
                         log(f"[bench] {name} {case}: {r['error']}")
             del model
-    _free(cfg.device)
+    free_cuda(cfg.device)
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -832,7 +261,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
 
     results: dict[str, Any] = {"config": asdict(cfg), "models": {}, "notes": []}
     with contextlib.ExitStack() as stack:
-        path, model_config = _prepare_weights(cfg, stack)
+        path, model_config = prepare_weights(cfg, stack)
         results["model_config"] = {k: v for k, v in asdict(model_config).items()}
         batch, cases = _build_inputs(cfg, results, model_config)
         progress = _Progress(cfg, cases, tqdm)

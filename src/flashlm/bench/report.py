@@ -37,7 +37,7 @@ DISPLAY = {"default": "Default", "flash": "Flash", "hf-eager": "HF eager", "hf-s
            "hf-liger": "HF+Liger", "hf-flashlm": "HF+flashlm", "hf-static": "HF static"}
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -53,9 +53,9 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "triton": _version("triton"), "transformers": _version("transformers"),
-        "liger_kernel": _version("liger-kernel"), "flash_attn_4": _version("flash-attn-4"),
-        "flashlm": _version("flashlm"), "gpu": None, "gpu_count": 0,
+        "triton": package_version("triton"), "transformers": package_version("transformers"),
+        "liger_kernel": package_version("liger-kernel"), "flash_attn_4": package_version("flash-attn-4"),
+        "flashlm": package_version("flashlm"), "gpu": None, "gpu_count": 0,
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
