@@ -225,3 +225,20 @@ def test_cli_warns_once_when_the_model_can_generate_undecodable_ids(tmp_path, ca
     assert rc == 0
     assert err.count("warning:") == 1, err
     assert "vocab_size 256 is larger than the tokenizer's vocab (100 tokens)" in err and "ids >= 100" in err
+
+
+@pytest.mark.cuda
+def test_a_kv_cache_larger_than_gpu_memory_is_refused_and_a_fitting_one_runs():
+    """CUDA: the check reads mem_get_info; a graph kept from an earlier call counts as free (it is
+    reused or freed before the new cache), so a second call of the same shape still runs."""
+    from flashlm.errors import InputError
+
+    _, flash = make_pair(device="cuda", dtype=torch.bfloat16, max_position_embeddings=2**40)
+    ids = torch.randint(3, 256, (2, 4), device="cuda")
+    free, _ = torch.cuda.mem_get_info()
+    too_many = free // (2 * 2 * 2 * 16 * 2 * 2) + 1024  # batch x layers x k/v x kv heads x head_dim x bf16
+    with pytest.raises(InputError, match=r"KV cache for 2 rows .* available on cuda"):
+        generate(flash, ids, max_new_tokens=too_many, eos_token_id=[])
+    for _ in range(2):  # the first call captures and keeps a graph; the second reuses it
+        out = generate(flash, ids, max_new_tokens=8, eos_token_id=[])
+        assert out.sequences.shape == (2, 12) and out.cuda_graph

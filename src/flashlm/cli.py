@@ -45,11 +45,12 @@ def version() -> str:
 
 
 def _usage() -> str:
+    width = max(len("bench " + sub) for sub in BENCH_SUBCOMMANDS)
     lines = ["usage: flashlm <command> [options]", "       flashlm --version", "", "commands:"]
     for name, (_, doc) in SUBCOMMANDS.items():
-        lines.append(f"  {name:<16} {doc}")
+        lines.append(f"  {name:<{width}} {doc}")
         if name == "bench":
-            lines += [f"  bench {sub:<10} {sub_doc}" for sub, (_, sub_doc) in BENCH_SUBCOMMANDS.items()]
+            lines += [f"  {'bench ' + sub:<{width}} {sub_doc}" for sub, (_, sub_doc) in BENCH_SUBCOMMANDS.items()]
     lines += ["", "`flashlm <command> --help` shows a command's options."]
     return "\n".join(lines)
 

@@ -29,7 +29,8 @@ from flashlm.cli import BENCH_SUBCOMMANDS as SUBCOMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    subs = "\n".join(f"  flashlm bench {name:<8} {doc}" for name, (_, doc) in SUBCOMMANDS.items())
+    width = max(map(len, SUBCOMMANDS))
+    subs = "\n".join(f"  flashlm bench {name:<{width}} {doc}" for name, (_, doc) in SUBCOMMANDS.items())
     p = argparse.ArgumentParser(
         prog="flashlm bench",
         description="Benchmark flashlm's default and flash models against transformers' Llama on the same "
