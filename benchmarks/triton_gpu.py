@@ -32,6 +32,7 @@ from flashlm.attention.backends.triton import BACKEND
 from flashlm.attention.backends.triton import bwd as bwd_mod
 from flashlm.attention.backends.triton import fwd as fwd_mod
 from flashlm.attention.backends.triton.common import BwdCfg, Cfg
+from flashlm.bench.timing import time_loop
 
 
 def flops(batch, nheads, sq, sk, d, causal, mode):
@@ -101,12 +102,8 @@ def bench_decode(batch, hq, hk, d, cache_len, dtype=torch.bfloat16):
     row = {"batch": batch, "nheads": hq, "nheads_k": hk, "head_dim": d, "cache_len": cache_len, "kv_bytes": nbytes}
     t_ms = _ms(tri)
     g_ms = graphed(tri)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):  # back to back, no cache flush: max(host launch cost, GPU time) per call
-        tri()
-    torch.cuda.synchronize()
-    loop_ms = (time.perf_counter() - t0) / 200 * 1e3
+    # back to back, no cache flush: max(host launch cost, GPU time) per call
+    loop_ms = time_loop(tri, iters=200, device="cuda").wall_s * 1e3
     row.update(triton_ms=t_ms, triton_tbps=nbytes / t_ms * 1e-9, triton_graph_ms=g_ms,
                triton_graph_tbps=nbytes / g_ms * 1e-9, triton_loop_ms=loop_ms)
     try:
