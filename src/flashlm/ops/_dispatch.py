@@ -1,4 +1,4 @@
-"""The one dispatch helper every op shares: which of its three entry points runs a call.
+"""The one dispatch helper every op shares: which of its entry points runs a call.
 
 - under torch.compile: the ``torch.library.custom_op`` (opaque to inductor, with a fake and an
   autograd formula, so ``fullgraph=True`` traces it without graph breaks);
