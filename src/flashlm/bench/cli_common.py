@@ -5,6 +5,7 @@ or is written, and the ``main`` wrapper that turns those refusals into exit stat
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -14,8 +15,19 @@ import torch
 from flashlm._util import DTYPE_ALIASES, DTYPES
 from flashlm.errors import InputError
 
-__all__ = ["add_device_flags", "check_output_file", "parser_from_doc", "positive_ints", "require_cuda", "resolve_device",
-           "resolve_dtype", "run_main"]
+__all__ = [
+    "add_common_flags",
+    "add_device_flags",
+    "check_output_file",
+    "emit",
+    "parser_from_doc",
+    "positive_ints",
+    "require_cuda",
+    "resolve_common",
+    "resolve_device",
+    "resolve_dtype",
+    "run_main",
+]
 
 
 def parser_from_doc(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -30,6 +42,30 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
     """``--device`` (default: cuda when available) and ``--dtype`` (default: bf16 on CUDA, fp32 on CPU)."""
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help=f"{' | '.join(DTYPES)} (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """:func:`add_device_flags` and ``--output FILE`` (the JSON)."""
+    add_device_flags(p)
+    p.add_argument("--output", default=None, help="write the JSON here")
+
+
+def resolve_common(args: argparse.Namespace, default_dtype: str | None = None) -> None:
+    """Check ``args.output``, then set ``args.device`` and ``args.torch_dtype`` (``--dtype``, else
+    ``default_dtype``, else bf16 on CUDA / fp32 on CPU); InputError on a bad value."""
+    check_output_file("--output", args.output)
+    args.device = resolve_device(args.device)
+    args.torch_dtype = resolve_dtype(args.dtype or default_dtype, args.device)
+
+
+def emit(result: dict, output: str | None, last_line: bool = True) -> None:
+    """Write ``result`` to ``output`` (when given) and, with ``last_line``, print it as the last stdout line."""
+    if output:
+        from flashlm.bench.report import write_json
+
+        write_json(result, output)
+    if last_line:
+        print(json.dumps(result, default=str))
 
 
 def resolve_device(value: str | None) -> torch.device:
@@ -56,6 +92,15 @@ def require_cuda(device: torch.device, what: str) -> None:
     """Refuse a CPU run of a measurement that only exists on a GPU (CUDA graphs, the allocator's trace)."""
     if device.type != "cuda":
         raise InputError(f"{what} needs a CUDA device (got {device}); run it on the GPU machine")
+
+
+def names(value: str, flag: str, allowed) -> list[str]:
+    """``"a,b"`` -> ["a", "b"]; InputError for an empty list or a name not in ``allowed``."""
+    xs = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in xs if x not in allowed]
+    if bad or not xs:
+        raise InputError(f"{flag}: unknown {bad or 'empty'}; choose among {', '.join(allowed)}")
+    return xs
 
 
 def positive_ints(value: str, flag: str) -> list[int]:

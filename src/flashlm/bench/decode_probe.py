@@ -24,6 +24,7 @@ import torch
 
 from flashlm.bench.cli_common import (
     check_output_file,
+    names,
     parser_from_doc,
     require_cuda,
     resolve_device,
@@ -163,10 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    bad = [x for x in args.parts if x not in PARTS]
-    if bad or not args.parts:
-        raise ValueError(f"--parts: unknown {bad or 'empty'}; choose among {', '.join(PARTS)}")
+    args.parts = names(args.parts, "--parts", PARTS)
     check_output_file("--output", args.output)
     args.device = resolve_device(args.device)
     require_cuda(args.device, "flashlm bench decode-probe (CUDA-graph replays of the decode kernels)")

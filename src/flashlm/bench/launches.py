@@ -19,14 +19,7 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flashlm.bench.cli_common import (
-    add_device_flags,
-    check_output_file,
-    parser_from_doc,
-    resolve_device,
-    resolve_dtype,
-    run_main,
-)
+from flashlm.bench.cli_common import add_common_flags, emit, parser_from_doc, resolve_common, run_main
 from flashlm.bench.profiling import cuda_kernels, profile_call
 from flashlm.bench.timing import time_loop
 
@@ -71,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--kernels", default="auto", help="the config's kernels setting (default: auto)")
     p.add_argument("--top", type=int, default=0, help="also print the N most frequent ops per row")
-    add_device_flags(p)
-    p.add_argument("--output", default=None, help="write the JSON here")
+    add_common_flags(p)
     return p
 
 
@@ -80,18 +72,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     from flashlm.models.config import PRESETS
 
     args = build_parser().parse_args(argv)
-    args.device = resolve_device(args.device)
-    args.torch_dtype = resolve_dtype(args.dtype or "bf16", args.device)
+    resolve_common(args, default_dtype="bf16")
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
     if args.batch < 1 or args.seqlen < 1 or args.top < 0:
         raise ValueError("--batch and --seqlen must be >= 1 and --top >= 0")
-    check_output_file("--output", args.output)
     return args
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashlm.bench.report import write_json
     from flashlm.models import build_model
     from flashlm.models.config import get_preset
 
@@ -115,9 +104,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"      {k:>5}  {name}")
             del model
         print(f"  {case:<8} flash/default = {counts['flash'] / counts['default']:.2f}")
-    if args.output:
-        write_json({"preset": args.preset, "batch": args.batch, "seqlen": args.seqlen, "device": str(args.device),
-                    "rows": rows}, args.output)
+    emit({"preset": args.preset, "batch": args.batch, "seqlen": args.seqlen, "device": str(args.device),
+          "rows": rows}, args.output, last_line=False)
     return 0
 
 

@@ -18,12 +18,11 @@ import sys
 import torch
 
 from flashlm.bench.cli_common import (
-    add_device_flags,
-    check_output_file,
+    add_common_flags,
+    emit,
     parser_from_doc,
     positive_ints,
-    resolve_device,
-    resolve_dtype,
+    resolve_common,
     run_main,
 )
 from flashlm.bench.timing import time_calls
@@ -77,28 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocabs", default=None, help="default: 32000,128256 on CUDA, 512 on CPU")
     p.add_argument("--tokens", default=None, help="default: 256,512,...,16384 on CUDA, 16,64 on CPU")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median)")
-    add_device_flags(p)
-    p.add_argument("--output", default=None, help="write the JSON here")
+    add_common_flags(p)
     return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    args.device = resolve_device(args.device)
+    resolve_common(args)
     cuda = args.device.type == "cuda"
-    args.torch_dtype = resolve_dtype(args.dtype, args.device)
     args.hidden = args.hidden or (2048 if cuda else 64)
     args.vocabs = positive_ints(args.vocabs or ("32000,128256" if cuda else "512"), "--vocabs")
     args.tokens = positive_ints(args.tokens or ("256,512,1024,2048,4096,8192,16384" if cuda else "16,64"),
                                 "--tokens")
     if args.hidden < 1 or args.repeats < 1:
         raise ValueError(f"--hidden and --repeats must be >= 1, got {args.hidden}, {args.repeats}")
-    check_output_file("--output", args.output)
     return args
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashlm.bench.report import write_json
     from flashlm.losses import MATERIALIZED_LOGITS_MAX_BYTES, liger_available
 
     fused = "liger" if liger_available() else "chunked"
@@ -115,10 +110,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{n:>7} {vocab:>7} {r['logits_mib']:>10.0f} {r['plain_ms']:>9.2f} {r['ours_ms']:>8.2f} "
                   f"{r['fused_ms']:>9.2f} {r['plain_mib']:>10.0f} {r['ours_mib']:>9.0f} {r['fused_mib']:>10.0f}  "
                   f"{r['ours_ms'] / r['fused_ms']:.2f}x", flush=True)
-    if args.output:
-        write_json({"hidden": args.hidden, "dtype": str(args.torch_dtype).replace("torch.", ""),
-                    "device": str(args.device), "fused": fused,
-                    "threshold_mib": MATERIALIZED_LOGITS_MAX_BYTES / 2**20, "rows": rows}, args.output)
+    emit({"hidden": args.hidden, "dtype": str(args.torch_dtype).replace("torch.", ""), "device": str(args.device),
+          "fused": fused, "threshold_mib": MATERIALIZED_LOGITS_MAX_BYTES / 2**20, "rows": rows},
+         args.output, last_line=False)
     return 0
 
 

@@ -26,6 +26,7 @@ import torch
 
 from flashlm.bench.cli_common import (
     check_output_file,
+    names,
     parser_from_doc,
     require_cuda,
     resolve_device,
@@ -149,10 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in args.models if m not in ("default", "flash")]
-    if bad or not args.models:
-        raise ValueError(f"--models: unknown {bad or 'empty'}; choose among default, flash")
+    args.models = names(args.models, "--models", ("default", "flash"))
     if args.batch < 1 or args.seqlen < 1:
         raise ValueError(f"--batch and --seqlen must be >= 1, got {args.batch}, {args.seqlen}")
     check_output_file("--output", args.output)

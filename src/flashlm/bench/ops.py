@@ -15,20 +15,12 @@ Prints one line per row; the last stdout line is the JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 from flashlm import ops
-from flashlm.bench.cli_common import (
-    add_device_flags,
-    check_output_file,
-    parser_from_doc,
-    resolve_device,
-    resolve_dtype,
-    run_main,
-)
+from flashlm.bench.cli_common import add_common_flags, emit, names, parser_from_doc, resolve_common, run_main
 from flashlm.bench.profiling import kernels_per_call
 from flashlm.bench.timing import time_loop
 from flashlm.ops import liger
@@ -129,28 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=None, help=f"comma list among {', '.join(SHAPES)} "
                                                   "(default: seed,llama-1b on CUDA, tiny on CPU)")
     p.add_argument("--iters", type=int, default=100, help="timed calls per row")
-    add_device_flags(p)
-    p.add_argument("--output", default=None, help="write the JSON here")
+    add_common_flags(p)
     return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    args.device = resolve_device(args.device)
-    args.torch_dtype = resolve_dtype(args.dtype, args.device)
+    resolve_common(args)
     cuda = args.device.type == "cuda"
-    args.shapes = [s.strip() for s in (args.shapes or ("seed,llama-1b" if cuda else "tiny")).split(",") if s.strip()]
-    bad = [s for s in args.shapes if s not in SHAPES]
-    if bad or not args.shapes:
-        raise ValueError(f"--shapes: unknown {bad or 'empty'}; choose among {', '.join(SHAPES)}")
+    args.shapes = names(args.shapes or ("seed,llama-1b" if cuda else "tiny"), "--shapes", SHAPES)
     if args.iters < 1:
         raise ValueError(f"--iters must be >= 1, got {args.iters}")
-    check_output_file("--output", args.output)
     return args
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashlm.bench.report import package_version, write_json
+    from flashlm.bench.report import package_version
 
     rows = []
     for shape_name in args.shapes:
@@ -164,9 +150,7 @@ def run(args: argparse.Namespace) -> int:
               "torch": torch.__version__, "triton": package_version("triton"), "liger": package_version("liger-kernel"),
               "dtype": str(args.torch_dtype).replace("torch.", ""),
               "shapes": {k: SHAPES[k] for k in args.shapes}, "rows": rows}
-    if args.output:
-        write_json(result, args.output)
-    print(json.dumps(result))
+    emit(result, args.output)
     return 0
 
 

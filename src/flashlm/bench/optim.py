@@ -14,19 +14,11 @@ that cannot run here is a row with ``error``. On CPU the default preset is ``tin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from flashlm.bench.cli_common import (
-    add_device_flags,
-    check_output_file,
-    parser_from_doc,
-    resolve_device,
-    resolve_dtype,
-    run_main,
-)
+from flashlm.bench.cli_common import add_common_flags, emit, parser_from_doc, resolve_common, run_main
 from flashlm.bench.timing import time_calls
 
 BETAS = (0.9, 0.95)
@@ -67,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = parser_from_doc("flashlm bench optim", __doc__)
     p.add_argument("--preset", default=None, help="model preset (default: llama-1b on CUDA, tiny on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    add_device_flags(p)
-    p.add_argument("--output", default=None, help="write the JSON here")
+    add_common_flags(p)
     return p
 
 
@@ -76,20 +67,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     from flashlm.models.config import PRESETS
 
     args = build_parser().parse_args(argv)
-    args.device = resolve_device(args.device)
-    args.torch_dtype = resolve_dtype(args.dtype, args.device)
+    resolve_common(args)
     args.preset = args.preset or ("llama-1b" if args.device.type == "cuda" else "tiny")
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    check_output_file("--output", args.output)
     return args
 
 
 def run(args: argparse.Namespace) -> int:
     from flashlm.bench.records import free_cuda
-    from flashlm.bench.report import write_json
     from flashlm.models import build_model
 
     model = build_model(args.preset, attn="flash", device=args.device, dtype=args.torch_dtype)
@@ -109,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
         free_cuda(args.device)
     result = {"preset": args.preset, "device": str(args.device), "dtype": str(args.torch_dtype).replace("torch.", ""),
               "steps": args.steps, "rows": rows}
-    if args.output:
-        write_json(result, args.output)
-    print(json.dumps(result))
+    emit(result, args.output)
     return 0
 
 

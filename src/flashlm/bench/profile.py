@@ -33,6 +33,7 @@ import torch
 
 from flashlm.bench.cli_common import (
     check_output_file,
+    names,
     parser_from_doc,
     positive_ints,
     resolve_device,
@@ -165,14 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _names(value: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
-    xs = [x.strip() for x in value.split(",") if x.strip()]
-    bad = [x for x in xs if x not in allowed]
-    if bad or not xs:
-        raise ValueError(f"{flag}: unknown {bad or 'empty'}; choose among {', '.join(allowed)}")
-    return xs
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from flashlm._util import dtype_name
 
@@ -182,9 +175,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.torch_dtype = resolve_dtype(args.dtype, args.device)
     args.dtype_name = dtype_name(args.torch_dtype)
     args.preset = args.preset or ("small" if cuda else "tiny")
-    args.models = _names(args.models, "--models", MODELS)
-    args.modes = _names(args.modes or ("eager,compiled" if cuda else "eager"), "--modes", ("eager", "compiled"))
-    args.cases = _names(args.cases, "--cases", CASES)
+    args.models = names(args.models, "--models", MODELS)
+    args.modes = names(args.modes or ("eager,compiled" if cuda else "eager"), "--modes", ("eager", "compiled"))
+    args.cases = names(args.cases, "--cases", CASES)
     args.points = [tuple(positive_ints(p.lower().replace("x", ","), "--points")) for p in args.points.split(",")]
     if any(len(p) != 2 for p in args.points):
         raise ValueError("--points takes BATCHxCONTEXT items, e.g. 1x128,32x128")
