@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nonfinite_cases import SPECS, assert_like_reference, check_case
 
 from flashlm.attention import (
     explain,
@@ -194,3 +195,29 @@ def test_registry_picks_it_on_cpu_before_the_reference():
         exp = registry.explain_call(call)
         assert exp.chosen == "sdpa_cpu", str(exp)
         assert list(exp.reasons).index("sdpa_cpu") < list(exp.reasons).index("reference")
+
+
+# ---------------------------------------------------------------------------------------------------- non-finite
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("spec", "path"), [(s, p) for s in SPECS for p in (("per_sequence", "padded")
+                                                                             if s.kind == "varlen" else (None,))],
+                         ids=lambda x: getattr(x, "name", x or "any"))
+def test_non_finite_values_reach_only_the_rows_that_see_them(spec, path, dtype, monkeypatch):
+    """Issue 25 §6: NaN/inf in a v/k row a causal query does not see, a NaN query row, cache slots past
+    cache_seqlens or before cache_leftpad, keys outside every window: sdpa_cpu equals the reference
+    (NaN/inf in the rows that see them, nowhere else). Varlen runs both strategies. Where no query
+    reads the values, the kernel is kept (the reference's slow path would be a silent 5x)."""
+    monkeypatch.setattr(sdpa_cpu, "CALL_COST", -10**9 if path == "per_sequence" else 10**9)
+    case = spec.build("cpu", dtype, 16)
+    assert case.explain().chosen == "sdpa_cpu"
+    ref = case.run("reference")
+    check_case(spec, ref)
+    if spec.kernel_kept:
+        monkeypatch.setattr(sdpa_cpu, "_exact", _no_slow_path)
+    assert_like_reference(case.run("sdpa_cpu"), ref, dtype)
+
+
+def _no_slow_path(*args, **kwargs):
+    raise AssertionError("sdpa_cpu left its kernel for values no query reads")

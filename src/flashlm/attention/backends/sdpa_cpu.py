@@ -15,6 +15,18 @@ mask built from flash-attn's rule (cached per shape).
 Rows that see no key (bottom-right causal with seqlen_q > seqlen_k, an empty KV-cache row) come out
 of the kernel as zeros with lse 0: their lse is set to +inf, flash-attn 2's convention.
 
+Non-finite values (DESIGN.md: masked slots must select, not multiply). The kernel multiplies the zero
+probabilities of masked keys by v (0 * inf = NaN in every row of the tile), adds its float mask to the
+scores (inf + -inf = NaN) and returns 0 for a row whose scores are all NaN (a NaN query). So keys no
+query reads are selected away: sliced off when a left window leaves them out of every row, zeroed
+(``torch.where``) in KV-cache slots past cache_seqlens or before cache_leftpad when they hold a
+NaN/inf. A NaN/inf some query reads sends the call to the reference's math (:func:`_exact`), which
+puts it only in the rows that see it; :func:`_checked` finds it (q and k before the kernel, the output
+after). Such a call has a NaN or inf in its output anyway, so its speed does not matter; a clean call
+pays three sums. Under torch.compile (dense calls) the check is skipped: a data-dependent branch would
+end the graph, so a compiled call keeps the kernel's arithmetic for values some query reads (the
+slicing still holds).
+
 Varlen runs the kernel once per sequence (cu_seqlens read on the host: free on CPU), or, when many
 short sequences would make the per-call host cost dominate, once on a zero-padded batch with a
 per-row mask (``CALL_COST``); KV cache runs once per batch, keys sliced to the longest row,
@@ -27,12 +39,13 @@ backward was bit-identical over 10 repeats with GQA on 2 threads, but that is no
 from __future__ import annotations
 
 import itertools
+import math
 from functools import lru_cache
 
 import torch
 
 from .base import AttnCall, Backend, Capabilities
-from .reference import within_window
+from .reference import attention_core, within_window
 
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _INF = float("inf")
@@ -55,6 +68,47 @@ def _keep(sq: int, sk: int, causal: bool, window: tuple[int, int], hi=None, lo=N
     if lo is not None:
         keep = keep & (j >= lo.long().view(-1, 1, 1, 1))
     return within_window(keep, j, diag, causal, window)
+
+
+def _finite(*tensors) -> bool:
+    """Whether every value is finite: one sum per tensor, read back (a NaN or inf anywhere makes the
+    total non-finite). The cheapest check measured: 13 µs for a decode step's q + two 256-key cache
+    slices, where ``isfinite().all()`` took 130 and fp32-accumulated sums 44 (an overflow of a sum is
+    a false alarm that only costs the exact path; fp16 sums in fp32, whose range the others share).
+    Traced code trusts its inputs (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return True
+    total = 0.0
+    for t in tensors:
+        t = t.detach() if t.requires_grad else t  # no autograd node (a no_grad block costs more than a sum)
+        total += t.sum(dtype=torch.float32 if t.dtype == torch.float16 else None).item()
+    return math.isfinite(total)
+
+
+def _checked(q, k, v, kernel):
+    """``kernel(k, v)`` -> (out, lse), or None where a non-finite value could have changed it. q and k
+    are checked before (a row whose scores are all NaN comes back 0, finite); v through the output
+    after (with q and k finite, a NaN/inf in v the kernel multiplies, by a probability or a masked
+    zero, always shows there; one it skips cannot matter): a decode step sums its tiny output, not the
+    cache's v."""
+    if not _finite(q, k):
+        return None
+    out, lse = kernel(k, v)
+    return (out, lse) if _finite(out) else None
+
+
+def _exact(q, k, v, scale: float, causal: bool, window: tuple[int, int], k_lo=None, k_hi=None):
+    """The reference's math (fp32, selection: NaN/inf reach only the rows that see them), for calls
+    whose inputs hold a non-finite value some query reads."""
+    out, lse = attention_core(q, k, v, k_lo=k_lo, k_hi=k_hi, softmax_scale=scale, causal=causal,
+                              window_size=window)
+    return out.to(q.dtype), lse
+
+
+def _first_key(sq: int, sk: int, causal: bool, window: tuple[int, int]) -> int:
+    """Keys before this one are outside every query's window (bottom-right: query 0 sits on key
+    sk - sq); the last query sits on the last key, so no window leaves keys out on the right."""
+    return max(0, sk - sq - window[0]) if window[0] >= 0 else 0
 
 
 def _additive(keep, dtype):
@@ -83,6 +137,14 @@ def _dense_mask(sq: int, sk: int, causal: bool, window: tuple[int, int], dtype: 
 
 def _attend(q, k, v, scale: float, causal: bool, window: tuple[int, int]):
     """q (B, Sq, H, D), k/v (B, Sk, Hk, D) BSHD -> out (B, Sq, H, D), lse (B, H, Sq) fp32."""
+    lo = _first_key(q.shape[1], k.shape[1], causal, window)
+    if lo:  # keys no query sees: never handed to the kernel (same mask: every position shifts by lo)
+        k, v = k[:, lo:], v[:, lo:]
+    res = _checked(q, k, v, lambda k, v: _kernel(q, k, v, scale, causal, window))
+    return res if res is not None else _exact(q, k, v, scale, causal, window)
+
+
+def _kernel(q, k, v, scale: float, causal: bool, window: tuple[int, int]):
     sq, sk = q.shape[1], k.shape[1]
     is_causal, mask, empty = _dense_mask(sq, sk, causal, window, q.dtype)
     out, lse = _FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal,
@@ -183,7 +245,11 @@ class SdpaCpuBackend(Backend):
             return q.new_zeros(q.shape[:2] + (v.shape[-1],)), torch.full((q.shape[1], q.shape[0]), _INF)
         work = sum(a * b for a, b in zip(lens_q, lens_k)) // (2 if causal else 1)
         padded = len(lens_q) * max(lens_q) * max(lens_k)  # a mask: no causal block skipping
-        return _varlen_padded(*args) if padded < 2 * work + len(lens_q) * CALL_COST else _varlen_loop(*args)
+        if padded < 2 * work + len(lens_q) * CALL_COST:
+            res = _checked(q, k, v, lambda k, v: _varlen_padded(q, k, v, *args[3:]))
+            if res is not None:
+                return res
+        return _varlen_loop(*args)  # non-finite values: each sequence checked once its unseen keys are cut
 
     def kvcache(self, q, k_cache, v_cache, cache_seqlens, *, cache_batch_idx, cache_leftpad, block_table,
                 softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits):
@@ -200,10 +266,21 @@ class SdpaCpuBackend(Backend):
         if cache_leftpad is None and min(lens) == n:  # every row as long: a dense call on the slice
             return _attend(q, k_cache, v_cache, softmax_scale, causal, tuple(window_size))
         keep = _keep(q.shape[1], n, causal, tuple(window_size), hi=cache_seqlens, lo=cache_leftpad)
-        out, lse = _FWD(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), 0.0, False,
-                        attn_mask=_additive(keep, q.dtype), scale=softmax_scale)
-        lse = lse.masked_fill(~keep.any(-1), _INF)  # (B, 1, Sq) empty rows over every head
-        return out.transpose(1, 2), lse
+
+        def kernel(k, v):
+            out, lse = _FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
+                            attn_mask=_additive(keep, q.dtype), scale=softmax_scale)
+            return out.transpose(1, 2), lse.masked_fill(~keep.any(-1), _INF)  # (B, 1, Sq): empty rows
+
+        res = _checked(q, k_cache, v_cache, kernel)
+        if res is None:
+            # slots no query reads (past cache_seqlens, before cache_leftpad, outside every window) may
+            # hold garbage: selected away, so only a NaN/inf some query reads takes _exact
+            used = keep.any(-2).view(keep.shape[0], n, 1, 1)
+            k_cache, v_cache = (torch.where(used, c, torch.zeros((), dtype=c.dtype)) for c in (k_cache, v_cache))
+            res = _checked(q, k_cache, v_cache, kernel)
+        return res if res is not None else _exact(q, k_cache, v_cache, softmax_scale, causal, tuple(window_size),
+                                                  cache_leftpad, cache_seqlens)
 
 
 BACKEND = SdpaCpuBackend()
