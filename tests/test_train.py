@@ -238,6 +238,53 @@ def test_evaluate_builds_no_autograd_graph():
     assert model.training  # its mode is restored
 
 
+def _main(*argv) -> int:
+    try:
+        return T.main([str(a) for a in argv])
+    except KeyboardInterrupt:  # escaping, it would stop the whole pytest session
+        pytest.fail("KeyboardInterrupt escaped flashlm train's main")
+
+
+def test_ctrl_c_says_where_the_run_stands_and_how_to_continue(corpus, cache, tmp_path, monkeypatch, capsys):
+    real_step = T._train_step
+
+    def interrupted_at(n):
+        def step(run, s):
+            if s == n:
+                raise KeyboardInterrupt
+            return real_step(run, s)
+
+        return step
+
+    out = tmp_path / "run"
+    argv = [*BASE, "--data", corpus, "--cache-dir", cache, "--output", out, "--max-steps", 8, "--batch-size", 2,
+            "--eval-every", 0]
+    monkeypatch.setattr(T, "_train_step", interrupted_at(6))
+    assert _main(*argv, "--save-every", 2) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # step 5 was queued when Ctrl-C came (its loss is read after step 6 is queued): 4 is the last logged
+    assert f"interrupted after step 4 of 8; last checkpoint {out / 'checkpoints' / 'step_0000004'}" in err
+    assert "`--resume auto` (same flags) continues from it" in err
+
+    monkeypatch.setattr(T, "_train_step", real_step)
+    assert _main(*argv, "--save-every", 2, "--resume", "auto") == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(T, "_train_step", interrupted_at(2))
+    assert _main(*[fresh if a is out else a for a in argv], "--save-every", 0) == 130
+    assert "no checkpoint was written" in capsys.readouterr().err
+
+    def interrupted_packing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.fdata, "pack", interrupted_packing)
+    assert _main(*[tmp_path / "early" if a is out else a for a in argv]) == 130
+    assert capsys.readouterr().err.strip().endswith("flashlm train: interrupted before the first step")
+
+
 def test_flops_and_schedule():
     from flashlm.models import build_model, get_preset
 

@@ -37,6 +37,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from torch import nn
 
 from flashlm import checkpoint as ckpt
 from flashlm import data as fdata
+from flashlm import folders
 from flashlm.attention.padding import prepare_from_position_ids
 from flashlm.errors import InputError
 from flashlm.optim import MasterWeightAdamW
@@ -356,11 +358,17 @@ def _refuse_used_folder(out: Path, hint: str) -> None:
 
 def _resume_dir(args, out: Path) -> Path | None:
     """The checkpoint to resume from (None: a fresh run), refusing a resume that would mix two runs
-    in --output."""
+    in --output, and a ``--resume auto`` that finds checkpoints but can read none of them (starting
+    over would write over the run it could not read)."""
     if args.resume is None:
+        _refuse_used_folder(out, "pass --resume auto to continue it")  # again, now under the run's lock
         return None
     if args.resume == "auto":
-        found = ckpt.latest_checkpoint(out)
+        found, damaged = ckpt.find_checkpoint(out)
+        if found is None and damaged:
+            raise ckpt.damaged_error(str(out / ckpt.CHECKPOINTS), damaged)
+        for cand, problem in damaged:
+            warnings.warn(f"skipping damaged checkpoint {cand}: {problem}", stacklevel=3)
         if found is None and any((out / m).exists() for m in ("final", "loss.png")):
             _refuse_used_folder(out, "it has no checkpoint to resume (it finished with --save-every 0?)")
         return found
@@ -399,14 +407,44 @@ def check_finite_params(model: nn.Module, dd: Dist, step: int) -> None:
         )
 
 
-def _check_output(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--output {str(path)!r} is not writable: {e.strerror or e}") from None
+def _check_output(output: str | os.PathLike) -> None:
+    """Refuse an --output that names no folder (``''`` would put the run among the working
+    directory's files) or that cannot be made or written. Creates nothing: the run's lock makes the
+    folder once the run starts (`_lock_output`)."""
+    if not os.fspath(output).strip():
+        raise InputError(
+            f"--output {os.fspath(output)!r} names no folder: the run would be written into the working "
+            "directory among its files; give a folder for the run (e.g. --output runs/tiny)"
+        )
+    path = Path(output).absolute()
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent  # the nearest existing folder: where the run folder would be made
+    if not base.is_dir():
+        where = "it is a file" if base == path else f"{str(base)!r} is a file"
+        raise ValueError(f"--output {os.fspath(output)!r} is not writable: {where}, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {os.fspath(output)!r} is not writable: {str(base)!r}: permission denied")
+
+
+def _lock_output(out: Path, dd: Dist, device: torch.device) -> folders.FolderLock | None:
+    """Rank 0 takes --output for the whole run (`folders.lock_folder`: a second process is refused,
+    and a killed run's lock dies with it); every rank refuses when it could not."""
+    lock, error = None, None
+    if dd.main:
+        try:
+            lock = folders.lock_folder(out, "--output")
+        except InputError as e:
+            error = e
+        except OSError as e:
+            error = ValueError(f"--output {str(out)!r} is not writable: {e.strerror or e}")
+    if dd.enabled:  # every rank joins: all refuse, or none does
+        failed = bool(dd.sum(torch.tensor(float(error is not None), device=device)))
+        if failed and error is None:
+            error = InputError(f"--output {out}: rank 0 could not take the run folder (its error says why)")
+    if error is not None:
+        raise error
+    return lock
 
 
 def _resolve_model_config(args):
@@ -432,30 +470,61 @@ def _first_eos(config) -> int | None:
     return eos[0] if isinstance(eos, list) else eos
 
 
-def setup_tokenizer(args, config, hf_folder, files, out: Path, dd: Dist):
-    """Load or train the tokenizer; returns (tokenizer, eos_id, config with eos/vocab checked)."""
-    tok_path = args.tokenizer
-    if tok_path is None and hf_folder is not None and (hf_folder / "tokenizer.json").is_file():
-        tok_path = hf_folder / "tokenizer.json"
-    trained_path = out / "tokenizer.json"
+def _find_tokenizer(args, config, hf_folder, files, out: Path, dd: Dist, resume_dir: Path | None):
+    """(tokenizer, its file or None, where it came from): on resume the checkpoint's (a run keeps its
+    tokenizer: a differing --tokenizer is refused), else --tokenizer, the --model folder's, the one
+    kept in --output, or a byte-level BPE trained on --data. Writes nothing."""
+    run_tok = resume_dir / "model" / "tokenizer.json" if resume_dir is not None else None
+    if run_tok is not None and run_tok.is_file():
+        tok = fdata.load_tokenizer(run_tok)
+        if args.tokenizer is not None and fdata.load_tokenizer(args.tokenizer).to_str() != tok.to_str():
+            raise InputError(
+                f"--resume: --tokenizer {args.tokenizer} is not the run's tokenizer ({run_tok}): a run keeps "
+                "the tokenizer it started with (its weights learned those token ids). Resume without "
+                f"--tokenizer, or start a new run with it (a new --output, --model {resume_dir / 'model'})"
+            )
+        return tok, run_tok, f"{run_tok} (the checkpoint's)"
+    if args.tokenizer is not None:
+        return fdata.load_tokenizer(args.tokenizer), Path(args.tokenizer), f"{args.tokenizer} (--tokenizer)"
+    if hf_folder is not None and (hf_folder / "tokenizer.json").is_file():
+        path = hf_folder / "tokenizer.json"
+        return fdata.load_tokenizer(path), path, f"{path} (the --model folder's)"
+    kept = out / "tokenizer.json"
+    if kept.is_file():
+        return fdata.load_tokenizer(kept), kept, (
+            f"{kept} (kept in --output from an earlier run there; pass --tokenizer to use another, or "
+            "delete it to train a new one)")
+    implicit_vocab = hf_folder is None and args.vocab_size is None
+    if config.vocab_size < 257 and not implicit_vocab:
+        raise ValueError(
+            f"--model {args.model} has vocab_size {config.vocab_size}, too small for a trained byte-level "
+            "BPE (>= 257: 256 bytes + EOS); pass --vocab-size (e.g. 512) or --tokenizer"
+        )
+    # Rank 0 trains once and sends it to the others (the same tokenizer everywhere, no file yet).
+    tok = None
+    if dd.main:
+        bpe_size = max(config.vocab_size, DEFAULT_BPE_VOCAB) if implicit_vocab else config.vocab_size
+        tok = fdata.train_tokenizer(fdata.read_documents(files, args.text_field), bpe_size)
+    if dd.enabled:
+        box = [tok.to_str() if dd.main else None]
+        dist.broadcast_object_list(box, src=0)
+        if not dd.main:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(box[0])
+    n_tok = tok.get_vocab_size(with_added_tokens=True)
+    return tok, None, f"trained a byte-level BPE of {n_tok} tokens on --data (kept as {kept})"
+
+
+def setup_tokenizer(args, config, hf_folder, files, out: Path, dd: Dist, resume_dir: Path | None = None):
+    """Load or train the tokenizer (see `_find_tokenizer`: rank 0 says which); returns (tokenizer,
+    eos_id, config with eos/vocab checked). Writes nothing: the run folder gets the tokenizer from
+    `_save_run_tokenizer` once every input is checked."""
+    tok, tok_path, source = _find_tokenizer(args, config, hf_folder, files, out, dd, resume_dir)
+    if dd.main:
+        print(f"flashlm train: tokenizer: {source}", file=sys.stderr)
     # A preset's vocab without --vocab-size is a default, not a choice: it follows the tokenizer.
     implicit_vocab = hf_folder is None and args.vocab_size is None
-    if tok_path is None:
-        if config.vocab_size < 257 and not implicit_vocab:
-            raise ValueError(
-                f"--model {args.model} has vocab_size {config.vocab_size}, too small for a trained byte-level "
-                "BPE (>= 257: 256 bytes + EOS); pass --vocab-size (e.g. 512) or --tokenizer"
-            )
-        # Rank 0 trains once; the others wait and read the saved file (same tokenizer everywhere).
-        if dd.main and not trained_path.is_file():
-            bpe_size = max(config.vocab_size, DEFAULT_BPE_VOCAB) if implicit_vocab else config.vocab_size
-            tok = fdata.train_tokenizer(fdata.read_documents(files, args.text_field), bpe_size)
-            tmp = out / ".tokenizer.json.tmp"
-            tok.save(str(tmp))
-            os.replace(tmp, trained_path)
-        dd.barrier()
-        tok_path = trained_path
-    tok = fdata.load_tokenizer(tok_path)
     n_tok = tok.get_vocab_size(with_added_tokens=True)
     if n_tok > config.vocab_size and implicit_vocab:
         vocab = max(DEFAULT_BPE_VOCAB, -(-n_tok // 64) * 64)  # a multiple of 64: friendlier matmul shapes
@@ -466,9 +535,9 @@ def setup_tokenizer(args, config, hf_folder, files, out: Path, dd: Dist):
         config = config.replace(vocab_size=vocab)
     if n_tok > config.vocab_size:
         raise ValueError(
-            f"tokenizer/vocab mismatch: {tok_path} has {n_tok} tokens but the model's vocab_size is "
-            f"{config.vocab_size}; token ids >= {config.vocab_size} would index past the embedding "
-            "(use a matching tokenizer, or --vocab-size for a preset)"
+            f"tokenizer/vocab mismatch: {tok_path or 'the trained tokenizer'} has {n_tok} tokens but the "
+            f"model's vocab_size is {config.vocab_size}; token ids >= {config.vocab_size} would index past "
+            "the embedding (use a matching tokenizer, or --vocab-size for a preset)"
         )
     if hf_folder is None:
         # A fresh model takes its EOS from the tokenizer (a preset's default ids mean nothing here).
@@ -479,9 +548,28 @@ def setup_tokenizer(args, config, hf_folder, files, out: Path, dd: Dist):
             config = config.replace(bos_token_id=None)
     else:
         eos = fdata.resolve_eos_id(tok, _first_eos(config))
-    if dd.main and Path(tok_path).resolve() != trained_path.resolve():
-        tok.save(str(trained_path))  # the run folder always holds the tokenizer it used
     return tok, eos, config
+
+
+def _save_run_tokenizer(out: Path, dd: Dist, tok, resumed: bool) -> None:
+    """Write ``<out>/tokenizer.json`` (rank 0, atomically) unless it already holds ``tok``: the run
+    folder always holds the tokenizer it uses. Called once every input is checked, so a refused or
+    failed command leaves no tokenizer behind."""
+    if not dd.main:
+        return
+    path = out / "tokenizer.json"
+    if path.is_file():
+        try:
+            if fdata.load_tokenizer(path).to_str() == tok.to_str():
+                return
+        except ValueError:  # a damaged file: replaced below
+            pass
+        what = ("restoring the checkpoint's tokenizer there (that file was replaced since it was saved)"
+                if resumed else "replacing it (left by an earlier run) with this run's tokenizer")
+        print(f"flashlm train: {path} differs from the tokenizer this run uses; {what}", file=sys.stderr)
+    tmp = out / ".tokenizer.json.tmp"
+    tok.save(str(tmp))
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -617,10 +705,10 @@ def train(argv_or_args: list[str] | argparse.Namespace | None = None) -> TrainRe
     else:
         args = build_parser().parse_args(argv_or_args)
     check_args(args)
+    _check_output(args.output)  # the raw string: Path("") is "."
     out = Path(args.output)
     if args.resume is None:
         _refuse_used_folder(out, "pass --resume auto to continue it")
-    _check_output(out)
     dd, device = init_distributed(args.device)
     try:
         return _train(args, out, dd, device)
@@ -669,6 +757,16 @@ class _Run:
 
 
 def _train(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
+    """The run, holding --output's lock from before anything in it is read to the end."""
+    lock = _lock_output(out, dd, device)
+    try:
+        return _train_locked(args, out, dd, device)
+    finally:
+        if lock is not None:
+            lock.release()  # also removes --output again if this run made it and left it empty
+
+
+def _train_locked(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     bf16 = dtype == "bf16"
     data = _prepare_data(args, out, dd)
@@ -702,9 +800,11 @@ def _prepare_data(args, out: Path, dd: Dist) -> _Data:
             f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
             f"{config.max_position_embeddings}"
         )
+    if hf_folder is not None:
+        ckpt.check_weights_readable(hf_folder)  # a mode-000 file is not "No such file or directory"
     resume_dir = _resume_dir(args, out)
     files = fdata.find_files(args.data)
-    tok, eos_id, config = setup_tokenizer(args, config, hf_folder, files, out, dd)
+    tok, eos_id, config = setup_tokenizer(args, config, hf_folder, files, out, dd, resume_dir)
     changed = []
     if resume_dir is not None:
         # Fail on a config or settings mismatch before any tokenization or model building.
@@ -775,6 +875,9 @@ def _resume(args, out: Path, dd: Dist, data: _Data, model, optimizer, scheduler)
         state = ckpt.load_checkpoint(data.resume_dir, model=model, optimizer=optimizer, scheduler=scheduler)
         data.train_iter.load_state_dict(state["data"])
         start_step = state["step"]
+    # Every input is checked and the checkpoint loaded: from here on the run writes into --output.
+    _save_run_tokenizer(out, dd, data.tok, resumed=data.resume_dir is not None)
+    if data.resume_dir is not None:
         if data.changed and dd.main:
             print(f"flashlm train: resuming with changed {data.changed}: the run will not match an "
                   "uninterrupted one", file=sys.stderr)
@@ -854,11 +957,37 @@ def _run_steps(run: _Run, result: TrainResult) -> None:
             if _host_needs_step(run, step):
                 complete(pending)
                 pending, began = None, None  # an eval or a save ran: not the next step's time
+    except KeyboardInterrupt:
+        raise _interrupted(run, run.start_step + len(result.losses)) from None
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the steps; ``str()`` says the last logged step, the last checkpoint and how to
+    continue (`main` prints it and exits 130)."""
+
+    def __init__(self, message: str, main_rank: bool):
+        super().__init__(message)
+        self.main_rank = main_rank
+
+
+def _interrupted(run: _Run, step: int) -> TrainingInterrupted:
+    """Where an interrupted run stands: its newest intact checkpoint in --output, else the one it
+    resumed from (another run's folder), else none."""
+    found = ckpt.latest_checkpoint(run.out) or run.data.resume_dir
+    where = f"interrupted after step {step} of {run.end_step}"
+    if found is None:
+        how = (f"no checkpoint was written (--save-every {run.args.save_every}); rerun with `--resume auto` "
+               f"to start over in {run.out}")
+    elif run.out.resolve() in Path(found).resolve().parents:
+        how = f"last checkpoint {found}: `--resume auto` (same flags) continues from it"
+    else:
+        how = f"no checkpoint in {run.out} yet: `--resume {found}` (same flags) continues from the one it resumed"
+    return TrainingInterrupted(f"{where}; {how}", run.dd.main)
 
 
 def _host_needs_step(run: _Run, step: int) -> bool:
@@ -1032,12 +1161,20 @@ def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`flashlm train` entry point: 0 on success, 2 with a one-line message on bad input."""
+    """`flashlm train` entry point: 0 on success, 2 with a one-line message on bad input, 130 (the
+    shell's code for SIGINT) on Ctrl-C with a line saying where the run stands."""
     try:
         train(argv)
     except (ValueError, TypeError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
         print(f"flashlm train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            if e.main_rank:
+                print(f"flashlm train: {e}", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":
+            print("flashlm train: interrupted before the first step", file=sys.stderr)
+        return 130
     return 0
 
 
