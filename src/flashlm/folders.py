@@ -10,10 +10,16 @@ the files this kind of folder is made of (a project folder, ``"."``, a folder of
 Temporary folders are named ``.<name>.tmp-<pid>-<hex>`` (and ``...-old`` for the previous content
 during the swap). A save first removes such leftovers of earlier saves whose process is gone (a
 killed save), and restores an ``-old`` folder when a crash fell between the two renames of a swap.
+
+:func:`lock_folder` gives one process a folder (a training run's ``--output``) for as long as it holds
+the lock: an ``flock`` on a file in it, which the kernel drops when the process dies, so a killed run
+never leaves its folder stuck.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import fnmatch
 import os
 import shutil
@@ -23,7 +29,8 @@ from collections.abc import Iterable
 
 from flashlm.errors import InputError
 
-__all__ = ["HF_CHECKPOINT_ENTRIES", "check_replaceable", "clean_leftovers", "commit", "discard", "stage"]
+__all__ = ["HF_CHECKPOINT_ENTRIES", "LOCK_NAME", "FolderLock", "check_replaceable", "clean_leftovers", "commit",
+           "discard", "lock_folder", "stage"]
 
 # What an HF checkpoint folder holds (transformers' save_pretrained, tokenizers, flashlm): a folder
 # holding only these (and config.json) may be replaced by a new checkpoint; anything else is refused.
@@ -167,3 +174,84 @@ def commit(tmp: str, target: str) -> None:
 def discard(tmp: str) -> None:
     """Remove a temporary folder after a failed save."""
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ locks
+
+LOCK_NAME = ".flashlm.lock"
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/.flashlm.lock`` (see :func:`lock_folder`)."""
+
+    def __init__(self, folder: str, fd: int, created: list[str]) -> None:
+        self.folder, self._fd, self._created = folder, fd, created
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it: a waiter then retries on the new file) and
+        unlock; remove the folders the lock created if they are still empty (a refused run)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(os.path.join(self.folder, LOCK_NAME))
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        _remove_if_empty(self._created)
+
+
+def _remove_if_empty(created: list[str]) -> None:
+    """rmdir the folders in ``created`` (outermost first), the deepest first, while they are empty."""
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break  # not empty (the run wrote files): keep it and its parents
+
+
+def _holder(lock_file: str) -> str:
+    try:
+        with open(lock_file, encoding="ascii", errors="replace") as f:
+            pid = f.read().strip()
+    except OSError:
+        pid = ""
+    return f"another process (pid {pid})" if pid.isdigit() else "another process"
+
+
+def lock_folder(path: str | os.PathLike, what: str) -> FolderLock:
+    """Take ``path`` (created if absent) for this process: an exclusive, non-blocking ``flock`` on
+    its ``.flashlm.lock``, which holds the owner's pid. ``InputError`` naming the holder if another
+    process has it. Held until :meth:`FolderLock.release` or the process ends (the kernel drops the
+    lock of a killed process, so it never stays stuck). Folders created here are removed again by
+    ``release`` while empty, so a refused command leaves nothing behind."""
+    folder = os.path.abspath(os.fspath(path))
+    created, d = [], folder
+    while not os.path.lexists(d):
+        created.insert(0, d)
+        d = os.path.dirname(d)
+    os.makedirs(folder, exist_ok=True)
+    lock_file = os.path.join(folder, LOCK_NAME)
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            _remove_if_empty(created)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InputError(
+                    f"{what} {os.fspath(path)} is in use by {_holder(lock_file)}: one process at a time "
+                    "trains into a run folder; wait for it to finish (or stop it), or choose another folder"
+                ) from None
+            raise
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and flock: retry
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return FolderLock(folder, fd, created)
