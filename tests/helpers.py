@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flashlm.models.config import get_preset
-from flashlm.models.default import DefaultForCausalLM
 from flashlm.models.flash import FlashForCausalLM
+from flashlm.models.reference import DefaultForCausalLM
 
 # A tiny transformers config (GQA 4/2 heads, 3 layers) shared by the HF comparison tests.
 HF_TINY = {

@@ -29,7 +29,7 @@ from flashlm.decode_graph import (
 from flashlm.errors import InputError
 from flashlm.generation import generate, main
 from flashlm.models.config import get_preset
-from flashlm.models.flash_cache import StaticKVCache
+from flashlm.models.kv_cache import StaticKVCache
 
 PROMPTS = [[5, 17, 99, 3, 44, 7], [8, 120], [33, 61, 200, 9], [250]]
 
@@ -64,7 +64,7 @@ def test_decode_step_with_our_kernels_matches_the_torch_ops():
     _, ref = make_pair()
     ours = type(ref)(get_preset("tiny", kernels="triton")).eval()
     ours.load_state_dict(ref.state_dict())
-    assert ours.model.layers[0].decode_ops.names["rotary_qkv_append"] == "triton"
+    assert ours.model.op_sets["decode"].names["rotary_qkv_append"] == "triton"
     # a kvcache backend is bound, so the steps take _decode_step (the fused append), not index_put_
     assert ours.model.layers[0].self_attn.backends.get(("kvcache", torch.float32, False, False)) is not None
     ids, mask = left_padded_prompts(PROMPTS[:2])

@@ -13,6 +13,7 @@ way), greedy at batch 1 and 3, and sampled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 
@@ -50,7 +51,7 @@ def _prefill(flash, ids, mask, cache):
 def test_compiled_decode_logits_match_eager_and_compile_once():
     _, flash = make_pair()
     ids, mask = left_padded_prompts(PROMPTS)
-    compiled = torch.compile(flash.decode_logits, fullgraph=True, dynamic=False)
+    compiled = torch.compile(functools.partial(flash.decode_logits, compiled=True), fullgraph=True, dynamic=False)
     with torch.inference_mode():
         eager_cache, compiled_cache = flash.allocate_cache(2, 32), flash.allocate_cache(2, 32)
         tokens = _prefill(flash, ids, mask, eager_cache).argmax(-1)

@@ -4,10 +4,15 @@ import pytest
 import torch
 from helpers import left_padded_mask
 
-from flashlm.models.cache import DynamicCache
 from flashlm.models.config import HF_ARCHITECTURES, get_preset
-from flashlm.models.default import DefaultForCausalLM
-from flashlm.models.layers import MultiHeadAttention, RotaryEmbedding, attention_mask_bhsd, rope_inv_freq
+from flashlm.models.reference import (
+    DefaultForCausalLM,
+    DynamicCache,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    attention_mask_bhsd,
+    rope_inv_freq,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -24,9 +24,9 @@ from flashlm.models.flash import (
     FlashMultiHeadAttention,
     apply_rope_bshd,
 )
-from flashlm.models.flash_cache import StaticKVCache
-from flashlm.models.fused import split_fused_state_dict
-from flashlm.models.layers import RotaryEmbedding, apply_rope
+from flashlm.models.kv_cache import StaticKVCache
+from flashlm.models.reference import RotaryEmbedding, apply_rope
+from flashlm.models.weights import split_fused_state_dict
 
 ATOL, RTOL = 2e-5, 1e-4  # fp32: reference attention (einsum) vs eager matmul, summation order only
 
@@ -88,8 +88,8 @@ def test_mlp_without_a_saved_activation_matches_default(impl):
     """The MLP's SwiGLU + down projection as the op that recomputes the activation in the backward
     (Triton under the interpreter, or its torch twin): loss and gradients as the default model's."""
     default, flash = make_pair()
-    for layer in flash.model.layers:
-        layer.mlp.ops = dataclasses.replace(layer.mlp.ops, swiglu_linear=getattr(fused_ops, impl))
+    flash.model.op_sets = {mode: dataclasses.replace(ops, swiglu_linear=getattr(fused_ops, impl))
+                           for mode, ops in flash.model.op_sets.items()}
     ids = torch.randint(0, 256, (2, 11))
     out_d, out_f = default(ids, labels=ids), flash(ids, labels=ids)
     torch.testing.assert_close(out_f.loss, out_d.loss, atol=ATOL, rtol=RTOL)
@@ -308,9 +308,9 @@ def test_mixin_upad_input_three_scenarios():
 
 
 def test_mixin_forward_matches_model_layer():
-    """The standalone path (a layer given a mask, no FlashMeta) equals the default layer."""
+    """The standalone path (a layer given a mask, no plan) equals the default layer."""
     config = get_preset("tiny", sliding_window=4)
-    from flashlm.models.layers import MultiHeadAttention
+    from flashlm.models.reference import MultiHeadAttention
 
     default = MultiHeadAttention(config, 0)
     flash = FlashMultiHeadAttention(config, 0)

@@ -111,16 +111,33 @@ def test_static_cache_generation():
 
 
 def test_unpadding_is_computed_once_per_forward(monkeypatch):
+    from flashlm.models import plan
+
     _, ours = twins("llama")
     calls = []
-    fn = flashlm_hf._unpad_data.fn
-    monkeypatch.setattr(flashlm_hf._unpad_data, "fn", lambda mask: calls.append(1) or fn(mask))
+    fn = plan.get_unpad_data
+    monkeypatch.setattr(plan, "get_unpad_data", lambda mask: calls.append(1) or fn(mask))
     ids, mask = left_padded(3, 12, torch.Generator().manual_seed(4))
     with torch.no_grad():
         ours(ids, attention_mask=mask)
         assert len(calls) == 1  # 3 layers, one mask tensor
         ours(ids, attention_mask=mask)
         assert len(calls) == 2  # a new forward builds a new mask tensor
+
+
+def test_packing_detection_runs_once_per_forward_for_shared_position_ids(monkeypatch):
+    """transformers hands every layer the same (1, seqlen) position ids: the packing test (a host read) ran
+    once per layer before (the memo was keyed by the id() of a fresh (batch, seqlen) view per layer)."""
+    from flashlm.models import plan
+
+    _, ours = twins("llama")
+    calls = []
+    fn = plan.prepare_from_position_ids
+    monkeypatch.setattr(plan, "prepare_from_position_ids", lambda pos: calls.append(1) or fn(pos))
+    ids = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours(ids, position_ids=torch.arange(12)[None])
+    assert len(calls) == 1  # 3 layers
 
 
 def test_register_refuses_flash_names_and_bad_masks():

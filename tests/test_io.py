@@ -14,7 +14,7 @@ from flashlm.models import (
     get_preset,
     save_pretrained,
 )
-from flashlm.models import io as flashlm_io
+from flashlm.models import weights as flashlm_io
 
 transformers = pytest.importorskip("transformers")
 

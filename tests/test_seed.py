@@ -10,7 +10,7 @@ from helpers import make_pair
 
 from flashlm.generation import generate
 from flashlm.losses import cross_entropy
-from flashlm.models.flash_cache import StaticKVCache
+from flashlm.models.kv_cache import StaticKVCache
 
 ATOL, RTOL = 2e-5, 1e-4
 

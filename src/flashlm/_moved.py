@@ -16,6 +16,15 @@ import warnings
 
 # old module path -> new module path (add a line when a module moves; tests/test_moved.py checks each)
 MOVED: dict[str, str] = {
+    "flashlm.models.default": "flashlm.models.reference",
+    "flashlm.models.layers": "flashlm.models.reference",
+    "flashlm.models.cache": "flashlm.models.reference",
+    "flashlm.models.flash_cache": "flashlm.models.kv_cache",
+    "flashlm.models.fused": "flashlm.models.weights",
+    "flashlm.models.io": "flashlm.models.weights",
+    "flashlm.models.flash_mixin": "flashlm.models.flash",
+    "flashlm.models.flash_rope": "flashlm.models.flash",
+    "flashlm.models.flash_backends": "flashlm.models.kernels",
 }
 
 

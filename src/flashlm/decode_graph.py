@@ -65,7 +65,7 @@ from torch import Tensor
 from flashlm.sampling import SamplingKey, sample_next_token
 
 if TYPE_CHECKING:  # keep `import flashlm.generation` light: the models package loads on first use
-    from flashlm.models.flash_cache import StaticKVCache
+    from flashlm.models.kv_cache import StaticKVCache
 
 __all__ = ["CAPACITY_MULTIPLE", "COMPILE_MODES", "PREFILL_GRAPH_AFTER_USES", "PREFILL_GRAPH_MAX_TOKENS",
            "CUDAGraphDecodeStep", "DecodeStep", "SamplingKey", "cache_capacity", "compile_mode",
@@ -192,7 +192,8 @@ class DecodeStep:
         """What gets compiled and captured: one token per row through the model (the cache append and
         the device-side length bump included), sampled and recorded in place. Tensors only: no host
         check, no host bookkeeping, no data-dependent branch."""
-        logits = self.model.decode_logits(self.tokens[:, None], self.cache)
+        # compiled: the body runs only through _compiled_body, so the model plans for the compiler
+        logits = self.model.decode_logits(self.tokens[:, None], self.cache, compiled=self._compiled_body is not None)
         self._record(self._pick(logits))
 
     @torch.no_grad()

@@ -36,74 +36,25 @@ slots are not in position order); full-attention static caches work.
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from flashlm.attention.padding import get_unpad_data, prepare_from_position_ids
-
 __all__ = ["DEFAULT_NAME", "attention_forward", "attention_mask", "register"]
 
 DEFAULT_NAME = "FlashLM"
 
 
-class _PerTensorMemo:
-    """Remembers ``fn(t)`` for the last few tensors ``t`` (by identity and in-place version).
-
-    Every layer of one forward receives the same padding-mask / position-ids tensor object; this
-    computes the unpadding or packing metadata (one host sync each) once per forward instead of
-    once per layer, and recomputes when a new tensor arrives or the old one was modified in place.
-    """
-
-    def __init__(self, fn: Callable[[Tensor], Any], size: int = 4) -> None:
-        self.fn = fn
-        self.size = size
-        self.entries: OrderedDict[int, tuple[weakref.ref, int, Any]] = OrderedDict()
-
-    def __call__(self, t: Tensor) -> Any:
-        # inference-mode tensors have no version counter; the memo is also cleared at layer 0 of
-        # every forward (attention_forward), so an in-place change between forwards is still seen
-        version = -1 if t.is_inference() else t._version
-        hit = self.entries.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == version:
-            return hit[2]
-        value = self.fn(t)
-        self.entries[id(t)] = (weakref.ref(t), version, value)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-
-def _packing(position_ids: Tensor) -> tuple[Tensor, int] | None:
-    """(cu_seqlens int32, max_seqlen) when the rows hold more sequences than there are rows
-    (positions restart or jump inside a row), else None."""
-    cu, max_seqlen = prepare_from_position_ids(position_ids)
-    return (cu, max_seqlen) if cu.numel() - 1 > position_ids.shape[0] else None
-
-
-_unpad_data = _PerTensorMemo(get_unpad_data)
-_packing_data = _PerTensorMemo(_packing)
-
-
-def _flash_mixin():
-    """The flash model's unpad/varlen/re-pad helper, with unpadding memoized per forward."""
+def _mixin():
+    """The unplanned attention helper of the flash model (its metadata kept on the mask / position-ids
+    tensor of the forward: computed once per forward, see flashlm.models.plan)."""
     global _MIXIN
     if _MIXIN is None:
-        from flashlm.models.flash_mixin import FlashAttentionMixin  # not the whole flash model
+        from flashlm.models.flash import FlashAttentionMixin
 
-        class _HFAttention(FlashAttentionMixin):
-            @staticmethod
-            def _get_unpad_data(attention_mask: Tensor) -> tuple[Tensor, Tensor, int]:
-                return _unpad_data(attention_mask)
-
-        _MIXIN = _HFAttention()
+        _MIXIN = FlashAttentionMixin()
     return _MIXIN
 
 
@@ -149,26 +100,23 @@ def _masking(
 
 
 def _packing_kwargs(
-    kwargs: dict[str, Any], attention_mask: Tensor | None, batch: int, q_len: int, kv_len: int
+    kwargs: dict[str, Any], attention_mask: Tensor | None, batch: int, q_len: int, kv_len: int, first_layer: bool
 ) -> tuple[Tensor | None, Tensor | None, int | None, int | None]:
     """(cu_seqlens_q, cu_seqlens_k int32, max_seqlen_q, max_seqlen_k) of packed rows, or four Nones.
 
     Explicit: HF's ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs, all four given. Else detected from
     ``position_ids`` (batch or 1, q_len) restarting inside a row, for an unmasked prefill (q_len ==
-    kv_len > 1); memoized per forward (one host sync at the first layer)."""
+    kv_len > 1), by the planner's test (``flashlm.models.plan.packed_sequences``: one host read per
+    forward, kept on the position-ids tensor)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
         return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)  # no-op when int32
     position_ids = kwargs.get("position_ids")
-    if (
-        attention_mask is None
-        and position_ids is not None
-        and position_ids.dim() == 2
-        and q_len == kv_len
-        and q_len > 1
-    ):
-        packed = _packing_data(position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids)
+    if attention_mask is None and position_ids is not None and position_ids.dim() == 2 and q_len == kv_len > 1:
+        from flashlm.models.plan import packed_sequences
+
+        packed = packed_sequences(position_ids, batch, refresh=first_layer)
         if packed is not None:
             return packed[0], packed[0], packed[1], packed[1]
     return None, None, None, None
@@ -198,9 +146,7 @@ def attention_forward(
     """
     _check_supported(attention_mask, kwargs)
     causal, window, softcap = _masking(module, sliding_window, softcap, is_causal)
-    if getattr(module, "layer_idx", 0) == 0:  # a new forward: metadata is computed afresh
-        _unpad_data.clear()
-        _packing_data.clear()
+    first_layer = getattr(module, "layer_idx", 0) == 0  # inference tensors' metadata is recomputed there
 
     q = query.transpose(1, 2)  # BSHD views, no copy
     k = key.transpose(1, 2)
@@ -209,8 +155,9 @@ def attention_forward(
         from flashlm.models.flash import half_precision_inputs
 
         q, k, v = half_precision_inputs(q, k, v, _projection_dtype(module, q.dtype))
-    cu_q, cu_k, max_q, max_k = _packing_kwargs(kwargs, attention_mask, q.shape[0], q.shape[1], k.shape[1])
-    out = _flash_mixin()._flash_attention_forward(
+    cu_q, cu_k, max_q, max_k = _packing_kwargs(kwargs, attention_mask, q.shape[0], q.shape[1], k.shape[1],
+                                               first_layer)
+    out = _mixin()._flash_attention_forward(
         q,
         k,
         v,
@@ -226,6 +173,7 @@ def attention_forward(
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
         deterministic=bool(kwargs.get("deterministic") or False),
+        first_layer=first_layer,
     )
     return out, None
 

@@ -112,10 +112,15 @@ def test_resolve_auto_for_decode_steps_takes_our_kernels():
 def test_flash_model_binds_the_decode_set_to_direct_cache_appends():
     """Eager decode steps and captured ones plan alike (direct appends) and so run the same ops."""
     from flashlm.models import build_model
-    from flashlm.models.plan import FlashMeta
+    from flashlm.models.plan import append_plan
 
     flash = build_model("tiny", attn="flash")
-    layer = flash.model.layers[0]
-    assert layer.ops_for(FlashMeta("kvcache", direct=True)) is layer.decode_ops
-    assert layer.ops_for(FlashMeta("kvcache")) is layer.ops and layer.ops_for(None) is layer.ops
-    assert layer.ops_for(FlashMeta("dense", compiled=True)) is layer.compiled_ops
+    sets, ids = flash.model.op_sets, torch.zeros(1, 3, dtype=torch.long)
+    cache = flash.allocate_cache(1, 8)
+    cache.note_appended(1, 1)  # non-empty: the next forward appends
+    assert append_plan(ids, cache, None, op_sets=sets).ops is sets["decode"]
+    assert flash.model.plan(ids, past_key_values=cache).ops is sets["decode"]
+    assert flash.model.plan(ids, past_key_values=cache, attention_mask=torch.ones_like(ids)).ops is sets["eager"]
+    assert flash.model.plan(ids).ops is sets["eager"]
+    assert append_plan(ids, cache, None, compiled=True, op_sets=sets).ops is sets["compiled"]
+    assert flash.prepare_compile().model.plan(ids).ops is sets["compiled"]

@@ -7,7 +7,7 @@ from _judge import grads, judge, leaf
 
 from flashlm import ops
 from flashlm.errors import InputError
-from flashlm.models.layers import RMSNorm
+from flashlm.models.reference import RMSNorm
 
 SHAPES = [(1, 1, 77), (2, 37, 77), (3, 5, 300)]
 DTYPES = [torch.float32, torch.float16]

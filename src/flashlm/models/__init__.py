@@ -1,4 +1,6 @@
-"""flashlm models: config, the default (eager) and flash causal LMs, and HF-format checkpoint IO.
+"""flashlm models: config (config.py, hf_config.py), the default (eager) model (reference.py), the flash
+model (flash.py) with its planner (plan.py), kernel choice (kernels.py) and static cache (kv_cache.py),
+and the weights: fused projections + HF-format checkpoint IO (weights.py).
 
 from flashlm.models import build_model, from_pretrained, save_pretrained, get_preset
 model = build_model(get_preset("tiny"), attn="default")
@@ -17,10 +19,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .cache import DynamicCache
 from .config import PRESETS, ModelConfig, get_preset
-from .default import CausalLMOutput, DefaultForCausalLM
-from .io import LoadReport, load_state_dict_from_folder, save_pretrained
+from .reference import CausalLMOutput, DefaultForCausalLM, DynamicCache
+from .weights import LoadReport, load_state_dict_from_folder, save_pretrained
 
 __all__ = [
     "MODEL_CLASSES",
@@ -126,7 +127,7 @@ def from_pretrained(
             f"checkpoint folder {path!r} does not exist (only local folders are supported)"
         )
     _check_dtype(dtype)
-    from .io import checkpoint_dtype
+    from .weights import checkpoint_dtype
 
     config = ModelConfig.from_hf_config(path)
     cls = _model_class(attn)

@@ -1,108 +1,65 @@
 """The flash model: LLaMA whose attention calls the FlashAttention kernels directly, BSHD end to end.
 
-Same state-dict names (HF's) and the same seeded init as :class:`~flashlm.models.default.DefaultForCausalLM`,
+Same state-dict names (HF's) and the same seeded init as :class:`~flashlm.models.reference.DefaultForCausalLM`,
 so one safetensors folder loads into either. What differs is the path between embedding and loss:
 
 - ONE ``qkv_proj`` and ONE ``gate_up_proj`` per layer, saved/loaded under HF's names
-  (:mod:`flashlm.models.fused`); q/k/v leave ``qkv_proj`` split and RoPE-rotated in one op
+  (:mod:`flashlm.models.weights`); q/k/v leave ``qkv_proj`` split and RoPE-rotated in one op
   (``ops.rotary_qkv``) as BSHD views, never transposed; SwiGLU is one op; the residual add is fused
   into the next RMSNorm (``ops.add_rms_norm``), the stream carried between blocks as (out, residual);
-- every op implementation and every attention backend is chosen when the model is built or moved
-  (``ModelConfig.kernels`` via ``flashlm.ops.resolve``; the registry per layer and call kind, see
-  :mod:`flashlm.models.flash_backends`), never per call; small plain causal dense calls on CUDA use
-  aten's FA2 op (least host time);
-- GQA without ``repeat_kv``, sliding window ``(W - 1, 0)``, logit softcap, dropout in training only;
 - each forward is planned once (:mod:`flashlm.models.plan`): padding removed right after the embedding
-  (``(1, total_tokens, hidden)``, varlen kernels with ``cu_seqlens`` computed once), packing detected
-  or given, a static BSHD cache (:class:`~flashlm.models.flash_cache.StaticKVCache`) appended in place;
-  under torch.compile the planner reads nothing back from the device (sync-free plans);
-- with ``labels`` (eager): ``flashlm.loss_kernels.logits_cross_entropy`` (one matmul per token chunk,
-  the chunk's logits overwritten by their gradient, at most 1 GiB of them held); compiled or
-  softcapped: plain cross-entropy when tokens x vocab is small, else
-  ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
+  (``(1, total_tokens, hidden)``, varlen kernels with ``cu_seqlens`` computed once), packing detected or
+  given, a static BSHD cache (:class:`~flashlm.models.kv_cache.StaticKVCache`) appended in place;
+- every kernel is chosen once (:mod:`flashlm.models.kernels`): the op sets when the model is built or
+  moved, one per mode, the plan carrying its mode's; each layer's attention backends when it is built;
+  :meth:`FlashForCausalLM.explain` says what a call runs. Compiling is said by the caller that compiles
+  (:meth:`FlashForCausalLM.prepare_compile`, ``decode_logits(compiled=True)``): sync-free plans, the ops
+  meant for inductor, no host read in the forward;
+- GQA without ``repeat_kv``, sliding window ``(W - 1, 0)``, logit softcap, dropout in training only;
+- with ``labels`` (eager): ``flashlm.loss_kernels.logits_cross_entropy`` (one matmul per token chunk, the
+  chunk's logits overwritten by their gradient); compiled or softcapped: plain cross-entropy when tokens
+  x vocab is small, else ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
 
-Host syncs (eager): at most one per forward while planning (unpadding reads the token count and the
-longest row; detecting packing reads the longest sequence; the token-range check reads min/max), none
-inside layers, none in a decode step; none at all under torch.compile.
-
-This module reads top to bottom: the op binding every block shares, the attention layer, MLP, decoder
-layer, model, causal LM. Kept apart (the public names re-exported here, where they lived before):
-:mod:`flashlm.models.flash_rope` (RoPE on BSHD q/k), :mod:`flashlm.models.flash_backends` (which
-attention kernel each layer binds), :mod:`flashlm.models.flash_mixin` (:class:`FlashAttentionMixin`, the
-unplanned mask/packing -> kernel helper), :mod:`flashlm.models.fused` (``qkv_proj``/``gate_up_proj``),
-:mod:`flashlm.models.plan` (the planner) and :mod:`flashlm.models.flash_cache` (the static cache).
+Host syncs (eager): at most one per forward while planning, none inside layers, none in a decode step;
+none at all in compiled plans. Reads top to bottom: fp32 inputs, the unplanned attention helper
+(:class:`FlashAttentionMixin`), the attention layer, MLP, block, model, causal LM.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import functools
+import warnings
 
-from flashlm import ops as fused_ops
+import torch
+from torch import Tensor, nn
+
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from flashlm.attention.padding import pad_input
+from flashlm.attention.interface import apply_rotary
+from flashlm.attention.padding import index_first_axis, pad_input, unpad_input
 from flashlm.loss_kernels import logits_cross_entropy
-from flashlm.losses import cross_entropy, linear_cross_entropy, materialize_logits_for_loss
+from flashlm.losses import cross_entropy, linear_cross_entropy
 
 from .config import ModelConfig
-from .default import (
+from .kernels import AttentionKernels, _aten_flash_dense, explain_plan, loss_kind, op_sets
+from .kv_cache import StaticKVCache
+from .plan import BatchPlan, append_plan, packed_sequences, plan_batch, unpad_data
+from .reference import (
+    MLP,
     CausalLMOutput,
-    DecoderLayer,
     DefaultForCausalLM,
-    DefaultModel,
+    MultiHeadAttention,
+    RMSNorm,
+    RotaryEmbedding,
     check_inputs,
     check_token_range,
+    make_embedding,
+    make_norm,
+    rotate_half,
 )
-from .flash_backends import (
-    _HALF,
-    ATEN_DENSE_MAX_TOKENS,
-    _aten_flash_dense,
-    _select_backends,
-    aten_dense_eligible,
-)
-from .flash_cache import StaticKVCache
-from .flash_mixin import FlashAttentionMixin
-from .flash_rope import apply_rope_bshd
-from .fused import fuse_into
-from .layers import MLP, MultiHeadAttention, RMSNorm
-from .plan import FlashMeta, Plan, append_plan, plan_batch
+from .weights import fuse_into, init_per_part
 
-__all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashMeta", "FlashModel",
+__all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashModel",
            "FlashMultiHeadAttention", "apply_rope_bshd", "half_precision_inputs"]
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels bound at build, fp32 inputs in a half-precision model
-# --------------------------------------------------------------------------------------------
-class _BindsKernels:
-    """Holds ``self.ops`` (``flashlm.ops.resolve(config.kernels, device)``): the fused-op callables,
-    chosen once when the module is built and again when it moves to another device (``.to``,
-    ``to_empty``), never per call."""
-
-    def _bind_kernels(self) -> None:
-        device = next(self.parameters()).device
-        device = "cpu" if device.type == "meta" else device
-        self.ops = fused_ops.resolve(self.config.kernels, device)
-        # what a plan made under torch.compile asks for (FlashMeta.compiled): ops inductor can fuse
-        self.compiled_ops = fused_ops.resolve(self.config.kernels, device, compiled=True)
-        # what a decode step asks for (tokens appended to the cache, planned direct): least GPU time
-        self.decode_ops = fused_ops.resolve(self.config.kernels, device, decode=True)
-
-    def ops_for(self, meta: FlashMeta | None) -> fused_ops.Ops:
-        """The op set of a planned call: compiled, decode step (eager or captured alike, so both give
-        the same tokens), or any other eager call (host time counts)."""
-        if meta is None:
-            return self.ops
-        if meta.compiled:
-            return self.compiled_ops
-        return self.decode_ops if meta.direct else self.ops
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._bind_kernels()
-        return out
-
 
 # One warning per process; tests reset it here (flashlm.hf's hook uses this function too).
 _WARNED_FP32 = False
@@ -122,24 +79,148 @@ def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.d
     global _WARNED_FP32
     if not _WARNED_FP32:
         _WARNED_FP32 = True
-        import warnings
-
         warnings.warn(f"attention inputs are float32 in a {target} model (upcast activations, e.g. PEFT); "
                       f"casting q/k/v to {target} for the flash kernels", stacklevel=3)
     return q.to(target), k.to(target), v.to(target)
 
 
 # --------------------------------------------------------------------------------------------
+# Unplanned calls: a layer on its own, transformers' attention hook
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _triton_rotary():
+    """The fused Triton rotary kernel, or None when the Triton backend is not importable."""
+    try:
+        from flashlm.attention.backends.triton.rotary import apply_rotary_bshd
+    except (ImportError, RuntimeError):  # no triton / no kernel module: the torch path is exact anyway
+        return None
+    return apply_rotary_bshd
+
+
+def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, compiled: bool = False
+                    ) -> tuple[Tensor, Tensor]:
+    """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
+    transpose — with one position per (row, token), so left padding and packing just work.
+
+    cos/sin fp32 in the rotate_half convention: the full tables (batch or 1, seqlen, head_dim), rotated
+    in torch with the tables cast to q's dtype first, exactly as the default model's ``apply_rope``; or
+    the half-width ones (batch, seqlen, head_dim // 2): the fused Triton kernel on CUDA, except when
+    ``compiled`` (the caller compiles) without gradients, where its math in torch ops lets inductor fuse
+    it with its neighbours (compiled training keeps the kernel's op and its backward)."""
+    head_dim = q.shape[-1]
+    if cos.shape[-1] != head_dim:  # half-width tables
+        if compiled and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            return apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
+        rotary = _triton_rotary() if q.is_cuda else None
+        if rotary is not None:
+            return rotary(q, cos, sin), rotary(k, cos, sin)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    cos = cos.unsqueeze(2).to(q.dtype)
+    sin = sin.unsqueeze(2).to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class FlashAttentionMixin:
+    """Calls ``flashlm.attention`` on BSHD q/k/v with a padding mask, packed position ids or explicit
+    ``cu_seqlens`` and no precomputed plan (a :class:`FlashMultiHeadAttention` used on its own;
+    transformers' hook, :mod:`flashlm.hf`): dense, or unpad -> varlen -> re-pad. The packing test and
+    the unpadding are the planner's (:func:`~flashlm.models.plan.packed_sequences`,
+    :func:`~flashlm.models.plan.unpad_data`: computed once per mask / position-ids tensor)."""
+
+    @staticmethod
+    def _get_unpad_data(attention_mask: Tensor) -> tuple[Tensor, Tensor, int]:
+        """attention_mask (batch, seqlen), 1 = token -> (indices int64 (total,) into the flattened
+        batch * seqlen, cu_seqlens int32 (batch + 1,), max_seqlen_in_batch int). One host sync per mask."""
+        return unpad_data(attention_mask)
+
+    def _upad_input(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
+                    query_length: int):
+        """Remove padding from q (batch, query_length, heads, d) and k/v (batch, kv_len, kv_heads, d).
+
+        ``attention_mask`` (batch, mask_len) covers the keys; keys beyond ``mask_len`` (a static cache
+        longer than what was written) are sliced off. Three cases for the queries: (a) query_length ==
+        kv_len (prefill): the keys' indices and cu_seqlens; (b) query_length == 1 (decode): one query per
+        row; (c) otherwise (chunked prefill): the last ``query_length`` mask columns, which requires left
+        padding (checked: one host read). Returns (q (total_q, heads, d), k, v (total_k, kv_heads, d),
+        indices_q, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k))."""
+        indices_k, cu_seqlens_k, max_seqlen_k = self._get_unpad_data(attention_mask)
+        batch, kv_len, kv_heads, head_dim = key.shape
+        mask_len = attention_mask.shape[-1]
+        if kv_len < mask_len:
+            raise ValueError(f"attention_mask covers {mask_len} keys but only {kv_len} were given")
+        if kv_len > mask_len:  # static cache: only the first mask_len slots are described
+            key, value = key[:, :mask_len], value[:, :mask_len]
+            kv_len = mask_len
+        key = index_first_axis(key.reshape(batch * kv_len, kv_heads, head_dim), indices_k)
+        value = index_first_axis(value.reshape(batch * kv_len, kv_heads, value.shape[-1]), indices_k)
+        if query_length == kv_len:
+            query = index_first_axis(query.reshape(batch * kv_len, query.shape[2], head_dim), indices_k)
+            return query, key, value, indices_k, (cu_seqlens_k, cu_seqlens_k), (max_seqlen_k, max_seqlen_k)
+        if query_length == 1:
+            cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
+            return (query.squeeze(1), key, value, cu_seqlens_q[:-1].long(), (cu_seqlens_q, cu_seqlens_k),
+                    (1, max_seqlen_k))
+        q_mask = attention_mask[:, -query_length:]
+        if bool((q_mask[:, 1:].long() < q_mask[:, :-1].long()).any()):
+            raise ValueError("attention_mask over the new queries must be left-padded (rows 0..0 1..1) "
+                             f"when query_length ({query_length}) differs from the key length ({kv_len})")
+        query, indices_q, cu_seqlens_q, max_seqlen_q, _ = unpad_input(query, q_mask)
+        return query, key, value, indices_q, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k)
+
+    def _flash_attention_forward(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None, *,
+        dropout: float = 0.0, softmax_scale: float | None = None, causal: bool = True,
+        training: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+        position_ids: Tensor | None = None, cu_seqlens_q: Tensor | None = None,
+        cu_seqlens_k: Tensor | None = None, max_seqlen_q: int | None = None,
+        max_seqlen_k: int | None = None, deterministic: bool = False, first_layer: bool = False,
+    ) -> Tensor:
+        """Attention on BSHD q (batch, q_len, heads, d), k/v (batch, kv_len, kv_heads, d), the entry point
+        chosen from what is given, in this order: ``cu_seqlens_q/k`` (+ max_seqlen_q/k): packed
+        sequences; ``attention_mask`` (batch, kv_len), 1 = token: unpad, varlen, re-pad; ``position_ids``
+        (batch, q_len) restarting inside a row (q_len == kv_len > 1): packed sequences
+        (:func:`~flashlm.models.plan.packed_sequences`); otherwise ``flash_attn_func``. ``dropout`` only
+        when ``training``; ``first_layer``: the metadata of inference tensors is recomputed (a new
+        forward). Returns (batch, q_len, heads, d_v), zeros at padding."""
+        batch, q_len, heads = query.shape[:3]
+        kwargs = {"dropout_p": dropout if training else 0.0, "softmax_scale": softmax_scale,
+                  "causal": causal, "window_size": window_size, "softcap": softcap,
+                  "deterministic": deterministic}
+        if cu_seqlens_q is None and attention_mask is None and position_ids is not None and \
+                q_len == key.shape[1] and q_len > 1 and position_ids.dim() == 2:
+            found = packed_sequences(position_ids, batch, refresh=first_layer)
+            if found is not None:
+                cu_seqlens_q = cu_seqlens_k = found[0]
+                max_seqlen_q = max_seqlen_k = found[1]
+        if cu_seqlens_q is not None:
+            if cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
+                raise ValueError("cu_seqlens_q needs cu_seqlens_k, max_seqlen_q and max_seqlen_k")
+            out = flash_attn_varlen_func(
+                query.reshape(batch * q_len, heads, query.shape[-1]),
+                key.reshape(-1, *key.shape[2:]), value.reshape(-1, *value.shape[2:]),
+                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)
+            return out.view(batch, q_len, heads, out.shape[-1])
+        if attention_mask is not None:
+            if first_layer:
+                unpad_data(attention_mask, refresh=True)
+            q, k, v, indices_q, (cu_q, cu_k), (max_q, max_k) = self._upad_input(
+                query, key, value, attention_mask, q_len)
+            out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+            return pad_input(out, indices_q, batch, q_len)
+        return flash_attn_func(query, key, value, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
 # Attention layer
 # --------------------------------------------------------------------------------------------
-class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAttention):
+class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
     """The default ``MultiHeadAttention`` computed in BSHD through ``flashlm.attention``: no transpose,
     no ``repeat_kv``, no (seqlen x seqlen) scores.
 
-    q/k/v come from ONE projection ``qkv_proj`` (rows: q (heads * head_dim), k, v (kv_heads *
-    head_dim) each), saved and loaded as HF's ``q_proj``/``k_proj``/``v_proj`` (see
-    :mod:`flashlm.models.fused`); inside a :class:`FlashModel` the split and RoPE of q and k are one
-    launch (``ops.rotary_qkv``)."""
+    q/k/v come from ONE projection ``qkv_proj`` (rows: q (heads * head_dim), k, v (kv_heads * head_dim)),
+    saved and loaded as HF's ``q_proj``/``k_proj``/``v_proj``; inside a :class:`FlashModel` the split and
+    RoPE of q and k are one launch (``ops.rotary_qkv``). Its attention kernels are bound when it is built
+    or moved (``self.kernels``, :class:`~flashlm.models.kernels.AttentionKernels`)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -148,15 +229,22 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
         # flash-attn's inclusive window: W tokens, itself included = W - 1 to the left.
         self.window_size = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
         self.softcap_value = 0.0 if self.softcap is None else float(self.softcap)
-        self._bind_kernels()
+        self.compiled = False  # a layer used on its own: whether its caller compiles it (apply_rope_bshd)
+        self.bind_kernels()
 
-    def _bind_kernels(self) -> None:
-        """Fused ops, and the attention backend of each (kind, dtype, grad, dropout) this layer can be
-        called with (:mod:`flashlm.models.flash_backends`), chosen now rather than by the registry per call."""
-        super()._bind_kernels()
-        device = next(self.parameters()).device
-        self.backends = _select_backends(self, device)
-        self.aten_dense = aten_dense_eligible(self, device)  # small plain causal dense calls: aten's FA2
+    def bind_kernels(self) -> None:
+        """Choose the attention backends of every call kind again (honours a backend forced now)."""
+        self.kernels = AttentionKernels(self, next(self.parameters()).device)
+
+    @property
+    def backends(self) -> dict:
+        """{(kind, dtype, needs_grad, dropout[, "compiled"]): Backend} bound for this layer."""
+        return self.kernels.backends
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.bind_kernels()
+        return out
 
     def _project_qkv(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k, v (batch, seqlen,
@@ -168,129 +256,121 @@ class FlashMultiHeadAttention(_BindsKernels, FlashAttentionMixin, MultiHeadAtten
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def _rotated_qkv(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, ops) -> tuple[Tensor, Tensor, Tensor]:
-        """Projection + RoPE with the half-width tables (batch or 1, seqlen, head_dim // 2) fp32."""
-        if self.config.qk_norm:  # the norms sit between the split and RoPE
-            q, k, v = self._project_qkv(hidden_states)
-            return ops.rotary(q, cos, sin), ops.rotary(k, cos, sin), v
-        return ops.rotary_qkv(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
-                                   self.head_dim)
-
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
-                past_key_values: StaticKVCache | None = None, meta: FlashMeta | None = None,
-                **kwargs) -> Tensor:
-        """hidden_states (batch, seqlen, hidden) — (1, total, hidden) in "varlen" mode. With ``meta``
+                past_key_values: StaticKVCache | None = None, plan: BatchPlan | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        """hidden_states (batch, seqlen, hidden) — (1, total, hidden) in a "varlen" plan. With ``plan``
         (from :class:`FlashModel`) cos/sin are the half-width tables (batch or 1, seqlen, head_dim // 2);
         without it (a layer used on its own) the full or half tables of :func:`apply_rope_bshd`, and
-        ``attention_mask`` (batch, seqlen) or packed ``position_ids`` are handled by the mixin (a cache
-        is refused). Returns hidden_states' shape."""
-        common = {"softmax_scale": self.scaling, "causal": True, "window_size": self.window_size,
-                  "softcap": self.softcap_value}
-        if meta is None:
+        ``attention_mask`` (batch, seqlen) or packed ``position_ids`` are handled by the mixin (a cache is
+        refused). Returns hidden_states' shape."""
+        if plan is None:
             if past_key_values is not None:
-                raise ValueError("FlashMultiHeadAttention with a cache needs the FlashMeta built by "
-                                 "FlashModel; call the model, not the layer")
+                raise ValueError("FlashMultiHeadAttention with a cache needs the plan made by FlashModel; "
+                                 "call the model, not the layer")
             q, k, v = self._project_qkv(hidden_states)  # (B, S, H, D) views, no copy
-            q, k = apply_rope_bshd(q, k, cos, sin)
+            q, k = apply_rope_bshd(q, k, cos, sin, compiled=self.compiled)
             q, k, v = half_precision_inputs(q, k, v, self.qkv_proj.weight.dtype)
-            out = self._flash_attention_forward(q, k, v, attention_mask, dropout=self.attention_dropout,
-                                                training=self.training,
-                                                position_ids=kwargs.get("position_ids"), **common)
+            out = self._flash_attention_forward(
+                q, k, v, attention_mask, dropout=self.attention_dropout, training=self.training,
+                position_ids=position_ids, softmax_scale=self.scaling, causal=True,
+                window_size=self.window_size, softcap=self.softcap_value, first_layer=True)
             return self._project_out(out.to(hidden_states.dtype))
-        ops = self.ops_for(meta)
-        if meta.direct and not self.config.qk_norm:
-            be = self.backends.get(("kvcache", hidden_states.dtype, False, False))
-            if be is not None:
-                return self._project_out(self._decode_step(hidden_states, cos, sin, meta, ops, be))
-        q, k, v = self._rotated_qkv(hidden_states, cos, sin, ops)
-        return self._project_out(self._attend_planned(q, k, v, meta, common))
+        ops = plan.ops
+        if plan.kind == "append" and not plan.compiled and not self.config.qk_norm:
+            choice = self.kernels.select("kvcache", hidden_states.dtype, False, False, False, 0)
+            if choice.backend is not None:  # RoPE and the k/v append in one launch, then the bound kernel
+                with torch.no_grad():
+                    k_cache, v_cache = plan.cache.layer(self.layer_idx, hidden_states.shape[0])
+                    q = ops.rotary_qkv_append(self.qkv_proj(hidden_states), cos, sin, self.num_heads,
+                                              self.num_kv_heads, self.head_dim, k_cache, v_cache,
+                                              plan.write_slot_idx)
+                    return self._project_out(self._bound_kvcache(choice.backend, q, k_cache, v_cache, plan))
+        if self.config.qk_norm:  # the norms sit between the split and RoPE
+            q, k, v = self._project_qkv(hidden_states)
+            q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
+        else:
+            q, k, v = ops.rotary_qkv(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
+                                     self.head_dim)
+        if plan.cache is not None and plan.kind != "append":
+            self._write_cache(k, v, plan)
+        return self._project_out(self._attend(q, k, v, plan))
 
-    @torch.no_grad()
-    def _decode_step(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, meta: FlashMeta, ops, be) -> Tensor:
-        """Tokens appended to the cache, planned direct (decode steps, eager or captured): RoPE and the
-        k/v append in one launch (``ops.rotary_qkv_append``), then the bound kvcache kernel, no checks."""
-        k_cache, v_cache = meta.cache.layer(self.layer_idx, hidden_states.shape[0])
-        q = ops.rotary_qkv_append(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
-                                  self.head_dim, k_cache, v_cache, meta.write_slot_idx)
-        return self._bound_kvcache(be, q, k_cache, v_cache, meta)
+    def _write_cache(self, k: Tensor, v: Tensor, plan: BatchPlan) -> None:
+        """This layer's k/v into the cache before attention: a prefill ("dense": slots [0, seqlen);
+        "varlen": the real tokens scattered) or a padded "chunk" (its real tokens scattered)."""
+        if plan.kind == "dense":
+            k_cache, v_cache = plan.cache.layer(self.layer_idx, k.shape[0])
+            k_cache[:, : k.shape[1]].copy_(k)
+            v_cache[:, : v.shape[1]].copy_(v)
+        elif plan.kind == "varlen":
+            plan.cache.write(self.layer_idx, k[0], v[0], plan.write_batch_idx, plan.write_slot_idx)
+        else:
+            b, s = k.shape[:2]
+            plan.cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[plan.write_token_idx],
+                             v.reshape(b * s, *v.shape[2:])[plan.write_token_idx],
+                             plan.write_batch_idx, plan.write_slot_idx)
 
-    def _bound_kvcache(self, be, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: FlashMeta) -> Tensor:
-        """The bound backend's kvcache attention of a direct plan (k/v already appended), no checks."""
-        return be.kvcache(q, k_cache, v_cache, meta.seqlens_after, cache_batch_idx=None, cache_leftpad=None,
+    def _bound_kvcache(self, be, q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: BatchPlan) -> Tensor:
+        """The bound backend's kvcache attention of an eager append (k/v already in the cache), no checks."""
+        return be.kvcache(q, k_cache, v_cache, plan.seqlens_after, cache_batch_idx=None, cache_leftpad=None,
                           block_table=None, softmax_scale=self.scaling, causal=True, window_size=self.window_size,
                           softcap=self.softcap_value, alibi_slopes=None, num_splits=0)[0]
 
-    def _attend_planned(self, q: Tensor, k: Tensor, v: Tensor, meta: FlashMeta, common: dict) -> Tensor:
-        """Attention of rotated BSHD q/k/v under the model's plan (cache writes included)."""
-        cache = meta.cache
-        if meta.mode == "kvcache":
-            k_cache, v_cache = cache.layer(self.layer_idx, q.shape[0])
-            if meta.append:  # direct with q/k normed (else _decode_step), or not direct
-                be = self.backends.get(("kvcache", q.dtype, False, False)) if meta.direct else None
-                if be is None:
-                    return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
-                                                   cache_seqlens=meta.cache_seqlens, **common)
-                with torch.no_grad():
-                    idx = (meta.write_batch_idx, meta.write_slot_idx)
-                    k_cache.index_put_(idx, k)
-                    v_cache.index_put_(idx, v)
-                    return self._bound_kvcache(be, q, k_cache, v_cache, meta)
-            b, s = k.shape[:2]
-            cache.write(self.layer_idx, k.reshape(b * s, *k.shape[2:])[meta.write_token_idx],
-                        v.reshape(b * s, *v.shape[2:])[meta.write_token_idx],
-                        meta.write_batch_idx, meta.write_slot_idx)
-            out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=meta.cache_seqlens, **common)
-            return out * meta.query_mask  # padding queries saw unrelated keys: zero them
-        if cache is not None:  # prefill into an empty static cache
-            if meta.mode == "dense":
-                k_cache, v_cache = cache.layer(self.layer_idx, k.shape[0])
-                k_cache[:, : k.shape[1]].copy_(k)
-                v_cache[:, : v.shape[1]].copy_(v)
-            else:
-                cache.write(self.layer_idx, k[0], v[0], meta.write_batch_idx, meta.write_slot_idx)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, plan: BatchPlan) -> Tensor:
+        """Attention of rotated BSHD q/k/v under ``plan`` (the cache already written, except an append's),
+        through the kernel :meth:`AttentionKernels.select` names."""
+        common = {"softmax_scale": self.scaling, "causal": True, "window_size": self.window_size,
+                  "softcap": self.softcap_value}
+        if plan.kind in ("append", "chunk"):
+            k_cache, v_cache = plan.cache.layer(self.layer_idx, q.shape[0])
+            if plan.kind == "chunk":
+                out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=plan.cache_seqlens, **common)
+                return out * plan.query_mask  # padding queries saw unrelated keys: zero them
+            choice = self.kernels.select("kvcache", q.dtype, False, False, plan.compiled, 0)
+            if choice.backend is None:
+                return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=plan.cache_seqlens,
+                                               **common)
+            with torch.no_grad():  # qk-normed eager appends (others fuse the append with RoPE in forward)
+                idx = (plan.write_batch_idx, plan.write_slot_idx)
+                k_cache.index_put_(idx, k)
+                v_cache.index_put_(idx, v)
+                return self._bound_kvcache(choice.backend, q, k_cache, v_cache, plan)
         dropout_p = self.attention_dropout if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        key = (meta.mode, q.dtype, needs_grad, dropout_p > 0)
-        be = (self.backends.get(key + ("compiled",)) or self.backends.get(key)) if meta.compiled \
-            else self.backends.get(key)
-        kwargs = {"dropout_p": dropout_p, "softmax_scale": self.scaling, "causal": True,
-                  "window_size": self.window_size, "softcap": self.softcap_value}
-        if be is None:  # not bound (no backend serves it): the public API explains why, or finds one
-            if meta.mode == "dense":
+        choice = self.kernels.select(plan.kind, q.dtype, needs_grad, dropout_p > 0, plan.compiled,
+                                     q.shape[0] * q.shape[1])
+        kwargs = {"dropout_p": dropout_p, **common}
+        if choice.name == "aten_flash":
+            return _aten_flash_dense(q, k, v, dropout_p, self.scaling)
+        if choice.backend is None:  # not bound (no backend serves it): the public API explains why, or finds one
+            if plan.kind == "dense":
                 return flash_attn_func(q, k, v, **kwargs)
-            return flash_attn_varlen_func(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                                          meta.max_seqlen, **kwargs)[None]
-        if meta.mode == "dense":
-            if self.aten_dense and q.dtype in _HALF and q.shape[0] * q.shape[1] <= ATEN_DENSE_MAX_TOKENS:
-                return _aten_flash_dense(q, k, v, dropout_p, self.scaling)
-            return be.dense(q, k, v, **kwargs, alibi_slopes=None, deterministic=False)[0]
-        return be.varlen(q[0], k[0], v[0], meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-                         **kwargs, alibi_slopes=None, deterministic=False)[0][None]
+            return flash_attn_varlen_func(q[0], k[0], v[0], plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen,
+                                          plan.max_seqlen, **kwargs)[None]
+        if plan.kind == "dense":
+            return choice.backend.dense(q, k, v, **kwargs, alibi_slopes=None, deterministic=False)[0]
+        return choice.backend.varlen(q[0], k[0], v[0], plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen,
+                                     plan.max_seqlen, **kwargs, alibi_slopes=None, deterministic=False)[0][None]
 
 
-class FlashMLP(_BindsKernels, MLP):
+# --------------------------------------------------------------------------------------------
+# MLP and decoder block
+# --------------------------------------------------------------------------------------------
+class FlashMLP(MLP):
     """The gated MLP with gate and up as ONE projection ``gate_up_proj`` (rows: gate, then up; saved and
     loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU with the down projection as one op
     (``ops.swiglu_linear``, which does not save the activation for the backward); GeGLU (Gemma2)
     splits and applies its activation in torch."""
 
-    def __init__(self, config: ModelConfig, mlp: MLP | None = None) -> None:
-        if mlp is None:
-            super().__init__(config)
-        else:  # take over a built MLP's projections (no second random init)
-            torch.nn.Module.__init__(self)
-            self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-            self.act_fn = mlp.act_fn
-        self.config = config
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
         fuse_into(self, "gate_up_proj", [config.intermediate_size, config.intermediate_size])
         self.fused_act = config.hidden_act == "silu"
-        self._bind_kernels()
 
-    def forward(self, x: Tensor, ops: fused_ops.Ops | None = None) -> Tensor:
-        """x (..., hidden) -> (..., hidden); ``ops``: the op set of the planned call (see
-        ``ops_for``; default: the eager one)."""
+    def forward(self, x: Tensor, ops) -> Tensor:
+        """x (..., hidden) -> (..., hidden) with ``ops`` (the plan's op set, ``flashlm.ops.Ops``)."""
         gate_up = self.gate_up_proj(x)
-        ops = ops if ops is not None else self.ops
         if self.fused_act and type(self.down_proj) is torch.nn.Linear:
             # one op with down_proj: autograd keeps gate_up, not the (..., I) activation
             return ops.swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
@@ -300,80 +380,99 @@ class FlashMLP(_BindsKernels, MLP):
         return self.down_proj(self.act_fn(gate) * up)
 
 
-class FlashDecoderLayer(_BindsKernels, DecoderLayer):
+def _norm(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None = None):
+    """``norm(x)`` through the plan's ops, or ``(norm(x + residual), x + residual)`` with a residual."""
+    if residual is None:
+        return ops.rms_norm(x, norm.weight, norm.eps, norm.unit_offset)
+    return ops.add_rms_norm(x, residual, norm.weight, norm.eps, norm.unit_offset)
+
+
+class FlashDecoderLayer(nn.Module):
     """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``).
 
-    ``forward(hidden_states, cos, sin, meta=..., residual=...)`` returns ``(out, residual)``; the
-    block's output (the residual stream) is ``out + residual``, which the next layer (or the final
-    norm) adds inside its fused norm. ``residual=None`` means ``hidden_states`` is the whole stream
-    (the first layer). Gemma2's post-norms keep the default order and return ``(stream, None)``."""
-
-    attention_class = FlashMultiHeadAttention
+    ``forward(hidden_states, cos, sin, plan, residual)`` returns ``(out, residual)``; the block's output
+    (the residual stream) is ``out + residual``, which the next layer (or the final norm) adds inside its
+    fused norm. ``residual=None`` means ``hidden_states`` is the whole stream (the first layer). Gemma2's
+    post-norms (``config.post_norms``) the same way: ``out`` is the post-feedforward norm's output and the
+    post-attention norm's output is added into the pre-feedforward norm."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__(config, layer_idx)
-        self.config = config
-        self.mlp = FlashMLP(config, self.mlp)
-        self._bind_kernels()
-
-    def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, attention_mask: Tensor | None = None,
-                past_key_values=None, meta: FlashMeta | None = None, residual: Tensor | None = None,
-                **kwargs) -> tuple[Tensor, Tensor | None]:
+        super().__init__()
+        self.post_norms = config.post_norms
+        self.self_attn = FlashMultiHeadAttention(config, layer_idx)
+        self.mlp = FlashMLP(config)
+        self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
         if self.post_norms:
-            if residual is not None:
-                hidden_states = hidden_states + residual
-            return super().forward(hidden_states, cos, sin, attention_mask=attention_mask,
-                                   past_key_values=past_key_values, meta=meta, **kwargs), None
-        ops = self.ops_for(meta)
-        norm = self.input_layernorm
+            self.pre_feedforward_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
+
+    def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, plan: BatchPlan,
+                residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ops = plan.ops
         if residual is None:
             residual = hidden_states
-            h = ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
+            h = _norm(ops, self.input_layernorm, hidden_states)
         else:
-            h, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)
-        h = self.self_attn(h, cos, sin, attention_mask=attention_mask, past_key_values=past_key_values,
-                           meta=meta, **kwargs)
-        norm = self.post_attention_layernorm
-        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps, norm.unit_offset)
-        return self.mlp(h, ops), residual
+            h, residual = _norm(ops, self.input_layernorm, hidden_states, residual)
+        h = self.self_attn(h, cos, sin, plan=plan)
+        if not self.post_norms:
+            h, residual = _norm(ops, self.post_attention_layernorm, h, residual)
+            return self.mlp(h, ops), residual
+        h, residual = _norm(ops, self.pre_feedforward_layernorm, _norm(ops, self.post_attention_layernorm, h),
+                            residual)
+        return _norm(ops, self.post_feedforward_layernorm, self.mlp(h, ops)), residual
 
 
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-class FlashModel(_BindsKernels, DefaultModel):
-    """Embedding, flash decoder layers, final norm; plans padding/packing/cache once per forward."""
+class FlashModel(nn.Module):
+    """Embedding, flash decoder layers, final norm; plans padding/packing/cache once per forward.
 
-    layer_class = FlashDecoderLayer
+    ``op_sets`` ({mode: Ops}, :func:`~flashlm.models.kernels.op_sets`) are resolved when the model is
+    built or moved; ``compiled`` (set by ``FlashForCausalLM.prepare_compile``) plans every forward as a
+    compiled one (sync-free plans, the compiled op set)."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.plan_for_compile = False
-        self._bind_kernels()
+        super().__init__()
+        self.config = config
+        self.embed_tokens = make_embedding(config)
+        self.layers = nn.ModuleList(FlashDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.compiled = False
+        self.bind_ops()
 
-    def _plan(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-              cache: StaticKVCache | None, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Plan:
-        # compiled: the sync-free plans (no host read, fixed shapes where possible; see plan_batch) and
-        # the ops bound for inductor -- the one place the model asks whether it is being compiled
-        # (or is told so: blocks compiled one by one run this planner eagerly, see prepare_compile)
-        compiling = self.plan_for_compile or torch.compiler.is_compiling()
-        plan = plan_batch(input_ids, attention_mask, position_ids, cache, cu_seqlens, max_seqlen,
-                          sync_free=compiling)
-        return plan._replace(meta=plan.meta._replace(compiled=True)) if compiling else plan
+    def bind_ops(self) -> None:
+        """Resolve the op sets for the parameters' device (done when built or moved)."""
+        self.op_sets = op_sets(self.config.kernels, next(self.parameters()).device)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.bind_ops()
+        return out
+
+    def plan(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+             past_key_values: StaticKVCache | None = None, cu_seqlens: Tensor | None = None,
+             max_seqlen: int | None = None) -> BatchPlan:
+        """The plan :meth:`forward` runs for these arguments (:func:`~flashlm.models.plan.plan_batch`)."""
+        return plan_batch(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens, max_seqlen,
+                          compiled=self.compiled, op_sets=self.op_sets)
 
     def forward_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                        position_ids: Tensor | None = None, past_key_values: StaticKVCache | None = None,
                        cu_seqlens: Tensor | None = None, max_seqlen: int | None = None
-                       ) -> tuple[Tensor, Plan]:
+                       ) -> tuple[Tensor, BatchPlan]:
         """Final hidden states in the compute layout — (batch, seqlen, hidden), or (1, total, hidden)
         for unpadded/packed batches — and the plan that maps them back (see `forward`)."""
-        plan = self._plan(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens, max_seqlen)
-        hidden_states = self._run(plan)
+        plan = self.plan(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens, max_seqlen)
+        hidden_states = self.run(plan)
         if past_key_values is not None:
             past_key_values.advance(input_ids.shape[0], plan.cache_lengths, input_ids.shape[1])
         return hidden_states, plan
 
-    def _run(self, plan: Plan) -> Tensor:
+    def run(self, plan: BatchPlan) -> Tensor:
         """Embedding, RoPE tables, layers and final norm of a planned forward (every forward's body).
         The residual stream is carried between layers as (out, residual) and summed inside the next
         fused norm (see :class:`FlashDecoderLayer`)."""
@@ -381,12 +480,10 @@ class FlashModel(_BindsKernels, DefaultModel):
         cos, sin = self._rope_half(plan.position_ids)
         residual = None
         for layer in self.layers:
-            hidden_states, residual = layer(hidden_states, cos, sin, meta=plan.meta, residual=residual)
-        norm = self.norm
-        ops = self.ops_for(plan.meta)
-        if residual is None:
-            return ops.rms_norm(hidden_states, norm.weight, norm.eps, norm.unit_offset)
-        return ops.add_rms_norm(hidden_states, residual, norm.weight, norm.eps, norm.unit_offset)[0]
+            hidden_states, residual = layer(hidden_states, cos, sin, plan, residual)
+        if residual is None:  # no layers
+            return _norm(plan.ops, self.norm, hidden_states)
+        return _norm(plan.ops, self.norm, hidden_states, residual)[0]
 
     @torch.no_grad()
     def _rope_half(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -397,31 +494,28 @@ class FlashModel(_BindsKernels, DefaultModel):
 
     def prefill_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """Unpadded prompts ``input_ids`` (batch, seqlen) written into an empty ``cache``: the body of
-        ``forward(input_ids, past_key_values=cache)`` (the dense plan) with no host check and no host
-        bookkeeping, so a CUDA graph can capture it; returns the final hidden states (batch, seqlen,
+        ``forward(input_ids, past_key_values=cache)`` (the dense plan, eager) with no host check and no
+        host bookkeeping, so a CUDA graph can capture it; returns the final hidden states (batch, seqlen,
         hidden). The caller runs ``cache.check_room(batch, seqlen)`` before and
         ``cache.note_appended(batch, seqlen)`` after."""
         if not cache.is_empty:
             raise ValueError("prefill_tokens writes into an empty cache; call cache.reset() first")
-        hidden_states = self._run(plan_batch(input_ids, None, None, cache, None, None))  # the dense plan
+        hidden_states = self.run(plan_batch(input_ids, None, None, cache, None, None, op_sets=self.op_sets))
         cache.bump(*input_ids.shape)
         return hidden_states
 
-    def decode_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
+    def decode_tokens(self, input_ids: Tensor, cache: StaticKVCache, compiled: bool = False) -> Tensor:
         """The decode core: ``input_ids`` (batch, seqlen) appended to a non-empty ``cache`` without a
         mask (one token per row when decoding); returns the final hidden states (batch, seqlen, hidden).
 
         A pure tensor function of the tokens, the parameters and the cache tensors: it plans and runs
-        exactly what :meth:`forward` does for that input and bumps ``cache_seqlens`` on the device,
-        but it runs no host check and leaves the cache's host bookkeeping alone, so torch.compile
-        traces it into one graph that no per-token Python value invalidates. The caller checks room
-        before (``cache.check_room(batch, seqlen)``) and records the append after
-        (``cache.note_appended(batch, seqlen)``).
-        """
-        # eager or captured: the direct plan; compiled: through the opaque kvcache op
-        compiling = torch.compiler.is_compiling()
-        plan = append_plan(input_ids, cache, None, direct=not compiling)
-        hidden_states = self._run(plan._replace(meta=plan.meta._replace(compiled=True)) if compiling else plan)
+        what :meth:`forward` does for that input and bumps ``cache_seqlens`` on the device, but runs no
+        host check and leaves the cache's host bookkeeping alone, so torch.compile traces it into one
+        graph that no per-token Python value invalidates. ``compiled``: the caller compiles it (the
+        kvcache attention then goes through its opaque op, with the compiled op set); eager or captured:
+        the fused append and the bound kernel. The caller checks room before
+        (``cache.check_room(batch, seqlen)``) and records the append after (``cache.note_appended``)."""
+        hidden_states = self.run(append_plan(input_ids, cache, None, compiled=compiled, op_sets=self.op_sets))
         cache.bump(input_ids.shape[0], input_ids.shape[1])
         return hidden_states
 
@@ -434,22 +528,20 @@ class FlashModel(_BindsKernels, DefaultModel):
         at padding."""
         hidden, plan = self.forward_tokens(input_ids, attention_mask, position_ids, past_key_values,
                                            cu_seqlens, max_seqlen)
-        return _to_padded(hidden, plan, *input_ids.shape)
+        return plan.to_padded(hidden, *input_ids.shape)
 
 
-def _to_padded(x: Tensor, plan: Plan, batch: int, seqlen: int) -> Tensor:
-    """(1, total, ...) or (batch, seqlen, ...) compute layout -> (batch, seqlen, ...)."""
-    if plan.indices is not None:
-        return pad_input(x[0], plan.indices, batch, seqlen)
-    if plan.token_mask is not None:  # sync-free padding: zero what the padding tokens computed
-        x = x * plan.token_mask.view(1, -1, *([1] * (x.dim() - 2)))
-    return x.reshape(batch, seqlen, *x.shape[2:])
-
-
+# --------------------------------------------------------------------------------------------
+# Causal LM
+# --------------------------------------------------------------------------------------------
 class FlashForCausalLM(DefaultForCausalLM):
-    """Causal LM with flash attention; parameter names and init identical to ``DefaultForCausalLM``."""
+    """Causal LM with flash attention; parameter names and init identical to ``DefaultForCausalLM``.
+
+    ``host_checks`` (default True): the forward reads the token range back to the host (an out-of-range
+    id would be a device-side assert); ``prepare_compile(whole_model=True)`` turns it off."""
 
     model_class = FlashModel
+    host_checks = True
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -457,32 +549,33 @@ class FlashForCausalLM(DefaultForCausalLM):
         gate, up, then down), so a flash model seeded like a default model holds its very weights."""
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, torch.nn.Linear):
-                for piece in module.weight.split(getattr(module, "split_sizes", [module.out_features])):
-                    piece.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, torch.nn.Embedding):
+            if isinstance(module, nn.Linear):
+                init_per_part(module, std)
+            elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0.0, std)
                 if module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def prepare_compile(self) -> FlashForCausalLM:
-        """Plan every forward as a compiled one even when the planner itself runs eagerly: for models
-        whose decoder blocks are compiled one by one (``flashlm train --compile``, torchtitan style).
-        The blocks then see fixed ``max_seqlen`` bounds (no recompiles as batches change) and the ops
-        bound for inductor; the loss takes the chunked torch path. Whole-model ``torch.compile`` needs
-        no call. Returns self."""
-        self.model.plan_for_compile = True
+    def prepare_compile(self, whole_model: bool = False) -> FlashForCausalLM:
+        """Say that this model's forward runs compiled: every forward is planned as a compiled one
+        (sync-free plans, fixed ``max_seqlen`` bounds, the op set meant for inductor, the loss's chunked
+        torch path). For decoder blocks compiled one by one (``flashlm train --compile``) the planner and
+        the input checks still run eagerly; ``whole_model=True`` (before ``torch.compile(model)``) also
+        drops the token-range check, a host read. Returns self."""
+        self.model.compiled = True
+        for layer in self.model.layers:
+            layer.self_attn.compiled = True
+        if whole_model:
+            self.host_checks = False
         return self
 
     def bind_attention(self) -> FlashForCausalLM:
         """Choose every layer's attention backends again, honouring the backend forced now
         (``use_backend``, ``FLASHLM_ATTN_BACKEND``); done automatically when built or moved."""
         for layer in self.model.layers:
-            layer.self_attn._bind_kernels()
+            layer.self_attn.bind_kernels()
         return self
 
     def allocate_cache(self, max_batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
@@ -493,6 +586,29 @@ class FlashForCausalLM(DefaultForCausalLM):
         c = self.config
         return StaticKVCache(c.num_layers, max_batch_size, max_seqlen, c.num_kv_heads, c.head_dim,
                              dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def _check(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+               past_key_values: StaticKVCache | None, labels: Tensor | None, use_cache: bool,
+               logits_to_keep: int) -> None:
+        if past_key_values is not None and not isinstance(past_key_values, StaticKVCache):
+            raise TypeError("FlashForCausalLM takes a StaticKVCache (model.allocate_cache(batch, max_len)) as "
+                            f"past_key_values, got {type(past_key_values).__name__}")
+        if use_cache and past_key_values is None:
+            raise ValueError("use_cache=True needs past_key_values=model.allocate_cache(max_batch_size, "
+                             "max_seqlen): the flash model's cache is static and sized up front")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        seqlen = input_ids.shape[1] if input_ids.dim() == 2 else 0
+        if past_key_values is not None and not past_key_values.is_empty and seqlen == 1:  # a decode step
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+            # one host read per step; generate() decodes through decode_logits, whose tokens come from the
+            # model, without it
+            if self.host_checks:
+                check_token_range(self.config, input_ids)
+        else:
+            check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0,
+                         check_range=self.host_checks)
 
     def forward(
         self,
@@ -518,85 +634,59 @@ class FlashForCausalLM(DefaultForCausalLM):
         past_key_values: a :class:`StaticKVCache` from :meth:`allocate_cache` (use_cache without one is
         refused: the static cache must be sized up front).
         labels (batch, seqlen): HF style, shifted inside, -100 ignored; in packed batches the last token
-        of each sequence gets no target. Padding has no hidden state here, so a label whose
-        predecessor is padding (the first real token of a left-padded row) is not scored; the default
-        model would score it from the padding position's logits. With labels the loss never holds more than a chunk of logits (see ``_loss``) and
-        logits are skipped unless ``return_logits=True``.
-        logits_to_keep: if > 0, logits only for the last that many positions (prefill for generation).
+        of each sequence gets no target. Padding has no hidden state here, so a label whose predecessor
+        is padding (the first real token of a left-padded row) is not scored; the default model would
+        score it from the padding position's logits. With labels the loss never holds more than a chunk
+        of logits (:func:`~flashlm.models.kernels.loss_kind`) and logits are skipped unless
+        ``return_logits=True``. logits_to_keep: if > 0, logits only for the last that many positions.
         Returns CausalLMOutput(loss, logits (batch, seqlen or logits_to_keep, vocab) or None, cache).
         """
-        if past_key_values is not None and not isinstance(past_key_values, StaticKVCache):
-            raise TypeError("FlashForCausalLM takes a StaticKVCache (model.allocate_cache(batch, max_len)) as "
-                            f"past_key_values, got {type(past_key_values).__name__}")
-        if use_cache and past_key_values is None:
-            raise ValueError("use_cache=True needs past_key_values=model.allocate_cache(max_batch_size, "
-                             "max_seqlen): the flash model's cache is static and sized up front")
-        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
-        batch, seqlen = input_ids.shape if input_ids.dim() == 2 else (0, 0)
-        decoding = past_key_values is not None and not past_key_values.is_empty and seqlen == 1
-        if decoding:
-            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-                raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-            # A caller's token past the vocab would be a device-side assert (the process's CUDA
-            # context lost): one host read per step here. generate() decodes through decode_logits,
-            # whose tokens come from the model, without it. Compiled: no device read in the graph.
-            if not torch.compiler.is_compiling():
-                check_token_range(self.config, input_ids)
-        else:
-            # compiled: shapes/dtypes only (the token range is a device read; see check_inputs)
-            check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0,
-                         check_range=not torch.compiler.is_compiling())
+        self._check(input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, logits_to_keep)
+        batch, seqlen = input_ids.shape
         if return_logits is None:
             return_logits = labels is None
-
         hidden, plan = self.model.forward_tokens(input_ids, attention_mask, position_ids, past_key_values,
                                                  cu_seqlens, max_seqlen)
         logits = loss = token_logits = None
         if return_logits:
             if logits_to_keep:
-                logits = self._logits(_to_padded(hidden, plan, batch, seqlen)[:, -logits_to_keep:])
+                logits = self._logits(plan.to_padded(hidden, batch, seqlen)[:, -logits_to_keep:])
             else:
                 token_logits = self._logits(hidden)  # (tokens, vocab): padding never reaches lm_head
-                logits = _to_padded(token_logits, plan, batch, seqlen)
+                logits = plan.to_padded(token_logits, batch, seqlen)
         if labels is not None:
-            loss = self._loss(hidden, self._shifted_targets(labels, plan), token_logits, plan.meta.compiled)
+            loss = self._loss(hidden, plan.shifted_targets(labels), token_logits, plan.compiled)
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
 
     def _loss(self, hidden: Tensor, targets: Tensor, token_logits: Tensor | None, compiled: bool) -> Tensor:
         """Mean cross-entropy of hidden (tokens, H) -- or of token_logits (tokens, vocab) when the
-        caller asked for logits -- against targets (tokens,), -100 ignored."""
-        if token_logits is None and not compiled and self.config.final_logit_softcap is None:
-            # eager: one lm_head matmul + one row kernel that writes the logits' gradient in place, over
-            # token chunks whose logits stay within CHUNK_LOGITS_BYTES (one chunk when small); faster than
-            # Liger's fused loss at every size measured (benchmarks/results/h200/loss_crossover.json)
+        caller asked for logits -- against targets (tokens,), -100 ignored; which one: ``loss_kind``."""
+        kind = loss_kind(token_logits is not None, compiled, self.config.final_logit_softcap is not None,
+                         targets.numel(), self.config.vocab_size)
+        if kind == "logits_cross_entropy":
             return logits_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
                                         self.lm_head.bias)
-        if token_logits is not None or materialize_logits_for_loss(targets.numel(), self.config.vocab_size):
-            # logits asked for; or small and compiled (inductor fuses plain CE) or softcapped
+        if kind == "cross_entropy":
             if token_logits is None:
                 token_logits = self._logits(hidden)
             return cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), targets)
-        # large, compiled or softcapped: fused, never materializes (tokens x vocab); compiled: the chunked
-        # torch path that Dynamo traces (Liger's autograd Function crashed compiled steps, issue 16)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
                                     bias=self.lm_head.bias, softcap=self.config.final_logit_softcap,
                                     backend="torch" if compiled else None)
 
     def prefill_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """Logits (batch, vocab) of the last token of unpadded prompts ``input_ids`` (batch, seqlen)
-        written into an empty ``cache``: ``forward(input_ids, past_key_values=cache,
-        logits_to_keep=1)`` as a pure tensor function (see :meth:`FlashModel.prefill_tokens`). What
-        ``flashlm.decode_graph`` captures for a prompt shape it has seen before."""
+        written into an empty ``cache``: ``forward(input_ids, past_key_values=cache, logits_to_keep=1)``
+        as a pure tensor function (see :meth:`FlashModel.prefill_tokens`); what ``flashlm.decode_graph``
+        captures for a prompt shape it has seen before."""
         return self._logits(self.model.prefill_tokens(input_ids, cache)[:, -1])
 
-    def decode_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
+    def decode_logits(self, input_ids: Tensor, cache: StaticKVCache, compiled: bool = False) -> Tensor:
         """Logits (batch, vocab) of the last of ``input_ids`` (batch, seqlen), appended to a non-empty
-        ``cache``: the body of ``forward(input_ids, past_key_values=cache)`` for a decode step, as a
-        pure tensor function (see :meth:`FlashModel.decode_tokens`: no host check, no host
-        bookkeeping; the caller runs ``cache.check_room`` before and ``cache.note_appended`` after).
-        What ``flashlm.decode_graph`` runs, compiles and captures."""
-        return self._logits(self.model.decode_tokens(input_ids, cache)[:, -1])
+        ``cache``: the body of ``forward(input_ids, past_key_values=cache)`` for a decode step, as a pure
+        tensor function (see :meth:`FlashModel.decode_tokens`, ``compiled`` included: say True where the
+        caller compiles it). What ``flashlm.decode_graph`` runs, compiles and captures."""
+        return self._logits(self.model.decode_tokens(input_ids, cache, compiled=compiled)[:, -1])
 
     def _logits(self, hidden: Tensor) -> Tensor:
         logits = self.lm_head(hidden)
@@ -605,16 +695,15 @@ class FlashForCausalLM(DefaultForCausalLM):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    @staticmethod
-    def _shifted_targets(labels: Tensor, plan: Plan) -> Tensor:
-        """Targets aligned with the compute-layout tokens, flattened: token t predicts labels[t + 1]
-        of its row; the last position of a row (and, packed, of each sequence) predicts nothing."""
-        shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-        if plan.indices is not None:
-            return shifted[plan.indices]
-        if plan.token_mask is not None:  # padding tokens kept (sync-free plan): they predict nothing
-            return shifted.masked_fill(~plan.token_mask, -100)
-        if plan.packed:
-            shifted = shifted.clone()
-            shifted[plan.meta.cu_seqlens[1:].long() - 1] = -100
-        return shifted
+    def explain(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: StaticKVCache | None = None, labels: Tensor | None = None,
+                cu_seqlens: Tensor | None = None, max_seqlen: int | None = None, compiled: bool | None = None
+                ) -> dict:
+        """What ``forward`` (or, with ``compiled``, a decode step of ``decode_logits``) runs for these
+        arguments, without running it: the plan's kind and mode, each op's implementation, each layer's
+        attention kernel, and the loss (see :func:`~flashlm.models.kernels.explain_plan`)."""
+        if compiled is not None:
+            plan = append_plan(input_ids, past_key_values, None, compiled=compiled, op_sets=self.model.op_sets)
+        else:
+            plan = self.model.plan(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens, max_seqlen)
+        return explain_plan(self, plan, labels)

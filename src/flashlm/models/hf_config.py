@@ -16,12 +16,13 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flashlm.errors import InputError
 
-if TYPE_CHECKING:  # for annotations only: at run time config.py imports this module, not the reverse
-    from .config import ModelConfig
+# a flashlm.models.config.ModelConfig: not imported, not even for type checking (config.py imports this
+# module; the reverse would be an import cycle)
+_Config = Any
 
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from ``path``; ``InputError`` naming the file when it is not valid JSON or not an object."""
@@ -133,7 +134,7 @@ class HFArchitecture:
     expressible: tuple[str, ...] = ()
     fixed: dict[str, Any] = field(default_factory=dict)
     windows_from_hf: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
-    windows_to_hf: Callable[[ModelConfig], dict[str, Any]] | None = None
+    windows_to_hf: Callable[[_Config], dict[str, Any]] | None = None
     window_keys: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
 
@@ -141,7 +142,7 @@ class HFArchitecture:
         return name in self.expressible or (name in self.fixed and self.fixed[name] == value)
 
 
-def _layer_types(config: ModelConfig) -> list[str]:
+def _layer_types(config: _Config) -> list[str]:
     return [
         "sliding_attention" if config.sliding_window_for_layer(i) is not None else "full_attention"
         for i in range(config.num_layers)
@@ -172,7 +173,7 @@ def _qwen_windows_from_hf(hf: dict[str, Any], num_layers: int) -> dict[str, Any]
     return {"sliding_window": window, "layer_types": types}
 
 
-def _qwen_windows_to_hf(config: ModelConfig) -> dict[str, Any]:
+def _qwen_windows_to_hf(config: _Config) -> dict[str, Any]:
     types = _layer_types(config)
     # max_window_layers for transformers < 4.53, which reads no layer_types (exact for a suffix).
     first = types.index("sliding_attention") if "sliding_attention" in types else config.num_layers
@@ -195,7 +196,7 @@ def _gemma2_windows_from_hf(hf: dict[str, Any], num_layers: int) -> dict[str, An
     return {"sliding_window": window, "layer_types": types}
 
 
-def _gemma2_windows_to_hf(config: ModelConfig) -> dict[str, Any]:
+def _gemma2_windows_to_hf(config: _Config) -> dict[str, Any]:
     return {"sliding_window": config.sliding_window, "layer_types": _layer_types(config)}
 
 
@@ -345,7 +346,7 @@ def _rope_from_hf(hf: dict[str, Any], arch: HFArchitecture) -> tuple[float, dict
     return theta, scaling
 
 
-def config_from_hf(cls: type[ModelConfig], path_or_dict: str | os.PathLike | dict[str, Any]) -> ModelConfig:
+def config_from_hf(cls: type, path_or_dict: str | os.PathLike | dict[str, Any]) -> _Config:
     """`ModelConfig.from_hf_config` (see there); ``cls`` is the class to build."""
     if isinstance(path_or_dict, dict):
         hf = dict(path_or_dict)
@@ -420,7 +421,7 @@ def config_from_hf(cls: type[ModelConfig], path_or_dict: str | os.PathLike | dic
         raise InputError(f"HF {where}: {e}") from None
 
 
-def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+def config_to_hf(config: _Config) -> dict[str, Any]:
     """`ModelConfig.to_hf_config` (see there)."""
     arch = HF_ARCHITECTURES[config.architecture]
     wrong_fixed = [

@@ -1,4 +1,4 @@
-"""Static KV cache in BSHD for the flash model.
+"""Static KV cache in BSHD for the flash model (`StaticKVCache`).
 
 Every layer owns two pre-allocated tensors ``k``/``v`` of shape
 ``(max_batch_size, max_seqlen, num_kv_heads, head_dim)`` (flash-attn's ``k_cache``/``v_cache``

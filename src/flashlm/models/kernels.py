@@ -1,0 +1,209 @@
+"""Which kernels the flash model runs: every choice made once, when the model is built or moved.
+
+- **Op sets** (:func:`op_sets`): ``flashlm.ops.resolve(config.kernels, device)`` three times, once per
+  *mode* a call can be planned in: "eager" (host time counts), "compiled" (ops inductor can fuse; the
+  caller that compiles says so: ``FlashForCausalLM.prepare_compile`` or ``decode_logits(compiled=True)``)
+  and "decode" (tokens appended to the cache eagerly, as in a captured CUDA graph: least GPU time). The
+  planner (:mod:`flashlm.models.plan`) puts the op set of a call's mode in its plan
+  (:func:`mode_of`); the layers use ``plan.ops`` and choose nothing.
+- **Attention backends** (:class:`AttentionKernels`): a flash attention layer has a fixed call shape
+  (heads, head_dim, causal, window, softcap), so the registry's choice depends only on (kind, dtype,
+  needs_grad, dropout) and whether the plan is compiled: the layer binds that table once, and
+  :meth:`AttentionKernels.select` is the one function that answers which kernel a planned call runs
+  (the forward calls it, and so does ``FlashForCausalLM.explain``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from flashlm import ops as fused_ops
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["ATEN_DENSE_MAX_TOKENS", "MODES", "AttentionKernels", "aten_dense_eligible", "explain_plan", "loss_kind", "mode_of",
+           "op_sets"]
+
+MODES = ("eager", "compiled", "decode")
+_HALF = (torch.float16, torch.bfloat16)
+# Dense causal calls of at most this many tokens (batch * seqlen) go to aten's FA2 op: measured on the
+# H200 (512 tokens, (2, 256, 12, 64) bf16) it costs 380 us of host time per fwd+bwd against 830 through
+# the registry's choice (cuDNN), and small steps are host-bound. Larger calls are GPU-bound, where cuDNN /
+# FA4 run faster kernels (DESIGN.md: 4k causal fwd+bwd FA4 522, cuDNN 475, FA2 283 TFLOP/s). PROVISIONAL
+# bound between the two measured regimes (the seed's 512 tokens and llama-1b's 16384).
+ATEN_DENSE_MAX_TOKENS = 4096
+
+
+def op_sets(kernels: str, device: torch.device) -> dict[str, fused_ops.Ops]:
+    """{mode: Ops} for ``config.kernels`` on ``device`` (meta counts as CPU), one per :data:`MODES`."""
+    device = torch.device("cpu") if device.type == "meta" else device
+    return {mode: fused_ops.resolve(kernels, device, compiled=mode == "compiled", decode=mode == "decode")
+            for mode in MODES}
+
+
+def mode_of(kind: str, compiled: bool) -> str:
+    """The op-set mode of a plan: compiled plans take the compiled set; eager appends to the cache (decode
+    steps, eager or captured alike, so both give the same tokens) the decode set; anything else the eager."""
+    return "compiled" if compiled else "decode" if kind == "append" else "eager"
+
+
+def _aten_flash_dense(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: float) -> Tensor:
+    """Causal attention of BSHD q (B, S, H, D), k/v (B, S, KV, D) through ``aten._scaled_dot_product_
+    flash_attention`` on BHSD views (no copies; GQA read natively; seqlen_q == seqlen_k, so its
+    top-left causal mask is the bottom-right one). Returns (B, S, H, D) BSHD (a view)."""
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, True, False, scale=scale)[0]
+    return out.transpose(1, 2)
+
+
+def aten_dense_eligible(attn: nn.Module, device: torch.device) -> bool:
+    """Whether ``attn``'s plain causal dense calls on ``device`` may use aten's FA2 op: PyTorch's own FA2
+    serves them on CUDA (no window/softcap, head_dim a multiple of 8 up to 256) with the least host time;
+    a forced backend (``use_backend``, ``FLASHLM_ATTN_BACKEND``) turns it off. :meth:`AttentionKernels.
+    select` still checks each call's dtype (fp16/bf16) and size (``ATEN_DENSE_MAX_TOKENS``)."""
+    from flashlm.attention import registry
+
+    return (device.type == "cuda" and attn.window_size == (-1, -1) and not attn.softcap_value
+            and attn.head_dim % 8 == 0 and attn.head_dim <= 256
+            and registry.forced_backend()[0] is None)
+
+
+def _select_backends(attn: nn.Module, device: torch.device) -> dict:
+    """{(kind, dtype, needs_grad, dropout[, "compiled"]): Backend} for ``attn``'s calls on ``device``.
+
+    Choosing once saves the per-call registry work (building and hashing an AttnCall, the forced-backend
+    lookups) and keeps the registry, which reads a context variable, out of torch.compile's graph. A forced
+    backend applies when the model is built or moved (``.to``), or at ``FlashForCausalLM.bind_attention``.
+    Calls no backend serves stay unbound and go through the public API, which raises its error naming
+    every refusal. The "compiled" keys hold the backend a compiled plan takes (:func:`_traceable_backend`)."""
+    from flashlm.attention import registry
+    from flashlm.attention.backends.base import AttnCall
+
+    table: dict = {}
+    if device.type == "meta":
+        return table
+    capability = registry.compute_capability(device)
+
+    def call(kind, dtype, grad, dropout):
+        return AttnCall(kind=kind, device_type=device.type, compute_capability=capability, dtype=dtype,
+                        head_dim=attn.head_dim, head_dim_v=attn.head_dim, nheads=attn.num_heads,
+                        nheads_k=attn.num_kv_heads, seqlen_q=None, seqlen_k=None, causal=True,
+                        window=attn.window_size != (-1, -1), softcap=attn.softcap_value > 0, alibi=False,
+                        dropout=dropout, needs_grad=grad, deterministic=False,
+                        seqlens_equal=kind != "kvcache")
+
+    dtypes = {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}
+    dropouts = (False, True) if attn.attention_dropout > 0 else (False,)
+    keys = [("kvcache", dtype, False, False) for dtype in dtypes]
+    keys += [(kind, dtype, grad, dropout) for kind in ("dense", "varlen") for dtype in dtypes
+             for grad in (False, True) for dropout in dropouts]
+    for key in keys:
+        c = call(*key)
+        try:
+            table[key] = registry.select(c)
+        except (ValueError, TypeError):
+            pass
+        traced = _traceable_backend(c) if key[0] != "kvcache" else None
+        if traced is not None:
+            table[key + ("compiled",)] = traced
+    return table
+
+
+def _traceable_backend(call):
+    """The registry's choice for ``call`` among the backends torch.compile can trace (each backend's
+    ``traceable_kinds``: FA4 through its custom ops, sdpa_cpu dense only), or None. Compiled plans take
+    it; a backend that cannot be traced would end the graph (fullgraph: an error)."""
+    from flashlm.attention import registry
+
+    if registry.forced_backend()[0] is not None:
+        return None  # a forced backend is used as is (an untraceable one then fails to compile, loudly)
+    exp = registry.explain_call(call)
+    name = next((n for n, why in exp.reasons.items()
+                 if why is None and call.kind in registry.get_backend(n).traceable_kinds), None)
+    return None if name is None or name == "reference" and call.device_type != "cpu" else registry.get_backend(name)
+
+
+class Choice(NamedTuple):
+    """The attention kernel of one planned call: ``name`` (a backend's name, "aten_flash" or "api": the
+    public ``flashlm.attention`` function, whose registry chooses per call) and the bound backend (None
+    for "aten_flash" and "api")."""
+
+    name: str
+    backend: object | None
+
+
+class AttentionKernels:
+    """One flash attention layer's kernels, bound when it is built or moved: the registry's choice per
+    (kind, dtype, needs_grad, dropout[, "compiled"]) in ``backends``, and whether its small plain causal
+    dense calls on CUDA take aten's FA2 op (``aten_dense``)."""
+
+    def __init__(self, attn: nn.Module, device: torch.device) -> None:
+        self.backends = _select_backends(attn, device)
+        self.aten_dense = aten_dense_eligible(attn, device)
+
+    def select(self, kind: str, dtype: torch.dtype, needs_grad: bool, dropout: bool, compiled: bool,
+               tokens: int) -> Choice:
+        """The kernel of a planned call: ``kind`` "dense" | "varlen" (the plan's attention) or "kvcache"
+        (an eager append: the bound kvcache kernel, else the public API); ``tokens`` = batch * seqlen."""
+        if kind == "kvcache":
+            be = None if compiled else self.backends.get(("kvcache", dtype, False, False))
+            return Choice("api", None) if be is None else Choice(be.name, be)
+        key = (kind, dtype, needs_grad, dropout)
+        be = (self.backends.get(key + ("compiled",)) or self.backends.get(key)) if compiled else self.backends.get(key)
+        if be is None:
+            return Choice("api", None)
+        if kind == "dense" and self.aten_dense and dtype in _HALF and tokens <= ATEN_DENSE_MAX_TOKENS:
+            return Choice("aten_flash", None)
+        return Choice(be.name, be)
+
+
+
+def loss_kind(logits_wanted: bool, compiled: bool, softcapped: bool, tokens: int, vocab: int) -> str:
+    """Which cross-entropy a forward with labels runs: "logits_cross_entropy" (eager, no softcap: one
+    lm_head matmul + a row kernel writing the logits' gradient in place, over token chunks of at most
+    1 GiB of logits; faster than Liger's fused loss at every size measured,
+    benchmarks/results/h200/loss_crossover.json), "cross_entropy" on materialized logits (asked for, or
+    small and compiled (inductor fuses it) or softcapped), else "linear_cross_entropy" (fused, never
+    materializes tokens x vocab; compiled: its chunked torch path, "linear_cross_entropy[torch]", which
+    Dynamo traces: Liger's autograd Function crashed compiled steps, issue 16)."""
+    from flashlm.losses import materialize_logits_for_loss
+
+    if not logits_wanted and not compiled and not softcapped:
+        return "logits_cross_entropy"
+    if logits_wanted or materialize_logits_for_loss(tokens, vocab):
+        return "cross_entropy"
+    return "linear_cross_entropy[torch]" if compiled else "linear_cross_entropy"
+
+
+def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
+    """What a flash causal LM runs under ``plan`` (a :class:`~flashlm.models.plan.BatchPlan`), from the
+    same functions its forward calls: {"plan": kind, "compiled", "mode", "ops": {op: implementation},
+    "attention": [per layer: the kernel's name, "fused rotary_qkv_append + " first for a fused append],
+    "loss": :func:`loss_kind` or None}. Gradients and dropout as the forward would see them now."""
+    params = next(lm.parameters())
+    dev = params.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else params.dtype
+    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in lm.parameters())
+    tokens = plan.token_ids.numel()
+    attention = []
+    for layer in lm.model.layers:
+        attn = layer.self_attn
+        if plan.kind in ("append", "chunk"):
+            choice = attn.kernels.select("kvcache", dtype, False, False, plan.compiled, 0)
+            name = "api" if plan.kind == "chunk" else choice.name
+            fused = plan.kind == "append" and choice.backend is not None and not lm.config.qk_norm
+            attention.append(("fused rotary_qkv_append + " if fused else "") + f"kvcache:{name}")
+        else:
+            dropout = attn.training and attn.attention_dropout > 0
+            choice = attn.kernels.select(plan.kind, dtype, needs_grad, dropout, plan.compiled, tokens)
+            attention.append(f"{plan.kind}:{choice.name}")
+    loss = None
+    if labels is not None:
+        loss = loss_kind(False, plan.compiled, lm.config.final_logit_softcap is not None, tokens,
+                         lm.config.vocab_size)
+    return {"plan": plan.kind, "compiled": plan.compiled, "mode": plan.mode, "ops": dict(plan.ops.names),
+            "attention": attention, "loss": loss}
