@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -43,6 +44,7 @@ __all__ = [
     "CHECKPOINTS",
     "ConfigMismatchError",
     "export_model",
+    "find_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
@@ -278,39 +280,102 @@ def _candidates(root: Path) -> list[Path]:
     return steps
 
 
+def _require_readable(file: Path) -> None:
+    """``PermissionError`` naming ``file`` when this process may not read it (safetensors reports
+    that as "No such file or directory", torch as a damaged archive)."""
+    try:
+        with open(file, "rb"):
+            pass
+    except PermissionError:
+        raise PermissionError(
+            f"{file} is not readable (permission denied): give this user read access (chmod u+r) or run "
+            "as the user who wrote it; the checkpoint itself may be intact"
+        ) from None
+
+
+def _first_sentence(e: BaseException) -> str:
+    """The first sentence of an error message (torch's zip reader appends a paragraph of advice)."""
+    return str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+
+
+def _verify_rng_files(path: Path) -> None:
+    """Every ``rng_rank*.pt`` loads (they are small: read whole); ``InputError`` naming the file."""
+    for file in sorted(path.glob("rng_rank*.pt")):
+        _require_readable(file)
+        try:
+            torch.load(file, weights_only=False, map_location="cpu")
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            raise InputError(f"{file} cannot be read ({_first_sentence(e)}): the checkpoint is damaged") from None
+
+
 def verify_checkpoint(path: str | os.PathLike) -> None:
     """Cheap integrity check of a checkpoint folder: train_state.pt opens (its zip directory is read,
-    through mmap: the tensors are not) and the weights' headers are complete. ``InputError`` naming
-    the damaged file."""
+    through mmap: the tensors are not), the RNG files load and the weights' headers are complete.
+    ``InputError`` naming the damaged file; ``PermissionError`` naming a file this process may not
+    read (not damage: a caller must not skip such a checkpoint)."""
     path = Path(path)
     state_file = path / "train_state.pt"
     if not state_file.is_file():
         raise InputError(f"{path} holds no train_state.pt: not a (complete) training checkpoint")
     state = read_train_state(path, mmap=True)
+    _verify_rng_files(path)
     if state.get("sharded"):
         if not (path / "dcp" / ".metadata").is_file():
             raise InputError(f"{path / 'dcp'} lacks its .metadata: the sharded checkpoint is incomplete")
+        _require_readable(path / "dcp" / ".metadata")
     else:
-        from flashlm.models.io import _open_safetensors, checkpoint_files
+        from flashlm.models.io import _open_safetensors
 
-        for file in checkpoint_files(path / "model"):
+        for file in check_weights_readable(path / "model"):
             with _open_safetensors(file):
                 pass
+
+
+def check_weights_readable(folder: str | os.PathLike) -> list[str]:
+    """The safetensors files of an HF folder, each checked readable by this process
+    (``PermissionError`` naming it: safetensors itself says "No such file or directory")."""
+    from flashlm.models.io import checkpoint_files
+
+    files = checkpoint_files(folder)
+    for file in files:
+        _require_readable(Path(file))
+    return files
+
+
+def find_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest intact checkpoint under ``<output_dir>/checkpoints`` or None, and the (folder,
+    problem) of each newer one found damaged: torn train_state.pt or RNG file, truncated weights).
+    A checkpoint this process may not read raises ``PermissionError``: it is not damaged, and
+    falling back past it would silently throw its steps away."""
+    damaged = []
+    for cand in _candidates(Path(output_dir) / CHECKPOINTS):
+        try:
+            verify_checkpoint(cand)
+        except (InputError, FileNotFoundError) as e:
+            damaged.append((cand, str(e)))
+            continue
+        return cand, damaged
+    return None, damaged
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest intact checkpoint under ``<output_dir>/checkpoints`` (None if there is none). A
     damaged one (torn train_state.pt, truncated weights: a disk filled up, a copy cut short) is
     skipped with a warning that names the file, falling back to the one before."""
-    for cand in _candidates(Path(output_dir) / CHECKPOINTS):
-        try:
-            verify_checkpoint(cand)
-        except (InputError, FileNotFoundError) as e:
-            if (cand / "train_state.pt").is_file():  # a folder without it is a killed save's, no news
-                warnings.warn(f"skipping damaged checkpoint {cand}: {e}", stacklevel=2)
-            continue
-        return cand
-    return None
+    found, damaged = find_checkpoint(output_dir)
+    for cand, problem in damaged:
+        warnings.warn(f"skipping damaged checkpoint {cand}: {problem}", stacklevel=2)
+    return found
+
+
+def damaged_error(where: str, damaged: list[tuple[Path, str]]) -> InputError:
+    """The refusal of a resume whose checkpoints are all damaged, naming each damaged file."""
+    return InputError(
+        f"--resume: no checkpoint under {where} can be read, so the run cannot resume: "
+        + "; ".join(problem for _, problem in damaged)
+        + ". Nothing was written. Restore the damaged files (or --resume an intact copy of a checkpoint), "
+        "or start over in a new --output"
+    )
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -320,7 +385,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / "train_state.pt").is_file():
         verify_checkpoint(p)
         return p
-    found = latest_checkpoint(p)
+    found, damaged = find_checkpoint(p)
+    if found is None and damaged:
+        raise damaged_error(str(p / CHECKPOINTS), damaged)
+    for cand, problem in damaged:
+        warnings.warn(f"skipping damaged checkpoint {cand}: {problem}", stacklevel=2)
     if found is None:
         raise FileNotFoundError(
             f"--resume: {p} is neither a checkpoint folder (with train_state.pt) nor a run folder "
@@ -333,12 +402,13 @@ def read_train_state(path: str | os.PathLike, mmap: bool = False) -> dict:
     """``train_state.pt`` of a checkpoint folder (plain containers and tensors only); ``InputError``
     naming the file when it cannot be read."""
     file = Path(path) / "train_state.pt"
+    _require_readable(file)
     try:
         state = torch.load(file, weights_only=False, map_location="cpu", mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:  # torch's zip reader raises RuntimeError
         if isinstance(e, FileNotFoundError):
             raise
-        raise InputError(f"{file} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged") from None
+        raise InputError(f"{file} cannot be read ({_first_sentence(e)}): the checkpoint is damaged") from None
     if not isinstance(state, dict) or "step" not in state:
         raise InputError(f"{file} is not a flashlm train state")
     return state
@@ -399,7 +469,50 @@ def load_checkpoint(
         load_state_dict_from_folder(model, path / "model")
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    check_finite_state(path, model, optimizer)
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        _require_readable(rng_file)
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            raise InputError(f"{rng_file} cannot be read ({_first_sentence(e)}): the checkpoint is damaged") from None
+        set_rng_state(rng)
     return state
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return (t.to_local() if hasattr(t, "to_local") else t).detach()
+
+
+def check_finite_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """``InputError`` naming checkpoint ``path`` and the tensors holding NaN/inf after it was loaded
+    (weights, or the optimizer's masters and moments): resuming would only fail a step later with a
+    NaN loss that blames --lr. One host read; collective under torch.distributed (every rank's shard
+    counts, every rank raises)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for _, p in model.named_parameters()]
+    flat = [p for g in optimizer.param_groups for p in g["params"]]
+    owners = getattr(optimizer, "model_params", flat)  # MasterWeightAdamW: the model param of each master
+    device = params[0].device if params else torch.device("cpu")
+
+    def bad(tensors) -> torch.Tensor:
+        flags = [(~torch.isfinite(_local(t))).any().to(device) for t in tensors
+                 if torch.is_tensor(t) and t.is_floating_point()]
+        return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
+
+    opt_tensors = [[p if id(p) not in names else None, *optimizer.state.get(p, {}).values()] for p in flat]
+    flags = torch.stack([bad([p]) for p in params] + [bad(ts) for ts in opt_tensors]).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags)
+    flags = flags.tolist()
+    broken = [n for (n, _), f in zip(model.named_parameters(), flags) if f]
+    broken += [f"the optimizer state of {names.get(id(owner), 'a parameter')}"
+               for owner, f in zip(owners, flags[len(params):]) if f]
+    if broken:
+        raise InputError(
+            f"--resume: the checkpoint {path} holds NaN/inf in {', '.join(broken[:4])}"
+            f"{f' and {len(broken) - 4} more' if len(broken) > 4 else ''}: the run had diverged (or its "
+            "files were damaged) when it was saved, so it cannot continue from it; resume an earlier "
+            f"checkpoint (--resume {path.parent}/step_...), or start over with a lower --lr"
+        )
