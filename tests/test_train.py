@@ -285,6 +285,23 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_continue(corpus, cache, tmp
     assert capsys.readouterr().err.strip().endswith("flashlm train: interrupted before the first step")
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(corpus, cache, tmp_path, capsys):
+    out = tmp_path / "done"
+    argv = [*BASE, "--data", corpus, "--cache-dir", cache, "--output", out, "--max-steps", 4, "--batch-size", 2,
+            "--eval-every", 0, "--save-every", 2]
+    assert _main(*argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    final = out / "final" / "model.safetensors"
+    stamp = final.stat().st_mtime_ns
+    for extra in ([], ["--stop-after", 2]):  # at its end, or behind the checkpoint
+        assert _main(*argv, "--resume", "auto", *extra) == 0
+        cap = capsys.readouterr()
+        assert "nothing to do" in cap.err and "steps 4 -> " not in cap.err, cap.err
+        summary = json.loads(cap.out.strip().splitlines()[-1])
+        assert summary["steps"] == 4 and summary["final_loss"] == first["final_loss"] is not None
+    assert final.stat().st_mtime_ns == stamp  # the finished run's model is not written again
+
+
 def test_flops_and_schedule():
     from flashlm.models import build_model, get_preset
 

@@ -902,6 +902,11 @@ def _autocast_factory(use_autocast: bool, device: torch.device) -> Callable[[], 
 
 def _print_banner(run: _Run, dtype: str, n_params: int) -> None:
     args, data = run.args, run.data
+    if run.start_step >= run.end_step:
+        print(f"flashlm train: nothing to do: the run in {run.out} is at step {run.start_step} "
+              f"(checkpoint {data.resume_dir}) and this one ends at step {run.end_step} "
+              f"(--{'stop-after' if args.stop_after is not None else 'max-steps'})", file=sys.stderr)
+        return
     print(
         f"flashlm train: {args.model} ({args.attn}, {n_params / 1e6:.1f}M params, {dtype}) on "
         f"{run.dd.world_size} x {run.device.type}; {len(data.train_ds)} train rows x {args.seq_length} tokens"
@@ -1144,20 +1149,32 @@ def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
     peaks = torch.zeros(dd.world_size, device=run.device)
     peaks[dd.rank] = result.peak_mem_gib
     peaks = dd.sum(peaks).tolist()
-    if end_step == run.args.max_steps:
+    trained = bool(result.losses)  # False: resumed at (or past) its end, nothing ran
+    if end_step == run.args.max_steps and (trained or not (run.out / "final").is_dir()):
         check_finite_params(run.model, dd, end_step)
         result.final_dir = run.out / "final"
         ckpt.export_model(run.model, result.final_dir, tokenizer=run.data.tok)
         if dd.main:
             plot_losses(run.metrics_path, run.out / "loss.png")
+    elif end_step == run.args.max_steps:
+        result.final_dir = run.out / "final"  # the finished run's, left as it is
     if dd.main:
-        summary = {"steps": end_step, "final_loss": result.losses[-1] if result.losses else None,
+        final_loss = result.losses[-1] if trained else _logged_loss(run.metrics_path, run.start_step)
+        summary = {"steps": run.start_step + len(result.losses), "final_loss": final_loss,
                    "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
                    "median_step_tokens_per_s": result.median_step_tokens_per_s, "peak_mem_gib": result.peak_mem_gib,
                    "peak_mem_gib_per_rank": peaks, "eval_s": result.eval_s, "save_s": result.save_s,
                    "flops_per_token": fpt, "world_size": dd.world_size, "dtype": dtype, "attn": run.args.attn}
         print(json.dumps(summary))
     return result
+
+
+def _logged_loss(metrics_path: Path, step: int) -> float | None:
+    """The train loss metrics.jsonl holds for ``step`` (a resumed run that had nothing to do reports
+    the loss it ended with); None if the log lacks it."""
+    if not metrics_path.is_file():
+        return None
+    return next((rec.get("loss") for _, rec in reversed(_read_metrics(metrics_path)) if rec.get("step") == step), None)
 
 
 def main(argv: list[str] | None = None) -> int:
