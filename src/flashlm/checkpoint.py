@@ -116,7 +116,7 @@ def _write_full_state_dict(state: dict[str, torch.Tensor], config, path: Path) -
     tied ``lm_head.weight`` stored once as ``model.embed_tokens.weight`` (as transformers does)."""
     from safetensors.torch import save_file
 
-    from flashlm.models.fused import split_fused_state_dict
+    from flashlm.models.weights import split_fused_state_dict
 
     # the flash model's sharded state keeps its fused qkv_proj / gate_up_proj: stored under HF names
     state = split_fused_state_dict(state, config)
@@ -324,7 +324,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
             raise InputError(f"{path / 'dcp'} lacks its .metadata: the sharded checkpoint is incomplete")
         _require_readable(path / "dcp" / ".metadata")
     else:
-        from flashlm.models.io import _open_safetensors
+        from flashlm.models.weights import _open_safetensors
 
         for file in check_weights_readable(path / "model"):
             with _open_safetensors(file):
@@ -334,7 +334,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
 def check_weights_readable(folder: str | os.PathLike) -> list[str]:
     """The safetensors files of an HF folder, each checked readable by this process
     (``PermissionError`` naming it: safetensors itself says "No such file or directory")."""
-    from flashlm.models.io import checkpoint_files
+    from flashlm.models.weights import checkpoint_files
 
     files = checkpoint_files(folder)
     for file in files:
@@ -464,7 +464,7 @@ def load_checkpoint(
             dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
     else:
-        from flashlm.models.io import load_state_dict_from_folder
+        from flashlm.models.weights import load_state_dict_from_folder
 
         load_state_dict_from_folder(model, path / "model")
         optimizer.load_state_dict(state["optimizer"])
