@@ -11,6 +11,7 @@ import torch
 from helpers import make_pair
 
 import flashlm.models.flash as flash_mod
+import flashlm.models.kernels as kernels_mod
 from flashlm import losses
 from flashlm.models import build_model, from_pretrained, save_pretrained
 from flashlm.models.config import get_preset
@@ -189,7 +190,7 @@ def test_hf_model_with_fp32_upcast_activations_runs_half_kernels():
     seen = []
     hooks = [getattr(attn, p).register_forward_hook(lambda m, i, o: o.float()) for p in ("q_proj", "k_proj", "v_proj")]
     hooks.append(attn.o_proj.register_forward_pre_hook(lambda m, i: seen.append(i[0].dtype)))
-    flash_mod._WARNED_FP32 = False
+    kernels_mod._WARNED_FP32 = False  # half_precision_inputs warns once per process
     try:
         with pytest.warns(UserWarning, match="casting q/k/v to torch.bfloat16"):
             out = model(ids).logits

@@ -152,7 +152,7 @@ def attention_forward(
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
     if q.dtype == torch.float32:  # upcast activations (PEFT) in a half model: the half kernels, warned once
-        from flashlm.models.flash import half_precision_inputs
+        from flashlm.models.kernels import half_precision_inputs
 
         q, k, v = half_precision_inputs(q, k, v, _projection_dtype(module, q.dtype))
     cu_q, cu_k, max_q, max_k = _packing_kwargs(kwargs, attention_mask, q.shape[0], q.shape[1], k.shape[1],

@@ -1,48 +1,45 @@
 """The flash model: LLaMA whose attention calls the FlashAttention kernels directly, BSHD end to end.
 
-Same state-dict names (HF's) and the same seeded init as :class:`~flashlm.models.reference.DefaultForCausalLM`,
-so one safetensors folder loads into either. What differs is the path between embedding and loss:
+Same state-dict names (HF's) and seeded init as :class:`~flashlm.models.reference.DefaultForCausalLM`, so one
+safetensors folder loads into either. Between embedding and loss: ONE ``qkv_proj`` and ONE ``gate_up_proj``
+per layer (:mod:`flashlm.models.weights`), q/k/v split and RoPE-rotated in one op as BSHD views; SwiGLU one
+op; the residual add fused into the next RMSNorm, the stream carried as (out, residual); GQA without
+``repeat_kv``, window ``(W - 1, 0)``, logit softcap, dropout in training only. Each forward is planned once
+(:mod:`flashlm.models.plan`: padding removed after the embedding, packing detected or given, a static cache
+appended in place), and every kernel was chosen once (:mod:`flashlm.models.kernels`: the op sets when the
+model is built or moved, the plan carrying its mode's; each layer's attention backends when it is built);
+:meth:`FlashForCausalLM.explain` says what a call runs. Compiling is said by the caller that compiles
+(:meth:`FlashForCausalLM.prepare_compile`, ``decode_logits(compiled=True)``). Host syncs (eager): at most
+one per forward while planning, none inside layers or in a decode step; none in compiled plans.
 
-- ONE ``qkv_proj`` and ONE ``gate_up_proj`` per layer, saved/loaded under HF's names
-  (:mod:`flashlm.models.weights`); q/k/v leave ``qkv_proj`` split and RoPE-rotated in one op
-  (``ops.rotary_qkv``) as BSHD views, never transposed; SwiGLU is one op; the residual add is fused
-  into the next RMSNorm (``ops.add_rms_norm``), the stream carried between blocks as (out, residual);
-- each forward is planned once (:mod:`flashlm.models.plan`): padding removed right after the embedding
-  (``(1, total_tokens, hidden)``, varlen kernels with ``cu_seqlens`` computed once), packing detected or
-  given, a static BSHD cache (:class:`~flashlm.models.kv_cache.StaticKVCache`) appended in place;
-- every kernel is chosen once (:mod:`flashlm.models.kernels`): the op sets when the model is built or
-  moved, one per mode, the plan carrying its mode's; each layer's attention backends when it is built;
-  :meth:`FlashForCausalLM.explain` says what a call runs. Compiling is said by the caller that compiles
-  (:meth:`FlashForCausalLM.prepare_compile`, ``decode_logits(compiled=True)``): sync-free plans, the ops
-  meant for inductor, no host read in the forward;
-- GQA without ``repeat_kv``, sliding window ``(W - 1, 0)``, logit softcap, dropout in training only;
-- with ``labels`` (eager): ``flashlm.loss_kernels.logits_cross_entropy`` (one matmul per token chunk, the
-  chunk's logits overwritten by their gradient); compiled or softcapped: plain cross-entropy when tokens
-  x vocab is small, else ``flashlm.losses.linear_cross_entropy`` (the logits never materialized).
-
-Host syncs (eager): at most one per forward while planning, none inside layers, none in a decode step;
-none at all in compiled plans. Reads top to bottom: fp32 inputs, the unplanned attention helper
-(:class:`FlashAttentionMixin`), the attention layer, MLP, block, model, causal LM.
+Reads top to bottom: the unplanned path (:func:`apply_rope_bshd`, :class:`FlashAttentionMixin`), the
+attention layer, MLP, block, model, causal LM.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import Tensor, nn
 
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flashlm.attention.interface import apply_rotary
-from flashlm.attention.padding import index_first_axis, pad_input, unpad_input
+from flashlm.attention.padding import pad_input
 from flashlm.loss_kernels import logits_cross_entropy
 from flashlm.losses import cross_entropy, linear_cross_entropy
 
 from .config import ModelConfig
-from .kernels import AttentionKernels, _aten_flash_dense, explain_plan, loss_kind, op_sets
+from .kernels import (
+    AttentionKernels,
+    _aten_flash_dense,
+    explain_plan,
+    half_precision_inputs,
+    loss_kind,
+    op_sets,
+)
 from .kv_cache import StaticKVCache
-from .plan import BatchPlan, append_plan, packed_sequences, plan_batch, unpad_data
+from .plan import BatchPlan, append_plan, packed_sequences, plan_batch, unpad_data, unpad_qkv
 from .reference import (
     MLP,
     CausalLMOutput,
@@ -60,29 +57,6 @@ from .weights import fuse_into, init_per_part
 
 __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "FlashMLP", "FlashModel",
            "FlashMultiHeadAttention", "apply_rope_bshd", "half_precision_inputs"]
-
-# One warning per process; tests reset it here (flashlm.hf's hook uses this function too).
-_WARNED_FP32 = False
-
-
-def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.dtype
-                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 q/k/v in a half-precision model (PEFT/LoRA upcasts activations) -> the autocast dtype, else
-    ``weight_dtype`` (the projections'), with a one-time warning, as transformers'
-    ``_flash_attention_forward`` does, instead of running a slow fp32 kernel. Anything else unchanged."""
-    if q.dtype != torch.float32:
-        return q, k, v
-    dev = q.device.type
-    target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight_dtype
-    if target == torch.float32:
-        return q, k, v
-    global _WARNED_FP32
-    if not _WARNED_FP32:
-        _WARNED_FP32 = True
-        warnings.warn(f"attention inputs are float32 in a {target} model (upcast activations, e.g. PEFT); "
-                      f"casting q/k/v to {target} for the flash kernels", stacklevel=3)
-    return q.to(target), k.to(target), v.to(target)
-
 
 # --------------------------------------------------------------------------------------------
 # Unplanned calls: a layer on its own, transformers' attention hook
@@ -135,37 +109,8 @@ class FlashAttentionMixin:
 
     def _upad_input(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
                     query_length: int):
-        """Remove padding from q (batch, query_length, heads, d) and k/v (batch, kv_len, kv_heads, d).
-
-        ``attention_mask`` (batch, mask_len) covers the keys; keys beyond ``mask_len`` (a static cache
-        longer than what was written) are sliced off. Three cases for the queries: (a) query_length ==
-        kv_len (prefill): the keys' indices and cu_seqlens; (b) query_length == 1 (decode): one query per
-        row; (c) otherwise (chunked prefill): the last ``query_length`` mask columns, which requires left
-        padding (checked: one host read). Returns (q (total_q, heads, d), k, v (total_k, kv_heads, d),
-        indices_q, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k))."""
-        indices_k, cu_seqlens_k, max_seqlen_k = self._get_unpad_data(attention_mask)
-        batch, kv_len, kv_heads, head_dim = key.shape
-        mask_len = attention_mask.shape[-1]
-        if kv_len < mask_len:
-            raise ValueError(f"attention_mask covers {mask_len} keys but only {kv_len} were given")
-        if kv_len > mask_len:  # static cache: only the first mask_len slots are described
-            key, value = key[:, :mask_len], value[:, :mask_len]
-            kv_len = mask_len
-        key = index_first_axis(key.reshape(batch * kv_len, kv_heads, head_dim), indices_k)
-        value = index_first_axis(value.reshape(batch * kv_len, kv_heads, value.shape[-1]), indices_k)
-        if query_length == kv_len:
-            query = index_first_axis(query.reshape(batch * kv_len, query.shape[2], head_dim), indices_k)
-            return query, key, value, indices_k, (cu_seqlens_k, cu_seqlens_k), (max_seqlen_k, max_seqlen_k)
-        if query_length == 1:
-            cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
-            return (query.squeeze(1), key, value, cu_seqlens_q[:-1].long(), (cu_seqlens_q, cu_seqlens_k),
-                    (1, max_seqlen_k))
-        q_mask = attention_mask[:, -query_length:]
-        if bool((q_mask[:, 1:].long() < q_mask[:, :-1].long()).any()):
-            raise ValueError("attention_mask over the new queries must be left-padded (rows 0..0 1..1) "
-                             f"when query_length ({query_length}) differs from the key length ({kv_len})")
-        query, indices_q, cu_seqlens_q, max_seqlen_q, _ = unpad_input(query, q_mask)
-        return query, key, value, indices_q, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k)
+        """Padding removed from q/k/v: :func:`~flashlm.models.plan.unpad_qkv` (shapes and cases there)."""
+        return unpad_qkv(query, key, value, attention_mask, query_length, self._get_unpad_data(attention_mask))
 
     def _flash_attention_forward(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None, *,
@@ -623,24 +568,16 @@ class FlashForCausalLM(DefaultForCausalLM):
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        """input_ids (batch, seqlen) int.
-
-        attention_mask (batch, seqlen): 1 = token, 0 = padding (any side for a plain forward; left for
-        prompts). With a non-empty cache it covers only the new tokens and must be left-padded (None
-        for a decode step). position_ids (batch or 1, seqlen): default from the mask / the cache; in a
-        plain forward, rows restarting at 0 mean packed sequences (no attention across them).
-        cu_seqlens int32 (num_seqs + 1,) and max_seqlen: explicit packing of the flattened
-        batch * seqlen tokens (no detection, no host read when max_seqlen is given).
-        past_key_values: a :class:`StaticKVCache` from :meth:`allocate_cache` (use_cache without one is
-        refused: the static cache must be sized up front).
-        labels (batch, seqlen): HF style, shifted inside, -100 ignored; in packed batches the last token
-        of each sequence gets no target. Padding has no hidden state here, so a label whose predecessor
-        is padding (the first real token of a left-padded row) is not scored; the default model would
-        score it from the padding position's logits. With labels the loss never holds more than a chunk
-        of logits (:func:`~flashlm.models.kernels.loss_kind`) and logits are skipped unless
-        ``return_logits=True``. logits_to_keep: if > 0, logits only for the last that many positions.
-        Returns CausalLMOutput(loss, logits (batch, seqlen or logits_to_keep, vocab) or None, cache).
-        """
+        """input_ids (batch, seqlen) int. attention_mask (batch, seqlen): 1 = token, 0 = padding (any side
+        for a plain forward; left for prompts; with a non-empty cache it covers only the new tokens, None
+        for a decode step). position_ids (batch or 1, seqlen): default from the mask / the cache; rows
+        restarting at 0 in a plain forward are packed sequences. cu_seqlens int32 (num_seqs + 1,) /
+        max_seqlen: explicit packing of the flattened batch * seqlen tokens (no host read with max_seqlen).
+        past_key_values: a :class:`StaticKVCache` (:meth:`allocate_cache`; use_cache needs one).
+        labels (batch, seqlen): HF style, shifted inside, -100 ignored; a packed sequence's last token and a
+        label whose predecessor is padding are not scored. With labels the loss never holds more than a
+        chunk of logits (``loss_kind``) and logits are skipped unless ``return_logits``. logits_to_keep > 0:
+        logits of the last positions only. Returns CausalLMOutput(loss, logits or None, cache)."""
         self._check(input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, logits_to_keep)
         batch, seqlen = input_ids.shape
         if return_logits is None:

@@ -10,11 +10,13 @@
   (heads, head_dim, causal, window, softcap), so the registry's choice depends only on (kind, dtype,
   needs_grad, dropout) and whether the plan is compiled: the layer binds that table once, and
   :meth:`AttentionKernels.select` is the one function that answers which kernel a planned call runs
-  (the forward calls it, and so does ``FlashForCausalLM.explain``).
+  (the forward calls it, and so does ``FlashForCausalLM.explain``); fp32 q/k/v in a half-precision
+  model take the half kernels (:func:`half_precision_inputs`).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -25,8 +27,8 @@ from flashlm import ops as fused_ops
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ATEN_DENSE_MAX_TOKENS", "MODES", "AttentionKernels", "aten_dense_eligible", "explain_plan", "loss_kind", "mode_of",
-           "op_sets"]
+__all__ = ["ATEN_DENSE_MAX_TOKENS", "MODES", "AttentionKernels", "aten_dense_eligible", "explain_plan",
+           "half_precision_inputs", "loss_kind", "mode_of", "op_sets"]
 
 MODES = ("eager", "compiled", "decode")
 _HALF = (torch.float16, torch.bfloat16)
@@ -49,6 +51,29 @@ def mode_of(kind: str, compiled: bool) -> str:
     """The op-set mode of a plan: compiled plans take the compiled set; eager appends to the cache (decode
     steps, eager or captured alike, so both give the same tokens) the decode set; anything else the eager."""
     return "compiled" if compiled else "decode" if kind == "append" else "eager"
+
+
+# One warning per process; tests reset it here (flashlm.hf's hook uses this function too).
+_WARNED_FP32 = False
+
+
+def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.dtype
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 q/k/v in a half-precision model (PEFT/LoRA upcasts activations) -> the autocast dtype, else
+    ``weight_dtype`` (the projections'), with a one-time warning, as transformers'
+    ``_flash_attention_forward`` does, instead of running a slow fp32 kernel. Anything else unchanged."""
+    if q.dtype != torch.float32:
+        return q, k, v
+    dev = q.device.type
+    target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight_dtype
+    if target == torch.float32:
+        return q, k, v
+    global _WARNED_FP32
+    if not _WARNED_FP32:
+        _WARNED_FP32 = True
+        warnings.warn(f"attention inputs are float32 in a {target} model (upcast activations, e.g. PEFT); "
+                      f"casting q/k/v to {target} for the flash kernels", stacklevel=3)
+    return q.to(target), k.to(target), v.to(target)
 
 
 def _aten_flash_dense(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: float) -> Tensor:

@@ -38,14 +38,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashlm.attention.padding import get_unpad_data, pad_input, prepare_from_position_ids
+from flashlm.attention.padding import (
+    get_unpad_data,
+    index_first_axis,
+    pad_input,
+    prepare_from_position_ids,
+    unpad_input,
+)
 from flashlm.ops import Ops
 
 from .kernels import mode_of
 from .kv_cache import StaticKVCache
 
 __all__ = ["BatchPlan", "append_plan", "packed_sequences", "plan_batch", "positions_from_cu_seqlens",
-           "unpad_data"]
+           "unpad_data", "unpad_qkv"]
 
 
 class BatchPlan(NamedTuple):
@@ -150,6 +156,42 @@ def packed_sequences(position_ids: Tensor, batch: int, refresh: bool = False) ->
     ask only for a prefill (q_len == kv_len > 1, no mask): a decode step is not a packed batch."""
     # kept on the caller's tensor, not on the (batch, seqlen) view: a fresh view per layer would miss
     return _memo_on(position_ids, f"_flashlm_packing_{batch}", lambda t: _packing(t.expand(batch, -1)), refresh)
+
+
+def unpad_qkv(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor, query_length: int,
+              unpadded: tuple[Tensor, Tensor, int]):
+    """Remove padding from q (batch, query_length, heads, d) and k/v (batch, kv_len, kv_heads, d).
+
+    ``attention_mask`` (batch, mask_len) covers the keys; keys beyond ``mask_len`` (a static cache
+    longer than what was written) are sliced off. Three cases for the queries: (a) query_length ==
+    kv_len (prefill): the keys' indices and cu_seqlens; (b) query_length == 1 (decode): one query per
+    row; (c) otherwise (chunked prefill): the last ``query_length`` mask columns, which requires left
+    padding (checked: one host read). Returns (q (total_q, heads, d), k, v (total_k, kv_heads, d),
+    indices_q, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k)). ``unpadded``: the mask's
+    :func:`unpad_data`."""
+    indices_k, cu_seqlens_k, max_seqlen_k = unpadded  # unpad_data(attention_mask)
+    batch, kv_len, kv_heads, head_dim = key.shape
+    mask_len = attention_mask.shape[-1]
+    if kv_len < mask_len:
+        raise ValueError(f"attention_mask covers {mask_len} keys but only {kv_len} were given")
+    if kv_len > mask_len:  # static cache: only the first mask_len slots are described
+        key, value = key[:, :mask_len], value[:, :mask_len]
+        kv_len = mask_len
+    key = index_first_axis(key.reshape(batch * kv_len, kv_heads, head_dim), indices_k)
+    value = index_first_axis(value.reshape(batch * kv_len, kv_heads, value.shape[-1]), indices_k)
+    if query_length == kv_len:
+        query = index_first_axis(query.reshape(batch * kv_len, query.shape[2], head_dim), indices_k)
+        return query, key, value, indices_k, (cu_seqlens_k, cu_seqlens_k), (max_seqlen_k, max_seqlen_k)
+    if query_length == 1:
+        cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
+        return (query.squeeze(1), key, value, cu_seqlens_q[:-1].long(), (cu_seqlens_q, cu_seqlens_k),
+                (1, max_seqlen_k))
+    q_mask = attention_mask[:, -query_length:]
+    if bool((q_mask[:, 1:].long() < q_mask[:, :-1].long()).any()):
+        raise ValueError("attention_mask over the new queries must be left-padded (rows 0..0 1..1) "
+                         f"when query_length ({query_length}) differs from the key length ({kv_len})")
+    query, indices_q, cu_seqlens_q, max_seqlen_q, _ = unpad_input(query, q_mask)
+    return query, key, value, indices_q, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k)
 
 
 def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
