@@ -47,6 +47,7 @@ from .reference import (
     MultiHeadAttention,
     RMSNorm,
     RotaryEmbedding,
+    add_block_norms,
     check_inputs,
     check_token_range,
     make_embedding,
@@ -346,11 +347,7 @@ class FlashDecoderLayer(nn.Module):
         self.post_norms = config.post_norms
         self.self_attn = FlashMultiHeadAttention(config, layer_idx)
         self.mlp = FlashMLP(config)
-        self.input_layernorm = make_norm(config)
-        self.post_attention_layernorm = make_norm(config)
-        if self.post_norms:
-            self.pre_feedforward_layernorm = make_norm(config)
-            self.post_feedforward_layernorm = make_norm(config)
+        add_block_norms(self, config)
 
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, plan: BatchPlan,
                 residual: Tensor | None = None) -> tuple[Tensor, Tensor]:

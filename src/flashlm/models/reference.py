@@ -361,6 +361,17 @@ class DynamicCache:
             self.value_cache[i] = self.value_cache[i].index_select(0, beam_idx.to(self.value_cache[i].device))
 
 
+def add_block_norms(block: nn.Module, config: ModelConfig) -> None:
+    """A decoder block's norms under HF's names, registered after its attention and MLP (the state-dict and
+    init order): input_layernorm, post_attention_layernorm, and with ``config.post_norms`` (Gemma2)
+    pre_feedforward_layernorm and post_feedforward_layernorm."""
+    block.input_layernorm = make_norm(config)
+    block.post_attention_layernorm = make_norm(config)
+    if config.post_norms:
+        block.pre_feedforward_layernorm = make_norm(config)
+        block.post_feedforward_layernorm = make_norm(config)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (HF names: input_layernorm,
     post_attention_layernorm before the MLP).
@@ -377,11 +388,7 @@ class DecoderLayer(nn.Module):
         self.post_norms = config.post_norms
         self.self_attn = self.attention_class(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = make_norm(config)
-        self.post_attention_layernorm = make_norm(config)
-        if self.post_norms:
-            self.pre_feedforward_layernorm = make_norm(config)
-            self.post_feedforward_layernorm = make_norm(config)
+        add_block_norms(self, config)
 
     def forward(self, hidden_states, cos, sin, attention_mask=None, past_key_values=None):
         """hidden_states (batch, q_len, hidden) -> same shape; see MultiHeadAttention.forward."""
