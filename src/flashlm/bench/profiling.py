@@ -17,7 +17,9 @@ def model_step(model: torch.nn.Module, case: str, ids: torch.Tensor, name: str,
     """One step of ``case`` ("forward": inference forward; "train": forward + loss + backward + AdamW) of
     model row ``name`` on ``ids`` (batch, seqlen) int64, torch.compile'd when ``compiled`` (the flash
     model fullgraph, as ``flashlm bench --compile``). The flash model's loss skips the logits."""
-    fwd = torch.compile(model, fullgraph=name == "flash") if compiled else model
+    fwd = model
+    if compiled:
+        fwd = model.compile_forward(fullgraph=True) if name == "flash" else torch.compile(model)
     if case == "forward":
         def forward():
             with torch.inference_mode():

@@ -19,6 +19,7 @@ attention layer, MLP, block, model, causal LM.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -506,12 +507,37 @@ class FlashForCausalLM(DefaultForCausalLM):
         torch path). For decoder blocks compiled one by one (``flashlm train --compile``) the planner and
         the input checks still run eagerly; ``whole_model=True`` (before ``torch.compile(model)``) also
         drops the token-range check, a host read. Returns self."""
-        self.model.compiled = True
+        return self._set_compiled(True, whole_model)
+
+    def _set_compiled(self, compiled: bool, whole_model: bool = False) -> FlashForCausalLM:
+        self.model.compiled = compiled
         for layer in self.model.layers:
-            layer.self_attn.compiled = True
-        if whole_model:
-            self.host_checks = False
+            layer.self_attn.compiled = compiled
+        self.host_checks = not (compiled and whole_model)
         return self
+
+    def compile_forward(self, **compile_kwargs) -> Callable:
+        """``torch.compile(self, **compile_kwargs)`` whose calls are planned as compiled ones (as
+        ``prepare_compile(whole_model=True)``), while eager calls of the model itself keep their eager
+        plans: the compiled flag is on only for the duration of each compiled call (Dynamo guards on it,
+        so it never recompiles for it). What ``flashlm bench --compile`` runs; ``model.compile()`` (in
+        place, every call compiled) sets the flag for good."""
+        compiled = torch.compile(self, **compile_kwargs)
+
+        def call(*args, **kwargs):
+            self._set_compiled(True, whole_model=True)
+            try:
+                return compiled(*args, **kwargs)
+            finally:
+                self._set_compiled(False)
+
+        return call
+
+    def compile(self, *args, **kwargs) -> None:
+        """``nn.Module.compile`` (in place): every later call runs compiled, so every forward is planned
+        as a compiled one (``prepare_compile(whole_model=True)``) first."""
+        self.prepare_compile(whole_model=True)
+        super().compile(*args, **kwargs)
 
     def bind_attention(self) -> FlashForCausalLM:
         """Choose every layer's attention backends again, honouring the backend forced now
