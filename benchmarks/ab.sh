@@ -2,14 +2,14 @@
 # A/B of two versions of flashlm on one warm GPU machine, side by side (issue 26: the commit before the
 # restructuring against the working tree). Made here, before the calls:
 #   git archive --format=tar.gz -o .ab/before.tar.gz <before-commit> src    # .ab/ is git-ignored
-#   bash ../shared/tools/pack-fa4-for-device.sh                           # .fa4a/ .fa4b/ (FA4)
 #   pip download liger-kernel==0.8.5 into .whl/ (the device README's command)
-# Then three device calls back to back (the machine keeps /tmp for ~30 s between calls):
-#   STAGE=a  carry .fa4a .whl .ab   FA4 part a, Liger, the before tree; every CUDA test of the working tree
-#   STAGE=b  carry .fa4b            FA4 part b; A/B: seed eager (default + flash), llama-1b train, decode
-#   STAGE=c  (after b)              A/B: seed compiled
+# Then, from the repo root on the GPU machine, carry .ab .whl:
+#   STAGE=ab     A/B: seed eager (default + flash), llama-1b train, decode b1/b32 x 128, seed compiled (flash)
+#   STAGE=tests  every CUDA test of the working tree
+# FlashAttention-4 (two more calls to carry, ../shared/tools/pack-fa4-for-device.sh) is optional: unpack both
+# parts into /tmp/site first and both sides pick it up.
 # Each A/B row runs the same `flashlm bench` command on both trees, one after the other (order alternates
-# per row against drift); JSON under $OUT, the ratio table (after / before) last: $OUT/ab_table_<stage>.md.
+# per row against drift); JSON under $OUT, the ratio table (after / before) last: $OUT/ab_table.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:?set OUT}"
@@ -55,27 +55,22 @@ for b in sorted(out.glob("*_before.json")):
 EOF
 }
 
-seed="bench --model small --batch-size 2 --seq-length 256 --warmup-steps 10 --benchmark-steps 20 --compare default,flash --no-progress"
+seed="bench --model small --batch-size 2 --seq-length 256 --warmup-steps 10 --benchmark-steps 20 --no-progress"
+mkdir -p $site /tmp/before && tar -C /tmp/before -xzf .ab/before.tar.gz
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl/*.whl
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case "${STAGE:?}" in
-  a)
-    mkdir -p $site /tmp/before && tar -C $site -xJf .fa4a/a.tar.xz && tar -C /tmp/before -xzf .ab/before.tar.gz
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
-    python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    PYTHONPATH="$site:$PWD/src" timeout "${TESTS_TIMEOUT:-480}" python -m pytest -q -m cuda -n 8 -p no:cacheprovider \
-      --no-header -rfE tests 2>&1 | tee "$OUT/gpu_tests_ab.log" | tail -n 25
-    ;;
-  b)
-    tar -C $site -xJf .fa4b/b.tar.xz
-    PYTHONPATH="$deps" python -c "import flash_attn.cute, liger_kernel; print('FA4 and Liger importable')"
-    ab seed_eager $seed
+  ab)
+    ab seed_eager $seed --compare default,flash
     ba train_llama1b bench --model llama-1b --batch-size 8 --seq-length 2048 --warmup-steps 3 --benchmark-steps 10 \
       --cases train --compare flash --no-progress
     ab decode_llama1b bench decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
       --models flashlm-graph --new-tokens 64 --repeats 3
-    table | tee "$OUT/ab_table_b.md"
+    ba seed_compiled $seed --compare flash --cases train,forward --compile
+    table | tee "$OUT/ab_table.md"
     ;;
-  c)
-    ba seed_compiled $seed --compile
-    table | tee "$OUT/ab_table_c.md"
+  tests)
+    PYTHONPATH="$deps:$PWD/src" timeout "${TESTS_TIMEOUT:-300}" python -m pytest -q -m cuda -n 12 -p no:cacheprovider \
+      --no-header -rfE tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30
     ;;
 esac
