@@ -1,4 +1,4 @@
-"""Fixed-shape decode steps (flashlm.decode_graph) and generate(cuda_graph=...): issue 7.
+"""Fixed-shape decode steps (flashlm.generation.cuda_graph) and generate(cuda_graph=...): issue 7.
 
 CPU: the graph-free path (the same DecodeStep that the GPU captures) gives the tokens of the default
 model and of a cache-free loop, with left padding and per-row EOS; the cache's host bookkeeping; the
@@ -8,15 +8,18 @@ sampled) at batch 1 and 4 with left padding, and a replayed / eager decode step 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import weakref
 
 import pytest
 import torch
 from helpers import left_padded_prompts, make_pair, naive_greedy
 
-from flashlm.decode_graph import (
-    _GRAPHS_ATTR,
+from flashlm.errors import InputError
+from flashlm.generation import generate, main
+from flashlm.generation.cuda_graph import (
     CUDAGraphDecodeStep,
     DecodeStep,
     SamplingKey,
@@ -24,10 +27,9 @@ from flashlm.decode_graph import (
     capture_stream,
     graph_unavailable_reason,
     graphed_decode_step,
+    kept_decode_steps,
     release_graphs,
 )
-from flashlm.errors import InputError
-from flashlm.generation import generate, main
 from flashlm.models.config import get_preset
 from flashlm.models.kv_cache import StaticKVCache
 
@@ -177,6 +179,23 @@ def test_prefill_logits_is_the_forward_of_an_unpadded_prompt():
             flash.prefill_logits(ids, other)
 
 
+def test_a_kept_decode_step_does_not_keep_its_model_alive():
+    """Captured steps live in a table keyed weakly by the model (not in model.__dict__), and a step
+    holds its model weakly: dropping the model drops its entry; the orphaned step says why it cannot run."""
+    from flashlm.generation import cuda_graph
+
+    _, flash = make_pair()
+    step = DecodeStep(flash, flash.allocate_cache(1, 16), 1, SamplingKey())
+    cuda_graph._KEPT[flash] = {1: step}
+    assert kept_decode_steps(flash) == {1: step} and step.model is flash
+    ref = weakref.ref(flash)
+    del flash
+    gc.collect()
+    assert ref() is None and ref not in [weakref.ref(m) for m in cuda_graph._KEPT]
+    with pytest.raises(RuntimeError, match="deleted"):
+        step()
+
+
 def test_capacity_and_argument_errors():
     assert cache_capacity(10) == 256 and cache_capacity(256) == 256 and cache_capacity(257) == 512
     assert cache_capacity(10, 12) == 12
@@ -227,9 +246,10 @@ def test_graph_greedy_identical_to_eager(rows):
     graph = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
     assert graph.cuda_graph and graph.capture_s > 0 and not eager.cuda_graph
     assert torch.equal(graph.sequences, eager.sequences)
-    step = flash.__dict__[_GRAPHS_ATTR][ids.shape[0]]
+    step = kept_decode_steps(flash)[ids.shape[0]]
+    assert not [k for k, v in vars(flash).items() if isinstance(v, dict) and step in v.values()]  # not on the model
     again = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
-    assert flash.__dict__[_GRAPHS_ATTR][ids.shape[0]] is step  # reused, not re-captured
+    assert kept_decode_steps(flash)[ids.shape[0]] is step  # reused, not re-captured
     third = generate(flash, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
     assert third.capture_s == 0.0  # nothing captured once the prompt shape was seen twice
     assert torch.equal(again.sequences, eager.sequences)
@@ -338,7 +358,7 @@ def test_prefill_graph_from_the_second_use_of_a_prompt_shape_gives_the_eager_tok
     padded, mask = left_padded_prompts(PROMPTS[:2], "cuda")
     assert not generate(flash, padded, attention_mask=mask, **kw).prefill_graph
     assert not generate(flash, padded, attention_mask=mask, **kw).prefill_graph  # padding: always eager
-    step = flash.__dict__[_GRAPHS_ATTR][2]  # the batch-2 step generate() kept, with its prefill graphs
+    step = kept_decode_steps(flash)[2]  # the batch-2 step generate() kept, with its prefill graphs
     with torch.inference_mode():  # the cache's tensors were made under generate()'s inference mode
         step.cache.reset()
         torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""torch.compile'd decode steps (flashlm.decode_graph with compile=...): issue 7.
+"""torch.compile'd decode steps (flashlm.generation.cuda_graph with compile=...): issue 7.
 
 CPU (inductor's C++ backend, fp32 tiny model, batch 2 left-padded): the compiled decode core
 (``FlashForCausalLM.decode_logits``) gives the eager logits and greedy tokens step after step and
@@ -21,16 +21,16 @@ import pytest
 import torch
 from helpers import left_padded_prompts, make_pair, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
-from flashlm.decode_graph import (
-    _GRAPHS_ATTR,
+from flashlm.generation import generate, main
+from flashlm.generation.cuda_graph import (
     COMPILE_MODES,
     DecodeStep,
     SamplingKey,
     cache_capacity,
     compile_mode,
+    kept_decode_steps,
     release_graphs,
 )
-from flashlm.generation import generate, main
 
 PROMPTS = [[5, 17, 99, 3, 44, 7], [8, 120]]
 STEPS = 10
@@ -189,11 +189,11 @@ def test_graph_compile_greedy_tokens_equal_eager(dtype, rows):
     eager = generate(flash, ids, cuda_graph=False, **kw)
     fast = generate(flash, ids, cuda_graph=True, compile=True, **kw)
     assert fast.cuda_graph and fast.compile_mode == "default" and fast.capture_s > 0
-    step = flash.__dict__[_GRAPHS_ATTR][ids.shape[0]]
+    step = kept_decode_steps(flash)[ids.shape[0]]
     again = generate(flash, ids, cuda_graph=True, compile=True, **kw)
     # the decode step reused, not re-captured (an unpadded prompt's prefill graph is captured on this
     # second use: capture_s counts it), and replayed alike
-    assert flash.__dict__[_GRAPHS_ATTR][ids.shape[0]] is step and torch.equal(again.sequences, fast.sequences)
+    assert kept_decode_steps(flash)[ids.shape[0]] is step and torch.equal(again.sequences, fast.sequences)
     assert again.prefill_graph == bool(mask.all())  # an all-ones mask is no padding
     width = ids.shape[1]
     got, want = fast.sequences[:, width:], eager.sequences[:, width:]

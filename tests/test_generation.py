@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import pytest
 import torch
 from helpers import left_padded_prompts, make_pair, naive_greedy
 
+from flashlm.bench.timing import time_steps
 from flashlm.generation import generate, main, sample_next_token, top_k_filter, top_p_filter
 
 PROMPTS = [[5, 17, 99, 3, 44, 7], [8, 120], [33, 61, 200, 9]]
@@ -26,7 +29,66 @@ def test_greedy_identical_for_default_and_flash(overrides):
     for row, prompt in enumerate(PROMPTS):
         assert out_f.sequences[row, ids.shape[1]:].tolist() == naive_greedy(flash, prompt, 8)
     assert out_f.num_new_tokens.tolist() == [8, 8, 8]
-    assert out_f.first_token_s > 0 and out_f.per_token_s > 0
+
+
+@pytest.mark.parametrize("which", ["flash", "default"])
+def test_on_step_reports_the_start_then_every_token(which):
+    """generate() times nothing itself: on_step(0) comes after the checks and setup, before the
+    prefill (the first forward), then on_step(i) after the i-th token is recorded, before the streamer."""
+    default, flash = make_pair()
+    model = flash if which == "flash" else default
+    ids, mask = left_padded_prompts(PROMPTS)
+    calls, forwards, streamed = [], [], []
+    handle = model.register_forward_hook(lambda *_: forwards.append(len(calls)))
+    try:
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[], on_step=calls.append,
+                       streamer=lambda t: streamed.append(len(calls)))
+    finally:
+        handle.remove()
+    assert calls == [0, 1, 2, 3, 4, 5] and out.num_new_tokens.tolist() == [5, 5, 5]
+    assert forwards[0] == 1  # the prefill ran after on_step(0)
+    assert streamed == [2, 3, 4, 5, 6]  # the streamer sees token i after on_step(i) (calls holds 0..i)
+    with_hook = out.sequences
+    assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[]).sequences,
+                       with_hook)
+
+
+def test_time_steps_times_generate_through_on_step():
+    _, flash = make_pair()
+    ids, mask = left_padded_prompts(PROMPTS)
+    timing, out = time_steps(lambda on_step: generate(flash, ids, attention_mask=mask, max_new_tokens=4,
+                                                      eos_token_id=[], on_step=on_step))
+    assert timing.steps == 4 and timing.first_s > 0 and timing.per_step_s > 0 and out.sequences.shape[1] == 10
+    one, _ = time_steps(lambda on_step: generate(flash, ids, attention_mask=mask, max_new_tokens=1, on_step=on_step))
+    assert one.steps == 1 and one.first_s > 0 and math.isnan(one.per_step_s)
+    with pytest.raises(RuntimeError, match="on_step"):  # the hook not passed on: no silent zero
+        time_steps(lambda on_step: generate(flash, ids, attention_mask=mask, max_new_tokens=2))
+
+
+def test_time_steps_first_step_and_mean_of_the_later_ones():
+    def loop(on_step):
+        on_step(0)
+        time.sleep(0.06)
+        on_step(1)
+        for i in range(2, 5):
+            time.sleep(0.02)
+            on_step(i)
+        return "done"
+
+    timing, result = time_steps(loop)
+    assert result == "done" and timing.steps == 4
+    assert 0.06 <= timing.first_s < 0.5 and 0.02 <= timing.per_step_s < 0.2
+
+
+def test_timing_fields_are_gone_with_a_pointer_to_time_steps():
+    _, flash = make_pair()
+    out = generate(flash, torch.tensor([[5, 17]]), max_new_tokens=2, eos_token_id=[])
+    for name in ("first_token_s", "per_token_s", "tokens_per_s"):
+        assert not hasattr(out, name)
+        with pytest.raises(AttributeError, match=r"time_steps.*docs/decode\.md"):
+            getattr(out, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        out.nope  # noqa: B018
 
 
 def test_eos_stops_each_row():
@@ -146,6 +208,19 @@ def test_cli_prompt_ids_json(capsys):
     rc = main(["--model", "tiny", "--prompt-ids", "5,17,99", "--prompt-ids", "8 120", "--max-new-tokens", "4",
                "--attn", "default", "--json"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_token_ids"] == result["new_token_ids"]
+
+
+def test_cli_reports_the_latencies_it_measures(capsys):
+    rc = main(["--model", "tiny", "--prompt-ids", "5,17,99", "--prompt-ids", "8 120", "--max-new-tokens", "4",
+               "--no-eos", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["first_token_ms"] > 0 and result["per_token_ms"] > 0
+    assert result["tokens_per_s"] == pytest.approx(2 / (result["per_token_ms"] / 1e3), rel=0.01)
+    rc = main(["--model", "tiny", "--prompt-ids", "5,17", "--max-new-tokens", "1", "--no-eos"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "first token" in text and "per token n/a" in text
 
 
 def test_cli_text_prompt_with_tokenizer(tmp_path, capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flashlm.sampling import _argmax_two_pass, argmax_rows, sample_next_token
+from flashlm.generation.sampling import _argmax_two_pass, argmax_rows, sample_next_token
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -25,6 +25,8 @@ MOVED: dict[str, str] = {
     "flashlm.models.flash_mixin": "flashlm.models.flash",
     "flashlm.models.flash_rope": "flashlm.models.flash",
     "flashlm.models.flash_backends": "flashlm.models.kernels",
+    "flashlm.decode_graph": "flashlm.generation.cuda_graph",
+    "flashlm.sampling": "flashlm.generation.sampling",
 }
 
 

@@ -12,7 +12,7 @@ import sys
 SUBCOMMANDS = {
     "bench": ("flashlm.bench.cli", "benchmark default vs flash vs HF models"),
     "sanity": ("flashlm.sanity", "check the default model against transformers' LlamaForCausalLM"),
-    "generate": ("flashlm.generation", "generate text/tokens with a flashlm model"),
+    "generate": ("flashlm.generation.cli", "generate text/tokens with a flashlm model"),
     "train": ("flashlm.train", "train a model on local text with packing and checkpoints"),
 }
 

@@ -15,7 +15,7 @@ import torch
 from flashlm.bench.batch import Batch, make_batch
 from flashlm.bench.config import BenchConfig
 from flashlm.bench.records import PeakMemory, error_record, free_cuda, kv_bytes_per_token, weight_bytes
-from flashlm.bench.timing import Timing, summarize, time_calls
+from flashlm.bench.timing import Timing, summarize, time_calls, time_steps
 
 
 def _accepts_named(fn: Callable, name: str) -> bool:
@@ -107,8 +107,8 @@ def _flashlm_generate_kw(name: str, model, cfg: BenchConfig) -> dict[str, Any]:
     graph where it works, so the first figure shown is the fast path) unless ``--cuda-graph off``;
     ``--compile`` adds torch.compile to the flash model's graphed step (CUDA only: on the CPU the step
     would recompile per call)."""
-    from flashlm.decode_graph import graph_unavailable_reason
-    from flashlm.sampling import SamplingKey
+    from flashlm.generation.cuda_graph import graph_unavailable_reason
+    from flashlm.generation.sampling import SamplingKey
 
     kw: dict[str, Any] = {"cuda_graph": "auto" if cfg.cuda_graph == "auto" else False}
     if (cfg.compile and name == "flash" and cfg.cuda_graph == "auto"
@@ -131,12 +131,14 @@ def _generate_fn(name: str, model, cfg: BenchConfig) -> tuple[GenerateFn, bool]:
 
         def ours(ids, mask, n):
             # eos_token_id=[]: no EOS at all (None would mean the config's), so every row makes n tokens.
-            # generate times itself: synchronized at the first token and at the end, nowhere else.
-            out = generate(model, ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                           eos_token_id=[], **kw)
+            # timed through on_step: synchronized before the prefill, at the first token and at the end,
+            # nowhere else (what generate's own timing measured before it stopped timing itself)
+            timing, out = time_steps(lambda on_step: generate(
+                model, ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=[],
+                on_step=on_step, **kw), cfg.device)
             path = {"decode_path": out.decode_path, "graph_fallback": out.graph_fallback,
                     "prefill_path": "cuda_graph" if out.prefill_graph else "eager"}
-            return out.sequences[:, -n:], out.first_token_s, out.per_token_s, path
+            return out.sequences[:, -n:], timing.first_s, timing.per_step_s, path
 
         return ours, "compile" in kw
 
@@ -179,7 +181,7 @@ def _measure_generation(fn: GenerateFn, ids, mask, n: int, cfg: BenchConfig, tic
 def _release_graphs(model) -> None:
     """Free the CUDA graphs (and their caches) generate() kept on a flashlm model, so that later cases and
     grid points neither hold nor count that memory."""
-    from flashlm.decode_graph import release_graphs
+    from flashlm.generation.cuda_graph import release_graphs
 
     release_graphs(model)
 

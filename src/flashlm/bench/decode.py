@@ -10,7 +10,7 @@ Implementations, all on the same random weights (bf16 on CUDA) and the same prom
 - ``flashlm-graph``: ``flashlm.generation.generate(cuda_graph=True)``: decode step replayed from a
   CUDA graph captured once per batch size (in the warm-up call); the prefill replayed from a graph of
   its prompt shape, captured on the shape's second use (a second, untimed warm-up call), eager for
-  prompts over ``flashlm.decode_graph.PREFILL_GRAPH_MAX_TOKENS`` tokens;
+  prompts over ``flashlm.generation.cuda_graph.PREFILL_GRAPH_MAX_TOKENS`` tokens;
 - ``flashlm-graph-inductor``: ``generate(cuda_graph=True, compile=...)``: the decode step compiled by
   ``torch.compile`` (inductor, ``--inductor-mode``; fullgraph, static shapes) and captured in the
   CUDA graph (compiled and captured in the warm-up call);
@@ -70,7 +70,7 @@ from flashlm.bench.bandwidth import peak_bandwidth
 from flashlm.bench.cli_common import positive_ints
 from flashlm.bench.records import error_record, free_cuda, kv_bytes_per_token, weight_bytes
 from flashlm.bench.timing import time_once
-from flashlm.decode_graph import COMPILE_MODES
+from flashlm.generation.cuda_graph import COMPILE_MODES
 
 IMPLS = ("flashlm-graph", "flashlm-graph-inductor", "flashlm-eager", "hf-dynamic", "hf-static-compile")
 GRAPH_IMPLS = ("flashlm-graph", "flashlm-graph-inductor")
@@ -364,7 +364,7 @@ def _measure_point(sw: _Sweep, point: dict[str, Any], ids: torch.Tensor, max_cac
     """Time ``point["impl"]`` on ``ids`` (batch, context) into ``point`` (or its error record); its greedy
     tokens go to ``tokens[impl]`` for the correctness riders."""
     from flashlm.attention import use_backend
-    from flashlm.decode_graph import release_graphs
+    from flashlm.generation.cuda_graph import release_graphs
 
     args, device = sw.args, sw.args.device
     impl, batch, ctx, n = point["impl"], point["batch"], point["context"], point["new_tokens"]
@@ -430,7 +430,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
         checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure every (batch, context, implementation); ``checkpoint(partial results)`` after each point
     (so a run cut short by a time limit still leaves its JSON)."""
-    from flashlm.decode_graph import cache_capacity
+    from flashlm.generation.cuda_graph import cache_capacity
 
     sw = _build_sweep(args, log)
     n, points = args.new_tokens, sw.points

@@ -43,7 +43,7 @@ def _graph_us(fn) -> float:
 def _kernel_point(batch: int, ctx: int, rows: list[dict]) -> None:
     """Every (block_n, warps, splits) of one (batch, context) into ``rows``; prints today's vs the best."""
     from flashlm.attention.backends.triton.decode import attn_decode
-    from flashlm.decode_graph import cache_capacity
+    from flashlm.generation.cuda_graph import cache_capacity
 
     heads, kv_heads, dim = 32, 8, 64
     cap = cache_capacity(ctx + 32)  # as generate sizes the cache for 32 new tokens

@@ -16,8 +16,8 @@ Cases (each ``warmup`` untimed steps, then ``steps`` timed steps; CUDA is synchr
   computes the loss with ``return_logits=False`` (fused linear cross-entropy, no (tokens x vocab) logits).
 - ``forward``: inference forward (``torch.inference_mode``, no cache), full logits.
 - ``generate``: greedy generation of ``new_tokens`` after a prompt of ``seqlen`` tokens (no EOS stop);
-  flashlm's models through :func:`flashlm.generation.generate` (which times its first token and
-  its decode steps), HF models through ``model.generate`` with a timestamping streamer. First-token
+  flashlm's models through :func:`flashlm.generation.generate`, timed through its ``on_step`` hook
+  (``flashlm.bench.timing.time_steps``: first token and later steps), HF models through ``model.generate`` with a timestamping streamer. First-token
   latency: call -> first new token on the host (prefill + one step); per-token: mean later step.
 - ``decode``: the same measurement over a grid of batch sizes and prompt lengths (fast-decode issue),
   with achieved GB/s = (weight bytes + KV-cache bytes read per step) / per-token time.

@@ -96,8 +96,8 @@ def decode_row(model, batch: int, ctx: int, args) -> dict:
     from flashlm.bench.bandwidth import peak_bandwidth
     from flashlm.bench.decode import measure, weight_read_bytes
     from flashlm.bench.records import kv_bytes_per_token
-    from flashlm.decode_graph import cache_capacity
     from flashlm.generation import generate
+    from flashlm.generation.cuda_graph import cache_capacity
 
     graph = args.device.type == "cuda"
     n = args.tokens - 1

@@ -10,6 +10,8 @@ Three ways to time a call, each answering a different question:
 - :func:`time_loop`: N calls back to back, the host time before the final sync (the Python + launch
   cost when the GPU keeps up) and the wall time after it (the max of host and GPU time), per call.
 
+:func:`time_steps` times a stepped loop from inside (``generate(on_step=...)``): its first step and
+the mean of the later ones, synchronizing only at the start, after the first step and at the end.
 :func:`time_once` times one synchronized call and hands back its result; :func:`graph_replay_s` is
 Triton's CUDA-graph benchmark (GPU time without launch cost), for the decode-kernel probes.
 """
@@ -27,8 +29,8 @@ import torch
 
 from flashlm._util import sync
 
-__all__ = ["LoopTiming", "Timing", "graph_replay_s", "quantile", "summarize", "time_calls", "time_loop",
-           "time_once"]
+__all__ = ["LoopTiming", "StepTiming", "Timing", "graph_replay_s", "quantile", "summarize", "time_calls",
+           "time_loop", "time_once", "time_steps"]
 
 Clock = Literal["wall", "cuda_event"]
 
@@ -164,6 +166,45 @@ def time_loop(fn: Callable[[], Any], *, iters: int, warmup: int = 0,
     host = time.perf_counter() - t0
     sync(device)
     return LoopTiming(host / iters, (time.perf_counter() - t0) / iters, iters)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """A stepped loop timed by :func:`time_steps`, in seconds: from its start (step 0) to the end of
+    its first step, and per later step (``nan`` with fewer than two steps); ``steps`` it ran."""
+
+    first_s: float
+    per_step_s: float
+    steps: int
+
+
+def time_steps(run: Callable[[Callable[[int], None]], Any],
+               device: str | torch.device = "cpu") -> tuple[StepTiming, Any]:
+    """(timing, result) of ``run(on_step)``: a loop that calls ``on_step(i)`` with the steps done so
+    far, ``0`` where its timed part starts, then after each step (e.g. ``lambda on_step:
+    generate(model, ids, on_step=on_step)``: 0 before the prefill, i after the i-th new token).
+
+    The device is synchronized at ``on_step(0)``, at ``on_step(1)`` and after ``run`` returns, nowhere
+    else, so the later steps queue ahead of the device as in an untimed run. First step: step 0 to
+    step 1; per step: (end - step 1) / (steps - 1)."""
+    marks: dict[int, float] = {}
+    last = 0
+
+    def on_step(i: int) -> None:
+        nonlocal last
+        if i <= 1:
+            sync(device)
+            marks[i] = time.perf_counter()
+        last = i
+
+    result = run(on_step)
+    sync(device)
+    end = time.perf_counter()
+    if 0 not in marks or 1 not in marks:
+        raise RuntimeError("time_steps: the loop never called on_step(0) and on_step(1) (its start and first "
+                           "step); pass on_step through to it")
+    per = (end - marks[1]) / (last - 1) if last > 1 else float("nan")
+    return StepTiming(marks[1] - marks[0], per, last), result
 
 
 def graph_replay_s(fn: Callable[[], Any], rep_ms: int = 20) -> float:

@@ -4,8 +4,8 @@
 ``argmax(p / E)``, ``E ~ Exp(1)``, which samples from ``p`` like ``torch.multinomial`` but without a
 device-to-host synchronization (so a CUDA graph can capture it). ``SamplingKey`` is the sampling rule
 of a decode loop (plus its EOS ids and padding), hashable so that a captured decode step can say which
-rule it bakes in. Used by ``flashlm.generation`` (the loop) and ``flashlm.decode_graph`` (the fixed-shape
-step); it imports neither.
+rule it bakes in. Used by ``flashlm.generation.loop`` (the loop) and ``flashlm.generation.cuda_graph`` (the
+fixed-shape step); it imports neither.
 """
 
 from __future__ import annotations

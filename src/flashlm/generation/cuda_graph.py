@@ -1,5 +1,10 @@
 """Fixed-shape decode steps for the flash model, run eagerly or replayed from a CUDA graph (issue 7).
 
+``flashlm.generation.generate`` asks this module for its decode step once per call
+(:func:`decode_step_for`: the graph kept for that batch size, a new capture, or an eager step), then
+prefills through it (:meth:`DecodeStep.prefill`: a replayed prefill graph or the eager forward) and
+calls it once per token. Everything that knows about graphs lives here.
+
 One decode step is: embed the last token of every row, run the layers against the static BSHD cache
 (``flash_attn_with_kvcache`` appends k/v at each row's ``cache_seqlens``, in place), take the logits,
 sample (greedy ``argmax`` or the exponential race with a device generator), replace the token of
@@ -48,33 +53,48 @@ append and RoPE stay torch ops the compiler sees. Each step compiles its own cop
 caches per code object, so steps of other shapes are neither recompiles of it nor share its cache
 limit), and every call after the first runs under ``torch.compiler.set_stance("fail_on_recompile")``:
 an accidental recompile raises, with Dynamo's guard failure, instead of silently slowing down.
+
+Where captured graphs live, and for how long: in this module's table ``_KEPT``, a
+``weakref.WeakKeyDictionary`` keyed by the model (model -> {batch size: CUDAGraphDecodeStep}), never
+in the model's ``__dict__`` (which ``deepcopy``, pickling and ``load_state_dict`` tooling would see).
+A step holds its model only weakly, so the table never keeps a model alive: the graphs and their
+caches go when the model is collected, when :func:`release_graphs` drops them, or when a capture of
+another shape replaces the one of that batch size (:func:`graphed_decode_step`);
+:func:`kept_decode_steps` shows them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import time
 import types
+import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from flashlm.sampling import SamplingKey, sample_next_token
+from flashlm.errors import InputError
+from flashlm.generation.sampling import SamplingKey, sample_next_token
 
 if TYPE_CHECKING:  # keep `import flashlm.generation` light: the models package loads on first use
     from flashlm.models.kv_cache import StaticKVCache
 
 __all__ = ["CAPACITY_MULTIPLE", "COMPILE_MODES", "PREFILL_GRAPH_AFTER_USES", "PREFILL_GRAPH_MAX_TOKENS",
            "CUDAGraphDecodeStep", "DecodeStep", "SamplingKey", "cache_capacity", "compile_mode",
-           "graph_unavailable_reason", "graphed_decode_step", "release_graphs"]
+           "decode_step_for", "graph_unavailable_reason", "graphed_decode_step", "kept_cache_bytes",
+           "kept_decode_steps", "release_graphs", "resolve_cuda_graph"]
 
 # Cache capacities are rounded up to this many tokens so that one captured graph serves prompts of
 # similar lengths (a graph is tied to its cache's shape and addresses).
 CAPACITY_MULTIPLE = 256
-_GRAPHS_ATTR = "_flashlm_decode_graphs"
+
+# model -> {batch size: its captured step}; see the module doc for the lifetime
+_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, CUDAGraphDecodeStep]] = weakref.WeakKeyDictionary()
 
 
 _log = logging.getLogger(__name__)
@@ -113,6 +133,71 @@ def cache_capacity(needed: int, max_cache_len: int | None = None) -> int:
     return -(-needed // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
 
 
+
+_logged_fallbacks: set[str] = set()
+
+
+def resolve_cuda_graph(cuda_graph: bool | str, model: torch.nn.Module, device: torch.device,
+                       key: SamplingKey) -> str | None:
+    """Why ``generate(cuda_graph=...)`` decodes eagerly here, or None when it replays a CUDA graph.
+
+    "auto": the graph wherever :func:`graph_unavailable_reason` finds nothing against it (the flash
+    model on a CUDA device, ...), else eager with that reason (logged at INFO once per reason).
+    True: the graph, or :class:`~flashlm.errors.InputError` naming the reason. False: eager."""
+    if cuda_graph not in (True, False, "auto"):
+        raise InputError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+    if cuda_graph is False:
+        return "cuda_graph=False"
+    reason = graph_unavailable_reason(model, device, key)
+    if reason is not None and cuda_graph is True:
+        raise InputError(f"cuda_graph=True: {reason} (cuda_graph='auto', the default, falls back to eager "
+                         "decoding)")
+    if reason is not None and reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        _log.info("generate: eager decode steps, no CUDA graph: %s", reason)
+    return reason
+
+
+def graph_unavailable_reason(model: torch.nn.Module, device: torch.device, key: SamplingKey) -> str | None:
+    """Why the decode step of ``model`` on ``device`` cannot be captured in a CUDA graph, or None."""
+    if not hasattr(model, "allocate_cache"):
+        return (f"CUDA-graph decoding needs the flash model (FlashForCausalLM, static cache); got "
+                f"{type(model).__name__}, whose dynamic cache changes shape every step")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"CUDA graphs need a CUDA device; the inputs are on {device}"
+    if os.environ.get("FLASHLM_ATTN_CHECKS") == "1":
+        return ("FLASHLM_ATTN_CHECKS=1 makes flash_attn_with_kvcache read cache_seqlens back to the host "
+                "(a sync), which a CUDA graph cannot capture; unset it")
+    if key.do_sample and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return ("sampling inside a CUDA graph needs torch.cuda.CUDAGraph.register_generator_state "
+                f"(torch >= 2.5); this is torch {torch.__version__}")
+    return None
+
+
+def decode_step_for(model: torch.nn.Module, input_ids: Tensor, padded: bool, needed: int, key: SamplingKey,
+                    generator: torch.Generator | None, *, use_graph: bool, max_cache_len: int | None,
+                    compile: str | None) -> tuple[DecodeStep, float]:
+    """The decode step ``generate`` runs for prompts ``input_ids`` ``(batch, prompt_len)`` (``padded``:
+    some row is left-padded) and ``needed`` slots per row, with an empty cache, and the seconds spent
+    preparing it during this call (compiling and/or capturing; 0 when a kept graph is reused).
+
+    ``use_graph``: the step kept for this batch size (:func:`graphed_decode_step`), whose prefill
+    graph of an unpadded prompt's length is captured when due; else a new eager :class:`DecodeStep`
+    on a new cache, compiled now (before the prefill) when ``compile`` names a mode."""
+    batch, prompt_len = input_ids.shape
+    if use_graph:
+        step, captured = graphed_decode_step(model, batch, needed, key, device=input_ids.device,
+                                             max_cache_len=max_cache_len, compile=compile)
+        prepare_s = step.capture_s if captured else 0.0
+        step.cache.reset()
+        if not padded:  # an unpadded prompt: its prefill graph, once its length is seen again
+            prepare_s += step.prefills.ready(prompt_len)
+        return step, prepare_s
+    cache = model.allocate_cache(batch, cache_capacity(needed, max_cache_len), device=input_ids.device)
+    step = DecodeStep(model, cache, batch, key, generator, compile=compile)
+    step.warm_up()  # compile now, on the empty cache, before the prefill (no-op uncompiled)
+    return step, step.compile_s
+
 class DecodeStep:
     """One fixed-shape decode step of ``batch_size`` rows on a :class:`StaticKVCache`, run eagerly.
 
@@ -141,7 +226,8 @@ class DecodeStep:
             raise ValueError(f"DecodeStep needs the flash model (FlashForCausalLM, static cache); got "
                              f"{type(model).__name__}")
         self._sample_fn = sample_next_token
-        self.model, self.cache, self.batch_size, self.key = model, cache, batch_size, key
+        self._model = weakref.ref(model)  # weakly: a kept step must not keep its model alive (module doc)
+        self.cache, self.batch_size, self.key = cache, batch_size, key
         self.generator = generator
         self.compile_mode = compile_mode(compile)
         dev = cache.device
@@ -166,6 +252,14 @@ class DecodeStep:
                                      fn.__closure__)
             self._compiled_body = torch.compile(own, fullgraph=True, dynamic=False, mode=self.compile_mode)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model this step runs (held weakly; RuntimeError once it was deleted)."""
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this decode step was deleted; build a new step for the model in use")
+        return model
+
     def _pick(self, logits: Tensor) -> Tensor:
         k = self.key
         return self._sample_fn(logits, do_sample=k.do_sample, temperature=k.temperature, top_k=k.top_k,
@@ -188,13 +282,28 @@ class DecodeStep:
         if self.race is not None:
             self.race.exponential_(1.0, generator=self.generator)
 
-    def _step_body(self) -> None:
-        """What gets compiled and captured: one token per row through the model (the cache append and
+    def _step_body(self, model: torch.nn.Module) -> None:
+        """What gets compiled and captured: one token per row through ``model`` (the cache append and
         the device-side length bump included), sampled and recorded in place. Tensors only: no host
         check, no host bookkeeping, no data-dependent branch."""
         # compiled: the body runs only through _compiled_body, so the model plans for the compiler
-        logits = self.model.decode_logits(self.tokens[:, None], self.cache, compiled=self._compiled_body is not None)
+        logits = model.decode_logits(self.tokens[:, None], self.cache, compiled=self._compiled_body is not None)
         self._record(self._pick(logits))
+
+    def prefill(self, input_ids: Tensor, mask: Tensor | None) -> tuple[Tensor, bool]:
+        """Run the prompts int64 ``(batch, prompt_len)`` (left-padded where ``mask`` ``(batch, prompt_len)``
+        is 0; None: no padding) through the model into the step's (empty) cache. Returns the last
+        position's logits ``(batch, vocab)`` and whether they came from a replayed graph (never, here)."""
+        # left padding puts every row's last real token at the last position
+        out = self.model(input_ids, attention_mask=mask, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1, :], False
+
+    @contextlib.contextmanager
+    def drawing_from(self, generator: torch.Generator | None) -> Iterator[None]:
+        """The decode loop's sampling draws from ``generator``: the eager step draws from the
+        generator it was built with, so nothing to do (see :class:`CUDAGraphDecodeStep`)."""
+        yield
 
     @torch.no_grad()
     def begin(self, logits: Tensor) -> None:
@@ -211,14 +320,15 @@ class DecodeStep:
         (compiled) body."""
         if draw:
             self._draw()
+        model = self.model
         if self._compiled_body is None:
-            self._step_body()
+            self._step_body(model)
         elif self._compiled:
             with torch.compiler.set_stance("fail_on_recompile"):
-                self._compiled_body(self)
+                self._compiled_body(self, model)
         else:
             t0 = time.perf_counter()
-            self._compiled_body(self)
+            self._compiled_body(self, model)
             self.compile_s = time.perf_counter() - t0
             self._compiled = True
 
@@ -342,22 +452,6 @@ class _PrefillGraphs:
         return logits
 
 
-def graph_unavailable_reason(model: torch.nn.Module, device: torch.device, key: SamplingKey) -> str | None:
-    """Why the decode step of ``model`` on ``device`` cannot be captured in a CUDA graph, or None."""
-    if not hasattr(model, "allocate_cache"):
-        return (f"CUDA-graph decoding needs the flash model (FlashForCausalLM, static cache); got "
-                f"{type(model).__name__}, whose dynamic cache changes shape every step")
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"CUDA graphs need a CUDA device; the inputs are on {device}"
-    if os.environ.get("FLASHLM_ATTN_CHECKS") == "1":
-        return ("FLASHLM_ATTN_CHECKS=1 makes flash_attn_with_kvcache read cache_seqlens back to the host "
-                "(a sync), which a CUDA graph cannot capture; unset it")
-    if key.do_sample and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-        return ("sampling inside a CUDA graph needs torch.cuda.CUDAGraph.register_generator_state "
-                f"(torch >= 2.5); this is torch {torch.__version__}")
-    return None
-
-
 def _with_index(device: torch.device) -> torch.device:
     """``cuda`` -> ``cuda:<current>``: graphs and their caches are tied to one card."""
     if device.type == "cuda" and device.index is None:
@@ -373,10 +467,10 @@ def _signature(model: torch.nn.Module) -> tuple[Any, ...]:
 class CUDAGraphDecodeStep(DecodeStep):
     """A :class:`DecodeStep` captured once in a CUDA graph and replayed per token.
 
-    Owns its cache (``model.allocate_cache(batch_size, capacity)``): prefill into ``self.cache`` after
+    Owns its cache (``model.allocate_cache(batch_size, capacity)``): :meth:`prefill` after
     ``self.cache.reset()``, then :meth:`begin`, then call the object per token. With sampling it owns a
-    device generator registered with the graph (copy a caller's state in with
-    ``self.generator.set_state(...)``). ``compile``: capture the torch.compile'd body (see
+    device generator registered with the graph (:meth:`drawing_from` copies a caller's state in and
+    back out). ``compile``: capture the torch.compile'd body (see
     :class:`DecodeStep`); it compiles in the first warm-up step. ``capture_s``: seconds spent warming
     up (compiling included, ``compile_s`` of them) and capturing.
     """
@@ -427,6 +521,29 @@ class CUDAGraphDecodeStep(DecodeStep):
                 and self.key == key and self.device == device and self.compile_mode == compile_mode(compile)
                 and (dtype is None or self.cache.dtype == dtype) and self.signature == _signature(model))
 
+    def prefill(self, input_ids: Tensor, mask: Tensor | None) -> tuple[Tensor, bool]:
+        """:meth:`DecodeStep.prefill`, replayed from the prefill graph of an unpadded prompt's length
+        when one was captured (then the logits are a static buffer)."""
+        logits = self.prefills.run(input_ids) if mask is None else None
+        if logits is None:
+            return super().prefill(input_ids, mask)
+        return logits, True
+
+    @contextlib.contextmanager
+    def drawing_from(self, generator: torch.Generator | None) -> Iterator[None]:
+        """Sampling: the graph draws from its own registered generator; copy the state of
+        ``generator`` (default: the card's default generator) in, and back out at the end, so eager
+        and graph runs draw the same numbers from the caller's stream. Greedy: nothing to do."""
+        if self.generator is None:
+            yield
+            return
+        source = generator if generator is not None else torch.cuda.default_generators[self.device.index]
+        self.generator.set_state(source.get_state())
+        try:
+            yield
+        finally:
+            source.set_state(self.generator.get_state())
+
     def __call__(self) -> None:
         self.cache.check_room(self.batch_size, 1)  # host-only: refuse an overflow before replaying
         self.graph.replay()
@@ -438,7 +555,7 @@ def graphed_decode_step(model: torch.nn.Module, batch_size: int, needed: int, ke
                         max_cache_len: int | None = None,
                         compile: bool | str = False) -> tuple[CUDAGraphDecodeStep, bool]:
     """The captured decode step of ``model`` for ``batch_size`` rows and at least ``needed`` cache slots,
-    reused across calls (one per batch size, kept on the model) or captured now; ``compile`` as in
+    reused across calls (one per batch size, kept for the model: see the module doc) or captured now; ``compile`` as in
     :class:`DecodeStep` (graph + torch.compile; a graph of another compile mode is replaced).
 
     Returns (step, captured_now). A new capture replaces the previous graph of that batch size (and
@@ -446,7 +563,7 @@ def graphed_decode_step(model: torch.nn.Module, batch_size: int, needed: int, ke
     """
     device = _with_index(torch.device(device))
     compile_mode(compile)  # refuse a bad mode before anything is freed
-    graphs: dict[int, CUDAGraphDecodeStep] = model.__dict__.setdefault(_GRAPHS_ATTR, {})
+    graphs = _KEPT.setdefault(model, {})
     step = graphs.get(batch_size)
     if step is not None and step.matches(model, batch_size, needed, key, device, dtype, compile) and (
             max_cache_len is None or step.capacity == max_cache_len):
@@ -461,9 +578,21 @@ def graphed_decode_step(model: torch.nn.Module, batch_size: int, needed: int, ke
     return step, True
 
 
+def kept_decode_steps(model: torch.nn.Module) -> dict[int, CUDAGraphDecodeStep]:
+    """The captured decode steps kept for ``model``, by batch size (a copy of the table's entry)."""
+    return dict(_KEPT.get(model, {}))
+
+
+def kept_cache_bytes(model: torch.nn.Module, batch_size: int) -> int:
+    """Bytes of the cache of the step kept for ``model`` at ``batch_size`` (0: none). A call of that
+    batch size reuses or frees it before allocating, so a memory check counts it as available."""
+    step = _KEPT.get(model, {}).get(batch_size)
+    return 0 if step is None else sum(t.numel() * t.element_size() for t in step.cache.k + step.cache.v)
+
+
 def release_graphs(model: torch.nn.Module) -> int:
-    """Drop the captured decode graphs (and their caches) kept on ``model``; returns how many."""
-    graphs = model.__dict__.pop(_GRAPHS_ATTR, {})
+    """Drop the captured decode graphs (and their caches) kept for ``model``; returns how many."""
+    graphs = _KEPT.pop(model, {})
     n = len(graphs)
     graphs.clear()
     if n:
