@@ -1,4 +1,4 @@
-"""flashlm.loss_kernels.logits_cross_entropy against ``F.cross_entropy(F.linear(h, w, b).float(), t)``.
+"""flashlm.ops.cross_entropy.logits_cross_entropy against ``F.cross_entropy(F.linear(h, w, b).float(), t)``.
 
 CPU: the torch reference and the Triton kernel (in Triton's interpreter, TRITON_INTERPRET=1 from
 conftest) in fp32 and fp16 only (the interpreter is not trusted for bf16). CUDA (@pytest.mark.cuda):
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from helpers import make_pair, one_thread  # noqa: F401  (autouse fixture)
 
-import flashlm.loss_kernels as lk
+import flashlm.ops.cross_entropy as lk
 from flashlm.errors import InputError
-from flashlm.loss_kernels import logits_cross_entropy
+from flashlm.ops.cross_entropy import logits_cross_entropy
 
 UPSTREAM = 1.7  # a non-unit upstream gradient: the backward must scale by it
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(lk.triton is None, reason="no triton"))]

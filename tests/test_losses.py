@@ -1,4 +1,4 @@
-"""flashlm.losses: cross_entropy and the chunked linear cross-entropy against plain torch in fp32."""
+"""flashlm.ops.cross_entropy: cross_entropy and the chunked linear cross-entropy against plain torch in fp32."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
-from flashlm.losses import ChunkedLinearCrossEntropy, cross_entropy, liger_available, linear_cross_entropy
+from flashlm.ops.cross_entropy import ChunkedLinearCrossEntropy, cross_entropy, liger_available, linear_cross_entropy
 
 UPSTREAM = 1.7  # one shared non-unit upstream gradient: the backward must scale by it
 

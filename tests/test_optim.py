@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from flashlm.optim import MasterWeightAdamW
+from flashlm.ops.adamw import MasterWeightAdamW
 
 
 def _groups(params):

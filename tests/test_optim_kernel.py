@@ -1,4 +1,4 @@
-"""MasterWeightAdamW's Triton kernel path (flashlm.optim_kernels) against its torch path.
+"""MasterWeightAdamW's Triton kernel path (flashlm.ops.adamw.adamw_master_step) against its torch path.
 
 CPU tests run the kernel in Triton's interpreter (TRITON_INTERPRET=1, set per test). Both paths do
 AdamW's fp32 math but round differently in places (torch's CPU lerp/addcmul use fused multiply-adds,
@@ -14,8 +14,8 @@ import copy
 import pytest
 import torch
 
-import flashlm.optim as optim_mod
-from flashlm.optim import MasterWeightAdamW
+import flashlm.ops.adamw as optim_mod
+from flashlm.ops.adamw import MasterWeightAdamW
 
 TOL = {"rtol": 1e-6, "atol": 1e-7}
 LOW = [torch.float16, torch.bfloat16]
@@ -212,7 +212,7 @@ def test_kernel_matches_torch_fused_on_gpu_in_bf16():
 
 _AOT_SCRIPT = r"""
 from triton_aot import compile_sm90
-from flashlm.optim_kernels import BLOCK, _kernel
+from flashlm.ops.adamw import BLOCK, _kernel
 
 scalars = dict.fromkeys(("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size",
                          "bias_correction2_sqrt", "eps"), "fp32")

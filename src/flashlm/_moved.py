@@ -25,6 +25,10 @@ MOVED: dict[str, str] = {
     "flashlm.models.flash_mixin": "flashlm.models.flash",
     "flashlm.models.flash_rope": "flashlm.models.flash",
     "flashlm.models.flash_backends": "flashlm.models.kernels",
+    "flashlm.losses": "flashlm.ops.cross_entropy",
+    "flashlm.loss_kernels": "flashlm.ops.cross_entropy",
+    "flashlm.optim": "flashlm.ops.adamw",
+    "flashlm.optim_kernels": "flashlm.ops.adamw",
     "flashlm.decode_graph": "flashlm.generation.cuda_graph",
     "flashlm.sampling": "flashlm.generation.sampling",
 }

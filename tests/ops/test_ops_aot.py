@@ -18,11 +18,13 @@ import torch
 from triton_aot import compile_sm90
 
 import flashlm.ops
-from flashlm.ops._dispatch import next_pow2, row_warps
+from flashlm._util import next_pow2
+from flashlm.ops._dispatch import row_warps
 
 rms = importlib.import_module("flashlm.ops.rms_norm")
 swi = importlib.import_module("flashlm.ops.swiglu")
 rot = importlib.import_module("flashlm.ops.rotary")
+ce = importlib.import_module("flashlm.ops.cross_entropy")
 
 DTYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 done, count = set(), 0
@@ -70,6 +72,16 @@ for xd, p in DTYPES.items():
         build(rot._append_kernel, consts, {**dict.fromkeys(("X", "Q", "KC", "VC"), p), "COS": "*fp32",
                                            "SIN": "*fp32", "SLOTS": "*i64"})
 
+# logits_cross_entropy's row kernel: logits in the input dtype (overwritten by their gradient), int64
+# targets (the model's), fp32 row losses, the int64 count of valid targets; BLOCK min(next_pow2(V),
+# MAX_BLOCK) with row_warps(BLOCK) warps, at vocab 32000 (two steps per row) and 1000 (one)
+for xd, p in DTYPES.items():
+    for vocab in (32000, 1000):
+        blk = min(next_pow2(vocab), ce.MAX_BLOCK)
+        for mean, grad in ((True, True), (False, True), (True, False), (False, False)):
+            build(ce._ce_rows_kernel, {"MEAN": mean, "GRAD": grad, "BLOCK": blk},
+                  {"X": p, "Y": "*i64", "LOSS": "*fp32", "NVALID": "*i64"}, row_warps(blk))
+
 done.add(rot._rotated_heads)  # a device function: compiled inside _fwd_kernel and _append_kernel above
 
 kernels = set()
@@ -83,7 +95,7 @@ print("compiled", count, "variants of", len(done), "kernels")
 
 
 def test_ops_kernels_compile_for_sm90():
-    """rms_norm, add_rms_norm, swiglu (and swiglu_linear's backward), rotary_qkv and rotary kernels (forward and backward) compile for
-    sm90 in each variant and dtype their launchers use (the interpreter would not catch an error the
+    """rms_norm, add_rms_norm, swiglu (and swiglu_linear's backward), rotary_qkv and rotary kernels (forward
+    and backward) and logits_cross_entropy's row kernel compile for sm90 in each variant and dtype their launchers use (the interpreter would not catch an error the
     compiler reports, e.g. a variable whose type changes across an if/else)."""
     run_aot(_SCRIPT)

@@ -50,8 +50,7 @@ def _measure(fn, device: torch.device, repeats: int) -> tuple[float, float]:
 
 
 def _losses():
-    from flashlm.loss_kernels import logits_cross_entropy
-    from flashlm.losses import cross_entropy, linear_cross_entropy
+    from flashlm.ops.cross_entropy import cross_entropy, linear_cross_entropy, logits_cross_entropy
 
     return {"plain": lambda h, w, y: cross_entropy(h @ w.t(), y).backward(),
             "ours": lambda h, w, y: logits_cross_entropy(h, w, y).backward(),
@@ -94,7 +93,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashlm.losses import MATERIALIZED_LOGITS_MAX_BYTES, liger_available
+    from flashlm.ops.cross_entropy import MATERIALIZED_LOGITS_MAX_BYTES, liger_available
 
     fused = "liger" if liger_available() else "chunked"
     print(f"threshold now: {MATERIALIZED_LOGITS_MAX_BYTES / 2**20:.0f} MiB of fp32 logits; hidden {args.hidden}, "

@@ -26,7 +26,7 @@ BETAS = (0.9, 0.95)
 
 def variants(params: list[torch.Tensor]) -> dict:
     """{name: () -> optimizer} of the compared AdamW variants over ``params``."""
-    from flashlm.optim import MasterWeightAdamW
+    from flashlm.ops.adamw import MasterWeightAdamW
 
     groups = [{"params": params}]
     return {

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flashlm.attention.interface import apply_rotary
 from flashlm.attention.padding import pad_input
-from flashlm.loss_kernels import logits_cross_entropy
-from flashlm.losses import cross_entropy, linear_cross_entropy
+from flashlm.ops.cross_entropy import cross_entropy, linear_cross_entropy, logits_cross_entropy
 
 from .config import ModelConfig
 from .kernels import (

@@ -195,7 +195,7 @@ def loss_kind(logits_wanted: bool, compiled: bool, softcapped: bool, tokens: int
     small and compiled (inductor fuses it) or softcapped), else "linear_cross_entropy" (fused, never
     materializes tokens x vocab; compiled: its chunked torch path, "linear_cross_entropy[torch]", which
     Dynamo traces: Liger's autograd Function crashed compiled steps, issue 16)."""
-    from flashlm.losses import materialize_logits_for_loss
+    from flashlm.ops.cross_entropy import materialize_logits_for_loss
 
     if not logits_wanted and not compiled and not softcapped:
         return "logits_cross_entropy"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashlm.errors import InputError
+from flashlm.ops.cross_entropy import causal_lm_loss
 
 from .config import ModelConfig
 
@@ -556,14 +557,6 @@ def check_token_range(config: ModelConfig, input_ids: torch.Tensor, labels: torc
                 f"{name} out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
                 f"(allowed [0, {config.vocab_size - 1}]{ignored})"
             )
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """HF-style loss: logits (batch, seqlen, vocab), labels (batch, seqlen) aligned with input_ids;
-    position t predicts labels[t + 1]. Mean over non-ignored targets, computed in fp32."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
 
 
 class DefaultForCausalLM(nn.Module):

@@ -6,7 +6,8 @@
   custom op's dispatcher and generated backward cost 100-300 us of host time per call);
 - eager without gradients: the launcher itself;
 - wherever Triton cannot run on the first argument's device (a CPU tensor without TRITON_INTERPRET=1,
-  or no Triton installed): the op's torch reference, so a public op runs on every device.
+  or no Triton installed): the op's torch reference, so a public op runs on every device (an op
+  whose eager entry points pick their kernel themselves passes no reference: no device check).
 
 The choice is made per call (the same model runs eager and compiled), but it costs three cheap checks
 (on CUDA one ``is_cuda`` attribute read more), not a lookup.
@@ -18,6 +19,8 @@ import os
 from collections.abc import Callable
 
 import torch
+
+from flashlm._util import next_pow2  # noqa: F401  (re-exported: ops/rotary.py imports it from here)
 
 try:
     from torch.compiler import is_compiling
@@ -32,21 +35,32 @@ except ImportError:  # CPU-only installs: only the torch references work
 
 # "sized" ops (flashlm.ops.resolve): the torch reference below this many elements of the op's main input,
 # where a step is host-bound and one aten op (or inductor's fusion) costs less host time than a Triton
-# launch; our Triton kernel from here on, where GPU time decides (H200, ops_bench: SwiGLU at llama-1b
-# 523 vs 1932 us, RoPE of q/k 490 vs 1331 us fwd+bwd).
+# launch; our Triton kernel from here on, where GPU time decides (H200, `flashlm bench ops`, the run behind
+# commit 1659dfa: SwiGLU at llama-1b 523 vs 1932 us, RoPE of q/k 490 vs 1331 us fwd+bwd).
 SIZED_MIN_NUMEL = 32 * 1024 * 1024
 
 
 def dispatch(function: type[torch.autograd.Function] | None, launch: Callable, compiled: Callable,
-             reference: Callable) -> Callable:
+             reference: Callable | None = None) -> Callable:
     """A callable taking the op's positional arguments and running ``reference`` where Triton cannot
     run on the first argument's device (:func:`triton_usable`), else ``compiled`` under torch.compile,
     ``function.apply`` in eager mode with grad enabled (``launch`` where ``function`` is None: an
-    inference-only op), else ``launch``. All four take the same arguments and return the same outputs."""
-    if triton is None:  # no kernel can run anywhere: the reference is the op
-        return reference
+    inference-only op), else ``launch``. All four take the same arguments and return the same outputs.
+    ``reference`` None: an op whose eager entry points run on every device (torch code, or picking
+    their kernel themselves), so there is no device check."""
     apply = launch if function is None else function.apply
     grad_enabled = torch.is_grad_enabled
+    if reference is None:
+        def call_anywhere(*args):
+            if is_compiling():
+                return compiled(*args)
+            if grad_enabled():
+                return apply(*args)
+            return launch(*args)
+
+        return call_anywhere
+    if triton is None:  # no kernel can run anywhere: the reference is the op
+        return reference
 
     def call(*args):
         x = args[0]
@@ -80,10 +94,6 @@ def autocast_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def row_warps(block: int) -> int:
     """Warps for a program owning one row of ``block`` elements (Liger's table)."""
     return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
@@ -95,7 +105,7 @@ _NUM_SMS: dict = {}
 def num_programs(device: torch.device) -> int:
     """The number of persistent programs a row-looping kernel launches: 4 per SM on CUDA (one
     8-warp program per SM left the H200 latency-bound: the llama-1b add_rms_norm backward ran at half
-    the speed of aten's, GPU_NOTES 06:20); a few under the CPU interpreter. Cached per device."""
+    the speed of aten's, the `flashlm bench ops` run behind commit 1659dfa); a few under the CPU interpreter. Cached per device."""
     n = _NUM_SMS.get(device)
     if n is None:
         n = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
