@@ -15,12 +15,13 @@ import sys
 
 import torch
 
-from flashlm import data as fdata
 from flashlm import train as T
+from flashlm.train import data as fdata
+from flashlm.train import loop
 
 
 def _half_grad() -> None:
-    apply_fsdp = T.apply_fsdp
+    apply_fsdp = loop.apply_fsdp  # the name the run calls
 
     def faulty(model, bf16):
         apply_fsdp(model, bf16)
@@ -28,7 +29,7 @@ def _half_grad() -> None:
             # The gradient of the logits scales the whole backward of this rank.
             model.lm_head.register_full_backward_pre_hook(lambda _m, grads: tuple(0.5 * g for g in grads))
 
-    T.apply_fsdp = faulty
+    loop.apply_fsdp = faulty
 
 
 def _wrong_shard() -> None:

@@ -1,11 +1,11 @@
-"""flashlm.data: files, tokenizer, cache, packing semantics, resumable sharded iterator."""
+"""flashlm.train.data: files, tokenizer, cache, packing semantics, resumable sharded iterator."""
 
 import json
 
 import pytest
 import torch
 
-from flashlm import data as D
+from flashlm.train import data as D
 
 EOS = 0
 

@@ -60,7 +60,7 @@ def test_in_place_loading_into_state_dict_tensors_reaches_the_fused_weight():
 
 
 def test_folder_round_trip_and_fsdp_export_of_fused_names(tmp_path):
-    from flashlm.checkpoint import _write_full_state_dict
+    from flashlm.train.checkpoint import _write_full_state_dict
 
     default, flash = make_pair(qkv_bias=True, architecture="qwen2")
     save_pretrained(flash, tmp_path / "a")

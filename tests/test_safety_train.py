@@ -78,8 +78,8 @@ def test_absurd_settings_are_refused_before_anything_is_written(corpus, cache, t
 def test_non_finite_weights_are_never_saved(corpus, cache, tmp_path):
     """An inf in an embedding row no token uses keeps the loss finite; the run must still refuse to
     save it."""
-    from flashlm import data as D
     from flashlm.models import build_model, get_preset, save_pretrained
+    from flashlm.train import data as D
 
     tok = D.train_tokenizer(D.read_documents([corpus]), 300)
     eos = tok.token_to_id(D.DEFAULT_EOS)
@@ -145,7 +145,7 @@ def test_a_damaged_log_line_before_the_end_is_named(corpus, cache, tmp_path):
 
 
 def test_a_damaged_token_cache_is_remade(corpus, tmp_path):
-    from flashlm import data as D
+    from flashlm.train import data as D
 
     tok = D.train_tokenizer(D.read_documents([corpus]), 300)
     tokens, offsets = D.tokenize_corpus([corpus], tok, cache_dir=tmp_path)

@@ -18,7 +18,8 @@ from helpers import one_thread  # noqa: F401  (autouse fixture)
 from safetensors.torch import load_file
 
 from flashlm import train as T
-from flashlm.checkpoint import ConfigMismatchError
+from flashlm.train import loop as L
+from flashlm.train.checkpoint import ConfigMismatchError
 
 BASE = ["--model", "tiny", "--attn", "default", "--vocab-size", "512", "--seq-length", "64", "--no-progress"]
 
@@ -103,7 +104,7 @@ def test_each_step_is_timed_by_its_own_work(corpus, cache, tmp_path, monkeypatch
     eval and save steps (read back twice in a row) and the steps after them (which paid for the
     eval and the save) too; evaluations and saves are timed apart."""
     clock = [0.0]
-    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(L, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def costing(fn, seconds):
         def wrapped(*args, **kwargs):
@@ -112,8 +113,8 @@ def test_each_step_is_timed_by_its_own_work(corpus, cache, tmp_path, monkeypatch
 
         return wrapped
 
-    monkeypatch.setattr(T, "model_inputs", costing(T.model_inputs, 1.0))  # each train or eval batch
-    monkeypatch.setattr(T, "check_finite_params", costing(T.check_finite_params, 30.0))  # each save
+    monkeypatch.setattr(L, "model_inputs", costing(L.model_inputs, 1.0))  # each train or eval batch
+    monkeypatch.setattr(L, "check_finite_params", costing(L.check_finite_params, 30.0))  # each save
     out = tmp_path / "clocked"
     res = _run(corpus, cache, out, "--max-steps", 9, "--batch-size", 4, "--eval-every", 3, "--eval-batches", 2,
                "--eval-fraction", 0.05, "--save-every", 4)
@@ -147,7 +148,7 @@ def test_resume_is_bit_exact_and_activation_checkpointing_changes_nothing(corpus
 
 
 def _tokenizer_json(path, vocab_size, corpus):
-    from flashlm import data as D
+    from flashlm.train import data as D
 
     tok = D.train_tokenizer(D.read_documents(D.find_files(corpus)), 300)
     # a small corpus stops BPE early: pad with added tokens to exactly vocab_size
@@ -224,8 +225,8 @@ def test_evaluate_builds_no_autograd_graph():
     a scalar" UserWarning from train.py printed in the middle of the progress bar."""
     import warnings
 
-    from flashlm.data import PackedDataset
     from flashlm.models import build_model
+    from flashlm.train.data import PackedDataset
 
     model = build_model("tiny", attn="default")
     ds = PackedDataset(torch.randint(0, 200, (6, 16), dtype=torch.int32), torch.zeros(6, 16, dtype=torch.bool))
@@ -246,7 +247,7 @@ def _main(*argv) -> int:
 
 
 def test_ctrl_c_says_where_the_run_stands_and_how_to_continue(corpus, cache, tmp_path, monkeypatch, capsys):
-    real_step = T._train_step
+    real_step = L._train_step
 
     def interrupted_at(n):
         def step(run, s):
@@ -259,7 +260,7 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_continue(corpus, cache, tmp
     out = tmp_path / "run"
     argv = [*BASE, "--data", corpus, "--cache-dir", cache, "--output", out, "--max-steps", 8, "--batch-size", 2,
             "--eval-every", 0]
-    monkeypatch.setattr(T, "_train_step", interrupted_at(6))
+    monkeypatch.setattr(L, "_train_step", interrupted_at(6))
     assert _main(*argv, "--save-every", 2) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -267,20 +268,20 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_continue(corpus, cache, tmp
     assert f"interrupted after step 4 of 8; last checkpoint {out / 'checkpoints' / 'step_0000004'}" in err
     assert "`--resume auto` (same flags) continues from it" in err
 
-    monkeypatch.setattr(T, "_train_step", real_step)
+    monkeypatch.setattr(L, "_train_step", real_step)
     assert _main(*argv, "--save-every", 2, "--resume", "auto") == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 9))
 
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(T, "_train_step", interrupted_at(2))
+    monkeypatch.setattr(L, "_train_step", interrupted_at(2))
     assert _main(*[fresh if a is out else a for a in argv], "--save-every", 0) == 130
     assert "no checkpoint was written" in capsys.readouterr().err
 
     def interrupted_packing(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T.fdata, "pack", interrupted_packing)
+    monkeypatch.setattr(L.fdata, "pack", interrupted_packing)
     assert _main(*[tmp_path / "early" if a is out else a for a in argv]) == 130
     assert capsys.readouterr().err.strip().endswith("flashlm train: interrupted before the first step")
 
@@ -462,8 +463,8 @@ def test_packing_metadata_from_the_loader_plans_the_flash_model_as_detection_doe
     """cu_seqlens / max_seqlen computed on the CPU by the loader (what flashlm train passes the flash
     model) give the very loss and gradients of the model's own detection from position_ids."""
     from flashlm.attention.padding import prepare_from_position_ids
-    from flashlm.data import PackedDataset
     from flashlm.models import build_model
+    from flashlm.train.data import PackedDataset
 
     rows = torch.randint(0, 200, (6, 32), dtype=torch.int32)
     starts = torch.zeros(6, 32, dtype=torch.bool)

@@ -16,9 +16,9 @@ from helpers import one_thread  # noqa: F401  (autouse fixture)
 from safetensors.torch import load_file, save_file
 from test_safety_train import _run, _steps, _write_corpus
 
-from flashlm import checkpoint as ckpt
 from flashlm import folders
 from flashlm.errors import InputError
+from flashlm.train import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _truncate(path: Path, size: int) -> None:
 
 def _other_tokenizer(tokenizer_json: Path, dest: Path) -> Path:
     """The run's tokenizer plus one added token: another tokenizer with the same vocab budget."""
-    from flashlm import data as D
+    from flashlm.train import data as D
 
     tok = D.load_tokenizer(tokenizer_json)
     tok.add_special_tokens(["<other>"])
@@ -110,7 +110,7 @@ def test_a_run_keeps_its_tokenizer_and_a_refused_resume_writes_none(corpus, cach
     shutil.copy(other, out / "tokenizer.json")
     res = _run(corpus, cache, out, "--max-steps", 9, "--save-every", 3, "--resume", "auto")
     assert res.start_step == 7 and _steps(out) == list(range(1, 10))
-    from flashlm import data as D
+    from flashlm.train import data as D
 
     kept = D.load_tokenizer(out / "tokenizer.json").to_str()
     assert kept == D.load_tokenizer(out / "checkpoints" / "step_0000003" / "model").to_str()

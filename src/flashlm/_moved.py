@@ -31,6 +31,8 @@ MOVED: dict[str, str] = {
     "flashlm.optim_kernels": "flashlm.ops.adamw",
     "flashlm.decode_graph": "flashlm.generation.cuda_graph",
     "flashlm.sampling": "flashlm.generation.sampling",
+    "flashlm.data": "flashlm.train.data",
+    "flashlm.checkpoint": "flashlm.train.checkpoint",
 }
 
 

@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "bench": ("flashlm.bench.cli", "benchmark default vs flash vs HF models"),
     "sanity": ("flashlm.sanity", "check the default model against transformers' LlamaForCausalLM"),
     "generate": ("flashlm.generation.cli", "generate text/tokens with a flashlm model"),
-    "train": ("flashlm.train", "train a model on local text with packing and checkpoints"),
+    "train": ("flashlm.train.cli", "train a model on local text with packing and checkpoints"),
 }
 
 
