@@ -11,7 +11,10 @@ function:
   :func:`swiglu_linear`: it and the down projection as one node that does not save the activation;
 - :func:`rotary_qkv` / :func:`rotary` (``rotary.py``): RoPE of q and k fused with the q/k/v split,
   and the single-tensor form; :func:`rotary_qkv_append`: a decode step's form, k/v written straight
-  into the KV cache.
+  into the KV cache;
+- ``cross_entropy.py``: every cross-entropy (the fp32 reference, HF's shifted ``causal_lm_loss``, the
+  chunked / Liger fused ``linear_cross_entropy``, the Triton ``logits_cross_entropy``);
+- ``adamw.py``: ``MasterWeightAdamW`` and its one-pass Triton kernel.
 
 Models choose the implementations once with :func:`resolve` ("auto" | "liger" | "triton" | "torch").
 """

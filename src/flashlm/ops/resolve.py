@@ -45,11 +45,11 @@ from .swiglu import swiglu, swiglu_linear, swiglu_linear_ref, swiglu_linear_size
 
 KERNELS = ("auto", "liger", "triton", "torch")
 
-# "auto" on CUDA, per op. H200 facts (GPU_NOTES.md 06:00): a Triton launch costs ~24 us of host time,
-# a trivial aten op ~14 us, F.rms_norm fwd+bwd 159 us (one fused kernel forward, C++ autograd), so
-# one aten op beats one Triton kernel, while fusing 2+ aten ops into one kernel pays. Re-measure with
-# benchmarks/ops_bench.py and edit here.
-# ops_bench on the H200 (06:20): (add_)rms_norm aten beats ours in host and GPU time; swiglu: torch
+# "auto" on CUDA, per op. H200 facts (the run behind commit 2458bb7): a Triton launch costs ~24 us of
+# host time, a trivial aten op ~14 us, F.rms_norm fwd+bwd 159 us (one fused kernel forward, C++
+# autograd), so one aten op beats one Triton kernel, while fusing 2+ aten ops into one kernel pays.
+# Re-measure with `flashlm bench ops` and edit here.
+# `flashlm bench ops` on the H200 (the run behind commit 1659dfa): (add_)rms_norm aten beats ours in host and GPU time; swiglu: torch
 # below ~32M elements (host), ours above (GPU: 523 vs 1932 us at llama-1b); rotary_qkv: ours (107/490
 # us host fwd/fwd+bwd vs 284/1331 for torch).
 # swiglu_linear as swiglu: below the size its torch recompute Function (the memory saving without our
@@ -59,7 +59,7 @@ KERNELS = ("auto", "liger", "triton", "torch")
 _AUTO = {"rms_norm": "aten", "add_rms_norm": "aten", "swiglu": "sized", "swiglu_linear": "sized",
          "rotary_qkv": "triton", "rotary": "triton", "rotary_qkv_append": "triton"}
 # Ops for which Liger's kernel measured faster than ours; "auto" takes Liger only for these. Empty:
-# Liger's Python wrappers cost more host time than plain torch at small shapes (GPU_NOTES.md 06:00).
+# Liger's Python wrappers cost more host time than plain torch at small shapes (the run behind commit 2458bb7).
 _LIGER_FASTER: frozenset = frozenset()
 
 
@@ -104,11 +104,12 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
     """The :class:`Ops` for ``kernels`` ("auto" | "liger" | "triton" | "torch") on ``device``
     (default: CPU). ``compiled=True`` says the caller will run under torch.compile: "auto" then
     takes the torch references, which inductor fuses with their neighbours and launches from
-    generated code (GPU_NOTES 06:24), except SwiGLU and RoPE at large shapes, where our Triton kernels
+    generated code (the H200 run behind commit 1659dfa), except SwiGLU and RoPE at large shapes, where our Triton kernels
     (opaque custom ops there) measured faster than inductor's (``_AUTO_COMPILED``).
     ``decode=True`` asks for the ops of a decode step, mostly replayed from a CUDA graph, where host
     time is gone and only GPU time counts: "auto" on CUDA then takes our Triton kernel for every op
-    (H200, decode shapes as graph replays, benchmarks/probe_decode.py: add + RMSNorm 1.8 us vs aten's
+    (H200, decode shapes as graph replays, `flashlm bench decode-probe`,
+    benchmarks/results/h200/probe_decode_ops_prefill.json: add + RMSNorm 1.8 us vs aten's
     4.3, SwiGLU 1.4 vs torch's 3.0); an eager step runs the same set, so it gives the graph's tokens
     (H200, seed config, eager steps: flash 1.52x the default model's, 1.55x before this set). Raises InputError for an unknown name, "triton" where Triton cannot run, and
     "liger" where Liger-Kernel is not installed."""

@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashlm._util import next_pow2
 from flashlm.errors import InputError
 
-from ._dispatch import dispatch, next_pow2, num_programs, row_warps, triton
+from ._dispatch import dispatch, num_programs, row_warps, triton
 
 if triton is not None:
     import triton.language as tl
@@ -261,7 +262,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def rms_norm_aten(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     """torch's own fused ``F.rms_norm`` (one CUDA kernel forward, C++ autograd): the least host time
-    per call on the H200 (GPU_NOTES.md, 06:00: 159 us fwd+bwd vs 708 for the 6-op torch RMSNorm).
+    per call on the H200 (the run behind commit 2458bb7: 159 us fwd+bwd vs 708 for the 6-op torch RMSNorm).
     It rounds once (normalized x times weight in fp32, then the cast), not twice as HF Llama does:
     results differ from :func:`rms_norm_ref` by at most one ulp, on the side of the fp32 truth.
     Taken when x and weight share a dtype and ``unit_offset`` is False; otherwise :func:`rms_norm`."""

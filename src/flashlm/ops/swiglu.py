@@ -17,9 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flashlm._util import next_pow2
 from flashlm.errors import InputError
 
-from ._dispatch import SIZED_MIN_NUMEL, autocast_linear_inputs, dispatch, is_compiling, next_pow2, triton
+from ._dispatch import SIZED_MIN_NUMEL, autocast_linear_inputs, dispatch, triton
 
 if triton is not None:
     import triton.language as tl
@@ -165,7 +166,8 @@ def _check_width(name: str, gate_up: torch.Tensor) -> None:
 
 
 # Below this many gate_up elements torch's two ops cost less host time than our kernel's autograd
-# Function; above it our one-pass kernel wins on GPU time. H200 (GPU_NOTES 06:20), fwd+bwd: seed
+# Function; above it our one-pass kernel wins on GPU time. H200 (`flashlm bench ops`, the run behind
+# commit 1659dfa), fwd+bwd: seed
 # shape (2M elements) torch 218 vs Triton 373 us host; llama-1b (268M) torch 1932 vs Triton 523 us
 # wall: the ~155 us host premium is repaid at ~30M elements (a linear fit of the two points).
 def swiglu_sized(gate_up: torch.Tensor) -> torch.Tensor:
@@ -284,6 +286,8 @@ def _linear_op_backward(ctx, grad):
 
 _swiglu_linear_fwd_op.register_autograd(_linear_op_backward, setup_context=_linear_op_setup)
 _swiglu_linear = dispatch(_SwiGLULinearFunction, _swiglu_linear_launch, _swiglu_linear_fwd_op, swiglu_linear_ref)
+# torch code only: no device check (reference None); the reference compiled and without grad
+_swiglu_linear_recompute = dispatch(_SwiGLULinearRecompute, swiglu_linear_ref, swiglu_linear_ref)
 
 
 def _linear_inputs(name: str, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
@@ -313,10 +317,7 @@ def swiglu_linear_recompute(gate_up: torch.Tensor, weight: torch.Tensor,
     """:func:`swiglu_linear` in torch alone (no Triton): saves gate_up and weight, and recomputes
     :func:`swiglu_ref` in the backward. Shapes as :func:`swiglu_linear`. Under torch.compile the
     reference (AOTAutograd's partitioner recomputes cheap elementwise ops itself)."""
-    gate_up, weight, bias = _linear_inputs("swiglu_linear_recompute", gate_up, weight, bias)
-    if is_compiling() or not torch.is_grad_enabled():
-        return swiglu_linear_ref(gate_up, weight, bias)
-    return _SwiGLULinearRecompute.apply(gate_up, weight, bias)
+    return _swiglu_linear_recompute(*_linear_inputs("swiglu_linear_recompute", gate_up, weight, bias))
 
 
 def swiglu_linear_sized(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
