@@ -54,13 +54,11 @@ caches per code object, so steps of other shapes are neither recompiles of it no
 limit), and every call after the first runs under ``torch.compiler.set_stance("fail_on_recompile")``:
 an accidental recompile raises, with Dynamo's guard failure, instead of silently slowing down.
 
-Where captured graphs live, and for how long: in this module's table ``_KEPT``, a
-``weakref.WeakKeyDictionary`` keyed by the model (model -> {batch size: CUDAGraphDecodeStep}), never
-in the model's ``__dict__`` (which ``deepcopy``, pickling and ``load_state_dict`` tooling would see).
-A step holds its model only weakly, so the table never keeps a model alive: the graphs and their
-caches go when the model is collected, when :func:`release_graphs` drops them, or when a capture of
-another shape replaces the one of that batch size (:func:`graphed_decode_step`);
-:func:`kept_decode_steps` shows them.
+Where captured graphs live, and for how long: in ``_KEPT``, a ``weakref.WeakKeyDictionary`` keyed by
+the model (model -> {batch size: CUDAGraphDecodeStep}), not in the model's ``__dict__`` (which
+``deepcopy`` and pickling would carry). A step holds its model weakly, so the table never keeps a model
+alive: its graphs and caches go when the model is collected, at :func:`release_graphs`, or when a
+capture for another shape replaces that batch size's (:func:`graphed_decode_step`).
 """
 
 from __future__ import annotations
@@ -361,9 +359,7 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     32 MiB workspace per stream it has run on (for the process's life: captured graphs point into it), so
     a new stream per capture would pile up workspaces (H200, seed config: +100 MB still allocated after
     generate, in the next train step's peak; benchmarks/memory_peak.py --residue)."""
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _with_index(torch.device(device))
     stream = _CAPTURE_STREAMS.get(device)
     if stream is None:
         stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
