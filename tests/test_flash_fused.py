@@ -12,7 +12,7 @@ from helpers import make_pair
 
 import flashlm.models.flash as flash_mod
 import flashlm.models.kernels as kernels_mod
-from flashlm import losses
+import flashlm.ops.cross_entropy as losses
 from flashlm.models import build_model, from_pretrained, save_pretrained
 from flashlm.models.config import get_preset
 from flashlm.models.reference import DefaultForCausalLM
@@ -100,7 +100,7 @@ def test_eager_loss_in_token_chunks_and_softcapped_by_size_agree(monkeypatch):
     model's loss and gradients; a softcapped loss goes by size (plain cross-entropy, else fused)."""
     from test_flash_model import assert_grads_close, grads
 
-    import flashlm.loss_kernels as lk
+    import flashlm.ops.cross_entropy as lk
 
     default, flash = make_pair()
     ids = torch.randint(0, 256, (2, 11))

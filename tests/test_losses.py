@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
-from flashlm.ops.cross_entropy import ChunkedLinearCrossEntropy, cross_entropy, liger_available, linear_cross_entropy
+from flashlm.ops.cross_entropy import (
+    ChunkedLinearCrossEntropy,
+    cross_entropy,
+    liger_available,
+    linear_cross_entropy,
+)
 
 UPSTREAM = 1.7  # one shared non-unit upstream gradient: the backward must scale by it
 

@@ -9,8 +9,8 @@ import torch
 from helpers import make_pair
 
 from flashlm.generation import generate
-from flashlm.losses import cross_entropy
 from flashlm.models.kv_cache import StaticKVCache
+from flashlm.ops.cross_entropy import cross_entropy
 
 ATOL, RTOL = 2e-5, 1e-4
 

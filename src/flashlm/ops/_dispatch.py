@@ -48,25 +48,17 @@ def dispatch(function: type[torch.autograd.Function] | None, launch: Callable, c
     inference-only op), else ``launch``. All four take the same arguments and return the same outputs.
     ``reference`` None: an op whose eager entry points run on every device (torch code, or picking
     their kernel themselves), so there is no device check."""
+    if reference is not None and triton is None:  # no kernel can run anywhere: the reference is the op
+        return reference
     apply = launch if function is None else function.apply
     grad_enabled = torch.is_grad_enabled
-    if reference is None:
-        def call_anywhere(*args):
-            if is_compiling():
-                return compiled(*args)
-            if grad_enabled():
-                return apply(*args)
-            return launch(*args)
-
-        return call_anywhere
-    if triton is None:  # no kernel can run anywhere: the reference is the op
-        return reference
+    check_device = reference is not None
 
     def call(*args):
         x = args[0]
         # CUDA (the hot path) pays one attribute read; other devices read TRITON_INTERPRET per call,
         # since tests set and unset it. Before the compile check: a compiled CPU model traces the reference.
-        if not x.is_cuda and not triton_usable(x.device):
+        if check_device and not x.is_cuda and not triton_usable(x.device):
             return reference(*args)
         if is_compiling():
             return compiled(*args)
