@@ -98,3 +98,12 @@ def test_swiglu_linear_recompute_runs_its_function_only_eager_with_grad(monkeypa
     assert no_grad.grad_fn is None
     for out in (compiled, eager, no_grad):
         torch.testing.assert_close(out, want)
+
+
+def test_logits_cross_entropy_traces_fullgraph():
+    """torch.compile(fullgraph=True) traces the compiled branch (plain cross-entropy: no graph break)."""
+    hidden, weight, targets = torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 20, (6,))
+    targets[1] = -100
+    torch._dynamo.reset()
+    fn = torch.compile(ce.logits_cross_entropy, backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(hidden, weight, targets), F.cross_entropy(F.linear(hidden, weight), targets))

@@ -566,10 +566,8 @@ def logits_cross_entropy(
 
 
 def _logits_ce_compiled(hidden, weight, targets, bias, ignore_index, reduction, backend, chunk_tokens):
-    """Under torch.compile: plain ``F.cross_entropy`` on ``F.linear`` (inductor fuses it)."""
-    logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.long(),
-                           ignore_index=ignore_index, reduction=reduction)
+    """Under torch.compile: the plain :func:`cross_entropy` on ``F.linear`` (inductor fuses it)."""
+    return cross_entropy(F.linear(hidden, weight, bias), targets.long(), ignore_index, reduction)
 
 
 def _logits_ce_eager(hidden, weight, targets, bias, ignore_index, reduction, backend, chunk_tokens):
