@@ -41,26 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(text: str) -> int:
-    """argparse type for --batch / --seqlen: an int >= 1 (0 rows or tokens compare nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+def _checked_number(convert, kind: str, ok, need: str):
+    """An argparse type: ``convert(text)`` (else "must be ``kind``"), refused unless ``ok(value)``
+    (else "must be ``need``"); argparse prints either message after the flag's name."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _tolerance(text: str) -> float:
-    """argparse type for --tol: a finite number >= 0 (a negative one could never pass)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+# --batch / --seqlen: an int >= 1 (0 rows or tokens compare nothing)
+_positive_int = _checked_number(int, "an integer", lambda v: v >= 1, ">= 1")
+# --tol: a finite number >= 0 (a negative one could never pass)
+_tolerance = _checked_number(float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def sanity_config(name: str):

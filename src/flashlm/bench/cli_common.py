@@ -17,16 +17,21 @@ from flashlm.errors import InputError
 
 __all__ = [
     "add_common_flags",
+    "add_cuda_only_flags",
     "add_device_flags",
+    "at_least",
     "check_output_file",
+    "dtype_field",
     "emit",
     "parser_from_doc",
     "positive_ints",
     "require_cuda",
     "resolve_common",
+    "resolve_cuda_only",
     "resolve_device",
     "resolve_dtype",
     "run_main",
+    "subcommand_main",
 ]
 
 
@@ -50,12 +55,41 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="write the JSON here")
 
 
-def resolve_common(args: argparse.Namespace, default_dtype: str | None = None) -> None:
+def add_cuda_only_flags(p: argparse.ArgumentParser) -> None:
+    """``--device`` (cuda or cuda:N; the CPU is refused by :func:`resolve_cuda_only`) and ``--output``."""
+    p.add_argument("--device", default=None, help="cuda or cuda:N (default: cuda; the CPU is refused)")
+    p.add_argument("--output", default=None, help="write the JSON here")
+
+
+def resolve_common(args: argparse.Namespace, default_dtype: str | None = None,
+                   by_device: dict[str, tuple] | None = None) -> None:
     """Check ``args.output``, then set ``args.device`` and ``args.torch_dtype`` (``--dtype``, else
-    ``default_dtype``, else bf16 on CUDA / fp32 on CPU); InputError on a bad value."""
+    ``default_dtype``, else bf16 on CUDA / fp32 on CPU); InputError on a bad value. ``by_device``
+    {attribute: (on CUDA, on CPU)}: the defaults of flags left unset (falsy), chosen by the device."""
     check_output_file("--output", args.output)
     args.device = resolve_device(args.device)
     args.torch_dtype = resolve_dtype(args.dtype or default_dtype, args.device)
+    for attr, (on_cuda, on_cpu) in (by_device or {}).items():
+        setattr(args, attr, getattr(args, attr) or (on_cuda if args.device.type == "cuda" else on_cpu))
+
+
+def resolve_cuda_only(args: argparse.Namespace, what: str) -> None:
+    """Check ``args.output`` and set ``args.device``, refusing the CPU for ``what`` (:func:`require_cuda`)."""
+    check_output_file("--output", args.output)
+    args.device = resolve_device(args.device)
+    require_cuda(args.device, what)
+
+
+def at_least(*checks: tuple[str, int, int]) -> None:
+    """Each ``(flag, value, minimum)``: InputError "FLAG must be >= MINIMUM, got VALUE" for the first below."""
+    for flag, value, lo in checks:
+        if value < lo:
+            raise InputError(f"{flag} must be >= {lo}, got {value}")
+
+
+def dtype_field(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> ``"bfloat16"``: the dtype as the subcommands' JSON records it."""
+    return str(dtype).replace("torch.", "")
 
 
 def emit(result: dict, output: str | None, last_line: bool = True) -> None:
@@ -139,3 +173,14 @@ def run_main(prog: str, parse: Callable[[list[str]], argparse.Namespace],
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return int(body(args) or 0)
+
+
+def subcommand_main(prog: str, parse: Callable[[list[str]], argparse.Namespace],
+                    body: Callable[[argparse.Namespace], int | None]) -> Callable[[list[str] | None], int]:
+    """The ``main(argv=None) -> int`` of a subcommand module: :func:`run_main` of ``parse`` then ``body``."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return run_main(prog, parse, body, argv)
+
+    main.__doc__ = f"`{prog}`: parse ``argv`` (default: sys.argv[1:]) and run; 2 for a refused flag."
+    return main

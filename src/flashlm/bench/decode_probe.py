@@ -23,12 +23,11 @@ import sys
 import torch
 
 from flashlm.bench.cli_common import (
-    check_output_file,
+    add_cuda_only_flags,
     names,
     parser_from_doc,
-    require_cuda,
-    resolve_device,
-    run_main,
+    resolve_cuda_only,
+    subcommand_main,
 )
 from flashlm.bench.profiling import cuda_kernels, kernel_time_ms, profile_call
 from flashlm.bench.timing import graph_replay_s, time_calls
@@ -157,17 +156,14 @@ def probe_prefill() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = parser_from_doc("flashlm bench decode-probe", __doc__)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list among {', '.join(PARTS)}")
-    p.add_argument("--device", default=None, help="cuda or cuda:N (default: cuda; the CPU is refused)")
-    p.add_argument("--output", default=None, help="write the JSON here")
+    add_cuda_only_flags(p)
     return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.parts = names(args.parts, "--parts", PARTS)
-    check_output_file("--output", args.output)
-    args.device = resolve_device(args.device)
-    require_cuda(args.device, "flashlm bench decode-probe (CUDA-graph replays of the decode kernels)")
+    resolve_cuda_only(args, "flashlm bench decode-probe (CUDA-graph replays of the decode kernels)")
     return args
 
 
@@ -185,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main("flashlm bench decode-probe", parse_args, run, argv)
+main = subcommand_main("flashlm bench decode-probe", parse_args, run)
 
 
 if __name__ == "__main__":

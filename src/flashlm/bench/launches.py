@@ -19,7 +19,7 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flashlm.bench.cli_common import add_common_flags, emit, parser_from_doc, resolve_common, run_main
+from flashlm.bench.cli_common import add_common_flags, emit, parser_from_doc, resolve_common, subcommand_main
 from flashlm.bench.profiling import cuda_kernels, profile_call
 from flashlm.bench.timing import time_loop
 
@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main("flashlm bench launches", parse_args, run, argv)
+main = subcommand_main("flashlm bench launches", parse_args, run)
 
 
 if __name__ == "__main__":

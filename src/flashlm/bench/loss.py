@@ -19,11 +19,12 @@ import torch
 
 from flashlm.bench.cli_common import (
     add_common_flags,
+    dtype_field,
     emit,
     parser_from_doc,
     positive_ints,
     resolve_common,
-    run_main,
+    subcommand_main,
 )
 from flashlm.bench.timing import time_calls
 
@@ -81,12 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    resolve_common(args)
-    cuda = args.device.type == "cuda"
-    args.hidden = args.hidden or (2048 if cuda else 64)
-    args.vocabs = positive_ints(args.vocabs or ("32000,128256" if cuda else "512"), "--vocabs")
-    args.tokens = positive_ints(args.tokens or ("256,512,1024,2048,4096,8192,16384" if cuda else "16,64"),
-                                "--tokens")
+    resolve_common(args, by_device={"hidden": (2048, 64), "vocabs": ("32000,128256", "512"),
+                                    "tokens": ("256,512,1024,2048,4096,8192,16384", "16,64")})
+    args.vocabs = positive_ints(args.vocabs, "--vocabs")
+    args.tokens = positive_ints(args.tokens, "--tokens")
     if args.hidden < 1 or args.repeats < 1:
         raise ValueError(f"--hidden and --repeats must be >= 1, got {args.hidden}, {args.repeats}")
     return args
@@ -109,14 +108,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{n:>7} {vocab:>7} {r['logits_mib']:>10.0f} {r['plain_ms']:>9.2f} {r['ours_ms']:>8.2f} "
                   f"{r['fused_ms']:>9.2f} {r['plain_mib']:>10.0f} {r['ours_mib']:>9.0f} {r['fused_mib']:>10.0f}  "
                   f"{r['ours_ms'] / r['fused_ms']:.2f}x", flush=True)
-    emit({"hidden": args.hidden, "dtype": str(args.torch_dtype).replace("torch.", ""), "device": str(args.device),
+    emit({"hidden": args.hidden, "dtype": dtype_field(args.torch_dtype), "device": str(args.device),
           "fused": fused, "threshold_mib": MATERIALIZED_LOGITS_MAX_BYTES / 2**20, "rows": rows},
          args.output, last_line=False)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main("flashlm bench loss", parse_args, run, argv)
+main = subcommand_main("flashlm bench loss", parse_args, run)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 
 from flashlm.bench.cli_common import (
-    check_output_file,
+    add_cuda_only_flags,
     names,
     parser_from_doc,
-    require_cuda,
-    resolve_device,
-    run_main,
+    resolve_cuda_only,
+    subcommand_main,
 )
 from flashlm.bench.profiling import model_step
 
@@ -143,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--models", default="default,flash", help="comma list of flashlm rows (default, flash)")
     p.add_argument("--residue", action="store_true", help="also what forward + generate leave allocated")
-    p.add_argument("--device", default=None, help="cuda or cuda:N (default: cuda; the CPU is refused)")
-    p.add_argument("--output", default=None, help="write the JSON here")
+    add_cuda_only_flags(p)
     return p
 
 
@@ -153,9 +151,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.models = names(args.models, "--models", ("default", "flash"))
     if args.batch < 1 or args.seqlen < 1:
         raise ValueError(f"--batch and --seqlen must be >= 1, got {args.batch}, {args.seqlen}")
-    check_output_file("--output", args.output)
-    args.device = resolve_device(args.device)
-    require_cuda(args.device, "flashlm bench memory (the CUDA allocator's trace)")
+    resolve_cuda_only(args, "flashlm bench memory (the CUDA allocator's trace)")
     return args
 
 
@@ -171,8 +167,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main("flashlm bench memory", parse_args, run, argv)
+main = subcommand_main("flashlm bench memory", parse_args, run)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,16 @@ import sys
 import torch
 
 from flashlm import ops
-from flashlm.bench.cli_common import add_common_flags, emit, names, parser_from_doc, resolve_common, run_main
+from flashlm.bench.cli_common import (
+    add_common_flags,
+    at_least,
+    dtype_field,
+    emit,
+    names,
+    parser_from_doc,
+    resolve_common,
+    subcommand_main,
+)
 from flashlm.bench.profiling import kernels_per_call
 from flashlm.bench.timing import time_loop
 from flashlm.ops import liger
@@ -127,11 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    resolve_common(args)
-    cuda = args.device.type == "cuda"
-    args.shapes = names(args.shapes or ("seed,llama-1b" if cuda else "tiny"), "--shapes", SHAPES)
-    if args.iters < 1:
-        raise ValueError(f"--iters must be >= 1, got {args.iters}")
+    resolve_common(args, by_device={"shapes": ("seed,llama-1b", "tiny")})
+    args.shapes = names(args.shapes, "--shapes", SHAPES)
+    at_least(("--iters", args.iters, 1))
     return args
 
 
@@ -148,14 +155,13 @@ def run(args: argparse.Namespace) -> int:
                     print(_line(rows[-1]), flush=True)
     result = {"device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": package_version("triton"), "liger": package_version("liger-kernel"),
-              "dtype": str(args.torch_dtype).replace("torch.", ""),
+              "dtype": dtype_field(args.torch_dtype),
               "shapes": {k: SHAPES[k] for k in args.shapes}, "rows": rows}
     emit(result, args.output)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main("flashlm bench ops", parse_args, run, argv)
+main = subcommand_main("flashlm bench ops", parse_args, run)
 
 
 if __name__ == "__main__":

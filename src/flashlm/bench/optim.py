@@ -18,7 +18,15 @@ import sys
 
 import torch
 
-from flashlm.bench.cli_common import add_common_flags, emit, parser_from_doc, resolve_common, run_main
+from flashlm.bench.cli_common import (
+    add_common_flags,
+    at_least,
+    dtype_field,
+    emit,
+    parser_from_doc,
+    resolve_common,
+    subcommand_main,
+)
 from flashlm.bench.timing import time_calls
 
 BETAS = (0.9, 0.95)
@@ -67,12 +75,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     from flashlm.models.config import PRESETS
 
     args = build_parser().parse_args(argv)
-    resolve_common(args)
-    args.preset = args.preset or ("llama-1b" if args.device.type == "cuda" else "tiny")
+    resolve_common(args, by_device={"preset": ("llama-1b", "tiny")})
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    at_least(("--steps", args.steps, 1))
     return args
 
 
@@ -95,14 +101,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {row['error']}", flush=True)
         rows.append(row)
         free_cuda(args.device)
-    result = {"preset": args.preset, "device": str(args.device), "dtype": str(args.torch_dtype).replace("torch.", ""),
+    result = {"preset": args.preset, "device": str(args.device), "dtype": dtype_field(args.torch_dtype),
               "steps": args.steps, "rows": rows}
     emit(result, args.output)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main("flashlm bench optim", parse_args, run, argv)
+main = subcommand_main("flashlm bench optim", parse_args, run)
 
 
 if __name__ == "__main__":

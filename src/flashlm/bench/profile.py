@@ -32,13 +32,15 @@ import sys
 import torch
 
 from flashlm.bench.cli_common import (
+    add_device_flags,
+    at_least,
     check_output_file,
     names,
     parser_from_doc,
     positive_ints,
     resolve_device,
     resolve_dtype,
-    run_main,
+    subcommand_main,
 )
 from flashlm.bench.profiling import cuda_kernels, kernel_time_ms, model_step, profile_call, top_kernels
 from flashlm.bench.timing import time_calls
@@ -160,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=33, help="decode case: tokens of the profiled generate")
     p.add_argument("--repeats", type=int, default=3, help="decode case: timed generate calls (median)")
     p.add_argument("--decode-compile", default=None, help="decode case: inductor mode of the graphed step")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    add_device_flags(p)
     p.add_argument("--output", default=None, help="write the JSON here (and the .txt beside it)")
     return p
 
@@ -181,10 +182,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.points = [tuple(positive_ints(p.lower().replace("x", ","), "--points")) for p in args.points.split(",")]
     if any(len(p) != 2 for p in args.points):
         raise ValueError("--points takes BATCHxCONTEXT items, e.g. 1x128,32x128")
-    for flag, v, lo in (("--batch", args.batch, 1), ("--seqlen", args.seqlen, 1), ("--warmup", args.warmup, 0),
-                        ("--steps", args.steps, 1), ("--tokens", args.tokens, 2), ("--repeats", args.repeats, 1)):
-        if v < lo:
-            raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    at_least(("--batch", args.batch, 1), ("--seqlen", args.seqlen, 1), ("--warmup", args.warmup, 0),
+             ("--steps", args.steps, 1), ("--tokens", args.tokens, 2), ("--repeats", args.repeats, 1))
     check_output_file("--output", args.output)
     return args
 
@@ -218,8 +217,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main("flashlm bench profile", parse_args, run, argv)
+main = subcommand_main("flashlm bench profile", parse_args, run)
 
 
 if __name__ == "__main__":
