@@ -7,6 +7,7 @@ a high-precision reference must be at most 2x (3x for gradients) the error of th
 math run in the kernel's own dtype, plus a small atol.
 """
 
+import importlib
 import math
 import os
 
@@ -21,11 +22,6 @@ pytest.importorskip("triton")
 from triton_aot import run_aot
 
 from flashlm.attention.backends.triton import BACKEND
-from flashlm.attention.backends.triton.rotary import (
-    apply_rotary_bshd,
-    apply_rotary_bshd_ref,
-    rotary_op,
-)
 from flashlm.errors import InputError
 
 GRADS = ("dq", "dk", "dv")
@@ -275,31 +271,11 @@ def test_decode(variant):
         _decode_case(2, 1, 8, 2, 128, 64, torch.float16, num_splits=2)
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_rotary(interleaved):
-    x = torch.randn(2, 5, 3, 40, device=DEV, requires_grad=True)
-    pos = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]], device=DEV)  # row 1 left-padded
-    angle = pos[..., None].float() * torch.rand(12, device=DEV)  # rotary_dim 24 < head_dim 40
-    cos, sin = angle.cos(), angle.sin()
-    out = rotary_op(x, cos, sin, interleaved, False)
-    ref = apply_rotary_bshd_ref(x, cos, sin, interleaved)
-    torch.testing.assert_close(out, ref)
-    assert torch.equal(out[..., 24:], x[..., 24:])  # tail passes through
-    g = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
-    # The public function takes the reference path off CUDA and agrees with HF's rotate_half form.
-    if not interleaved:
-        c2, s2 = torch.cat([cos, cos], -1)[:, :, None], torch.cat([sin, sin], -1)[:, :, None]
-        xr = x[..., :24]
-        half = torch.cat([-xr[..., 12:], xr[..., :12]], -1)
-        torch.testing.assert_close(apply_rotary_bshd(x, cos, sin)[..., :24], xr * c2 + half * s2)
-
-
 def test_custom_ops_trace_under_compile():
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    from flashlm.attention.backends.triton.rotary import _rotary
+    rot = importlib.import_module("flashlm.ops.rotary")  # flashlm.ops.rotary is also a function's name
 
     q, k, v = inputs((1, 8, 2, 16), (1, 8, 1, 16), torch.float32, grad=True)
     angle = torch.rand(1, 8, 4, device=DEV)
@@ -311,14 +287,14 @@ def test_custom_ops_trace_under_compile():
         return make_boxed_func(gm.forward)
 
     def f(q, k, v):
-        out, _ = dense(_rotary(q, cos, sin, False, False), k, v, causal=True)
+        out, _ = dense(rot._rotary(q, cos, sin, False), k, v, causal=True)
         return out.square().sum()
 
     compiled = torch.compile(f, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
     loss = compiled(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
     # Compiled code calls the custom ops (eager calls take autograd.Functions around the same launchers).
-    for op in ("flashlm_triton.fwd", "flashlm_triton.bwd", "flashlm_triton.rotary"):
+    for op in ("flashlm_triton.fwd", "flashlm_triton.bwd", "flashlm_ops.rotary_fwd"):
         assert any(t.startswith(op) for t in targets), (op, targets)
     ref_loss = f(q, k, v)
     ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
@@ -331,7 +307,6 @@ def test_eager_autograd_functions_match_custom_ops():
     """Eager calls needing gradients take autograd.Functions (less host time than the custom ops'
     dispatch): same launchers, so bitwise the same outputs and gradients as the ops."""
     from flashlm.attention.backends.triton.bwd import fwd_op
-    from flashlm.attention.backends.triton.rotary import _rotary
 
     def check(eager, op, args, grad_fn):
         assert type(eager[0].grad_fn).__name__ == grad_fn
@@ -355,21 +330,6 @@ def test_eager_autograd_functions_match_custom_ops():
                            window_size=(-1, -1), softcap=3.0, alibi_slopes=alibi, deterministic=True)
     args = (q, k, v, cu, cu, 13, 13, 0.2, True, -1, -1, 3.0, alibi)
     check(eager, fwd_op(*args), args, "AttnFunctionBackward")
-    # rotary (apply_rotary_bshd takes this path on CUDA; CPU tensors take the torch reference there)
-    x = torch.randn(2, 5, 3, 40, device=DEV, requires_grad=True)
-    angle = torch.rand(2, 5, 12, device=DEV)
-    cos, sin = angle.cos(), angle.sin()
-    for interleaved in (False, True):
-        args = (x, cos, sin, interleaved, False)
-        eager, op = _rotary(*args), rotary_op(*args)
-        check((eager, x), (op, x), args, "RotaryFunctionBackward")
-        # differentiable twice, like the op (its backward calls the op)
-        g = torch.randn_like(op, requires_grad=True)
-        (ge,), (go,) = (torch.autograd.grad(f(*args), x, g, create_graph=True) for f in (_rotary, rotary_op))
-        assert torch.equal(ge, go) and ge.requires_grad
-        assert torch.equal(torch.autograd.grad(ge.sum(), g)[0], torch.autograd.grad(go.sum(), g)[0])
-    with torch.no_grad():  # no gradient needed: the launcher itself, no graph
-        assert torch.equal(_rotary(x, cos, sin, False, False), rotary_op(x, cos, sin, False, False))
 
 
 def test_capabilities_and_refusals():
@@ -448,19 +408,11 @@ def test_cuda_varlen_and_decode_bf16():
     _decode_case(2, 1, 8, 8, 64, 300, torch.float16, leftpad=True, batch_idx=True, num_splits=5)
 
 
-@pytest.mark.cuda
-def test_cuda_rotary_bf16():
-    x = torch.randn(3, 257, 16, 128, device=DEV, dtype=torch.bfloat16)
-    angle = torch.rand(3, 257, 64, device=DEV) * 100
-    out = apply_rotary_bshd(x, angle.cos(), angle.sin())
-    torch.testing.assert_close(out, apply_rotary_bshd_ref(x, angle.cos(), angle.sin()), atol=1e-2, rtol=1e-2)
-
-
 # ---------------------------------------------------------------- ahead-of-time compile (no GPU needed)
 
 _AOT_SCRIPT = r"""
 from triton_aot import compile_sm90
-from flashlm.attention.backends.triton import bwd, decode, fwd, rotary
+from flashlm.attention.backends.triton import bwd, decode, fwd
 
 INT_PTRS = {"CuQ", "CuK", "CacheSeqlens", "LeftPad", "BatchIdx", "BlockTable"}
 F32_PTRS = {"Lse", "Delta", "Alibi", "LPart", "OPart"}
@@ -477,14 +429,6 @@ compile_sm90(decode._decode_kernel, {**FLAGS, "HEAD_DIM": 64, "BLOCK_D": 64, "BL
              "*fp16", SCALARS, num_warps=2)
 compile_sm90(bwd._bwd_preprocess, {**FLAGS, "BLOCK_M": 64}, PTRS, "*fp16", SCALARS)
 compile_sm90(decode._combine_kernel, {**FLAGS, "BLOCK_S": 8}, PTRS, "*fp16", SCALARS)
-# rotary (apply_rotary_bshd): every flag, full and partial rotary_dim, each x dtype, fp32 tables
-for x in ("*fp16", "*bf16", "*fp32"):
-    for r2, tail in ((64, 0), (32, 64)):
-        for inter in (False, True):
-            for conj in (False, True):
-                compile_sm90(rotary._kernel(), {"HEAD_DIM": 128, "R2": r2, "BLOCK_R2": r2, "BLOCK_TAIL": tail,
-                                                "BLOCK_H": 16, "INTERLEAVED": inter, "CONJUGATE": conj},
-                             {"X": x, "OUT": x, "COS": "*fp32", "SIN": "*fp32"})
 print("compiled")
 """
 
@@ -493,6 +437,6 @@ print("compiled")
 def test_masked_tile_kernels_compile_for_sm90():
     """The interpreter runs a kernel's Python and misses what only the compiler checks (a variable's
     type changed across if/else, dots inside branches): compile the banded forward, backward (preprocess,
-    dK/dV, dQ), decode and combine kernels and every rotary variant for sm90 ahead of time, in a process
+    dK/dV, dQ), decode and combine kernels for sm90 (RoPE's: tests/ops/test_ops_aot.py) ahead of time, in a process
     without TRITON_INTERPRET (no GPU needed)."""
     run_aot(_AOT_SCRIPT)

@@ -16,6 +16,7 @@ import warnings
 
 # old module path -> new module path (add a line when a module moves; tests/test_moved.py checks each)
 MOVED: dict[str, str] = {
+    "flashlm.attention.backends.triton.rotary": "flashlm.ops.rotary",
     "flashlm.models.default": "flashlm.models.reference",
     "flashlm.models.layers": "flashlm.models.reference",
     "flashlm.models.cache": "flashlm.models.reference",

@@ -65,8 +65,15 @@ for xd, p in DTYPES.items():
     ptrs = {**dict.fromkeys(("X", "OUT", "GQ", "GK", "GV", "DQKV"), p), "COS": "*fp32", "SIN": "*fp32"}
     for head_dim in (128, 80):
         consts = {"HALF": head_dim // 2, "BLOCK_D": next_pow2(head_dim // 2), "BLOCK_H": rot._MAX_BLOCK_H}
-        for conj in (False, True):
-            build(rot._fwd_kernel, {**consts, "CONJUGATE": conj}, ptrs)
+        # rotary: full and partial rotary_dim (the tail copied), half-split and interleaved pairs
+        for r2 in (head_dim // 2, head_dim // 4):
+            tail = head_dim - 2 * r2
+            for inter in (False, True):
+                for conj in (False, True):
+                    build(rot._fwd_kernel, {"HEAD_DIM": head_dim, "R2": r2, "BLOCK_D": next_pow2(r2),
+                                            "BLOCK_TAIL": next_pow2(tail) if tail else 0,
+                                            "BLOCK_H": rot._MAX_BLOCK_H, "INTERLEAVED": inter,
+                                            "CONJUGATE": conj}, ptrs)
         build(rot._qkv_bwd_kernel, consts, ptrs)
         # rotary_qkv_append: q buffer and caches in x's dtype, int64 slots (the model's)
         build(rot._append_kernel, consts, {**dict.fromkeys(("X", "Q", "KC", "VC"), p), "COS": "*fp32",

@@ -1,12 +1,13 @@
 """rotary_qkv / rotary: the Triton kernels (interpreter on CPU) against the torch reference, forward
 and backward, per-row tables (batch or 1), GQA and MHA head counts, gradients with any strides."""
 
+import importlib
+
 import pytest
 import torch
 from _judge import grads, judge, leaf
 
 from flashlm import ops
-from flashlm.attention.backends.triton.rotary import apply_rotary_bshd_ref
 from flashlm.errors import InputError
 
 
@@ -44,7 +45,7 @@ def test_rotary_qkv_layout_and_rounding_match_the_kernel_it_replaces():
     assert q.shape == (2, 5, 4, 8) and k.shape == v.shape == (2, 5, 2, 8)
     assert q.data_ptr() + 4 * 8 * 2 == k.data_ptr() and q.stride() == (5 * 64, 64, 8, 1)
     parts = qkv.unflatten(-1, (8, 8)).split((4, 2, 2), dim=2)
-    assert q.equal(apply_rotary_bshd_ref(parts[0], cos, sin)) and k.equal(apply_rotary_bshd_ref(parts[1], cos, sin))
+    assert q.equal(ops.rotary_ref(parts[0], cos, sin)) and k.equal(ops.rotary_ref(parts[1], cos, sin))
     assert v.equal(parts[2])
 
 
@@ -67,8 +68,10 @@ def test_bad_input_is_refused():
         ops.rotary_qkv(torch.randn(1, 4, 5 * 8), cos, sin, 2, 2, 8)
     with pytest.raises(InputError, match="cos/sin must"):
         ops.rotary_qkv(torch.randn(1, 4, 4 * 8), cos[:, :3], sin[:, :3], 2, 1, 8)
-    with pytest.raises(InputError, match="cos/sin must"):
-        ops.rotary(torch.randn(1, 4, 2, 16), cos, sin)
+    with pytest.raises(InputError, match="cos/sin must"):  # rotary_dim 16 > head_dim 8 (16 // 2 is partial: fine)
+        ops.rotary(torch.randn(1, 4, 2, 8), *_tables(1, 4, 16))
+    with pytest.raises(InputError, match="even head_dim"):
+        ops.rotary(torch.randn(1, 4, 2, 9), cos, sin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -137,3 +140,64 @@ def test_rotary_sized_picks_by_size(monkeypatch):
     assert calls == ["triton", "triton1"]
     for a, b in zip(small, large):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_partial_interleaved_per_row(interleaved):
+    """ops.rotary (the kernel; moved from the attention backend's own): rotary_dim 24 < head_dim 40,
+    per-row positions, the tail passed through, gradients as the reference's; the reference's half
+    form equals transformers' rotate_half form."""
+    x = torch.randn(2, 5, 3, 40, requires_grad=True)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])  # row 1 left-padded
+    angle = pos[..., None].float() * torch.rand(12)
+    cos, sin = angle.cos(), angle.sin()
+    out = ops.rotary(x, cos, sin, interleaved)
+    ref = ops.rotary_ref(x, cos, sin, interleaved)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(out[..., 24:], x[..., 24:])
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    if not interleaved:
+        c2, s2 = torch.cat([cos, cos], -1)[:, :, None], torch.cat([sin, sin], -1)[:, :, None]
+        xr = x[..., :24]
+        half = torch.cat([-xr[..., 12:], xr[..., :12]], -1)
+        torch.testing.assert_close(ref[..., :24], xr * c2 + half * s2)
+
+
+def test_rotary_ref_full_tables_are_transformers_form():
+    """Full-width tables: transformers' ``x * cos + rotate_half(x) * sin`` with the tables cast to x's
+    dtype, bit for bit, in BSHD and BHSD (the default model's apply_rope)."""
+    x = torch.randn(2, 3, 5, 8, dtype=torch.bfloat16)
+    angle = torch.rand(2, 5, 4) * 9
+    emb = torch.cat((angle, angle), -1)
+    c, s = emb.cos()[:, None].to(x.dtype), emb.sin()[:, None].to(x.dtype)
+    want = x * c + torch.cat((-x[..., 4:], x[..., :4]), -1) * s
+    assert torch.equal(ops.rotary_ref(x, emb.cos(), emb.sin(), head_axis=1), want)
+    with pytest.raises(InputError, match="not interleaved"):
+        ops.rotary_ref(x, emb.cos(), emb.sin(), True, head_axis=1)
+
+
+def test_rotary_eager_function_matches_custom_op():
+    """Eager calls with gradients take the autograd Function (same launcher as the custom op): bitwise
+    the same outputs and gradients, differentiable twice like the op."""
+    rot = importlib.import_module("flashlm.ops.rotary")  # flashlm.ops.rotary is also a function's name
+    x = torch.randn(2, 5, 3, 40, requires_grad=True)
+    angle = torch.rand(2, 5, 12)
+    cos, sin = angle.cos(), angle.sin()
+    for interleaved in (False, True):
+        eager, op = rot._rotary(x, cos, sin, interleaved), rot._rotary_fwd_op(x, cos, sin, interleaved, False)
+        assert type(eager.grad_fn).__name__ == "_RotaryFunctionBackward" and torch.equal(eager, op)
+        g = torch.randn_like(op, requires_grad=True)
+        (ge,), (go,) = (torch.autograd.grad(o, x, g, create_graph=True) for o in (eager, op))
+        assert torch.equal(ge, go) and ge.requires_grad
+        assert torch.equal(torch.autograd.grad(ge.sum(), g)[0], torch.autograd.grad(go.sum(), g)[0])
+    with torch.no_grad():
+        assert torch.equal(rot._rotary(x, cos, sin, False), rot._rotary_fwd_op(x, cos, sin, False, False))
+
+
+@pytest.mark.cuda
+def test_cuda_rotary_bf16():
+    x = torch.randn(3, 257, 16, 128, device="cuda", dtype=torch.bfloat16)
+    angle = torch.rand(3, 257, 64, device="cuda") * 100
+    out = ops.rotary(x, angle.cos(), angle.sin())
+    torch.testing.assert_close(out, ops.rotary_ref(x, angle.cos(), angle.sin()), atol=1e-2, rtol=1e-2)

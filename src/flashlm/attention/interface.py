@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InputError
+from ..ops.rotary import rotary_ref
 from . import registry
 from .backends.base import AttnCall
 
@@ -445,17 +446,10 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 def apply_rotary(x, cos, sin, interleaved: bool):
     """Rotate the first rotary_dim dims of x (batch, seqlen, nheads, headdim) by per-row cos/sin
     (batch, seqlen, rotary_dim // 2); math in fp32, result in x's dtype, the tail passes through.
-    interleaved: pairs (0, 1), (2, 3), ... (GPT-J); else (i, i + rotary_dim/2) (GPT-NeoX / LLaMA)."""
-    rd = cos.shape[-1] * 2
-    xr = x[..., :rd].float()
-    c, s = cos.float()[:, :, None], sin.float()[:, :, None]
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
-        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+    interleaved: pairs (0, 1), (2, 3), ... (GPT-J); else (i, i + rotary_dim/2) (GPT-NeoX / LLaMA).
+    flashlm's one RoPE's torch form (:func:`flashlm.ops.rotary.rotary_ref`), as flash-attn's kvcache
+    rotary is torch math here on every device."""
+    return rotary_ref(x, cos, sin, interleaved)
 
 
 class _KVCachePlan(NamedTuple):

@@ -1,4 +1,9 @@
-"""Rotary position embedding (RoPE) in BSHD, fused with the q/k/v split.
+"""Rotary position embedding (RoPE): the one implementation flashlm has (torch reference + Triton kernels).
+
+``rotary(x, cos, sin, interleaved=False) -> x rotated``: one BSHD tensor x (B, S, H, D) (a layer on
+its own, the kv-cache path). The first ``rotary_dim = 2 * cos.shape[-1]`` dims of each head are
+rotated, the tail passes through; ``interleaved=False`` pairs (i, i + rotary_dim/2) (GPT-NeoX / HF
+rotate_half), ``True`` pairs (2i, 2i + 1) (GPT-J, flash-attn's ``rotary_interleaved``).
 
 ``rotary_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim) -> (q, k, v)``: qkv (batch, seqlen,
 (H + 2 * KV) * D) is the fused q/k/v projection output; one launch writes a (batch, seqlen,
@@ -6,18 +11,16 @@ H + 2 * KV, D) buffer with q and k rotated and v copied, and returns its three B
 q (B, S, H, D), k (B, S, KV, D), v (B, S, KV, D) (last dim contiguous, heads strided). The backward
 takes grad_q, grad_k, grad_v (any strides, last dim contiguous) and writes grad_qkv in one launch.
 
-``rotary(x, cos, sin) -> x rotated``: the single-tensor form (x (B, S, H, D)), for the kv-cache path.
-
 ``rotary_qkv_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots) -> q``:
 a decode step's form (inference only, no autograd): q rotated into a new (B, S, H, D) buffer, k rotated
 and v copied straight into the caches (B_cache >= B, capacity, KV, D) at row b, slot ``slots[b, s]``,
 in one launch instead of the rotation and two ``index_put_``.
 
-cos/sin: (batch or 1, seqlen, D // 2) fp32 half-width tables, one row per token (per-row positions,
-so left padding and packing just work), in transformers' rotate_half convention: pairs (i, i + D/2)
-rotate as ``(x1 * c - x2 * s, x2 * c + x1 * s)``. The math is fp32 with one rounding to x's dtype,
-as the Triton kernel the flash model used before (``attention/backends/triton/rotary.py``); the
-default model's full-table torch path (tables cast to x's dtype first) agrees bit for bit in fp32.
+cos/sin: (batch or 1, seqlen, rotary_dim // 2) fp32 half-width tables, one row per token (per-row
+positions, so left padding and packing just work): pairs rotate as ``(x1 * c - x2 * s, x2 * c + x1 * s)``
+in fp32 with one rounding to x's dtype. :func:`rotary_ref` also takes transformers' full tables
+(width D, rotate_half form, tables cast to x's dtype first: bit for bit with transformers; the default
+model's path) and BHSD x (``head_axis=1``).
 """
 
 from __future__ import annotations
@@ -32,12 +35,38 @@ if triton is not None:
     import triton.language as tl
 
 
-def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Torch reference: x (B, S, H, D), cos/sin (B or 1, S, D // 2) -> rotated x, fp32 math, x's dtype."""
-    c = cos[:, :, None, :].float()
-    s = sin[:, :, None, :].float()
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim split in halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+               head_axis: int = 2) -> torch.Tensor:
+    """Torch reference of RoPE: x (B, S, H, D) (``head_axis=2``) or (B, H, S, D) (``head_axis=1``).
+
+    cos/sin (B or 1, S, r) with r <= D // 2: half-width tables, rotary_dim 2r, math in fp32, one
+    rounding to x's dtype, the tail dims passed through. r == D: transformers' full tables (rotate_half
+    form, non-interleaved): cast to x's dtype first and computed in it, bit for bit as transformers."""
+    c, s = cos.unsqueeze(head_axis), sin.unsqueeze(head_axis)
+    if cos.shape[-1] == x.shape[-1]:
+        if interleaved:
+            raise InputError("rotary_ref: full-width (rotate_half) tables are not interleaved; pass the "
+                             "half-width tables (cos[..., :head_dim // 2]) for interleaved pairs")
+        c, s = c.to(x.dtype), s.to(x.dtype)
+        return x * c + rotate_half(x) * s
+    c, s = c.float(), s.float()
+    r2 = cos.shape[-1]
+    xr = x[..., :2 * r2].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :r2], xr[..., r2:]
+        rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    if 2 * r2 == x.shape[-1]:  # no tail: no copy of an empty one
+        return rot.to(x.dtype)
+    return torch.cat([rot.to(x.dtype), x[..., 2 * r2:]], dim=-1)
 
 
 def rotary_qkv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
@@ -62,12 +91,15 @@ def rotary_qkv_append_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def _check_tables(cos: torch.Tensor, sin: torch.Tensor, batch: int, seqlen: int, head_dim: int,
-                  where: str) -> None:
+                  where: str, partial: bool = False) -> None:
+    half = cos.shape[-1] if cos.dim() == 3 else -1
+    width_ok = 0 < 2 * half <= head_dim if partial else 2 * half == head_dim
     if (cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1] != seqlen
-            or 2 * cos.shape[2] != head_dim):
-        raise InputError(f"{where}: cos/sin must both be (batch or 1, seqlen, head_dim // 2) = "
-                         f"({batch} or 1, {seqlen}, {head_dim // 2}), got {tuple(cos.shape)} and "
-                         f"{tuple(sin.shape)}; pass the half-width tables (cos[..., :head_dim // 2])")
+            or not width_ok or head_dim % 2):
+        want = "rotary_dim // 2 <= head_dim // 2" if partial else f"head_dim // 2 = {head_dim // 2}"
+        raise InputError(f"{where}: cos/sin must both be (batch or 1, seqlen, {want}) with ({batch} or 1, "
+                         f"{seqlen}) and an even head_dim {head_dim}, got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}; pass the half-width tables (cos[..., :rotary_dim // 2])")
 
 
 def _check_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim) -> None:
@@ -85,40 +117,54 @@ if triton is not None:
 
     @triton.jit
     def _rotated_heads(X, COS, SIN, b, s, heads, n_rot, n_heads, stride_xb, stride_xs, stride_xh, stride_cb,
-                       stride_cs, HALF: tl.constexpr, BLOCK_D: tl.constexpr, CONJUGATE: tl.constexpr):
-        # Token (b, s)'s heads of X, the halves of heads < n_rot rotated (by -theta when CONJUGATE),
-        # the rest as loaded: (o1, o2, mask over (heads, half dims), the half-dim offsets).
+                       stride_cs, R2: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       CONJUGATE: tl.constexpr):
+        # Token (b, s)'s heads of X, the pairs of heads < n_rot rotated (by -theta when CONJUGATE), the
+        # rest as loaded: (o1, o2, mask over (heads, pairs), the pairs' dims d1, d2). Pairs (d, d + R2),
+        # or (2d, 2d + 1) when INTERLEAVED.
         d = tl.arange(0, BLOCK_D)
-        d_ok = d < HALF
+        d_ok = d < R2
         c = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=d_ok, other=1.0).to(tl.float32)
         sn = tl.load(SIN + b * stride_cb + s * stride_cs + d, mask=d_ok, other=0.0).to(tl.float32)
         if CONJUGATE:
             sn = -sn
+        if INTERLEAVED:
+            d1 = 2 * d
+            d2 = 2 * d + 1
+        else:
+            d1 = d
+            d2 = d + R2
         mask = (heads < n_heads)[:, None] & d_ok[None, :]
-        x_ptr = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh + d[None, :]
-        x1 = tl.load(x_ptr, mask=mask, other=0.0)
-        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+        x_ptr = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh
+        x1 = tl.load(x_ptr + d1[None, :], mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + d2[None, :], mask=mask, other=0.0)
         rot = (heads < n_rot)[:, None]
         x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
         o1 = tl.where(rot, (x1f * c[None, :] - x2f * sn[None, :]).to(x1.dtype), x1)
         o2 = tl.where(rot, (x2f * c[None, :] + x1f * sn[None, :]).to(x1.dtype), x2)
-        return o1, o2, mask, d
+        return o1, o2, mask, d1, d2
 
     @triton.jit
     def _fwd_kernel(X, COS, SIN, OUT, seqlen, n_rot, n_heads, stride_xb, stride_xs, stride_xh, stride_cb,
-                    stride_cs, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                    stride_cs, HEAD_DIM: tl.constexpr, R2: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
                     CONJUGATE: tl.constexpr):
         # heads [0, n_rot) are rotated (by -theta when CONJUGATE: the backward), [n_rot, n_heads) copied;
-        # OUT is a contiguous (batch, seqlen, n_heads, 2 * HALF) buffer.
+        # dims past 2 * R2 (partial rotary_dim) copied; OUT is a contiguous (batch, seqlen, n_heads, HEAD_DIM).
         pid = tl.program_id(0)
         b = (pid // seqlen).to(tl.int64)
         s = (pid % seqlen).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        o1, o2, mask, d = _rotated_heads(X, COS, SIN, b, s, heads, n_rot, n_heads, stride_xb, stride_xs, stride_xh,
-                                         stride_cb, stride_cs, HALF, BLOCK_D, CONJUGATE)
-        o_ptr = OUT + (pid.to(tl.int64) * n_heads + heads[:, None]) * (2 * HALF) + d[None, :]
-        tl.store(o_ptr, o1, mask=mask)
-        tl.store(o_ptr + HALF, o2, mask=mask)
+        o1, o2, mask, d1, d2 = _rotated_heads(X, COS, SIN, b, s, heads, n_rot, n_heads, stride_xb, stride_xs,
+                                              stride_xh, stride_cb, stride_cs, R2, BLOCK_D, INTERLEAVED, CONJUGATE)
+        o_row = OUT + (pid.to(tl.int64) * n_heads + heads[:, None]) * HEAD_DIM
+        tl.store(o_row + d1[None, :], o1, mask=mask)
+        tl.store(o_row + d2[None, :], o2, mask=mask)
+        if BLOCK_TAIL > 0:
+            t = 2 * R2 + tl.arange(0, BLOCK_TAIL)
+            t_mask = (heads < n_heads)[:, None] & (t < HEAD_DIM)[None, :]
+            x_row = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh
+            tl.store(o_row + t[None, :], tl.load(x_row + t[None, :], mask=t_mask), mask=t_mask)
 
     @triton.jit
     def _append_kernel(X, COS, SIN, Q, KC, VC, SLOTS, seqlen, n_q, n_kv, capacity, stride_xb, stride_xs,
@@ -131,8 +177,8 @@ if triton is not None:
         s = (pid % seqlen).to(tl.int64)
         slot = tl.load(SLOTS + pid).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        o1, o2, mask, d = _rotated_heads(X, COS, SIN, b, s, heads, n_q + n_kv, n_q + 2 * n_kv, stride_xb, stride_xs,
-                                         stride_xh, stride_cb, stride_cs, HALF, BLOCK_D, False)
+        o1, o2, mask, d, _ = _rotated_heads(X, COS, SIN, b, s, heads, n_q + n_kv, n_q + 2 * n_kv, stride_xb,
+                                            stride_xs, stride_xh, stride_cb, stride_cs, HALF, BLOCK_D, False, False)
         slot_h = tl.zeros([BLOCK_H], tl.int64) + slot  # per head: the interpreter masks with tensors only
         in_cache = (slot_h >= 0) & (slot_h < capacity)
         is_q = mask & (heads < n_q)[:, None]
@@ -197,16 +243,20 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_rotate(x, cos, sin, n_rot, conjugate):
-    """x (B, S, N, D) any strides (last dim contiguous) -> contiguous (B, S, N, D), heads < n_rot rotated."""
+def _launch_rotate(x, cos, sin, n_rot, conjugate, interleaved=False):
+    """x (B, S, N, D) any strides (last dim contiguous) -> contiguous (B, S, N, D), heads < n_rot rotated
+    over their first 2 * cos.shape[-1] dims."""
     batch, seqlen, n_heads, head_dim = x.shape
     out = torch.empty((batch, seqlen, n_heads, head_dim), dtype=x.dtype, device=x.device)
     if out.numel():
         cos, sin, scb, scs = _tables(cos, sin)
+        r2 = cos.shape[-1]
+        tail = head_dim - 2 * r2
         block_h = min(next_pow2(n_heads), _MAX_BLOCK_H)
         _fwd_kernel[(batch * seqlen, triton.cdiv(n_heads, block_h))](
             x, cos, sin, out, seqlen, n_rot, n_heads, x.stride(0), x.stride(1), x.stride(2), scb, scs,
-            HALF=head_dim // 2, BLOCK_D=next_pow2(head_dim // 2), BLOCK_H=block_h, CONJUGATE=conjugate)
+            HEAD_DIM=head_dim, R2=r2, BLOCK_D=next_pow2(r2), BLOCK_TAIL=next_pow2(tail) if tail else 0,
+            BLOCK_H=block_h, INTERLEAVED=interleaved, CONJUGATE=conjugate)
     return out
 
 
@@ -248,16 +298,29 @@ class _RotaryQKVFunction(torch.autograd.Function):
         return _launch_qkv_bwd(gq, gk, gv, cos, sin), None, None, None, None, None
 
 
-class _RotaryFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], False)
+def _rotation_function(conjugate: bool) -> type[torch.autograd.Function]:
+    """The eager autograd Function rotating by theta (by -theta when ``conjugate``: the backward's);
+    its backward is the other one under create_graph, so the op is differentiable twice."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _launch_rotate(_last_contiguous(grad), cos, sin, grad.shape[2], True), None, None
+    class _RotaryFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, cos, sin, interleaved):
+            ctx.save_for_backward(cos, sin)
+            ctx.interleaved = interleaved
+            return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], conjugate, interleaved)
+
+        @staticmethod
+        def backward(ctx, grad):
+            cos, sin = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph=True
+                return _ROTATIONS[not conjugate].apply(grad, cos, sin, ctx.interleaved), None, None, None
+            grad = _launch_rotate(_last_contiguous(grad), cos, sin, grad.shape[2], not conjugate, ctx.interleaved)
+            return grad, None, None, None
+
+    return _RotaryFunction
+
+
+_ROTATIONS = {False: _rotation_function(False), True: _rotation_function(True)}
 
 
 # torch.compile path. A custom op may not return aliasing outputs: it returns the buffer, and the
@@ -299,23 +362,25 @@ _rotary_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup)
 
 
 @torch.library.custom_op("flashlm_ops::rotary_fwd", mutates_args=())
-def _rotary_fwd_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool) -> torch.Tensor:
-    return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], conjugate)
+def _rotary_fwd_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+                   conjugate: bool) -> torch.Tensor:
+    return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], conjugate, interleaved)
 
 
 @_rotary_fwd_op.register_fake
-def _(x, cos, sin, conjugate):
+def _(x, cos, sin, interleaved, conjugate):
     return x.new_empty(x.shape)
 
 
 def _rot_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[1], inputs[2])
-    ctx.conjugate = inputs[3]
+    ctx.flags = inputs[3:5]
 
 
 def _rot_backward(ctx, grad):
     cos, sin = ctx.saved_tensors
-    return _rotary_fwd_op(grad, cos, sin, not ctx.conjugate), None, None, None
+    interleaved, conjugate = ctx.flags
+    return _rotary_fwd_op(grad, cos, sin, interleaved, not conjugate), None, None, None, None
 
 
 _rotary_fwd_op.register_autograd(_rot_backward, setup_context=_rot_setup)
@@ -329,16 +394,16 @@ def _qkv_compiled(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
     return _split(_rotary_qkv_fwd_op(qkv, cos, sin, num_heads, num_kv_heads, head_dim), num_heads, num_kv_heads)
 
 
-def _rot_nograd(x, cos, sin):
-    return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], False)
+def _rot_nograd(x, cos, sin, interleaved):
+    return _launch_rotate(_last_contiguous(x), cos, sin, x.shape[2], False, interleaved)
 
 
-def _rot_compiled(x, cos, sin):
-    return _rotary_fwd_op(x, cos, sin, False)
+def _rot_compiled(x, cos, sin, interleaved):
+    return _rotary_fwd_op(x, cos, sin, interleaved, False)
 
 
 _rotary_qkv = dispatch(_RotaryQKVFunction, _qkv_nograd, _qkv_compiled, rotary_qkv_ref)
-_rotary = dispatch(_RotaryFunction, _rot_nograd, _rot_compiled, rotary_ref)
+_rotary = dispatch(_ROTATIONS[False], _rot_nograd, _rot_compiled, rotary_ref)
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
@@ -348,12 +413,14 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
     return _rotary_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of one BSHD tensor x (B, S, H, D) (Triton); returns a new contiguous tensor."""
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """RoPE of one BSHD tensor x (B, S, H, D) by cos/sin (B or 1, S, rotary_dim // 2), rotary_dim <=
+    D (the tail copied), pairs interleaved or not (Triton; the reference off Triton's devices);
+    returns a new contiguous tensor in x's dtype."""
     if x.dim() != 4:
         raise InputError(f"rotary: x must be (batch, seqlen, heads, head_dim), got {tuple(x.shape)}")
-    _check_tables(cos, sin, x.shape[0], x.shape[1], x.shape[-1], "rotary")
-    return _rotary(x, cos, sin)
+    _check_tables(cos, sin, x.shape[0], x.shape[1], x.shape[-1], "rotary", partial=True)
+    return _rotary(x, cos, sin, interleaved)
 
 
 def rotary_qkv_sized(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,

@@ -4,12 +4,11 @@ Kernels (one op per module, each a ``torch.library.custom_op`` so torch.compile 
   fwd.py     forward, dense + varlen (``flashlm_triton::fwd``)
   bwd.py     backward dk/dv + dq, deterministic, GQA group sums (``flashlm_triton::bwd`` + autograd)
   decode.py  split-KV decode over a (paged) KV cache + combine (``flashlm_triton::decode``)
-  rotary.py  fused RoPE in BSHD with per-row positions (``apply_rotary_bshd``)
 
 Eager calls skip the custom ops' dispatch, which costs 100-300 us of host time per call and per
 generated backward (small shapes are host-bound): without gradients they call the launchers
-directly, with gradients a plain ``torch.autograd.Function`` (``bwd.AttnFunction``,
-``rotary.RotaryFunction``) around the same launchers. Only torch.compile tracing sees the ops.
+directly, with gradients a plain ``torch.autograd.Function`` (``bwd.AttnFunction``) around the
+same launchers. Only torch.compile tracing sees the ops. RoPE is not here: :mod:`flashlm.ops.rotary`.
 
 The kernel modules are imported on first use, not here: Triton decides at decoration time whether a
 kernel runs compiled or in its CPU interpreter (TRITON_INTERPRET=1), and the registry imports this
