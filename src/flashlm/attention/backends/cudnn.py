@@ -23,7 +23,7 @@ VARLEN_FAST = False  # torch 2.11 profile: aten::_cudnn_attention_forward on THD
 VARLEN_BACKWARD = False  # dq/dk off vs the reference for causal varlen [100, 1, 37, 256] (probe)
 LSE_VARLEN_TOKEN_MAJOR = True
 MAX_HEAD_DIM = 256  # fwd + bwd matched the reference at 96, 128, 256
-# H200 / torch 2.11 / cuDNN 9.19 (GPU_NOTES, issue 15): the backward raises "cuDNN Frontend error:
+# H200 / torch 2.11 / cuDNN 9.19 (issue 15; the run behind commit 74504d0): the backward raises "cuDNN Frontend error:
 # s_q = s_kv = 1 is not supported"; seqlen 2 and 3 passed.
 BACKWARD_SEQLEN_1 = False
 # H200: the forward at batch 60, seqlen_q 1, seqlen_k 239, 4 heads, d32/160 fp16 gave 147-188 bitwise

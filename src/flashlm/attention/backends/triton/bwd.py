@@ -213,7 +213,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, end, rows, offs_n, 
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         # A plain dot: the masked-tile guard (pv_dot) here gave dQ errors ~150-200x the bf16 reference's
-        # on the H200 (benchmarks/diag_varlen_grads.py, 2026-12-01) though the CPU interpreter agreed;
+        # on the H200 (benchmarks/diag_varlen_grads.py at commit 02da0f5, 2026-12-01) though the CPU interpreter agreed;
         # so a non-finite k row that no query of the tile sees still reaches dQ (documented limitation).
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq

@@ -121,7 +121,7 @@ def decode_config(q: torch.Tensor, head_dim: int, kv_programs: int = 1) -> Cfg:
     if q.dtype == torch.float32:
         return Cfg(DECODE_BLOCK_M, 32, 4, 1)
     if bd <= 64 and _hopper(q):
-        # H200 sweep (benchmarks/probe_decode.py, 32/8 heads, D=64, batch 1-32, context 128-8k, graph
+        # H200 sweep (`flashlm bench decode-probe --parts kernel`, 32/8 heads, D=64, batch 1-32, context 128-8k, graph
         # replays): 64-key tiles with 2 waves of split programs beat 128-key tiles at every point
         # (b1 ctx2048 6.3 vs 9.7 us, b8 ctx8192 39 vs 53 us); 4 warps while the programs fit in one
         # wave, 2 beyond (b32 ctx8192 128 vs 137 us)

@@ -204,7 +204,7 @@ def attn_decode(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftp
     """q (B, Sq, H, D); k/v_cache (B_cache, S_cache, Hk, D) or paged (num_blocks, page_size, Hk, D)
     with block_table int32 (B, max_blocks); cache_seqlens int32 (B,) keys per row after the append.
     Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) fp32. num_splits <= 0: heuristic.
-    ``block_n`` / ``num_warps``: override the tuned config (benchmarks/probe_decode.py sweeps them)."""
+    ``block_n`` / ``num_warps``: override the tuned config (`flashlm bench decode-probe --parts kernel` sweeps them)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
