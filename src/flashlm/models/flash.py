@@ -18,16 +18,16 @@ attention layer, MLP, block, model, causal LM.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flashlm.attention.interface import apply_rotary
 from flashlm.attention.padding import pad_input
-from flashlm.ops._dispatch import triton_usable
 from flashlm.ops.cross_entropy import cross_entropy, linear_cross_entropy, logits_cross_entropy
-from flashlm.ops.rotary import rotary, rotary_ref
 
 from .config import ModelConfig
 from .kernels import (
@@ -52,6 +52,7 @@ from .reference import (
     check_token_range,
     make_embedding,
     make_norm,
+    rotate_half,
 )
 from .weights import fuse_into, init_per_part
 
@@ -61,6 +62,16 @@ __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "Flas
 # --------------------------------------------------------------------------------------------
 # Unplanned calls: a layer on its own, transformers' attention hook
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _triton_rotary():
+    """The fused Triton rotary kernel, or None when the Triton backend is not importable."""
+    try:
+        from flashlm.attention.backends.triton.rotary import apply_rotary_bshd
+    except (ImportError, RuntimeError):  # no triton / no kernel module: the torch path is exact anyway
+        return None
+    return apply_rotary_bshd
+
+
 def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, compiled: bool = False
                     ) -> tuple[Tensor, Tensor]:
     """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
@@ -68,17 +79,20 @@ def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, compiled: bo
 
     cos/sin fp32 in the rotate_half convention: the full tables (batch or 1, seqlen, head_dim), rotated
     in torch with the tables cast to q's dtype first, exactly as the default model's ``apply_rope``; or
-    the half-width ones (batch, seqlen, head_dim // 2): the fused Triton kernel (``ops.rotary``) on
-    CUDA, except when ``compiled`` (the caller compiles) without gradients, where its math in torch ops
-    (``ops.rotary.rotary_ref``) lets inductor fuse it with its neighbours (compiled training keeps the
-    kernel's op and its backward). All of it is :mod:`flashlm.ops.rotary`."""
-    if cos.shape[-1] != q.shape[-1]:  # half-width tables
+    the half-width ones (batch, seqlen, head_dim // 2): the fused Triton kernel on CUDA, except when
+    ``compiled`` (the caller compiles) without gradients, where its math in torch ops lets inductor fuse
+    it with its neighbours (compiled training keeps the kernel's op and its backward)."""
+    head_dim = q.shape[-1]
+    if cos.shape[-1] != head_dim:  # half-width tables
         if compiled and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
-        if q.is_cuda and triton_usable(q.device):
+            return apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
+        rotary = _triton_rotary() if q.is_cuda else None
+        if rotary is not None:
             return rotary(q, cos, sin), rotary(k, cos, sin)
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-    return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+    cos = cos.unsqueeze(2).to(q.dtype)
+    sin = sin.unsqueeze(2).to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class FlashAttentionMixin:
@@ -471,20 +485,9 @@ class FlashForCausalLM(DefaultForCausalLM):
     model_class = FlashModel
     host_checks = True
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """The default model's init, drawn per HF projection inside the fused ones (q, k, v, then o;
-        gate, up, then down), so a flash model seeded like a default model holds its very weights."""
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                init_per_part(module, std)
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+    # the default model's init_weights, each Linear drawn per HF projection inside the fused ones (q, k,
+    # v, then o; gate, up, then down), so a flash model seeded like a default model holds its very weights
+    init_linear = staticmethod(init_per_part)
 
     def prepare_compile(self, whole_model: bool = False) -> FlashForCausalLM:
         """Say that this model's forward runs compiled: every forward is planned as a compiled one
