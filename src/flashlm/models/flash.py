@@ -18,16 +18,16 @@ attention layer, MLP, block, model, causal LM.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from flashlm.attention.interface import apply_rotary
 from flashlm.attention.padding import pad_input
+from flashlm.ops._dispatch import triton_usable
 from flashlm.ops.cross_entropy import cross_entropy, linear_cross_entropy, logits_cross_entropy
+from flashlm.ops.rotary import rotary, rotary_ref
 
 from .config import ModelConfig
 from .kernels import (
@@ -52,7 +52,6 @@ from .reference import (
     check_token_range,
     make_embedding,
     make_norm,
-    rotate_half,
 )
 from .weights import fuse_into, init_per_part
 
@@ -62,16 +61,6 @@ __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "Flas
 # --------------------------------------------------------------------------------------------
 # Unplanned calls: a layer on its own, transformers' attention hook
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _triton_rotary():
-    """The fused Triton rotary kernel, or None when the Triton backend is not importable."""
-    try:
-        from flashlm.attention.backends.triton.rotary import apply_rotary_bshd
-    except (ImportError, RuntimeError):  # no triton / no kernel module: the torch path is exact anyway
-        return None
-    return apply_rotary_bshd
-
-
 def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, compiled: bool = False
                     ) -> tuple[Tensor, Tensor]:
     """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
@@ -79,20 +68,17 @@ def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, compiled: bo
 
     cos/sin fp32 in the rotate_half convention: the full tables (batch or 1, seqlen, head_dim), rotated
     in torch with the tables cast to q's dtype first, exactly as the default model's ``apply_rope``; or
-    the half-width ones (batch, seqlen, head_dim // 2): the fused Triton kernel on CUDA, except when
-    ``compiled`` (the caller compiles) without gradients, where its math in torch ops lets inductor fuse
-    it with its neighbours (compiled training keeps the kernel's op and its backward)."""
-    head_dim = q.shape[-1]
-    if cos.shape[-1] != head_dim:  # half-width tables
+    the half-width ones (batch, seqlen, head_dim // 2): the fused Triton kernel (``ops.rotary``) on
+    CUDA, except when ``compiled`` (the caller compiles) without gradients, where its math in torch ops
+    (``ops.rotary.rotary_ref``) lets inductor fuse it with its neighbours (compiled training keeps the
+    kernel's op and its backward). All of it is :mod:`flashlm.ops.rotary`."""
+    if cos.shape[-1] != q.shape[-1]:  # half-width tables
         if compiled and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            return apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
-        rotary = _triton_rotary() if q.is_cuda else None
-        if rotary is not None:
+            return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+        if q.is_cuda and triton_usable(q.device):
             return rotary(q, cos, sin), rotary(k, cos, sin)
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-    cos = cos.unsqueeze(2).to(q.dtype)
-    sin = sin.unsqueeze(2).to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
 
 
 class FlashAttentionMixin:

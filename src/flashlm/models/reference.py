@@ -28,6 +28,7 @@ from torch import nn
 
 from flashlm.errors import InputError
 from flashlm.ops.cross_entropy import causal_lm_loss
+from flashlm.ops.rotary import rotary_ref
 
 from .config import ModelConfig
 
@@ -129,21 +130,13 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dim split in halves."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (batch, heads, seqlen, head_dim) and k (batch, kv_heads, seqlen, head_dim) — BHSD —
-    by cos/sin (batch, seqlen, head_dim). The tables are cast to q's dtype first, as transformers
-    does, so low-precision results match it bit for bit."""
-    cos = cos.unsqueeze(1).to(q.dtype)
-    sin = sin.unsqueeze(1).to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    by cos/sin (batch, seqlen, head_dim): :func:`flashlm.ops.rotary.rotary_ref` with the full tables,
+    cast to q's dtype first, as transformers does, so low-precision results match it bit for bit."""
+    return rotary_ref(q, cos, sin, head_axis=1), rotary_ref(k, cos, sin, head_axis=1)
 
 
 _ACTIVATIONS = {
