@@ -387,7 +387,7 @@ def _bounds_checked(t: torch.Tensor, paged: bool, check_bounds: bool | None) -> 
     if check_bounds is False or torch.compiler.is_compiling():
         return False
     if t.device.type != "cpu" and torch.cuda.is_current_stream_capturing():
-        # a CUDA graph cannot read device data; the graph decode path (decode_graph.DecodeStep) keeps
+        # a CUDA graph cannot read device data; the graph decode path (flashlm.generation.cuda_graph.DecodeStep) keeps
         # cache_seqlens inside the static cache by construction (its host-side room check)
         return False
     return bool(check_bounds) or paged or _data_checks(t)

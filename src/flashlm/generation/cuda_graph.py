@@ -358,7 +358,7 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     """The one side stream per card on which every warm-up and capture of this module runs. cuBLAS keeps a
     32 MiB workspace per stream it has run on (for the process's life: captured graphs point into it), so
     a new stream per capture would pile up workspaces (H200, seed config: +100 MB still allocated after
-    generate, in the next train step's peak; benchmarks/memory_peak.py --residue)."""
+    generate, in the next train step's peak; flashlm bench memory --residue)."""
     device = _with_index(torch.device(device))
     stream = _CAPTURE_STREAMS.get(device)
     if stream is None:
@@ -389,7 +389,7 @@ class _PrefillGraphs:
     """The captured prefills of one :class:`CUDAGraphDecodeStep` (its model, batch size and cache), one
     per prompt length: ``FlashForCausalLM.prefill_logits`` on a static ``input_ids`` buffer, replayed
     with the prompt copied in. Why: an eager llama-1b prefill of 128 tokens is ~8 ms of host time for
-    ~1.5 ms of GPU work (H200, benchmarks/probe_decode.py)."""
+    ~1.5 ms of GPU work (H200, flashlm bench decode-probe)."""
 
     def __init__(self, step: CUDAGraphDecodeStep) -> None:
         self.step = step

@@ -611,7 +611,7 @@ class FlashForCausalLM(DefaultForCausalLM):
     def prefill_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """Logits (batch, vocab) of the last token of unpadded prompts ``input_ids`` (batch, seqlen)
         written into an empty ``cache``: ``forward(input_ids, past_key_values=cache, logits_to_keep=1)``
-        as a pure tensor function (see :meth:`FlashModel.prefill_tokens`); what ``flashlm.decode_graph``
+        as a pure tensor function (see :meth:`FlashModel.prefill_tokens`); what ``flashlm.generation.cuda_graph``
         captures for a prompt shape it has seen before."""
         return self._logits(self.model.prefill_tokens(input_ids, cache)[:, -1])
 
@@ -619,7 +619,7 @@ class FlashForCausalLM(DefaultForCausalLM):
         """Logits (batch, vocab) of the last of ``input_ids`` (batch, seqlen), appended to a non-empty
         ``cache``: the body of ``forward(input_ids, past_key_values=cache)`` for a decode step, as a pure
         tensor function (see :meth:`FlashModel.decode_tokens`, ``compiled`` included: say True where the
-        caller compiles it). What ``flashlm.decode_graph`` runs, compiles and captures."""
+        caller compiles it). What ``flashlm.generation.cuda_graph`` runs, compiles and captures."""
         return self._logits(self.model.decode_tokens(input_ids, cache, compiled=compiled)[:, -1])
 
     def _logits(self, hidden: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ device to plan a forward: ``batch_size`` (None = empty: the next forward is a pr
 no Python, so it updates ``cache_seqlens`` on the device but not these; a compiled decode step
 (``FlashForCausalLM.decode_logits`` under ``torch.compile``) must not touch them either, since Dynamo
 would guard on a Python int that changes every token and recompile. Whoever replays or runs such a
-step calls :meth:`check_room` before and :meth:`note_appended` after it (see ``flashlm.decode_graph``). Nothing else on the decode path depends on a host value that changes between
+step calls :meth:`check_room` before and :meth:`note_appended` after it (see ``flashlm.generation.cuda_graph``). Nothing else on the decode path depends on a host value that changes between
 steps: the kernels see the full cache (its capacity ``max_seqlen`` is the key length they are sized
 for) and mask each row by ``cache_seqlens``.
 """

@@ -27,7 +27,7 @@ if triton is not None:
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
-    """Torch reference (== ``flashlm.models.layers.RMSNorm``). x (..., N), weight (N,)."""
+    """Torch reference (== ``flashlm.models.reference.RMSNorm``). x (..., N), weight (N,)."""
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
