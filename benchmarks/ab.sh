@@ -6,6 +6,8 @@
 # Then, from the repo root on the GPU machine, carry .ab .whl:
 #   STAGE=ab     A/B: seed eager (default + flash), llama-1b train, decode b1/b32 x 128, seed compiled (flash)
 #   STAGE=tests  every CUDA test of the working tree
+# benchmarks/ab_host.py times the host-bound seed rows without the bench harness (run it on both trees).
+# benchmarks/ab_host.py: the host-bound seed rows without the bench harness (both trees, alternating).
 # FlashAttention-4 (two more calls to carry, ../shared/tools/pack-fa4-for-device.sh) is optional: unpack both
 # parts into /tmp/site first and both sides pick it up.
 # Each A/B row runs the same `flashlm bench` command on both trees, one after the other (order alternates
