@@ -36,25 +36,31 @@ raises ``flashlm.errors.InputError`` (a ValueError and a RuntimeError, as flash-
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ..errors import InputError
 from ..ops.rotary import rotary_ref
 from . import registry
 from .backends.base import AttnCall
-from .checks import (
+from .checks import (  # noqa: F401  (the kvcache checks stay importable from here)
+    _bounds_checked,
     _check_alibi,
     _check_block_table,
+    _check_cache_bounds,
+    _check_cache_rows,
     _check_cu_seqlens,
     _check_heads,
     _check_int32_vec,
+    _check_kv_shapes,
+    _check_kvcache_options,
     _check_max_seqlen,
     _check_paged_varlen,
     _check_qkv_dtypes_devices,
+    _check_rotary,
     _check_scalars,
     _data_checks,
+    _KVCachePlan,
+    _prepare_kvcache,
     _scale,
     _tensor,
     _window,
@@ -288,168 +294,6 @@ def apply_rotary(x, cos, sin, interleaved: bool):
     flashlm's one RoPE's torch form (:func:`flashlm.ops.rotary.rotary_ref`), as flash-attn's kvcache
     rotary is torch math here on every device."""
     return rotary_ref(x, cos, sin, interleaved)
-
-
-class _KVCachePlan(NamedTuple):
-    """What flash_attn_with_kvcache learned from its arguments (all validated)."""
-
-    cache_seqlens: torch.Tensor  # int32 (batch,), keys per row before the append
-    paged: bool
-    page: int | None  # page_block_size when paged
-    capacity: int  # keys a row can hold: seqlen_cache, or max_blocks_per_seq * page_block_size
-    s_new: int  # keys appended by this call
-
-
-def _check_kv_shapes(q, k_cache, v_cache, k, v, paged: bool) -> None:
-    """Shapes, dtypes, devices and head counts of q, the caches and the appended k/v."""
-    _tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
-    layout = "(num_blocks, page_block_size, nheads_k, headdim)" if paged else \
-        "(batch_cache, seqlen_cache, nheads_k, headdim)"
-    _tensor(k_cache, "k_cache", 4, layout)
-    _tensor(v_cache, "v_cache", 4, layout)
-    named = {"k_cache": k_cache, "v_cache": v_cache}
-    if (k is None) != (v is None):
-        raise InputError("k and v must be given together (or neither)")
-    B, _, H, D = q.shape
-    if k is not None:
-        _tensor(k, "k", 4, "(batch, seqlen_new, nheads_k, headdim)")
-        _tensor(v, "v", 4, "(batch, seqlen_new, nheads_k, headdim_v)")
-        named.update(k=k, v=v)
-    _check_qkv_dtypes_devices(q, named)
-    if k_cache.shape[:-1] != v_cache.shape[:-1]:
-        raise InputError(f"k_cache and v_cache shapes disagree: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
-    Hk = k_cache.shape[2]
-    _check_heads(H, Hk, D, k_cache.shape[3], v_cache.shape[2])
-    if k is not None:
-        exp_k = (B, k.shape[1], Hk, D)
-        if tuple(k.shape) != exp_k or tuple(v.shape[:3]) != exp_k[:3] or v.shape[3] != v_cache.shape[3]:
-            raise InputError(f"k/v must be {exp_k} (v's last dim {v_cache.shape[3]}), "
-                             f"got {tuple(k.shape)} / {tuple(v.shape)}")
-
-
-def _check_cache_rows(q, k_cache, cache_batch_idx, cache_leftpad, block_table, check: bool) -> tuple:
-    """Row mapping arguments -> (paged, page, capacity); data is read only when ``check``."""
-    B = q.shape[0]
-    if block_table is not None:
-        if cache_batch_idx is not None:
-            raise InputError("cache_batch_idx cannot be combined with block_table (paged KV), as in flash-attn")
-        if cache_leftpad is not None:
-            raise InputError("cache_leftpad cannot be combined with block_table (paged KV), as in flash-attn")
-        _check_block_table(block_table, B, q.device)
-        return True, k_cache.shape[1], block_table.shape[1] * k_cache.shape[1]
-    if cache_batch_idx is not None:
-        _check_int32_vec(cache_batch_idx, "cache_batch_idx", B, q.device, "(batch,)")
-        if check and B and not (0 <= int(cache_batch_idx.min()) and int(cache_batch_idx.max()) < k_cache.shape[0]):
-            raise InputError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
-    elif k_cache.shape[0] != B:
-        raise InputError(f"k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx to map rows)")
-    if cache_leftpad is not None:
-        _check_int32_vec(cache_leftpad, "cache_leftpad", B, q.device, "(batch,)")
-    return False, None, k_cache.shape[1]
-
-
-def _check_cache_bounds(cache_seqlens, cache_leftpad, block_table, s_new: int, capacity: int,
-                        num_blocks: int) -> None:
-    """Every key a kernel will touch lies inside the cache: one device->host read for all the bounds.
-
-    Without this, a row whose cache_seqlens (+ the appended keys) passes the end of its pages makes a
-    kernel index past block_table's row (a device fault that kills the CUDA context) and the append
-    write into another row's pages; a block_table entry >= num_blocks reads or writes outside the pool.
-    """
-    if cache_seqlens.numel() == 0:
-        return
-    stats = [cache_seqlens.min(), cache_seqlens.max()]
-    if block_table is not None and block_table.numel():
-        stats += [block_table.min(), block_table.max()]
-    if cache_leftpad is not None:
-        stats.append(((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any())
-    vals = torch.stack([s.to(torch.int64) for s in stats]).tolist()  # the one host sync
-    lo, hi = vals[0], vals[1]
-    if block_table is not None:
-        nb, page = block_table.shape[1], capacity // max(block_table.shape[1], 1)
-        if lo < 0 or hi + s_new > capacity:
-            raise InputError(
-                f"cache_seqlens (+ {s_new} new keys) must stay in [0, {capacity}]: block_table holds "
-                f"{nb} blocks per sequence x page_block_size {page} = {capacity} keys, but a row needs "
-                f"{hi + s_new if lo >= 0 else lo}; give block_table more blocks per sequence")
-        if block_table.numel() and (vals[2] < 0 or vals[3] >= num_blocks):
-            raise InputError(f"block_table entries must be page indices in [0, {num_blocks}) (the pool's "
-                             f"num_blocks), got [{vals[2]}, {vals[3]}]")
-    elif lo < 0 or hi + s_new > capacity:
-        raise InputError(f"cache_seqlens (+ {s_new} new keys) must stay in [0, {capacity}] (the cache's "
-                         f"seqlen_cache), got [{lo}, {hi}]")
-    if cache_leftpad is not None and vals[-1]:
-        raise InputError("cache_leftpad must be in [0, cache_seqlens] for every row")
-
-
-def _bounds_checked(t: torch.Tensor, paged: bool, check_bounds: bool | None) -> bool:
-    """Whether this kvcache call reads its bounds back from the device (see flash_attn_with_kvcache)."""
-    if check_bounds is False or torch.compiler.is_compiling():
-        return False
-    if t.device.type != "cpu" and torch.cuda.is_current_stream_capturing():
-        # a CUDA graph cannot read device data; the graph decode path (flashlm.generation.cuda_graph.DecodeStep) keeps
-        # cache_seqlens inside the static cache by construction (its host-side room check)
-        return False
-    return bool(check_bounds) or paged or _data_checks(t)
-
-
-def _prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-                     check_bounds) -> _KVCachePlan:
-    """Validate the cache arguments of flash_attn_with_kvcache (before anything is written)."""
-    paged = block_table is not None
-    _check_kv_shapes(q, k_cache, v_cache, k, v, paged)
-    check = _bounds_checked(q, paged, check_bounds)
-    paged, page, capacity = _check_cache_rows(q, k_cache, cache_batch_idx, cache_leftpad, block_table, check)
-    B = q.shape[0]
-    s_new = 0 if k is None else k.shape[1]
-    if cache_seqlens is None:
-        if k is not None:
-            raise InputError("cache_seqlens is required when k/v are appended (where to write them)")
-        cache_seqlens = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        if not 0 <= cache_seqlens <= capacity - s_new:  # a host int: checked without a sync
-            where = "block_table's capacity" if paged else "the cache's seqlen_cache"
-            raise InputError(f"cache_seqlens {cache_seqlens} (+ {s_new} new keys) outside [0, {capacity}] "
-                             f"({where})")
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-    else:
-        _check_int32_vec(cache_seqlens, "cache_seqlens", B, q.device, "(batch,)")
-    if check:
-        _check_cache_bounds(cache_seqlens, cache_leftpad, block_table, s_new, capacity, k_cache.shape[0])
-    return _KVCachePlan(cache_seqlens, paged, page, capacity, s_new)
-
-
-def _check_rotary(q, rotary_cos, rotary_sin, k, cache_seqlens, s_new: int, check: bool) -> None:
-    if (rotary_cos is None) != (rotary_sin is None):
-        raise InputError("rotary_cos and rotary_sin must be given together")
-    if rotary_cos is None:
-        return
-    if k is None:
-        raise InputError("rotary_cos/rotary_sin need k and v (flash-attn rotates the appended keys)")
-    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-        _tensor(t, name, 2, "(seqlen_ro, rotary_dim / 2)")
-        if t.device != q.device:
-            raise InputError(f"{name} is on {t.device} but q is on {q.device}")
-        if not t.is_floating_point():
-            raise InputError(f"{name} must be floating point, got {t.dtype}")
-    if rotary_cos.shape != rotary_sin.shape:
-        raise InputError(f"rotary_cos {tuple(rotary_cos.shape)} and rotary_sin {tuple(rotary_sin.shape)} differ")
-    if rotary_cos.shape[1] * 2 > q.shape[-1]:
-        raise InputError(f"rotary_dim {rotary_cos.shape[1] * 2} exceeds headdim {q.shape[-1]}")
-    if check and q.shape[0] and int(cache_seqlens.max()) + max(s_new, q.shape[1]) > rotary_cos.shape[0]:
-        raise InputError(f"rotary_cos has {rotary_cos.shape[0]} positions, fewer than cache_seqlens + new tokens")
-
-
-def _check_kvcache_options(q, plan: _KVCachePlan, k, rotary_cos, rotary_sin, num_splits, softmax_scale,
-                           causal, window_size, softcap, alibi_slopes) -> tuple[float, tuple[int, int]]:
-    """The non-cache arguments of flash_attn_with_kvcache, after _prepare_kvcache: -> (scale, window)."""
-    B, _, H, D = q.shape
-    _check_rotary(q, rotary_cos, rotary_sin, k, plan.cache_seqlens, plan.s_new, _data_checks(plan.cache_seqlens))
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise InputError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    _check_scalars(0.0, softcap, False, causal)
-    _check_alibi(alibi_slopes, H, B, q.device)
-    return _scale(softmax_scale, D), _window(window_size, causal, plan.capacity)
 
 
 def _select_kvcache_backend(q, k_cache, v_cache, plan: _KVCachePlan, causal, window, softcap, alibi_slopes,
