@@ -236,6 +236,18 @@ def test_rope_matches_transformers_llama3_long_context():
     assert torch.equal(cos, hcos) and torch.equal(sin, hsin)
 
 
+def test_rope_half_width_tables_are_the_full_tables_first_half():
+    # the flash model's half-width tables and the default model's full ones come from one builder
+    cfg = get_preset("llama-1b")
+    rotary = RotaryEmbedding(cfg)
+    pos = torch.tensor([[0, 1, 1000, 8191, 70000, 131071], [5, 4, 3, 2, 1, 0]])
+    cos, sin = rotary(pos)
+    hcos, hsin = rotary.tables(pos, half_width=True)
+    half = cfg.head_dim // 2
+    assert hcos.shape == (2, 6, half) and hcos.dtype == torch.float32
+    assert torch.equal(hcos, cos[..., :half]) and torch.equal(hsin, sin[..., :half])
+
+
 def test_bad_inputs_give_clear_errors():
     model = make()
     ids = torch.randint(0, 256, (2, 6))

@@ -405,20 +405,13 @@ class FlashModel(nn.Module):
         The residual stream is carried between layers as (out, residual) and summed inside the next
         fused norm (see :class:`FlashDecoderLayer`)."""
         hidden_states = self.embed_tokens(plan.token_ids)
-        cos, sin = self._rope_half(plan.position_ids)
+        cos, sin = self.rotary_emb.tables(plan.position_ids, half_width=True)
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, cos, sin, plan, residual)
         if residual is None:  # no layers
             return _norm(plan.ops, self.norm, hidden_states)
         return _norm(plan.ops, self.norm, hidden_states, residual)[0]
-
-    @torch.no_grad()
-    def _rope_half(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Half-width RoPE tables (batch or 1, seqlen, head_dim // 2) fp32 for ``position_ids`` (batch or 1,
-        seqlen): the first half of ``RotaryEmbedding``'s duplicated tables, computed without the copy."""
-        freqs = position_ids[..., None].float() * self.rotary_emb.inv_freq
-        return freqs.cos(), freqs.sin()
 
     def prefill_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """Unpadded prompts ``input_ids`` (batch, seqlen) written into an empty ``cache``: the body of

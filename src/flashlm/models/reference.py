@@ -96,13 +96,12 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for arbitrary (per-row) positions.
+    """cos/sin tables for arbitrary (per-row) positions, for both models.
 
-    ``forward(position_ids)`` with position_ids (batch, seqlen) or (seqlen,) integer returns
-    ``(cos, sin)``, each (batch, seqlen, head_dim) fp32, halves duplicated (rotate_half convention).
-    Consumers that want the half-width tables (e.g. an interleaving-free rotary kernel taking
-    (batch, seqlen, head_dim // 2)) slice ``cos[..., : head_dim // 2]``.
-
+    ``forward(position_ids)`` (or ``tables``) with position_ids (batch, seqlen) or (seqlen,) integer
+    returns ``(cos, sin)``, each (batch, seqlen, head_dim) fp32, halves duplicated (rotate_half
+    convention); ``tables(position_ids, half_width=True)`` the half-width ones (batch, seqlen,
+    head_dim // 2), the first half computed without the copy (the flash model's rotary kernel).
     ``inv_freq`` stays fp32 whatever dtype the model is cast to (see `_apply`).
     """
 
@@ -122,12 +121,16 @@ class RotaryEmbedding(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, position_ids: torch.Tensor, half_width: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        if not half_width:  # cos/sin of the duplicated angles, as transformers computes them (bit-equal)
+            freqs = torch.cat((freqs, freqs), dim=-1)
+        return freqs.cos(), freqs.sin()
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tables(position_ids)
 
 
 def apply_rope(
