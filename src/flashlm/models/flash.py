@@ -5,12 +5,11 @@ safetensors folder loads into either. Between embedding and loss: ONE ``qkv_proj
 per layer (:mod:`flashlm.models.weights`), q/k/v split and RoPE-rotated in one op as BSHD views; SwiGLU one
 op; the residual add fused into the next RMSNorm, the stream carried as (out, residual); GQA without
 ``repeat_kv``, window ``(W - 1, 0)``, logit softcap, dropout in training only. Each forward is planned once
-(:mod:`flashlm.models.plan`: padding removed after the embedding, packing detected or given, a static cache
-appended in place), and every kernel was chosen once (:mod:`flashlm.models.kernels`: the op sets when the
-model is built or moved, the plan carrying its mode's; each layer's attention backends when it is built);
-:meth:`FlashForCausalLM.explain` says what a call runs. Compiling is said by the caller that compiles
-(:meth:`FlashForCausalLM.prepare_compile`, ``decode_logits(compiled=True)``). Host syncs (eager): at most
-one per forward while planning, none inside layers or in a decode step; none in compiled plans.
+(:mod:`flashlm.models.plan`: padding removed, packing detected or given, a static cache appended in place);
+every kernel is chosen once, when the model is built or moved (:mod:`flashlm.models.kernels`), the plan
+carrying its mode's op set; :meth:`FlashForCausalLM.explain` says what a call runs. Compiling is said by
+the caller that compiles (:meth:`FlashForCausalLM.prepare_compile`, ``decode_logits(compiled=True)``).
+Host syncs (eager): at most one per forward while planning, none in layers or a decode step or compiled plans.
 
 Reads top to bottom: the unplanned path (:func:`apply_rope_bshd`, :class:`FlashAttentionMixin`), the
 attention layer, MLP, block, model, causal LM.
@@ -60,7 +59,7 @@ __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "Flas
 
 # --------------------------------------------------------------------------------------------
 # Unplanned calls: a layer on its own, transformers' attention hook
-# --------------------------------------------------------------------------------------------
+
 def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, compiled: bool = False
                     ) -> tuple[Tensor, Tensor]:
     """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
@@ -82,11 +81,9 @@ def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, compiled: bo
 
 
 class FlashAttentionMixin:
-    """Calls ``flashlm.attention`` on BSHD q/k/v with a padding mask, packed position ids or explicit
-    ``cu_seqlens`` and no precomputed plan (a :class:`FlashMultiHeadAttention` used on its own;
-    transformers' hook, :mod:`flashlm.hf`): dense, or unpad -> varlen -> re-pad. The packing test and
-    the unpadding are the planner's (:func:`~flashlm.models.plan.packed_sequences`,
-    :func:`~flashlm.models.plan.unpad_data`: computed once per mask / position-ids tensor)."""
+    """``flashlm.attention`` on BSHD q/k/v without a precomputed plan (a :class:`FlashMultiHeadAttention`
+    used on its own; transformers' hook, :mod:`flashlm.hf`); the packing test and the unpadding are the
+    planner's (:mod:`flashlm.models.plan`, computed once per mask / position-ids tensor)."""
 
     @staticmethod
     def _get_unpad_data(attention_mask: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -144,7 +141,7 @@ class FlashAttentionMixin:
 
 # --------------------------------------------------------------------------------------------
 # Attention layer
-# --------------------------------------------------------------------------------------------
+
 class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
     """The default ``MultiHeadAttention`` computed in BSHD through ``flashlm.attention``: no transpose,
     no ``repeat_kv``, no (seqlen x seqlen) scores.
@@ -288,7 +285,7 @@ class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
 
 # --------------------------------------------------------------------------------------------
 # MLP and decoder block
-# --------------------------------------------------------------------------------------------
+
 class FlashMLP(MLP):
     """The gated MLP with gate and up as ONE projection ``gate_up_proj`` (rows: gate, then up; saved and
     loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU with the down projection as one op
@@ -320,13 +317,11 @@ def _norm(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None = None):
 
 
 class FlashDecoderLayer(nn.Module):
-    """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``).
-
-    ``forward(hidden_states, cos, sin, plan, residual)`` returns ``(out, residual)``; the block's output
-    (the residual stream) is ``out + residual``, which the next layer (or the final norm) adds inside its
-    fused norm. ``residual=None`` means ``hidden_states`` is the whole stream (the first layer). Gemma2's
-    post-norms (``config.post_norms``) the same way: ``out`` is the post-feedforward norm's output and the
-    post-attention norm's output is added into the pre-feedforward norm."""
+    """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``):
+    ``forward(hidden_states, cos, sin, plan, residual)`` -> ``(out, residual)``, the stream being ``out +
+    residual``, summed inside the next layer's (or the final) fused norm; ``residual=None``: hidden_states
+    is the whole stream (the first layer). Gemma2's post-norms the same way: ``out`` is the post-feedforward
+    norm's output, the post-attention norm's output is added into the pre-feedforward norm."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -354,7 +349,7 @@ class FlashDecoderLayer(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 # Model
-# --------------------------------------------------------------------------------------------
+
 class FlashModel(nn.Module):
     """Embedding, flash decoder layers, final norm; plans padding/packing/cache once per forward.
 
@@ -414,11 +409,9 @@ class FlashModel(nn.Module):
         return _norm(plan.ops, self.norm, hidden_states, residual)[0]
 
     def prefill_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
-        """Unpadded prompts ``input_ids`` (batch, seqlen) written into an empty ``cache``: the body of
-        ``forward(input_ids, past_key_values=cache)`` (the dense plan, eager) with no host check and no
-        host bookkeeping, so a CUDA graph can capture it; returns the final hidden states (batch, seqlen,
-        hidden). The caller runs ``cache.check_room(batch, seqlen)`` before and
-        ``cache.note_appended(batch, seqlen)`` after."""
+        """Unpadded prompts ``input_ids`` (batch, seqlen) written into an empty ``cache`` -> final hidden
+        states (batch, seqlen, hidden): ``forward(input_ids, past_key_values=cache)`` (the dense plan) as a
+        pure tensor function, like :meth:`decode_tokens`, so a CUDA graph can capture it."""
         if not cache.is_empty:
             raise ValueError("prefill_tokens writes into an empty cache; call cache.reset() first")
         hidden_states = self.run(plan_batch(input_ids, None, None, cache, None, None, op_sets=self.op_sets))
@@ -426,16 +419,12 @@ class FlashModel(nn.Module):
         return hidden_states
 
     def decode_tokens(self, input_ids: Tensor, cache: StaticKVCache, compiled: bool = False) -> Tensor:
-        """The decode core: ``input_ids`` (batch, seqlen) appended to a non-empty ``cache`` without a
-        mask (one token per row when decoding); returns the final hidden states (batch, seqlen, hidden).
-
-        A pure tensor function of the tokens, the parameters and the cache tensors: it plans and runs
-        what :meth:`forward` does for that input and bumps ``cache_seqlens`` on the device, but runs no
-        host check and leaves the cache's host bookkeeping alone, so torch.compile traces it into one
-        graph that no per-token Python value invalidates. ``compiled``: the caller compiles it (the
-        kvcache attention then goes through its opaque op, with the compiled op set); eager or captured:
-        the fused append and the bound kernel. The caller checks room before
-        (``cache.check_room(batch, seqlen)``) and records the append after (``cache.note_appended``)."""
+        """The decode core: ``input_ids`` (batch, seqlen) appended to a non-empty ``cache`` without a mask
+        -> final hidden states (batch, seqlen, hidden). A pure tensor function of the tokens, parameters and
+        cache tensors: what :meth:`forward` runs, ``cache_seqlens`` bumped on the device, no host check or
+        host bookkeeping, so torch.compile traces one graph that no per-token value invalidates. ``compiled``:
+        the caller compiles it (the kvcache attention's opaque op, the compiled op set); else the fused
+        append and the bound kernel. The caller runs ``cache.check_room`` before, ``note_appended`` after."""
         hidden_states = self.run(append_plan(input_ids, cache, None, compiled=compiled, op_sets=self.op_sets))
         cache.bump(input_ids.shape[0], input_ids.shape[1])
         return hidden_states
@@ -443,10 +432,8 @@ class FlashModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: StaticKVCache | None = None,
                 cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
-        """input_ids (batch, seqlen); attention_mask (batch, seqlen) 1 = token or None; position_ids
-        (batch or 1, seqlen) or None; past_key_values a StaticKVCache or None; cu_seqlens int32 /
-        max_seqlen for explicitly packed rows. Returns hidden states (batch, seqlen, hidden), zeros
-        at padding."""
+        """Hidden states (batch, seqlen, hidden), zeros at padding; arguments as in
+        :meth:`FlashForCausalLM.forward`."""
         hidden, plan = self.forward_tokens(input_ids, attention_mask, position_ids, past_key_values,
                                            cu_seqlens, max_seqlen)
         return plan.to_padded(hidden, *input_ids.shape)
@@ -454,7 +441,7 @@ class FlashModel(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 # Causal LM
-# --------------------------------------------------------------------------------------------
+
 class FlashForCausalLM(DefaultForCausalLM):
     """Causal LM with flash attention; parameter names and init identical to ``DefaultForCausalLM``.
 
@@ -469,11 +456,10 @@ class FlashForCausalLM(DefaultForCausalLM):
     init_linear = staticmethod(init_per_part)
 
     def prepare_compile(self, whole_model: bool = False) -> FlashForCausalLM:
-        """Say that this model's forward runs compiled: every forward is planned as a compiled one
-        (sync-free plans, fixed ``max_seqlen`` bounds, the op set meant for inductor, the loss's chunked
-        torch path). For decoder blocks compiled one by one (``flashlm train --compile``) the planner and
-        the input checks still run eagerly; ``whole_model=True`` (before ``torch.compile(model)``) also
-        drops the token-range check, a host read. Returns self."""
+        """Plan every forward as a compiled one (sync-free plans, fixed ``max_seqlen`` bounds, the op set
+        meant for inductor, the loss's chunked torch path); blocks compiled one by one (``flashlm train
+        --compile``) still plan and check eagerly; ``whole_model=True`` (before ``torch.compile(model)``)
+        also drops the token-range check, a host read. Returns self."""
         return self._set_compiled(True, whole_model)
 
     def _set_compiled(self, compiled: bool, whole_model: bool = False) -> FlashForCausalLM:
@@ -484,11 +470,9 @@ class FlashForCausalLM(DefaultForCausalLM):
         return self
 
     def compile_forward(self, **compile_kwargs) -> Callable:
-        """``torch.compile(self, **compile_kwargs)`` whose calls are planned as compiled ones (as
-        ``prepare_compile(whole_model=True)``), while eager calls of the model itself keep their eager
-        plans: the compiled flag is on only for the duration of each compiled call (Dynamo guards on it,
-        so it never recompiles for it). What ``flashlm bench --compile`` runs; ``model.compile()`` (in
-        place, every call compiled) sets the flag for good."""
+        """``torch.compile(self, **compile_kwargs)`` whose calls are planned as compiled ones while eager
+        calls keep eager plans: the flag is on only during each compiled call (Dynamo guards on it, so it
+        never recompiles for it). What ``flashlm bench --compile`` runs; ``model.compile()`` sets it for good."""
         compiled = torch.compile(self, **compile_kwargs)
 
         def call(*args, **kwargs):
@@ -545,19 +529,10 @@ class FlashForCausalLM(DefaultForCausalLM):
             check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0,
                          check_range=self.host_checks)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        past_key_values: StaticKVCache | None = None,
-        labels: Tensor | None = None,
-        use_cache: bool = False,
-        cu_seqlens: Tensor | None = None,
-        max_seqlen: int | None = None,
-        return_logits: bool | None = None,
-        logits_to_keep: int = 0,
-    ) -> CausalLMOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: StaticKVCache | None = None, labels: Tensor | None = None,
+                use_cache: bool = False, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+                return_logits: bool | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids (batch, seqlen) int. attention_mask (batch, seqlen): 1 = token, 0 = padding (any side
         for a plain forward; left for prompts; with a non-empty cache it covers only the new tokens, None
         for a decode step). position_ids (batch or 1, seqlen): default from the mask / the cache; rows
@@ -602,25 +577,14 @@ class FlashForCausalLM(DefaultForCausalLM):
                                     backend="torch" if compiled else None)
 
     def prefill_logits(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
-        """Logits (batch, vocab) of the last token of unpadded prompts ``input_ids`` (batch, seqlen)
-        written into an empty ``cache``: ``forward(input_ids, past_key_values=cache, logits_to_keep=1)``
-        as a pure tensor function (see :meth:`FlashModel.prefill_tokens`); what ``flashlm.generation.cuda_graph``
-        captures for a prompt shape it has seen before."""
+        """Logits (batch, vocab) of the last prompt token of :meth:`FlashModel.prefill_tokens`; what
+        ``flashlm.generation.cuda_graph`` captures for a prompt shape it has seen before."""
         return self._logits(self.model.prefill_tokens(input_ids, cache)[:, -1])
 
     def decode_logits(self, input_ids: Tensor, cache: StaticKVCache, compiled: bool = False) -> Tensor:
-        """Logits (batch, vocab) of the last of ``input_ids`` (batch, seqlen), appended to a non-empty
-        ``cache``: the body of ``forward(input_ids, past_key_values=cache)`` for a decode step, as a pure
-        tensor function (see :meth:`FlashModel.decode_tokens`, ``compiled`` included: say True where the
-        caller compiles it). What ``flashlm.generation.cuda_graph`` runs, compiles and captures."""
+        """Logits (batch, vocab) of the last token of :meth:`FlashModel.decode_tokens` (``compiled``: True
+        where the caller compiles it); what ``flashlm.generation.cuda_graph`` runs, compiles and captures."""
         return self._logits(self.model.decode_tokens(input_ids, cache, compiled=compiled)[:, -1])
-
-    def _logits(self, hidden: Tensor) -> Tensor:
-        logits = self.lm_head(hidden)
-        cap = self.config.final_logit_softcap
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)
-        return logits
 
     def explain(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: StaticKVCache | None = None, labels: Tensor | None = None,

@@ -133,9 +133,8 @@ class RotaryEmbedding(nn.Module):
         return self.tables(position_ids)
 
 
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (batch, heads, seqlen, head_dim) and k (batch, kv_heads, seqlen, head_dim) — BHSD —
     by cos/sin (batch, seqlen, head_dim): :func:`flashlm.ops.rotary.rotary_ref` with the full tables,
     cast to q's dtype first, as transformers does, so low-precision results match it bit for bit."""
@@ -173,13 +172,9 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
-def attention_mask_bhsd(
-    q_len: int,
-    kv_len: int,
-    padding_mask: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
+def attention_mask_bhsd(q_len: int, kv_len: int, padding_mask: torch.Tensor | None = None,
+                        sliding_window: int | None = None, device: torch.device | str | None = None
+                        ) -> torch.Tensor:
     """Boolean mask (batch or 1, 1, q_len, kv_len), True where query i may attend key j.
 
     Causal alignment is bottom-right: query i sits at absolute index i + kv_len - q_len, so it sees
@@ -251,13 +246,8 @@ class MultiHeadAttention(nn.Module):
         b, s = attn_output.shape[:2]
         return self.o_proj(attn_output.reshape(b, s, self.num_heads * self.head_dim))
 
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Eager attention. q (batch, heads, q_len, head_dim), k/v (batch, kv_heads, kv_len, head_dim)
         — BHSD, after RoPE and the cache — and ``attention_mask`` the (batch, kv_len) padding mask or
         None. Returns (batch, q_len, heads, head_dim) BSHD.
@@ -278,14 +268,8 @@ class MultiHeadAttention(nn.Module):
         probs = F.dropout(probs, p=self.attention_dropout, training=self.training)
         return torch.matmul(probs, v).transpose(1, 2)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
         """hidden_states (batch, q_len, hidden); cos/sin (batch, q_len, head_dim) fp32 for the new
         tokens' positions; attention_mask (batch, past_len + q_len) padding mask or None;
         past_key_values a cache with ``update(k, v, layer_idx)`` in BHSD, or None.
@@ -321,17 +305,14 @@ class DynamicCache:
         self.key_cache: list[torch.Tensor] = []
         self.value_cache: list[torch.Tensor] = []
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append key/value_states (batch, kv_heads, new_len, head_dim) to layer ``layer_idx`` and
         return the layer's full keys and values (batch, kv_heads, past_len + new_len, head_dim).
         Layers must be filled in order 0, 1, ... on the first call."""
         if key_states.shape != value_states.shape:
-            raise ValueError(
-                f"key_states {tuple(key_states.shape)} and value_states "
-                f"{tuple(value_states.shape)} must have the same shape"
-            )
+            raise ValueError(f"key_states {tuple(key_states.shape)} and value_states "
+                             f"{tuple(value_states.shape)} must have the same shape")
         if layer_idx < len(self.key_cache):
             self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], key_states], dim=2)
             self.value_cache[layer_idx] = torch.cat([self.value_cache[layer_idx], value_states], dim=2)
@@ -405,9 +386,7 @@ class ScaledEmbedding(nn.Embedding):
     (Gemma: sqrt(hidden_size), which rounds in bf16 exactly as transformers does). Living inside the
     embedding module, the scaling reaches every model that calls ``embed_tokens`` (flash too)."""
 
-    def __init__(
-        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, scale: float
-    ) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, scale: float) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx)
         self.scale = scale
 
@@ -452,15 +431,13 @@ class DefaultModel(nn.Module):
         if cos.shape[0] != input_ids.shape[0]:
             cos, sin = (t.expand(input_ids.shape[0], -1, -1) for t in (cos, sin))
         for layer in self.layers:
-            hidden_states = layer(
-                hidden_states, cos, sin, attention_mask=attention_mask, past_key_values=past_key_values
-            )
+            hidden_states = layer(hidden_states, cos, sin, attention_mask=attention_mask,
+                                  past_key_values=past_key_values)
         return self.norm(hidden_states)
 
 
-def default_position_ids(
-    attention_mask: torch.Tensor | None, past_len: int, q_len: int, device: torch.device
-) -> torch.Tensor:
+def default_position_ids(attention_mask: torch.Tensor | None, past_len: int, q_len: int,
+                         device: torch.device) -> torch.Tensor:
     """Position ids (batch or 1, q_len) of the new tokens.
 
     With a mask (batch, past_len + q_len), positions count real tokens: ``cumsum(mask) - 1``
@@ -473,15 +450,9 @@ def default_position_ids(
     return positions.clamp_(min=0)[:, -q_len:]
 
 
-def check_inputs(
-    config: ModelConfig,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    past_len: int,
-    check_range: bool = True,
-) -> None:
+def check_inputs(config: ModelConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None, labels: torch.Tensor | None, past_len: int,
+                 check_range: bool = True) -> None:
     """Raise a clear TypeError/ValueError for malformed inputs before any compute.
 
     The token-range check reads min/max back to the host (one sync per forward, not per layer): an
@@ -500,35 +471,23 @@ def check_inputs(
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
-        if attention_mask.dtype != torch.bool and (
-            attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex
-        ):
-            raise TypeError(
-                f"attention_mask must be bool or an integer dtype (1 = token, 0 = padding), "
-                f"got {attention_mask.dtype}"
-            )
+        if attention_mask.dtype != torch.bool and (attention_mask.dtype.is_floating_point
+                                                   or attention_mask.dtype.is_complex):
+            raise TypeError(f"attention_mask must be bool or an integer dtype (1 = token, 0 = padding), "
+                            f"got {attention_mask.dtype}")
         expected = (batch, past_len + q_len)
         if tuple(attention_mask.shape) != expected:
-            raise ValueError(
-                f"attention_mask must have shape (batch, past_len + seqlen) = {expected} "
-                f"(past_len={past_len} cached tokens), got {tuple(attention_mask.shape)}"
-            )
+            raise ValueError(f"attention_mask must have shape (batch, past_len + seqlen) = {expected} "
+                             f"(past_len={past_len} cached tokens), got {tuple(attention_mask.shape)}")
     if position_ids is not None:
-        if (
-            position_ids.dim() != 2
-            or position_ids.shape[1] != q_len
-            or position_ids.shape[0] not in (1, batch)
-        ):
-            raise ValueError(
-                f"position_ids must have shape ({batch} or 1, {q_len}), got {tuple(position_ids.shape)}"
-            )
+        if position_ids.dim() != 2 or position_ids.shape[1] != q_len or position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must have shape ({batch} or 1, {q_len}), got {tuple(position_ids.shape)}")
         if position_ids.dtype.is_floating_point:
             raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
     if labels is not None:
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (batch, q_len):
-            raise ValueError(
-                f"labels must have the shape of input_ids {(batch, q_len)}, got {tuple(getattr(labels, 'shape', ()))}"
-            )
+            raise ValueError(f"labels must have the shape of input_ids {(batch, q_len)}, "
+                             f"got {tuple(getattr(labels, 'shape', ()))}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     if check_range:
@@ -549,10 +508,8 @@ def check_token_range(config: ModelConfig, input_ids: torch.Tensor, labels: torc
     for (name, _), (lo, hi) in zip(named, bounds):
         if lo < 0 or hi >= config.vocab_size:
             ignored = f" or {IGNORE_INDEX} (ignored)" if name == "labels" else ""
-            raise InputError(
-                f"{name} out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
-                f"(allowed [0, {config.vocab_size - 1}]{ignored})"
-            )
+            raise InputError(f"{name} out of range: values in [{lo}, {hi}] but vocab_size is {config.vocab_size} "
+                             f"(allowed [0, {config.vocab_size - 1}]{ignored})")
 
 
 class DefaultForCausalLM(nn.Module):
@@ -599,15 +556,9 @@ class DefaultForCausalLM(nn.Module):
         if module.bias is not None:
             module.bias.zero_()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: DynamicCache | None = None,
+                labels: torch.Tensor | None = None, use_cache: bool = False) -> CausalLMOutput:
         """input_ids (batch, seqlen) int; attention_mask (batch, past_len + seqlen) bool/int with 1 on
         real tokens (left padding for batched prompts) or None; position_ids (batch or 1, seqlen) or
         None (derived from the mask); past_key_values a `DynamicCache` (created when use_cache and
@@ -617,10 +568,14 @@ class DefaultForCausalLM(nn.Module):
         check_inputs(self.config, input_ids, attention_mask, position_ids, labels, past_len)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
-        hidden_states = self.model(input_ids, attention_mask, position_ids, past_key_values)
-        logits = self.lm_head(hidden_states)
-        if self.config.final_logit_softcap is not None:
-            cap = self.config.final_logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+        logits = self._logits(self.model(input_ids, attention_mask, position_ids, past_key_values))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., hidden_size) -> logits (..., vocab), soft-capped where the family asks (Gemma2)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
