@@ -3,7 +3,9 @@ DeprecationWarning naming where it lives now. They go in the release after next.
 
 ``import flashlm`` installs a finder ahead of the normal ones, so an old path never needs a file of its
 own: ``import flashlm.losses`` returns the very module object of ``flashlm.ops.cross_entropy``
-(``flashlm.losses is flashlm.ops.cross_entropy``), and every name, private ones included, is the same.
+(``flashlm.losses is flashlm.ops.cross_entropy``). Every public name the old module had still imports from
+it (tests/test_moved.py holds the list); private helpers and the old internal autograd Functions
+(``RotaryFunction``, ``rotary_op`` of the deleted Triton rotary module) are not kept.
 """
 
 from __future__ import annotations

@@ -23,10 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from flashlm.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from flashlm.attention.padding import pad_input
+
+# names the old paths flashlm.models.flash_mixin / flash_rope (served as this module by flashlm._moved) had
+from flashlm.attention.interface import apply_rotary  # noqa: F401
+from flashlm.attention.padding import (  # noqa: F401
+    get_unpad_data,
+    index_first_axis,
+    pad_input,
+    prepare_from_position_ids,
+    unpad_input,
+)
 from flashlm.ops._dispatch import triton_usable
 from flashlm.ops.cross_entropy import cross_entropy, linear_cross_entropy, logits_cross_entropy
-from flashlm.ops.rotary import rotary, rotary_ref
+from flashlm.ops.rotary import rotary, rotary_ref, rotate_half  # noqa: F401 (rotate_half: old paths)
 
 from .config import ModelConfig
 from .kernels import (

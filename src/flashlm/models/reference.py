@@ -28,7 +28,8 @@ from torch import nn
 
 from flashlm.errors import InputError
 from flashlm.ops.cross_entropy import causal_lm_loss
-from flashlm.ops.rotary import rotary_ref
+from flashlm.ops.rms_norm import rms_norm_ref
+from flashlm.ops.rotary import rotary_ref, rotate_half  # noqa: F401 (rotate_half: flashlm.models.layers had it)
 
 from .config import ModelConfig
 
@@ -51,12 +52,7 @@ class RMSNorm(nn.Module):
             self.weight.fill_(0.0 if self.unit_offset else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (x * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * x.to(dtype)
+        return rms_norm_ref(x, self.weight, self.eps, self.unit_offset)  # the one RMSNorm math
 
     def extra_repr(self) -> str:
         offset = ", unit_offset=True" if self.unit_offset else ""

@@ -488,3 +488,8 @@ def rotary_qkv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n
     _check_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots)
     return _rotary_qkv_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots)
 
+
+# The deleted flashlm.attention.backends.triton.rotary's public functions (its old path serves this module,
+# flashlm._moved): the same signatures and results.
+apply_rotary_bshd = rotary
+apply_rotary_bshd_ref = rotary_ref
