@@ -43,11 +43,11 @@ SOURCES: dict[tuple[str, str], str] = {
     ("cpu", "varlen"): "benchmarks/results/cpu/kernels_cpu.json (the reference pads; sdpa_cpu does not)",
     ("cpu", "kvcache"): "benchmarks/results/cpu/kernels_cpu.json (decode rows)",
     ("sm90", "dense"): ("benchmarks/results/kernels_fa4_h100.json (H100 fwd+bwd: FA4 495 vs cuDNN 441 "
-                        "TFLOP/s at 4k causal); H200 4k causal FA4 522, cuDNN 475 (DESIGN.md)"),
+                        "TFLOP/s at 4k causal); H200 4k causal FA4 522, cuDNN 475 (the project design notes, 2026-12-01)"),
     ("sm90", "varlen"): "benchmarks/results/kernels_fa4_h100.json (dense figures; cuDNN refuses varlen)",
     ("sm90", "kvcache"): ("benchmarks/results/kernels_fa4_h100.json decode rows (H100, 8k-32k: triton "
                           "leads); H200 batch 8, 32/8 heads, 32k: triton 2.58, fa4 2.14, torch_flash "
-                          "0.66 TB/s (DESIGN.md)"),
+                          "0.66 TB/s (the project design notes, 2026-12-01)"),
 }
 
 

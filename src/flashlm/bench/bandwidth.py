@@ -39,8 +39,8 @@ def _key(device_name: str) -> str | None:
 GPU_BANDWIDTH = {
     row.gpu: row
     for row in (
-        GPUBandwidth("H200", 4800.0, 4300.0, "device copy measured on the project's H200 (docs: DESIGN.md)"),
-        GPUBandwidth("H100 SXM", 3350.0, 3000.0, "device copy measured on the project's H100 (docs: DESIGN.md)"),
+        GPUBandwidth("H200", 4800.0, 4300.0, "device copy measured on the project's H200"),
+        GPUBandwidth("H100 SXM", 3350.0, 3000.0, "device copy measured on the project's H100"),
     )
 }
 

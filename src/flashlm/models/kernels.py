@@ -35,7 +35,7 @@ _HALF = (torch.float16, torch.bfloat16)
 # Dense causal calls of at most this many tokens (batch * seqlen) go to aten's FA2 op: measured on the
 # H200 (512 tokens, (2, 256, 12, 64) bf16) it costs 380 us of host time per fwd+bwd against 830 through
 # the registry's choice (cuDNN), and small steps are host-bound. Larger calls are GPU-bound, where cuDNN /
-# FA4 run faster kernels (DESIGN.md: 4k causal fwd+bwd FA4 522, cuDNN 475, FA2 283 TFLOP/s). PROVISIONAL
+# FA4 run faster kernels (the project design notes: 4k causal fwd+bwd FA4 522, cuDNN 475, FA2 283 TFLOP/s). PROVISIONAL
 # bound between the two measured regimes (the seed's 512 tokens and llama-1b's 16384).
 ATEN_DENSE_MAX_TOKENS = 4096
 

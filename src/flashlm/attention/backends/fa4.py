@@ -1,7 +1,7 @@
 """FlashAttention-4 (``flash_attn.cute`` from pip ``flash-attn-4``; extra ``flashlm[fa4]``).
 
 CuTe-DSL kernels, JIT-compiled on first use per shape family; the fastest kernels measured on our
-H100 (../shared/DESIGN.md). Optional: when the package does not import, the registry says why and
+H100 (measured 2026-12-01). Optional: when the package does not import, the registry says why and
 moves on. Its own autograd.Functions give the backward. Keyword arguments are passed by name and
 only when the installed version's signature has them (the package is young and its API moves).
 

@@ -15,7 +15,7 @@ mask built from flash-attn's rule (cached per shape).
 Rows that see no key (bottom-right causal with seqlen_q > seqlen_k, an empty KV-cache row) come out
 of the kernel as zeros with lse 0: their lse is set to +inf, flash-attn 2's convention.
 
-Non-finite values (DESIGN.md: masked slots must select, not multiply). The kernel multiplies the zero
+Non-finite values (masked slots must select, not multiply: flash-attn never reads them). The kernel multiplies the zero
 probabilities of masked keys by v (0 * inf = NaN in every row of the tile), adds its float mask to the
 scores (inf + -inf = NaN) and returns 0 for a row whose scores are all NaN (a NaN query). So keys no
 query reads are selected away: sliced off when a left window leaves them out of every row, zeroed
