@@ -295,3 +295,23 @@ def test_a_mode_000_weights_file_is_reported_as_unreadable(corpus, cache, tmp_pa
         assert "model.safetensors is not readable (permission denied)" in proc.stderr, proc.stderr[-2000:]
         assert "No such file" not in proc.stderr
     assert len(_steps(out)) == 6 and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_lock_survives_its_folder_removed_between_makedirs_and_open(tmp_path, monkeypatch):
+    """A refused process removes the (empty) folder it created; another process that made the folder just
+    before must make it again, not report the run folder as unwritable (review finding)."""
+    out = tmp_path / "run"
+    real_open, calls = os.open, []
+
+    def open_after_removal(path, *args):
+        if not calls:
+            calls.append(path)
+            os.rmdir(out)  # what the other process's release did
+            raise FileNotFoundError(path)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(folders.os, "open", open_after_removal)
+    lock = folders.lock_folder(out, "--output")
+    monkeypatch.setattr(folders.os, "open", real_open)
+    assert calls and (out / folders.LOCK_NAME).exists()
+    lock.release()

@@ -233,7 +233,11 @@ def lock_folder(path: str | os.PathLike, what: str) -> FolderLock:
     os.makedirs(folder, exist_ok=True)
     lock_file = os.path.join(folder, LOCK_NAME)
     while True:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a refused process removed the folder it had created: make it again
+            os.makedirs(folder, exist_ok=True)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
