@@ -33,9 +33,8 @@ from flashlm.attention.padding import (  # noqa: F401
     prepare_from_position_ids,
     unpad_input,
 )
-from flashlm.ops._dispatch import triton_usable
 from flashlm.ops.cross_entropy import cross_entropy, linear_cross_entropy, logits_cross_entropy
-from flashlm.ops.rotary import rotary, rotary_ref, rotate_half  # noqa: F401 (rotate_half: old paths)
+from flashlm.ops.rotary import apply_rope_bshd, rotate_half  # noqa: F401 (rotate_half: for old paths)
 
 from .config import ModelConfig
 from .kernels import (
@@ -68,26 +67,6 @@ __all__ = ["FlashAttentionMixin", "FlashDecoderLayer", "FlashForCausalLM", "Flas
 
 # --------------------------------------------------------------------------------------------
 # Unplanned calls: a layer on its own, transformers' attention hook
-
-def apply_rope_bshd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, compiled: bool = False
-                    ) -> tuple[Tensor, Tensor]:
-    """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
-    transpose — with one position per (row, token), so left padding and packing just work.
-
-    cos/sin fp32 in the rotate_half convention: the full tables (batch or 1, seqlen, head_dim), rotated
-    in torch with the tables cast to q's dtype first, exactly as the default model's ``apply_rope``; or
-    the half-width ones (batch, seqlen, head_dim // 2): the fused Triton kernel (``ops.rotary``) on
-    CUDA, except when ``compiled`` (the caller compiles) without gradients, where its math in torch ops
-    (``ops.rotary.rotary_ref``) lets inductor fuse it with its neighbours (compiled training keeps the
-    kernel's op and its backward). All of it is :mod:`flashlm.ops.rotary`."""
-    if cos.shape[-1] != q.shape[-1]:  # half-width tables
-        if compiled and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
-        if q.is_cuda and triton_usable(q.device):
-            return rotary(q, cos, sin), rotary(k, cos, sin)
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-    return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
-
 
 class FlashAttentionMixin:
     """``flashlm.attention`` on BSHD q/k/v without a precomputed plan (a :class:`FlashMultiHeadAttention`

@@ -29,7 +29,7 @@ import torch
 
 from flashlm.errors import InputError
 
-from ._dispatch import SIZED_MIN_NUMEL, dispatch, next_pow2, triton
+from ._dispatch import SIZED_MIN_NUMEL, dispatch, next_pow2, triton, triton_usable
 
 if triton is not None:
     import triton.language as tl
@@ -487,6 +487,27 @@ def rotary_qkv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n
     (batch, seqlen, H, D), contiguous. No autograd: the cache write is not differentiable."""
     _check_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots)
     return _rotary_qkv_append(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slots)
+
+
+def apply_rope_bshd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (batch, seqlen, heads, head_dim) and k (batch, seqlen, kv_heads, head_dim) — BSHD, no
+    transpose — with one position per (row, token), so left padding and packing just work.
+
+    cos/sin fp32 in the rotate_half convention: the full tables (batch or 1, seqlen, head_dim), rotated
+    in torch with the tables cast to q's dtype first, exactly as the default model's ``apply_rope``; or
+    the half-width ones (batch, seqlen, head_dim // 2): the fused Triton kernel (``ops.rotary``) on
+    CUDA, except when ``compiled`` (the caller compiles) without gradients, where its math in torch ops
+    (``ops.rotary.rotary_ref``) lets inductor fuse it with its neighbours (compiled training keeps the
+    kernel's op and its backward). The flash model's unplanned calls (a layer on its own, transformers'
+    attention hook) use it."""
+    if cos.shape[-1] != q.shape[-1]:  # half-width tables
+        if compiled and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+        if q.is_cuda and triton_usable(q.device):
+            return rotary(q, cos, sin), rotary(k, cos, sin)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
 
 
 # The deleted flashlm.attention.backends.triton.rotary's public functions (its old path serves this module,
