@@ -11,8 +11,8 @@ carrying its mode's op set; :meth:`FlashForCausalLM.explain` says what a call ru
 the caller that compiles (:meth:`FlashForCausalLM.prepare_compile`, ``decode_logits(compiled=True)``).
 Host syncs (eager): at most one per forward while planning, none in layers or a decode step or compiled plans.
 
-Reads top to bottom: the unplanned path (:func:`apply_rope_bshd`, :class:`FlashAttentionMixin`), the
-attention layer, MLP, block, model, causal LM.
+Reads top to bottom: the unplanned path (:class:`FlashAttentionMixin`; its RoPE is
+:func:`flashlm.ops.rotary.apply_rope_bshd`), the attention layer, MLP, block, model, causal LM.
 """
 
 from __future__ import annotations

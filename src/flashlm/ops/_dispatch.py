@@ -20,8 +20,6 @@ from collections.abc import Callable
 
 import torch
 
-from flashlm._util import next_pow2  # noqa: F401  (re-exported: ops/rotary.py imports it from here)
-
 try:
     from torch.compiler import is_compiling
 except ImportError:  # torch < 2.3

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 
+from flashlm._util import next_pow2
 from flashlm.errors import InputError
 
-from ._dispatch import SIZED_MIN_NUMEL, dispatch, next_pow2, triton, triton_usable
+from ._dispatch import SIZED_MIN_NUMEL, dispatch, triton, triton_usable
 
 if triton is not None:
     import triton.language as tl

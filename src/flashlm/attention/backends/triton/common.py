@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flashlm._util import next_pow2
+
 BIG = 1 << 30  # "unbounded" window side; keeps i + off +- BIG inside int32
 
 
@@ -31,10 +33,6 @@ class Cfg(NamedTuple):
 def interpreting() -> bool:
     """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1, read when a kernel is decorated)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
 
 
 def block_d(head_dim: int) -> int:
