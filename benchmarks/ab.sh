@@ -2,12 +2,12 @@
 # A/B of two versions of flashlm on one warm GPU machine, side by side (issue 26: the commit before the
 # restructuring against the working tree). Made here, before the calls:
 #   git archive --format=tar.gz -o .ab/before.tar.gz <before-commit> src    # .ab/ is git-ignored
+#   git archive --format=tar.gz -o .ab/after.tar.gz <after-commit> src      # optional: else ./src
 #   pip download liger-kernel==0.8.5 into .whl/ (the device README's command)
 # Then, from the repo root on the GPU machine, carry .ab .whl:
 #   STAGE=ab     A/B: seed eager (default + flash), llama-1b train, decode b1/b32 x 128, seed compiled (flash)
+#   STAGE=host   benchmarks/ab_host.py (no bench harness) on both trees, alternating, + cProfile tables
 #   STAGE=tests  every CUDA test of the working tree
-# benchmarks/ab_host.py times the host-bound seed rows without the bench harness (run it on both trees).
-# benchmarks/ab_host.py: the host-bound seed rows without the bench harness (both trees, alternating).
 # FlashAttention-4 (two more calls to carry, ../shared/tools/pack-fa4-for-device.sh) is optional: unpack both
 # parts into /tmp/site first and both sides pick it up.
 # Each A/B row runs the same `flashlm bench` command on both trees, one after the other (order alternates
@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 side() {  # side before|after NAME ARGS...: one flashlm command on that tree, JSON to $OUT/NAME_<side>.json
   local which="$1" name="$2"; shift 2
-  local src="$PWD/src"; [ "$which" = before ] && src=/tmp/before/src
+  local src="$after_src"; [ "$which" = before ] && src=/tmp/before/src
   echo "=== $name $which: flashlm $* ($(date -u +%H:%M:%S))"
   PYTHONPATH="$deps:$src" timeout "${ROW_TIMEOUT:-240}" python -m flashlm.cli "$@" --output "$OUT/${name}_$which.json" \
     2>&1 | grep -v -i "warn" | tail -n 4
@@ -59,6 +59,9 @@ EOF
 
 seed="bench --model small --batch-size 2 --seq-length 256 --warmup-steps 10 --benchmark-steps 20 --no-progress"
 mkdir -p $site /tmp/before && tar -C /tmp/before -xzf .ab/before.tar.gz
+# "after": .ab/after.tar.gz where present (`git archive HEAD src`: a commit, not a tree being edited), else ./src
+after_src="$PWD/src"
+if [ -f .ab/after.tar.gz ]; then mkdir -p /tmp/after && tar -C /tmp/after -xzf .ab/after.tar.gz && after_src=/tmp/after/src; fi
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl/*.whl
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case "${STAGE:?}" in
@@ -70,6 +73,18 @@ case "${STAGE:?}" in
       --models flashlm-graph --new-tokens 64 --repeats 3
     ba seed_compiled $seed --compare flash --cases train,forward --compile
     table | tee "$OUT/ab_table.md"
+    (cd "$OUT" && tar -czf ab_json.tar.gz ./*.json && rm -f ./*.json)  # at most 8 files come back from a call
+    ;;
+  host)  # ab_host.py on both trees, alternating, ROUNDS times (default 3); cProfile tables of the first round
+    for r in $(seq 1 "${ROUNDS:-3}"); do
+      for which in before after; do
+        src="$after_src"; [ "$which" = before ] && src=/tmp/before/src
+        prof=(); [ "$r" = 1 ] && prof=(--profile "$OUT/host_profile_$which.txt")
+        for attn in flash default; do
+          PYTHONPATH="$deps:$src" python benchmarks/ab_host.py $attn "${prof[@]}" 2>&1 | grep -v -i warn | sed "s/^/round $r $which: /"
+        done
+      done
+    done | tee "$OUT/host_ab.log"
     ;;
   tests)
     PYTHONPATH="$deps:$PWD/src" timeout "${TESTS_TIMEOUT:-300}" python -m pytest -q -m cuda -n 12 -p no:cacheprovider \
