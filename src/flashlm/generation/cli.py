@@ -76,7 +76,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eos", action="store_true", help="no end-of-sequence id: every row runs --max-new-tokens")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPE_ALIASES), default=None,
-                   help="default: bfloat16 on cuda, float32 on cpu")
+                   help="default: bfloat16 on cuda, float32 on cpu (bfloat16 everywhere with --quantize)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weight-only projections and lm_head (flashlm.models.quantize; needs a bf16/fp16 "
+                        "--dtype); the CUDA-graph decode step replays the int8 kernels")
     p.add_argument("--cuda-graph", choices=tuple(_CUDA_GRAPH_CHOICES), default="auto",
                    help="replay the decode step from a CUDA graph: 'auto' (default) where it works (the flash "
                         "model on CUDA; otherwise eager, and the output says why), 'on' (an error where it "
@@ -118,12 +121,16 @@ def _load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     why) when it is neither."""
     from flashlm.models import build_model, from_pretrained
     from flashlm.models.config import PRESETS, get_preset
+    from flashlm.models.quantize import check_quantize_args, quantize_model
 
     torch.manual_seed(args.seed)
+    if args.quantize is not None:
+        check_quantize_args(args.quantize, dtype, "--quantize")
     if os.path.isdir(args.model):
-        return from_pretrained(args.model, attn=args.attn, device=device, dtype=dtype)
+        return from_pretrained(args.model, attn=args.attn, device=device, dtype=dtype, quantize=args.quantize)
     if args.model in PRESETS:
-        return build_model(get_preset(args.model), attn=args.attn, device=device, dtype=dtype)
+        model = build_model(get_preset(args.model), attn=args.attn, device=device, dtype=dtype)
+        return model if args.quantize is None else quantize_model(model, args.quantize)
     print(f"flashlm generate: --model {args.model!r} is neither a folder nor a preset "
           f"({', '.join(PRESETS)})", file=sys.stderr)
     return None
@@ -190,7 +197,7 @@ def _result_record(args: argparse.Namespace, device: torch.device, dtype: torch.
     per = timing.per_step_s
     per_ok = math.isfinite(per) and per > 0
     result = {"model": args.model, "attn": args.attn, "device": str(device),
-              "dtype": str(dtype).replace("torch.", ""), "batch": n_rows,
+              "dtype": str(dtype).replace("torch.", ""), "quantize": args.quantize, "batch": n_rows,
               "prompt_len": width, "num_new_tokens": out.num_new_tokens.tolist(),
               "first_token_ms": round(timing.first_s * 1e3, 3),
               "per_token_ms": round(per * 1e3, 3) if math.isfinite(per) else None,
@@ -218,15 +225,20 @@ def _print_text(args: argparse.Namespace, result: dict, out: GenerationOutput, d
     else:
         graph = f", eager decode: {out.graph_fallback}"
     print(f"first token {result['first_token_ms']:.2f} ms, per token {per} "
-          f"({args.attn}, {result['dtype']}, {device}{graph})")
+          f"({args.attn}, {result['dtype']}{' + int8 weights' if args.quantize else ''}, {device}{graph})")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``flashlm generate``: build or load a model, generate, print tokens/text and latencies."""
     args = _build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = _load_model(args, device, dtype)
+    dtype = parse_dtype(args.dtype) if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" or args.quantize else torch.float32)
+    try:
+        model = _load_model(args, device, dtype)
+    except InputError as e:  # --quantize with an fp32 --dtype
+        print(f"flashlm generate: {e}", file=sys.stderr)
+        return 2
     if model is None:
         return 2
     config = model.config

@@ -116,11 +116,14 @@ def from_pretrained(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     allow_missing: bool = False,
+    quantize: str | None = None,
 ) -> nn.Module:
     """Load an HF-format checkpoint folder (config.json + safetensors, sharded or not) into a
     flashlm model (eval mode). ``dtype=None`` keeps the checkpoint's dtype. Missing tensors raise
     ``ValueError`` unless ``allow_missing`` (they are then initialized as in a fresh model);
-    unexpected ones are warned about. The report is in ``model.load_report`` (`LoadReport`)."""
+    unexpected ones are warned about. The report is in ``model.load_report`` (`LoadReport`).
+    ``quantize="int8"``: the loaded model's projections and lm_head as int8 weight-only ones
+    (:func:`flashlm.models.quantize.quantize_model`; a bf16/fp16 ``dtype`` is required, inference only)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
@@ -132,6 +135,10 @@ def from_pretrained(
     config = ModelConfig.from_hf_config(path)
     cls = _model_class(attn)
     dtype = dtype or checkpoint_dtype(path) or torch.float32
+    if quantize is not None:  # before any weight is read
+        from .quantize import check_quantize_args
+
+        check_quantize_args(quantize, dtype, "from_pretrained: quantize")
     device = torch.device(device if device is not None else "cpu")
     # Build on the meta device and allocate uninitialized storage: no time spent on random init
     # of weights that the checkpoint overwrites.
@@ -149,4 +156,8 @@ def from_pretrained(
             stacklevel=2,
         )
     model.load_report = report
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize)
     return model.eval()

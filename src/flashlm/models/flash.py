@@ -551,8 +551,10 @@ class FlashForCausalLM(DefaultForCausalLM):
     def _loss(self, hidden: Tensor, targets: Tensor, token_logits: Tensor | None, compiled: bool) -> Tensor:
         """Mean cross-entropy of hidden (tokens, H) -- or of token_logits (tokens, vocab) when the
         caller asked for logits -- against targets (tokens,), -100 ignored; which one: ``loss_kind``."""
-        kind = loss_kind(token_logits is not None, compiled, self.config.final_logit_softcap is not None,
-                         targets.numel(), self.config.vocab_size)
+        # an int8 lm_head (flashlm.models.quantize) has no float weight for the fused losses: call the module
+        logits_wanted = token_logits is not None or not self.lm_head.weight.is_floating_point()
+        kind = loss_kind(logits_wanted, compiled, self.config.final_logit_softcap is not None, targets.numel(),
+                         self.config.vocab_size)
         if kind == "logits_cross_entropy":
             return logits_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
                                         self.lm_head.bias)

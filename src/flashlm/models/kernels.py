@@ -208,7 +208,8 @@ def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
     """What a flash causal LM runs under ``plan`` (a :class:`~flashlm.models.plan.BatchPlan`), from the
     same functions its forward calls: {"plan": kind, "compiled", "mode", "ops": {op: implementation},
     "attention": [per layer: the kernel's name, "fused rotary_qkv_append + " first for a fused append],
-    "loss": :func:`loss_kind` or None}. Gradients and dropout as the forward would see them now."""
+    "loss": :func:`loss_kind` or None, "projections": {name: module class}, e.g. "Int8Linear" once
+    quantized}. Gradients and dropout as the forward would see them now."""
     params = next(lm.parameters())
     dev = params.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else params.dtype
@@ -227,8 +228,10 @@ def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
             choice = attn.kernels.select(plan.kind, dtype, needs_grad, dropout, plan.compiled, tokens)
             attention.append(f"{plan.kind}:{choice.name}")
     loss = None
-    if labels is not None:
-        loss = loss_kind(False, plan.compiled, lm.config.final_logit_softcap is not None, tokens,
-                         lm.config.vocab_size)
+    if labels is not None:  # an int8 lm_head is called as a module on materialized logits (FlashForCausalLM._loss)
+        loss = loss_kind(not lm.lm_head.weight.is_floating_point(), plan.compiled,
+                         lm.config.final_logit_softcap is not None, tokens, lm.config.vocab_size)
+    from .quantize import projection_kinds
+
     return {"plan": plan.kind, "compiled": plan.compiled, "mode": plan.mode, "ops": dict(plan.ops.names),
-            "attention": attention, "loss": loss}
+            "attention": attention, "loss": loss, "projections": projection_kinds(lm)}

@@ -217,10 +217,18 @@ def save_pretrained(
     a crash never leaves a half-written checkpoint. ``path`` may be absent, an empty folder, or an
     existing checkpoint folder (config.json, weights, tokenizer files), which is replaced; anything
     else (a file, a folder with other files, the working directory) raises ``InputError`` before
-    anything is written. Temporary folders left by killed saves are removed. Returns the path.
+    anything is written. Temporary folders left by killed saves are removed. Returns the path. A quantized
+    model (:mod:`flashlm.models.quantize`) is refused: save the unquantized one and quantize on load.
     """
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", None) or any(
+            not t.is_floating_point() for n, t in model.state_dict().items() if n.endswith("weight")):
+        raise InputError(
+            "save_pretrained: the model is quantized (int8 weights under HF names would load as garbage into an "
+            "unquantized model); save the unquantized model and quantize on load: "
+            "from_pretrained(path, quantize='int8'), or torch.save(model.state_dict()) for a quantized copy"
+        )
     config: ModelConfig = model.config
     hf_config = config.to_hf_config()  # raises before anything is written if not expressible
     limit = _parse_size(max_shard_size)

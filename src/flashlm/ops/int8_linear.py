@@ -1,0 +1,296 @@
+"""Int8 weight-only linear: ``y = (x @ w_int8.T) * scale (+ bias)``, for decode (inference only).
+
+Weights are quantized per output channel, symmetric: ``scale[n] = absmax(w[n, :]) / 127`` and
+``w_int8 = clamp(round(w / scale), -127, 127)`` (:func:`quantize_int8`). A decode step reads every weight
+once per token, so reading one byte per weight instead of two is the ceiling this op raises (gpt-fast's
+int8 weight-only decode). Activations stay in x's dtype (bf16/fp16; fp32 for tests).
+
+- :func:`int8_linear_ref`: the torch reference, dequantize to x's dtype then ``F.linear``;
+- the Triton kernels, for decode shapes (``M = batch * tokens <= DECODE_MAX_M``): each program reads
+  its int8 weight tile once, converts it in registers and accumulates in fp32, then applies the row
+  scale and bias: a GEMV (no ``tl.dot``) for M == 1, ``tl.dot`` with M padded to 16 otherwise. Block
+  sizes come from :data:`CONFIGS` (keyed by M bucket, no autotuning: a CUDA-graph capture must not
+  autotune mid-capture); larger M (a prefill) dequantizes per call and runs torch's matmul;
+- :func:`int8_linear`: the public op (``ops._dispatch.dispatch``: the reference where Triton cannot run,
+  a custom op under torch.compile); no backward: it refuses inputs that require grad;
+- :class:`Int8Linear`: the module (``from_linear``) that :mod:`flashlm.models.quantize` puts in place of
+  a model's ``nn.Linear`` projections. CUDA-graph capturable: no host sync, no data-dependent allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flashlm.errors import InputError
+
+from ._dispatch import dispatch, triton
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["CONFIGS", "DECODE_MAX_M", "Int8Config", "Int8Linear", "dequantize_int8", "int8_linear",
+           "int8_linear_ref", "pick_config", "quantize_int8"]
+
+QMAX = 127  # symmetric range [-127, 127]: -128 unused, so negating a weight never overflows
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight (N, K) float -> (w_int8 (N, K) int8, scale (N,) fp32): symmetric per output row,
+    ``scale = absmax / 127`` (1 for an all-zero row, which then quantizes to zeros), round to nearest
+    (ties to even), clamped to [-127, 127]. Computed in fp32 from the weight as stored."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise InputError(f"quantize_int8: weight must be a 2-D float tensor (out_features, in_features), got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
+    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(w_int8: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, K) int8 and (N,) scale -> the weight in ``dtype`` (scaled in fp32, one rounding)."""
+    return (w_int8.float() * scale.float()[:, None]).to(dtype)
+
+
+def int8_linear_ref(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Torch reference: ``F.linear(x, dequantize_int8(w_int8, scale, x.dtype), bias)``. x (..., K),
+    w_int8 (N, K) int8, scale (N,), bias (N,) or None -> (..., N) in x's dtype."""
+    return F.linear(x, dequantize_int8(w_int8, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels and their block sizes
+
+@dataclass(frozen=True)
+class Int8Config:
+    """Tile of one program: BLOCK_M rows of x (1: the GEMV kernel; >= 16: tl.dot), BLOCK_N output
+    channels, BLOCK_K inputs per loop step; ``min_block_n``: :func:`pick_config` halves BLOCK_N down to it
+    while the grid would leave SMs idle (small N at small M)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    min_block_n: int = 16
+
+
+# M bucket (the largest M it serves) -> tile. PROVISIONAL: chosen for llama-1b decode shapes (K 2048 /
+# 8192, N 2048 .. 128256) without a GPU measurement; the lead tunes them with
+# `flashlm bench decode --int8-linears` (each program reads BLOCK_N x BLOCK_K int8 bytes per step).
+CONFIGS: dict[int, Int8Config] = {
+    1: Int8Config(1, 16, 512, num_warps=4, num_stages=3, min_block_n=4),
+    16: Int8Config(16, 64, 128, num_warps=4, num_stages=4),
+    32: Int8Config(32, 64, 128, num_warps=4, num_stages=4),
+    64: Int8Config(64, 64, 128, num_warps=4, num_stages=3),
+}
+DECODE_MAX_M = max(CONFIGS)  # above it (a prefill) the weight is dequantized and torch's matmul runs
+
+_SMS: dict = {}
+_PICKED: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _SMS.get(device)
+    if n is None:
+        n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        _SMS[device] = n
+    return n
+
+
+def pick_config(m: int, n: int, device: torch.device) -> Int8Config:
+    """The tile for an (m, n) output on ``device``: the smallest M bucket of :data:`CONFIGS` holding m,
+    BLOCK_N halved (down to ``min_block_n``) until the grid covers every SM. Cached per shape."""
+    key = (m, n, device)
+    cfg = _PICKED.get(key)
+    if cfg is None:
+        cfg = CONFIGS[min(b for b in CONFIGS if b >= m)]
+        block_n, sms = cfg.block_n, _sm_count(device)
+        while block_n > cfg.min_block_n and -(-n // block_n) * -(-m // cfg.block_m) < sms:
+            block_n //= 2
+        cfg = Int8Config(cfg.block_m, block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.min_block_n)
+        _PICKED[key] = cfg
+    return cfg
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(X, W, S, B, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+        # one row of x: y[n] = scale[n] * sum_k w[n, k] * x[k]; the products summed elementwise over the
+        # K loop in fp32 and reduced once at the end
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_in = rn % N  # rows past N read row (rn mod N) instead of masking; their results are not stored
+        rk = tl.arange(0, BLOCK_K)
+        w_ptrs = W + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                x = tl.load(X + k * BLOCK_K + rk)
+                w = tl.load(w_ptrs)
+            else:
+                in_k = rk < K - k * BLOCK_K
+                x = tl.load(X + k * BLOCK_K + rk, mask=in_k, other=0.0)
+                w = tl.load(w_ptrs, mask=in_k[None, :], other=0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w_ptrs += BLOCK_K
+        y = tl.sum(acc, axis=1) * tl.load(S + rn_in).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(B + rn_in).to(tl.float32)
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
+
+    @triton.jit
+    def _mm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) per step on tensor cores, the int8 tile converted to x's
+        # dtype in registers (exact: |w| <= 127); rows past M / N read in-range rows, never stored
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm_in, rn_in = rm % M, rn % N
+        rk = tl.arange(0, BLOCK_K)
+        x_ptrs = X + rm_in[:, None].to(tl.int64) * stride_xm + rk[None, :]
+        w_ptrs = W + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                in_k = rk < K - k * BLOCK_K
+                x = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=in_k[None, :], other=0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc = acc * tl.load(S + rn_in).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(B + rn_in).to(tl.float32)[None, :]
+        y_ptrs = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _launch(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """The Triton kernels for M <= DECODE_MAX_M rows, else dequantize + torch's matmul."""
+    n, k = w_int8.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > DECODE_MAX_M:
+        return int8_linear_ref(x, w_int8, scale, bias)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*x.shape[:-1], n)
+    if k == 0:
+        return y.zero_().add_(bias.to(x.dtype) if bias is not None else 0).reshape(*x.shape[:-1], n)
+    cfg = pick_config(m, n, x.device)
+    b = bias if bias is not None else scale  # any pointer; unread without HAS_BIAS
+    even_k = k % cfg.block_k == 0
+    if cfg.block_m == 1:
+        _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+            x2, w_int8, scale, b, y, n, k, w_int8.stride(0), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            HAS_BIAS=bias is not None, EVEN_K=even_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        _mm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))](
+            x2, w_int8, scale, b, y, m, n, k, x2.stride(0), w_int8.stride(0), y.stride(0), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=even_k,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# torch.compile path: an opaque custom op with a fake (no autograd: inference only)
+@torch.library.custom_op("flashlm_ops::int8_linear", mutates_args=())
+def _int8_linear_op(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    return _launch(x, w_int8, scale, bias)
+
+
+@_int8_linear_op.register_fake
+def _(x, w_int8, scale, bias):
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+_int8_linear = dispatch(None, _launch, _int8_linear_op, int8_linear_ref)
+
+
+def _check(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise InputError(f"int8_linear: weight must be a 2-D int8 tensor (N, K) from quantize_int8, got "
+                         f"{tuple(w_int8.shape)} {w_int8.dtype}")
+    n, k = w_int8.shape
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1:] != (k,):
+        raise InputError(f"int8_linear: x must be bf16/fp16/fp32 (..., K={k}), got {tuple(x.shape)} {x.dtype}")
+    if scale.shape != (n,) or not scale.is_floating_point():
+        raise InputError(f"int8_linear: scale must be a float (N={n},) tensor, got {tuple(scale.shape)} {scale.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise InputError(f"int8_linear: bias must be (N={n},) or None, got {tuple(bias.shape)}")
+    if w_int8.stride(-1) != 1:
+        raise InputError("int8_linear: the weight's last dim must be contiguous (row-major (N, K))")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise InputError("int8_linear is inference-only (int8 weight-only quantization has no backward): call it "
+                         "under torch.no_grad() / torch.inference_mode(), or on inputs that do not require grad; "
+                         "train the unquantized model instead")
+
+
+def int8_linear(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``(x @ w_int8.T) * scale + bias`` in x's dtype (fp32 accumulation). x (..., K) bf16/fp16/fp32,
+    w_int8 (N, K) int8 row-major, scale (N,) float, bias (N,) or None -> (..., N). Inference only: an
+    InputError where x or bias requires grad with grad enabled."""
+    _check(x, w_int8, scale, bias)
+    return _int8_linear(x, w_int8, scale, bias)
+
+
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` replacement holding int8 weights: ``weight`` (out, in) int8 (an ``nn.Parameter``
+    with ``requires_grad=False``, as torchao's and bitsandbytes' quantized weights are, so code that
+    finds a module's device from ``next(module.parameters())`` or keys a CUDA graph on the parameters'
+    addresses keeps working), the ``scale`` buffer (out,) fp32 and an optional frozen ``bias``.
+    ``forward`` is :func:`int8_linear`. Its state dict holds ``weight`` (int8), ``scale`` (and ``bias``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros((out_features, in_features), dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """The int8 copy of ``linear`` (:func:`quantize_int8` of its weight; its bias kept in its dtype),
+        on its device. ``linear`` is left unchanged (a tied weight stays the embedding's)."""
+        w = linear.weight
+        if w.device.type == "meta":
+            raise InputError("Int8Linear.from_linear: the weight is on the meta device (no values to quantize); "
+                             "load the weights first")
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
+                  dtype=w.dtype)
+        q, scale = quantize_int8(w)
+        mod.weight.copy_(q)
+        mod.scale.copy_(scale)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias)
+        if hasattr(linear, "split_sizes"):  # a fused projection's parts (flashlm.models.weights)
+            mod.split_sizes = linear.split_sizes
+        return mod
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight this module multiplies by, in ``dtype`` (default: the bias's, else bf16)."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.bfloat16)
+        return dequantize_int8(self.weight, self.scale, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_linear(x, self.weight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
