@@ -37,12 +37,14 @@ from flashlm.ops.cross_entropy import cross_entropy, linear_cross_entropy, logit
 from flashlm.ops.rotary import apply_rope_bshd, rotate_half  # noqa: F401 (rotate_half: for old paths)
 
 from .config import ModelConfig
+from .fp8 import swiglu_float8_linear
 from .kernels import (
     AttentionKernels,
     _aten_flash_dense,
     explain_plan,
     half_precision_inputs,
     loss_kind,
+    mlp_down_path,
     op_sets,
 )
 from .kv_cache import StaticKVCache
@@ -276,9 +278,10 @@ class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
 
 class FlashMLP(MLP):
     """The gated MLP with gate and up as ONE projection ``gate_up_proj`` (rows: gate, then up; saved and
-    loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU with the down projection as one op
-    (``ops.swiglu_linear``, which does not save the activation for the backward); GeGLU (Gemma2)
-    splits and applies its activation in torch."""
+    loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU with the down projection as one op that does
+    not save the activation for the backward: ``ops.swiglu_linear`` for a plain Linear, ``fp8.
+    swiglu_float8_linear`` for a torchao Float8Linear, else swiglu then the module (which path:
+    ``kernels.mlp_down_path``, shown by ``explain()``); GeGLU (Gemma2) applies its activation in torch."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -288,10 +291,12 @@ class FlashMLP(MLP):
     def forward(self, x: Tensor, ops) -> Tensor:
         """x (..., hidden) -> (..., hidden) with ``ops`` (the plan's op set, ``flashlm.ops.Ops``)."""
         gate_up = self.gate_up_proj(x)
-        if self.fused_act and type(self.down_proj) is torch.nn.Linear:
-            # one op with down_proj: autograd keeps gate_up, not the (..., I) activation
+        path = mlp_down_path(self)
+        if path == "swiglu_linear":  # one op with down_proj: autograd keeps gate_up, not the (..., I) activation
             return ops.swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
-        if self.fused_act:  # a wrapped down_proj (PEFT/LoRA, quantized): call the module itself
+        if path == "swiglu_float8_linear":  # the same around torchao's FP8 matmul
+            return swiglu_float8_linear(gate_up, self.down_proj, ops.swiglu)
+        if self.fused_act:  # another down_proj (int8, PEFT/LoRA, fuse_mlp=False): call the module itself
             return self.down_proj(ops.swiglu(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)

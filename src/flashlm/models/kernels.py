@@ -12,6 +12,10 @@
   :meth:`AttentionKernels.select` is the one function that answers which kernel a planned call runs
   (the forward calls it, and so does ``FlashForCausalLM.explain``); fp32 q/k/v in a half-precision
   model take the half kernels (:func:`half_precision_inputs`).
+- **Which linear** (:func:`mlp_down_path`): a projection may be a plain ``nn.Linear``, a torchao
+  ``Float8Linear`` (:mod:`flashlm.models.fp8`) or another module (int8, PEFT/LoRA); the MLP's SwiGLU and
+  down projection run as one node for the first two and as swiglu + the module otherwise, and
+  ``explain()`` names each layer's path (never a silent fallback).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from torch import Tensor
 
 from flashlm import ops as fused_ops
 
+from .fp8 import fuses_swiglu, linear_name
+
 if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["ATEN_DENSE_MAX_TOKENS", "MODES", "AttentionKernels", "aten_dense_eligible", "explain_plan",
-           "half_precision_inputs", "loss_kind", "mode_of", "op_sets"]
+           "half_precision_inputs", "loss_kind", "mlp_down_path", "mode_of", "op_sets"]
 
 MODES = ("eager", "compiled", "decode")
 _HALF = (torch.float16, torch.bfloat16)
@@ -187,6 +193,38 @@ class AttentionKernels:
 
 
 
+def mlp_down_path(mlp: nn.Module) -> str:
+    """How a flash MLP's activation meets its ``down_proj`` (``FlashMLP.forward`` and ``explain()`` both ask
+    here): "swiglu_linear" (a plain nn.Linear: ``ops.swiglu_linear``, one node that never saves the
+    (..., I) activation), "swiglu_float8_linear" (a torchao Float8Linear:
+    :func:`~flashlm.models.fp8.swiglu_float8_linear`, the same saving around torchao's FP8 matmul),
+    "swiglu+module" (any other module, or ``convert_to_fp8(fuse_mlp=False)``: ``ops.swiglu`` then the
+    module, autograd keeping the activation), "act+module" (GeGLU: the activation in torch, then the module)."""
+    down = mlp.down_proj
+    if not mlp.fused_act:
+        return "act+module"
+    if type(down) is torch.nn.Linear:
+        return "swiglu_linear"
+    return "swiglu_float8_linear" if fuses_swiglu(down) else "swiglu+module"
+
+
+_MLP_TEXT = {"swiglu_linear": "swiglu_linear (down_proj {down})",
+             "swiglu_float8_linear": "swiglu_float8_linear (down_proj {down}; the activation recomputed in backward)",
+             "swiglu+module": "swiglu + {down} (unfused: the (..., I) activation saved for backward)",
+             "act+module": "activation + {down}"}
+
+
+def _mlp_record(lm: nn.Module, loss: str | None) -> dict:
+    """explain()'s "mlp" (per layer: :func:`mlp_down_path` and down_proj's class) and "lm_head" (its class;
+    a converted head that the loss bypasses, reading ``lm_head.weight`` itself, says so)."""
+    mlp = [_MLP_TEXT[mlp_down_path(layer.mlp)].format(down=linear_name(layer.mlp.down_proj))
+           for layer in lm.model.layers]
+    head = linear_name(lm.lm_head)
+    if head.startswith("Float8Linear") and loss not in (None, "cross_entropy"):
+        head += f"; the loss ({loss}) reads lm_head.weight directly: its matmul is not FP8"
+    return {"mlp": mlp, "lm_head": head}
+
+
 def loss_kind(logits_wanted: bool, compiled: bool, softcapped: bool, tokens: int, vocab: int) -> str:
     """Which cross-entropy a forward with labels runs: "logits_cross_entropy" (eager, no softcap: one
     lm_head matmul + a row kernel writing the logits' gradient in place, over token chunks of at most
@@ -209,7 +247,8 @@ def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
     same functions its forward calls: {"plan": kind, "compiled", "mode", "ops": {op: implementation},
     "attention": [per layer: the kernel's name, "fused rotary_qkv_append + " first for a fused append],
     "loss": :func:`loss_kind` or None, "projections": {name: module class}, e.g. "Int8Linear" once
-    quantized}. Gradients and dropout as the forward would see them now."""
+    quantized, "mlp": [per layer: how SwiGLU meets down_proj (:func:`mlp_down_path`)], "lm_head": its
+    class}. Gradients and dropout as the forward would see them now."""
     params = next(lm.parameters())
     dev = params.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else params.dtype
@@ -234,4 +273,4 @@ def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
     from .quantize import projection_kinds
 
     return {"plan": plan.kind, "compiled": plan.compiled, "mode": plan.mode, "ops": dict(plan.ops.names),
-            "attention": attention, "loss": loss, "projections": projection_kinds(lm)}
+            "attention": attention, "loss": loss, "projections": projection_kinds(lm), **_mlp_record(lm, loss)}
