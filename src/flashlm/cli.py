@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "sanity": ("flashlm.sanity", "check the default model against transformers' LlamaForCausalLM"),
     "generate": ("flashlm.generation.cli", "generate text/tokens with a flashlm model"),
     "train": ("flashlm.train.cli", "train a model on local text with packing and checkpoints"),
+    "eval": ("flashlm.evaluate", "perplexity of a checkpoint on held-out text (and of its int8 copy: --quantize)"),
 }
 
 
