@@ -416,3 +416,49 @@ def test_eval_windows():
     assert [r.shape for r in windows(torch.arange(9), 4)] == [(2, 4)]  # a 1-token tail predicts nothing
     with pytest.raises(InputError, match="at least 2"):
         windows(torch.arange(1), 4)
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+def test_bench_decode_int8_rows(tmp_path):
+    """`flashlm bench decode --quantize int8`: an -int8 twin beside each flashlm row, its bytes per step the
+    int8 weights + fp32 scales (the tied-free tiny model: lm_head int8, the embedding left out), and the
+    int8 tokens compared with the unquantized row's."""
+    from flashlm.bench.decode import main, weight_read_bytes
+
+    out = tmp_path / "d.json"
+    assert main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp16", "--batch-sizes", "1", "--contexts", "8",
+                 "--new-tokens", "3", "--repeats", "1", "--models", "flashlm-eager,flashlm-graph", "--quantize",
+                 "int8", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [p["impl"] for p in data["points"]] == ["flashlm-eager", "flashlm-eager-int8", "flashlm-graph",
+                                                   "flashlm-graph-int8"]
+    q = quantize_model(_tiny())
+    assert data["weight_bytes_per_step_int8"] == weight_read_bytes(q)
+    c = q.config
+    int8 = sum(m.weight.numel() + 4 * m.out_features for m in q.modules() if isinstance(m, Int8Linear))
+    norms = 2 * c.hidden_size * (2 * c.num_layers + 1)
+    assert weight_read_bytes(q) == int8 + norms
+    eager = data["points"][1]
+    assert eager["status"] == "ok" and 0 <= eager["token_agreement_with_bf16"] <= 1
+    assert eager["bytes_per_step"] == data["weight_bytes_per_step_int8"] + 2 * c.num_layers * c.num_kv_heads * \
+        c.head_dim * 2 * (8 + 3 / 2)
+    assert main(["--device", "cpu", "--preset", "tiny", "--quantize", "int8"]) == 2  # fp32 on CPU: refused
+
+
+def test_bench_int8_linears(tmp_path, capsys):
+    from flashlm.bench.decode import main
+    from flashlm.bench.int8_linears import shapes
+    from flashlm.models import get_preset
+
+    assert shapes(get_preset("llama-1b")) == {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048),
+                                              "down": (2048, 8192), "lm_head": (128256, 2048)}
+    out = tmp_path / "l.json"
+    assert main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp16", "--batch-sizes", "1,3", "--int8-linears",
+                 "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 * 2 * 3 and all(r["status"] == "ok" and r["gb_per_s"] > 0 for r in rows)
+    assert all(r["max_rel_err_vs_dequant"] < 1e-2 for r in rows if r["impl"] == "int8-triton")
+    capsys.readouterr()
+    assert main(["--device", "cpu", "--int8-linears", "--linear-impls", "int4"]) == 2
+    assert "--linear-impls" in capsys.readouterr().err

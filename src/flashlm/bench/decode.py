@@ -45,9 +45,17 @@ tokens equal flashlm-eager's; exact for flashlm-graph, whose replay runs the eag
 inductor's fused kernels round differently, so in bf16 a near tie can flip a token),
 ``token_agreement_with_eager`` (flashlm-graph-inductor: fraction of equal tokens), ``compile_mode``
 (flashlm-graph-inductor), ``token_agreement_with_flashlm`` (hf-dynamic), ``compiled``
-(hf-static-compile). ``summary``: per implementation ``per_token_ms_b1_ctx128``,
+(hf-static-compile), ``token_agreement_with_bf16`` (``*-int8``: greedy tokens equal to the same row
+without int8). ``summary``: per implementation ``per_token_ms_b1_ctx128``,
 ``first_token_ms_b1_ctx128``, ``tokens_per_s_b32_ctx128``, plus ``speedup_vs_hf_static_compile_b1_ctx128``
-(flashlm-graph) and ``speedup_inductor_vs_graph_b1_ctx128`` when both rows ran.
+(flashlm-graph) and ``speedup_inductor_vs_graph_b1_ctx128`` when both rows ran, and
+``speedup_int8_vs_bf16_graph_b1_ctx128`` with int8 rows.
+
+``--quantize int8`` adds an ``<impl>-int8`` row beside each flashlm row (or name them in ``--models``): the
+same generate call on an int8 weight-only copy of the model (``flashlm.models.quantize``: projections and
+lm_head int8, per-channel scales); its bytes per step count int8 weights and their fp32 scales
+(``weight_bytes_per_step_int8``). ``--int8-linears`` runs only the int8 linear micro-benchmark at the
+preset's projection shapes (``flashlm.bench.int8_linears``; M = ``--batch-sizes``).
 """
 
 from __future__ import annotations
@@ -72,8 +80,11 @@ from flashlm.bench.records import error_record, free_cuda, kv_bytes_per_token, w
 from flashlm.bench.timing import time_once
 from flashlm.generation.cuda_graph import COMPILE_MODES
 
-IMPLS = ("flashlm-graph", "flashlm-graph-inductor", "flashlm-eager", "hf-dynamic", "hf-static-compile")
-GRAPH_IMPLS = ("flashlm-graph", "flashlm-graph-inductor")
+FLASHLM_IMPLS = ("flashlm-graph", "flashlm-graph-inductor", "flashlm-eager")
+INT8_IMPLS = tuple(f"{i}-int8" for i in FLASHLM_IMPLS)
+IMPLS = (*FLASHLM_IMPLS, "hf-dynamic", "hf-static-compile", *INT8_IMPLS)
+GRAPH_IMPLS = ("flashlm-graph", "flashlm-graph-inductor", "flashlm-graph-int8", "flashlm-graph-inductor-int8")
+DEFAULT_IMPLS = (*FLASHLM_IMPLS, "hf-dynamic", "hf-static-compile")
 TARGETS = {"per_token_ms_b1_ctx128": 1.2, "first_token_ms_b1_ctx128": 15.0, "tokens_per_s_b32": 20000.0}
 
 
@@ -89,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="model preset (default: llama-1b on CUDA, tiny on CPU)")
     p.add_argument("--batch-sizes", default=None, help="default: 1,8,32 on CUDA, 1,2 on CPU")
     p.add_argument("--contexts", default=None, help="prompt lengths; default: 128,2048,8192 on CUDA, 16,32 on CPU")
-    p.add_argument("--models", default=",".join(IMPLS), help=f"comma-separated among {', '.join(IMPLS)}")
+    p.add_argument("--models", default=",".join(DEFAULT_IMPLS), help=f"comma-separated among {', '.join(IMPLS)}")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="add an <impl>-int8 row (int8 weight-only copy of the model) beside each flashlm row")
+    p.add_argument("--int8-linears", action="store_true",
+                   help="only the int8 linear micro-benchmark at the preset's projection shapes, M = --batch-sizes "
+                        "(flashlm.bench.int8_linears)")
+    p.add_argument("--linear-impls", default="bf16,int8-triton,int8-dequant",
+                   help="with --int8-linears: among bf16, int8-triton, int8-dequant, torchao-int8wo")
     p.add_argument("--new-tokens", type=int, default=None, help="N decode steps timed (default 64; 8 on CPU)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
     p.add_argument("--inductor-mode", choices=COMPILE_MODES, default="default",
@@ -130,6 +148,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [m for m in args.models if m not in IMPLS]
     if bad or not args.models:
         raise ValueError(f"--models: unknown {bad or 'empty'}; choose among {', '.join(IMPLS)}")
+    if args.quantize:  # each flashlm row followed by its int8 twin
+        args.models = list(dict.fromkeys(x for m in args.models
+                                         for x in ((m, f"{m}-int8") if m in FLASHLM_IMPLS else (m,))))
+    if any(m in INT8_IMPLS for m in args.models) and args.torch_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError("int8 rows need --dtype bf16 or fp16 (int8 weights are dequantized into the activations' "
+                         f"dtype), got {args.torch_dtype}")
+    if args.int8_linears:
+        from flashlm.bench.int8_linears import LINEAR_IMPLS
+
+        impls = [x.strip() for x in args.linear_impls.split(",") if x.strip()]
+        if not impls or any(x not in LINEAR_IMPLS for x in impls):
+            raise ValueError(f"--linear-impls: choose among {', '.join(LINEAR_IMPLS)}, got {args.linear_impls!r}")
     if args.hf_compile_configs.strip() == "all":
         args.hf_compile_points = None
     else:
@@ -146,9 +176,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # Models and byte counts
 # --------------------------------------------------------------------------------------------------
 def weight_read_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: unique parameters (tied embeddings counted once), minus
-    an untied input embedding (a lookup reads only ``batch`` rows of it)."""
-    total = weight_bytes(model)
+    """Bytes of weights one decode step reads: unique parameters (tied embeddings counted once; int8 weights
+    and their fp32 scales), minus an untied input embedding (a lookup reads only ``batch`` rows of it)."""
+    from flashlm.ops.int8_linear import Int8Linear
+
+    total = weight_bytes(model) + sum(m.scale.numel() * m.scale.element_size() for m in model.modules()
+                                      if isinstance(m, Int8Linear))
     emb = model.model.embed_tokens.weight  # flashlm and transformers' Llama share these names
     if model.lm_head.weight.data_ptr() != emb.data_ptr():
         total -= emb.numel() * emb.element_size()
@@ -188,7 +221,7 @@ def make_runner(impl: str, flash, hf, max_cache_len: int, inductor_mode: str = "
         from flashlm.generation import generate
 
         graph = impl in GRAPH_IMPLS
-        compile = inductor_mode if impl == "flashlm-graph-inductor" else False
+        compile = inductor_mode if impl.startswith("flashlm-graph-inductor") else False
 
         def ours(ids, n):
             # eos_token_id=[]: no EOS at all; one cache capacity for every call of a grid point, so the
@@ -293,6 +326,9 @@ def summarize(points: list[dict[str, Any]]) -> dict[str, Any]:
     i = s["flashlm-graph-inductor"]
     if g["per_token_ms_b1_ctx128"] and i["per_token_ms_b1_ctx128"]:
         s["speedup_inductor_vs_graph_b1_ctx128"] = g["per_token_ms_b1_ctx128"] / i["per_token_ms_b1_ctx128"]
+    q = s["flashlm-graph-int8"]
+    if g["per_token_ms_b1_ctx128"] and q["per_token_ms_b1_ctx128"]:
+        s["speedup_int8_vs_bf16_graph_b1_ctx128"] = g["per_token_ms_b1_ctx128"] / q["per_token_ms_b1_ctx128"]
     return s
 
 
@@ -313,6 +349,11 @@ class _Sweep:
     peak_fields: dict[str, Any]
     points: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    flash_int8: torch.nn.Module | None = None  # the int8 copy (int8 rows only)
+    w_bytes_int8: int | None = None
+
+    def model(self, impl: str) -> torch.nn.Module:
+        return self.flash_int8 if impl.endswith("-int8") else self.flash
 
     def results(self) -> dict[str, Any]:
         """The JSON record of the points measured so far."""
@@ -320,7 +361,8 @@ class _Sweep:
         return {"benchmark": "decode", "preset": args.preset, "dtype": str(args.torch_dtype).replace("torch.", ""),
                 "device": str(args.device), "new_tokens": args.new_tokens, "repeats": args.repeats,
                 "inductor_mode": args.inductor_mode,
-                "weight_bytes_per_step": self.w_bytes, "kv_bytes_per_token_per_row": self.kv_tok,
+                "weight_bytes_per_step": self.w_bytes, "weight_bytes_per_step_int8": self.w_bytes_int8,
+                "kv_bytes_per_token_per_row": self.kv_tok,
                 **self.peak_fields,
                 "method": "first token = median T(1); per token = (median T(1+N) - median T(1)) / N; T = wall "
                           "time of one generate call, device synchronized; GB/s = (weights + KV of batch x "
@@ -356,7 +398,16 @@ def _build_sweep(args: argparse.Namespace, log: Callable[[str], None]) -> _Sweep
             if args.gpu_name else "a CPU run (pass --peak-gbs to get one)"))
     peak_fields = peak.as_dict() if peak is not None else {
         "peak_gbs": None, "peak_basis": None, "peak_gpu": None, "peak_label": None}
-    return _Sweep(args, config, flash, hf, w_bytes, kv_tok, peak_fields, notes=notes)
+    sweep = _Sweep(args, config, flash, hf, w_bytes, kv_tok, peak_fields, notes=notes)
+    if any(m.endswith("-int8") for m in args.models):
+        import copy
+
+        from flashlm.models.quantize import quantize_model
+
+        sweep.flash_int8 = quantize_model(copy.deepcopy(flash), "int8")
+        sweep.w_bytes_int8 = weight_read_bytes(sweep.flash_int8)
+        log(f"int8 copy: weights read per step {sweep.w_bytes_int8 / 1e9:.3f} GB")
+    return sweep
 
 
 def _measure_point(sw: _Sweep, point: dict[str, Any], ids: torch.Tensor, max_cache_len: int,
@@ -370,7 +421,7 @@ def _measure_point(sw: _Sweep, point: dict[str, Any], ids: torch.Tensor, max_cac
     impl, batch, ctx, n = point["impl"], point["batch"], point["context"], point["new_tokens"]
     t0 = time.perf_counter()
     try:
-        runner = make_runner(impl, sw.flash, sw.hf, max_cache_len, args.inductor_mode)
+        runner = make_runner(impl, sw.model(impl), sw.hf, max_cache_len, args.inductor_mode)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if impl.startswith("flashlm") and args.attn_backend:
@@ -380,7 +431,7 @@ def _measure_point(sw: _Sweep, point: dict[str, Any], ids: torch.Tensor, max_cac
             res = measure(runner, ids, n, args.repeats, device)
         tokens[impl] = res.pop("_tokens").cpu()
         point.update(status="ok", **res)
-        read = sw.w_bytes + sw.kv_tok * batch * (ctx + n / 2)
+        read = (sw.w_bytes_int8 if impl.endswith("-int8") else sw.w_bytes) + sw.kv_tok * batch * (ctx + n / 2)
         point["bytes_per_step"] = read
         if point["per_token_ms"] > 0:
             point["gb_per_s"] = read / (point["per_token_ms"] / 1e3) / 1e9
@@ -390,13 +441,13 @@ def _measure_point(sw: _Sweep, point: dict[str, Any], ids: torch.Tensor, max_cac
             point["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         if impl == "hf-static-compile":
             point["compiled"] = getattr(sw.hf, "_compiled_call", None) is not None
-        if impl == "flashlm-graph-inductor":
+        if impl.startswith("flashlm-graph-inductor"):
             point["compile_mode"] = args.inductor_mode
     except Exception as e:  # noqa: BLE001 one point failing (OOM, compile error) must not end the sweep
         point.update(error_record(e, with_traceback=False))
     point["wall_s"] = time.perf_counter() - t0
     if impl in GRAPH_IMPLS:
-        release_graphs(sw.flash)  # the next grid point has another cache shape
+        release_graphs(sw.model(impl))  # the next grid point has another cache shape
     free_cuda(device)
 
 
@@ -412,13 +463,18 @@ def _token_riders(grid_points: list[dict[str, Any]], tokens: dict[str, torch.Ten
     """Correctness riders on one grid point's records: same greedy tokens graph vs eager (same kernels;
     inductor's fused ones round differently: its agreement is recorded too); agreement with HF."""
     for graph_impl in GRAPH_IMPLS:
-        if graph_impl in tokens and "flashlm-eager" in tokens:
-            same = tokens[graph_impl] == tokens["flashlm-eager"]
+        eager = "flashlm-eager-int8" if graph_impl.endswith("-int8") else "flashlm-eager"
+        if graph_impl in tokens and eager in tokens:
+            same = tokens[graph_impl] == tokens[eager]
             for p in grid_points:
                 if p["impl"] == graph_impl and p["status"] == "ok":
                     p["graph_tokens_equal_eager"] = bool(same.all())
-                    if graph_impl == "flashlm-graph-inductor":
+                    if graph_impl.startswith("flashlm-graph-inductor"):
                         p["token_agreement_with_eager"] = float(same.float().mean())
+    for p in grid_points:  # int8 vs the same path in the model's dtype
+        base = p["impl"].removesuffix("-int8")
+        if p["impl"].endswith("-int8") and p["status"] == "ok" and base in tokens and p["impl"] in tokens:
+            p["token_agreement_with_bf16"] = float((tokens[p["impl"]] == tokens[base]).float().mean())
     ours = tokens.get("flashlm-eager", tokens.get("flashlm-graph"))
     if ours is not None and "hf-dynamic" in tokens:
         for p in grid_points:
@@ -485,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.output, "w") as f:
                 json.dump(partial, f, indent=2, default=str)
 
+    if args.int8_linears:
+        return _main_linears(args, command, env, write_json)
     results = run(args, checkpoint=save)
     save(results)
     results.update(command=command, environment=env, table=format_table(results["points"], results["peak_label"]))
@@ -495,6 +553,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output}")
     print(json.dumps(results["summary"], default=lambda x: None))
     return 0 if all(p["status"] in ("ok", "skipped") for p in results["points"]) else 1
+
+
+def _main_linears(args: argparse.Namespace, command: str, env: dict[str, Any], write_json) -> int:
+    """``--int8-linears``: the micro-benchmark's rows, table and JSON instead of the decode sweep."""
+    from flashlm.bench.int8_linears import format_table as linears_table
+    from flashlm.bench.int8_linears import run_linears
+
+    results = run_linears(args)
+    results.update(command=command, environment=env, table=linears_table(results["rows"]))
+    if args.output:
+        if write_json is not None:
+            write_json(results, args.output)
+        else:
+            with open(args.output, "w") as f:
+                json.dump(results, f, indent=2, default=str)
+    print(results["table"])
+    if args.output:
+        print(f"wrote {args.output}")
+    print(json.dumps({"rows": len(results["rows"]), "errors": sum(r["status"] != "ok" for r in results["rows"])}))
+    return 0 if all(r["status"] == "ok" for r in results["rows"]) else 1
 
 
 if __name__ == "__main__":

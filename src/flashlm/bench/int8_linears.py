@@ -1,0 +1,139 @@
+"""`flashlm bench decode --int8-linears`: the int8 weight-only linear alone, at a preset's decode shapes.
+
+For each projection of the preset (qkv, o, gate_up, down, lm_head: (N, K) from its config) and each M in
+``--batch-sizes`` (tokens per decode step), microseconds per call and GB/s read of:
+
+- ``bf16``: ``F.linear`` on the weight in the model's dtype (cuBLAS), the bf16 decode's matmul;
+- ``int8-triton``: :func:`flashlm.ops.int8_linear.int8_linear` (our kernels for M <= DECODE_MAX_M);
+- ``int8-dequant``: :func:`~flashlm.ops.int8_linear.int8_linear_ref` (dequantize per call + matmul);
+- ``torchao-int8wo`` (only when named in ``--linear-impls``): torchao's ``Int8WeightOnlyConfig`` on an
+  ``nn.Linear``, ``torch.compile``d (how torchao runs it fast; one compile per shape).
+
+On CUDA each call is timed from a CUDA-graph replay (``bench.timing.graph_replay_s``: GPU time, no launch
+cost) over enough copies of the weight to exceed the L2 cache (a replayed single weight of a few MB would
+be served from L2, which a decode step reading 1-2 GB of weights never is). GB/s = (weight bytes (+ the
+fp32 scales) + x + y) / time; ``pct_of_peak`` against the copy bandwidth of ``flashlm.bench.bandwidth``.
+On CPU it checks the command, not the speed. Each int8 row carries ``max_rel_err_vs_dequant``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flashlm.ops.int8_linear import int8_linear, int8_linear_ref, pick_config, quantize_int8
+
+LINEAR_IMPLS = ("bf16", "int8-triton", "int8-dequant", "torchao-int8wo")
+DEFAULT_LINEAR_IMPLS = "bf16,int8-triton,int8-dequant"
+_L2_DEFEAT_BYTES = 256 * 2**20  # > 4x the H100's / H200's 50 MB L2
+
+
+def shapes(config) -> dict[str, tuple[int, int]]:
+    """{projection: (N, K)} of one decoder layer and lm_head for a ModelConfig."""
+    c, d = config, config.head_dim
+    return {"qkv": ((c.num_heads + 2 * c.num_kv_heads) * d, c.hidden_size), "o": (c.hidden_size, c.num_heads * d),
+            "gate_up": (2 * c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size),
+            "lm_head": (c.vocab_size, c.hidden_size)}
+
+
+def _callers(impl: str, weights: list[torch.Tensor], dtype: torch.dtype) -> list[Callable]:
+    """One callable x -> y per weight copy for ``impl``."""
+    if impl == "bf16":
+        return [lambda x, w=w: F.linear(x, w) for w in weights]
+    if impl in ("int8-triton", "int8-dequant"):
+        fn = int8_linear if impl == "int8-triton" else int8_linear_ref
+        packed = [quantize_int8(w) for w in weights]
+        return [lambda x, q=q, s=s: fn(x, q, s) for q, s in packed]
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # impl == "torchao-int8wo"
+
+    out = []
+    for w in weights:
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=dtype)
+        lin.weight.data.copy_(w)
+        quantize_(lin, Int8WeightOnlyConfig())
+        out.append(torch.compile(lin, dynamic=False))
+    return out
+
+
+def _time_s(calls: list[Callable], x: torch.Tensor, device: torch.device) -> float:
+    """Seconds per call, every weight copy called once per timed run."""
+    from flashlm.bench.timing import graph_replay_s, time_loop
+
+    def run():
+        for c in calls:
+            c(x)
+
+    if device.type == "cuda":
+        run()  # JIT / compile outside the graph
+        torch.cuda.synchronize()
+        return graph_replay_s(run) / len(calls)
+    return time_loop(run, iters=3, warmup=1, device=device).wall_s / len(calls)
+
+
+def _row(name: str, n: int, k: int, m: int, impl: str, weights, x, args: argparse.Namespace) -> dict[str, Any]:
+    row: dict[str, Any] = {"shape": name, "n": n, "k": k, "m": m, "impl": impl}
+    try:
+        calls = _callers(impl, weights, args.torch_dtype)
+        with torch.no_grad():
+            t = _time_s(calls, x, args.device)
+            if impl != "bf16":
+                want = int8_linear_ref(x, *quantize_int8(weights[0]))
+                row["max_rel_err_vs_dequant"] = float((calls[0](x).float() - want.float()).abs().max()
+                                                      / want.float().abs().max().clamp_min(1e-30))
+    except Exception as e:  # noqa: BLE001 one impl failing (torchao missing, a compile error) ends only its row
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+        return row
+    w_bytes = n * k * (weights[0].element_size() if impl == "bf16" else 1) + (0 if impl == "bf16" else 4 * n)
+    moved = w_bytes + (m * k + m * n) * x.element_size()
+    row.update(status="ok", us=t * 1e6, bytes=moved, gb_per_s=moved / t / 1e9)
+    if args.peak is not None:
+        row["pct_of_peak"] = 100 * row["gb_per_s"] / args.peak.gbs
+    if impl == "int8-triton":
+        cfg = pick_config(m, n, args.device)
+        row["tile"] = [cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages]
+    return row
+
+
+def run_linears(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every (projection, M, impl) row of the preset; the JSON record."""
+    from flashlm.models.config import get_preset
+
+    impls = [s.strip() for s in args.linear_impls.split(",") if s.strip()]
+    bad = [i for i in impls if i not in LINEAR_IMPLS]
+    if bad or not impls:
+        raise ValueError(f"--linear-impls: unknown {bad or 'empty'}; choose among {', '.join(LINEAR_IMPLS)}")
+    config, device, dtype = get_preset(args.preset), args.device, args.torch_dtype
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for name, (n, k) in shapes(config).items():
+        copies = max(1, min(64, -(-_L2_DEFEAT_BYTES // (n * k)))) if device.type == "cuda" else 1
+        weights = [(torch.randn(n, k, generator=gen) * 0.02).to(device, dtype) for _ in range(copies)]
+        for m in args.batch_sizes:
+            x = torch.randn(m, k, generator=gen).to(device, dtype)
+            for impl in impls:
+                row = _row(name, n, k, m, impl, weights, x, args)
+                rows.append(row)
+                log(f"  {name:<8} {n:>6} x {k:<5} M {m:>3} {impl:<15} " + (
+                    f"{row['us']:9.1f} us {row['gb_per_s']:7.0f} GB/s" if row["status"] == "ok" else row["error"]))
+        del weights
+    peak = args.peak.as_dict() if args.peak is not None else {"peak_gbs": None}
+    return {"benchmark": "int8_linears", "preset": args.preset, "dtype": str(dtype).replace("torch.", ""),
+            "device": str(device), **peak, "method": "GPU time per call from a CUDA-graph replay over weight "
+            "copies exceeding L2; GB/s = (weight + scales + x + y bytes) / time", "rows": rows}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the rows."""
+    out = ["| shape | N x K | M | impl | us | GB/s | % peak | rel err |", "|---|---|--:|---|--:|--:|--:|--:|"]
+    for r in rows:
+        if r["status"] != "ok":
+            out.append(f"| {r['shape']} | {r['n']} x {r['k']} | {r['m']} | {r['impl']} | {r['error'][:60]} | | | |")
+            continue
+        pct, err = r.get("pct_of_peak"), r.get("max_rel_err_vs_dequant")
+        out.append(f"| {r['shape']} | {r['n']} x {r['k']} | {r['m']} | {r['impl']} | {r['us']:.1f} | "
+                   f"{r['gb_per_s']:.0f} | {'' if pct is None else f'{pct:.0f}'} | {'' if err is None else f'{err:.1e}'} |")
+    return "\n".join(out)
