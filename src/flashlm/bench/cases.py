@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flashlm.bench.batch import Batch, make_batch
-from flashlm.bench.config import BenchConfig
+from flashlm.bench.config import BenchConfig, base_name, fp8_recipe
 from flashlm.bench.records import PeakMemory, error_record, free_cuda, kv_bytes_per_token, weight_bytes
 from flashlm.bench.timing import Timing, summarize, time_calls, time_steps
 
@@ -33,16 +33,17 @@ def _timed_steps(step: Callable[[], Any], cfg: BenchConfig, tick: Callable[[], N
 
 def _compiled(name: str, model):
     """--compile: the flash model as ONE graph (fullgraph: a graph break is an error, not a silent
-    slowdown; its planner takes sync-free plans under compile), the others as torch.compile makes them."""
-    if name == "flash":  # planned as compiled inside the graph only: its eager calls (generate) stay eager
+    slowdown; its planner takes sync-free plans under compile), the others as torch.compile makes them
+    (an FP8 row as its base model: torchao's float8 casts are meant to run compiled)."""
+    if base_name(name) == "flash":  # planned as compiled inside the graph only: its eager calls (generate) stay eager
         return model.compile_forward(fullgraph=True)
     return torch.compile(model)
 
 
 def run_train(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[str, Any]:
-    inputs = batch.model_inputs(name)
+    inputs = batch.model_inputs(base_name(name))
     extra = {}
-    if name == "flash" and _accepts_named(model.forward, "return_logits"):
+    if base_name(name) == "flash" and _accepts_named(model.forward, "return_logits"):
         extra["return_logits"] = False  # fused linear cross-entropy: no (tokens x vocab) logits
     model.train()
     fwd = _compiled(name, model) if cfg.compile else model
@@ -74,9 +75,11 @@ def run_train(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[st
 
 
 def run_forward(name: str, model, batch: Batch, cfg: BenchConfig, tick) -> dict[str, Any]:
-    inputs = batch.model_inputs(name)
+    inputs = batch.model_inputs(base_name(name))
     fwd = _compiled(name, model) if cfg.compile else model
-    with torch.inference_mode(), PeakMemory(cfg.device) as mem:
+    # FP8 rows under no_grad: torchao's rowwise cast cannot reshape an inference tensor (torchao 0.18)
+    no_grad = torch.no_grad if fp8_recipe(name) else torch.inference_mode
+    with no_grad(), PeakMemory(cfg.device) as mem:
         times = _timed_steps(lambda: fwd(**inputs, use_cache=False), cfg, tick)
         last_logits = fwd(**inputs, use_cache=False).logits[:, -1, :].float().cpu()
     res = {"status": "ok", **times.summary(), **mem.record(), "compiled": cfg.compile}

@@ -24,7 +24,7 @@ import torch
 
 from flashlm._util import DTYPE_ALIASES, DTYPES
 from flashlm.bench.cli_common import check_output_file as _check_output_file
-from flashlm.bench.config import CASE_NAMES, MODEL_NAMES, BenchConfig
+from flashlm.bench.config import CASE_NAMES, FP8_BASES, MODEL_NAMES, BenchConfig
 from flashlm.cli import BENCH_SUBCOMMANDS as SUBCOMMANDS
 
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"subcommands (`flashlm bench <name> --help` for their options):\n{subs}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="preset name (tiny, small, llama-1b) or an HF checkpoint folder "
+                   help="preset name (tiny, small, llama-1b, llama-3b) or an HF checkpoint folder "
                         "(default: small on CUDA, tiny on CPU)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=256, help="tokens per row (also the generation prompt length)")
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flashlm's generate/decode cases: 'auto' (generate()'s default: the flash model's decode "
                         "step replayed from a CUDA graph on CUDA, eager elsewhere; each row records its "
                         "decode_path) or 'off' (eager decode steps)")
+    p.add_argument("--fp8", default=None,
+                   help="comma-separated FP8 recipes among tensorwise, rowwise (torchao float8, pip install "
+                        "'flashlm[fp8]'; bf16): adds a row <model>-fp8-<recipe> after the default and flash rows "
+                        "of --compare, the same weights with Float8Linear projections (train and forward cases)")
     p.add_argument("--compare", default="default,flash,hf-sdpa",
                    help=f"comma-separated models among {', '.join(MODEL_NAMES)}")
     p.add_argument("--cases", default="train,forward,generate",
@@ -119,6 +123,28 @@ def _check_backend(name: str) -> None:
                          f"available: {', '.join(available_backends())}")
 
 
+def _check_fp8(value: str | None, compare: tuple[str, ...], dtype: str, device: str, notes: list[str]
+               ) -> tuple[str, ...]:
+    """--fp8's recipes, refused where its rows cannot run: torchao missing, no default/flash row to convert,
+    a dtype other than bf16, a GPU before compute capability 8.9. On CPU the rows run (torch's CPU
+    _scaled_mm) with a note: they check the command, not FP8 speed."""
+    if value is None:
+        return ()
+    from flashlm.models.fp8 import RECIPES, check_fp8_available, check_fp8_device
+
+    recipes = _csv(value, "--fp8", RECIPES)
+    check_fp8_available()
+    if not set(compare) & set(FP8_BASES):
+        raise ValueError(f"--fp8 converts the {' and '.join(FP8_BASES)} rows: add one to --compare")
+    if dtype != "bf16":
+        raise ValueError(f"--fp8 computes in bf16 around its float8 matmuls: pass --dtype bf16 (got {dtype})")
+    if device == "cpu":
+        notes.append("--fp8 on CPU: torch's CPU float8 matmul, nothing like an FP8 GPU's speed")
+    else:
+        check_fp8_device(device)
+    return recipes
+
+
 def parse_args(argv: list[str]) -> tuple[BenchConfig, argparse.Namespace, list[str]]:
     """Flags -> (BenchConfig, raw namespace, notes to print). Raises ValueError on a bad flag."""
     args = build_parser().parse_args(argv)
@@ -168,13 +194,14 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, argparse.Namespace, list[s
     _check_model(model)
     if args.attn_backend is not None:
         _check_backend(args.attn_backend)
+    fp8 = _check_fp8(args.fp8, compare, dtype, device, notes)
     cfg = BenchConfig(model=model, batch_size=args.batch_size, seq_length=args.seq_length,
                       warmup_steps=args.warmup_steps, benchmark_steps=args.benchmark_steps, dtype=dtype,
                       device=device, attn_backend=args.attn_backend, padding_ratio=args.padding_ratio,
                       packed=args.packed, compile=args.compile, cuda_graph=args.cuda_graph,
                       compare=compare, cases=cases,
                       new_tokens=args.new_tokens, decode_batch_sizes=decode_bs, decode_contexts=decode_ctx,
-                      seed=args.seed, progress=not args.no_progress)
+                      seed=args.seed, progress=not args.no_progress, fp8=fp8)
     return cfg, args, notes
 
 

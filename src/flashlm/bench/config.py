@@ -14,6 +14,24 @@ MODEL_NAMES = ("default", "flash", "hf-eager", "hf-sdpa", "hf-liger", "hf-flashl
 GENERATION_ONLY = {"hf-static": "HF sdpa with a static cache in generate (transformers compiles its decode step on CUDA)"}
 CASE_NAMES = ("train", "forward", "generate", "decode")
 HF_ATTN = {"hf-eager": "eager", "hf-sdpa": "sdpa", "hf-liger": "sdpa", "hf-flashlm": None, "hf-static": "sdpa"}
+# --fp8 adds a row "<base>-fp8-<recipe>" after each of these bases in --compare: the same weights with
+# torchao Float8Linear projections (flashlm.models.fp8); such rows time train and forward only
+FP8_BASES = ("default", "flash")
+FP8_CASES = ("train", "forward")
+
+
+def fp8_row(base: str, recipe: str) -> str:
+    return f"{base}-fp8-{recipe}"
+
+
+def base_name(row: str) -> str:
+    """The compared model a row runs ("flash" for "flash-fp8-rowwise")."""
+    return row.partition("-fp8-")[0]
+
+
+def fp8_recipe(row: str) -> str | None:
+    """The FP8 recipe of a ``--fp8`` row, None for the others."""
+    return row.partition("-fp8-")[2] or None
 
 
 @dataclass
@@ -39,7 +57,17 @@ class BenchConfig:
     decode_contexts: tuple[int, ...] = (128, 2048, 8192)
     seed: int = 0
     progress: bool = True
+    fp8: tuple[str, ...] = ()  # --fp8 recipes: adds fp8 rows (row_names)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def row_names(self) -> list[str]:
+        """The rows in order: ``compare``, each of :data:`FP8_BASES` followed by its ``--fp8`` rows."""
+        rows = []
+        for name in self.compare:
+            rows.append(name)
+            if name in FP8_BASES:
+                rows += [fp8_row(name, recipe) for recipe in self.fp8]
+        return rows

@@ -37,7 +37,7 @@ import torch
 
 from flashlm.bench.batch import Batch, make_batch
 from flashlm.bench.cases import packed_isolation, run_decode, run_forward, run_generate, run_train
-from flashlm.bench.config import GENERATION_ONLY, BenchConfig
+from flashlm.bench.config import FP8_CASES, GENERATION_ONLY, BenchConfig, base_name, fp8_recipe
 from flashlm.bench.records import error_record, free_cuda, weight_bytes
 from flashlm.bench.rows import load_model, model_unavailable, prepare_weights, restoring_llama_module
 from flashlm.bench.timing import time_once
@@ -137,7 +137,7 @@ class _Progress:
         self.steps = cfg.warmup_steps + cfg.benchmark_steps
         self.per_step = {"decode": len(cfg.decode_batch_sizes) * len(cfg.decode_contexts)}
         self.per_model = sum(self.per_step.get(c, 1) for c in cases) * self.steps
-        self.bar = tqdm(total=len(cfg.compare) * self.per_model, desc="bench", unit="step",
+        self.bar = tqdm(total=len(cfg.row_names()) * self.per_model, desc="bench", unit="step",
                         disable=not cfg.progress, mininterval=0.5, dynamic_ncols=True)
 
     def case_total(self, case: str) -> int:
@@ -152,11 +152,30 @@ def _load_row(name: str, path: str, cfg: BenchConfig, rec: dict[str, Any], notes
         rec.update(status="ok", load_s=load_s,
                    parameters=sum(p.numel() for p in model.parameters()),
                    weight_bytes=weight_bytes(model))
+        if fp8_recipe(name) is not None:
+            rec["fp8"] = _fp8_record(name, model)
         return model
     except Exception as e:  # noqa: BLE001 a model that cannot load is a row, not a crash
         rec.update(error_record(e))
         notes.append(f"{name} failed to load: {rec['error']}")
         return None
+
+
+def _fp8_record(name: str, model) -> dict[str, Any]:
+    """An FP8 row's conversion: its recipe, each projection's class, and (flash) how each MLP's SwiGLU meets
+    its Float8Linear down_proj (``flashlm.models.kernels.mlp_down_path``)."""
+    from flashlm.models.fp8 import linear_name
+    from flashlm.models.kernels import mlp_down_path
+
+    kinds: dict[str, set] = {}
+    for mod_name, mod in model.named_modules():
+        leaf = mod_name.rpartition(".")[2]
+        if leaf.endswith("_proj") or leaf == "lm_head":
+            kinds.setdefault(leaf, set()).add(linear_name(mod))
+    rec = {"recipe": fp8_recipe(name), "projections": {k: ", ".join(sorted(v)) for k, v in kinds.items()}}
+    if base_name(name) == "flash":
+        rec["mlp"] = sorted({mlp_down_path(layer.mlp) for layer in model.model.layers})
+    return rec
 
 
 def _record_isolation(name: str, model, batch: Batch, rec: dict[str, Any], notes: list[str]) -> None:
@@ -246,6 +265,11 @@ def _run_model(name: str, path: str, batch: Batch, cases: list[str], cfg: BenchC
                                               "error": f"generation-only row: {GENERATION_ONLY[name]}"}
                         bar.update(progress.steps)
                         continue
+                    if fp8_recipe(name) is not None and case not in FP8_CASES:
+                        rec["cases"][case] = {"status": "skipped", "error": "FP8 rows time training and the "
+                                              "forward (torchao float8 training); generation stays bf16"}
+                        bar.update(progress.case_total(case))
+                        continue
                     r = _run_case(case, name, model, batch, cfg, progress, model_config)
                     _compare_to_reference(name, r, refs)
                     rec["cases"][case] = r
@@ -266,7 +290,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         batch, cases = _build_inputs(cfg, results, model_config)
         progress = _Progress(cfg, cases, tqdm)
         refs: dict[str, Any] = {"logits": None, "tokens": None}
-        for name in cfg.compare:
+        for name in cfg.row_names():
             _run_model(name, path, batch, cases, cfg, model_config, results, progress, refs, log)
         progress.bar.close()
     return results

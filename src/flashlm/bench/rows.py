@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 
-from flashlm.bench.config import HF_ATTN, BenchConfig
+from flashlm.bench.config import HF_ATTN, BenchConfig, base_name, fp8_recipe
 from flashlm.bench.records import free_cuda
 
 
@@ -35,6 +35,12 @@ def restoring_llama_module():
 
 def model_unavailable(name: str) -> str | None:
     """Why a compared model cannot run in this environment (a skip note), or None."""
+    if fp8_recipe(name) is not None:
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            return "torchao is not installed (pip install 'flashlm[fp8]')"
+        name = base_name(name)
     if name.startswith("hf-"):
         try:
             import transformers  # noqa: F401
@@ -63,7 +69,15 @@ def model_unavailable(name: str) -> str | None:
 
 
 def load_model(name: str, path: str, cfg: BenchConfig) -> torch.nn.Module:
-    """Load compared model ``name`` from checkpoint folder ``path`` on cfg.device in cfg.dtype."""
+    """Load compared model ``name`` from checkpoint folder ``path`` on cfg.device in cfg.dtype; a ``--fp8``
+    row is its base model converted to FP8 (``flashlm.models.fp8.convert_to_fp8``; on CPU only with a note,
+    see ``flashlm.bench.cli``)."""
+    recipe = fp8_recipe(name)
+    if recipe is not None:
+        from flashlm.models.fp8 import convert_to_fp8
+
+        model = load_model(base_name(name), path, cfg)
+        return convert_to_fp8(model, recipe, allow_cpu=cfg.device == "cpu")
     dtype = cfg.torch_dtype
     if name in ("default", "flash"):
         from flashlm.models import from_pretrained

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from flashlm.errors import InputError
+from flashlm.models.fp8 import RECIPES, check_fp8_available, check_fp8_device
 from flashlm.train import run_folder
 from flashlm.train.inputs import DEFAULT_BPE_VOCAB, DEFAULT_SEQ_LENGTH
 from flashlm.train.loop import TrainingInterrupted, TrainResult, run_training
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="preset name (tiny, small, llama-1b) or an HF checkpoint folder")
+    g.add_argument("--model", default="tiny",
+                   help="preset name (tiny, small, llama-1b, llama-3b) or an HF checkpoint folder")
     g.add_argument("--attn", default="flash", choices=("flash", "default"),
                    help="model class; 'default' (eager) does not isolate packed documents from each other")
     g.add_argument("--vocab-size", type=int, default=None,
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 in one process: bf16 parameters + fp32 master weights in the optimizer "
                         "(master, default) or fp32 parameters under torch.autocast")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    g.add_argument("--fp8", default=None, choices=RECIPES,
+                   help="FP8 matmuls in the decoder layers' projections (torchao float8, pip install "
+                        "'flashlm[fp8]'; a GPU of compute capability 8.9+, bf16): 'tensorwise' (under torchrun "
+                        "its weights are all-gathered in float8) or 'rowwise'; lm_head and checkpoints stay bf16")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in backward")
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     g.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default by GPU name)")
@@ -144,6 +150,26 @@ def check_args(args: argparse.Namespace) -> None:
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ValueError(f"--vocab-size must be >= 1, got {args.vocab_size}")
     check_device(args.device)
+    check_fp8_flag(args)
+
+
+def check_fp8_flag(args: argparse.Namespace) -> None:
+    """``--fp8`` needs torchao, bf16 compute and a CUDA GPU of compute capability 8.9+ (the device the run
+    would take, as `init_distributed` picks it): refused here, before the run touches --output."""
+    if args.fp8 is None:
+        return
+    check_fp8_available()
+    if args.device is not None:
+        device = torch.device(args.device)
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
+    if device is None or device.type != "cuda":
+        raise InputError(f"--fp8 {args.fp8}: FP8 matmuls need a CUDA GPU of compute capability 8.9+ (H100, H200, "
+                         f"L40S); this run is on {device or 'cpu'} (no CUDA device): drop --fp8")
+    check_fp8_device(device)
+    if args.dtype == "fp32":
+        raise InputError(f"--fp8 {args.fp8} computes in bf16 around its float8 matmuls: drop --dtype fp32 "
+                         "(--dtype bf16, the CUDA default)")
 
 
 def check_device(device_arg: str | None) -> None:

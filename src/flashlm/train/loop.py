@@ -38,12 +38,13 @@ import torch
 from torch import nn
 
 from flashlm.attention.padding import prepare_from_position_ids
+from flashlm.errors import InputError
 from flashlm.ops.adamw import MasterWeightAdamW
 from flashlm.train import checkpoint as ckpt
 from flashlm.train import data as fdata
 from flashlm.train import run_folder
 from flashlm.train.inputs import PreparedData, prepare_data
-from flashlm.train.parallel import Dist, apply_activation_checkpointing, apply_fsdp, compile_layers
+from flashlm.train.parallel import Dist, apply_activation_checkpointing, apply_fp8, apply_fsdp, compile_layers
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
@@ -203,6 +204,7 @@ class _Run:
     # seconds of each step after the first (throughput, MFU, the median step)
     timed_step_s: list = field(default_factory=list)
     last_ckpt: Path | None = None
+    after_step: Callable[[], None] | None = None  # run after each optimizer step (--fp8 under FSDP2)
 
 
 def run_training(args, out: Path, dd: Dist, device: torch.device) -> TrainResult:
@@ -219,7 +221,7 @@ def _train_locked(args, out: Path, dd: Dist, device: torch.device) -> TrainResul
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     bf16 = dtype == "bf16"
     data = prepare_data(args, out, dd)
-    model, fpt, n_params = _build_model(args, data, dd, device, bf16)
+    model, fpt, n_params, after_step = _build_model(args, data, dd, device, bf16)
     optimizer, scheduler, master = _build_optimizer(args, model, dd, bf16)
     start_step = _resume(args, out, dd, data, model, optimizer, scheduler)
     run = _Run(
@@ -229,7 +231,7 @@ def _train_locked(args, out: Path, dd: Dist, device: torch.device) -> TrainResul
         tokens_per_step=args.batch_size * args.seq_length * args.grad_accum * dd.world_size,
         start_step=start_step, end_step=args.stop_after if args.stop_after is not None else args.max_steps,
         train_args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-        metrics_path=out / "metrics.jsonl",
+        metrics_path=out / "metrics.jsonl", after_step=after_step,
     )
     result = TrainResult(start_step=start_step)
     if dd.main:
@@ -238,9 +240,10 @@ def _train_locked(args, out: Path, dd: Dist, device: torch.device) -> TrainResul
     return _finish(run, result, dtype)
 
 
-def _build_model(args, data: PreparedData, dd: Dist, device: torch.device, bf16: bool) -> tuple[nn.Module, float, int]:
-    """The fp32 model seeded with ``--seed`` (the same init on every rank), with activation
-    checkpointing, compiled layers and FSDP2 as asked; returns (model, FLOPs per token, parameters)."""
+def _build_model(args, data: PreparedData, dd: Dist, device: torch.device, bf16: bool):
+    """The fp32 model seeded with ``--seed`` (the same init on every rank), with FP8 projections,
+    activation checkpointing, compiled layers and FSDP2 as asked, in that order; returns (model, FLOPs per
+    token, parameters, what to run after each optimizer step or None)."""
     from flashlm.models import build_model, from_pretrained
 
     random.seed(args.seed)
@@ -252,13 +255,14 @@ def _build_model(args, data: PreparedData, dd: Dist, device: torch.device, bf16:
     model.train()
     fpt = flops_per_token(model, args.seq_length)
     n_params = sum(p.numel() for p in model.parameters())
+    after_step = apply_fp8(model, args.fp8, dd.enabled, bf16) if args.fp8 else None
     if args.activation_checkpointing:
         apply_activation_checkpointing(model)
     if args.compile:
         compile_layers(model)
     if dd.enabled:
         apply_fsdp(model, bf16)
-    return model, fpt, n_params
+    return model, fpt, n_params, after_step
 
 
 def _build_optimizer(args, model: nn.Module, dd: Dist, bf16: bool):
@@ -280,6 +284,11 @@ def _resume(args, out: Path, dd: Dist, data: PreparedData, model, optimizer, sch
         state = ckpt.load_checkpoint(data.resume_dir, model=model, optimizer=optimizer, scheduler=scheduler)
         data.train_iter.load_state_dict(state["data"])
         start_step = state["step"]
+        saved_fp8 = state.get("train_args", {}).get("fp8")  # absent: a run from before --fp8, in bf16
+        if saved_fp8 != args.fp8:  # (a saved value that differs was refused before tokenizing)
+            raise InputError(f"--resume: the checkpoint's run trained with --fp8 {saved_fp8} and this one asks "
+                             f"--fp8 {args.fp8}: resume with the same flags, or start a new run from its "
+                             f"weights with --model {data.resume_dir / 'model'} and a new --output")
     # Every input is checked and the checkpoint loaded: from here on the run writes into --output.
     run_folder.save_run_tokenizer(out, dd, data.tok, resumed=data.resume_dir is not None)
     if data.resume_dir is not None:
@@ -312,7 +321,8 @@ def _print_banner(run: _Run, dtype: str, n_params: int) -> None:
               f"(--{'stop-after' if args.stop_after is not None else 'max-steps'})", file=sys.stderr)
         return
     print(
-        f"flashlm train: {args.model} ({args.attn}, {n_params / 1e6:.1f}M params, {dtype}) on "
+        f"flashlm train: {args.model} ({args.attn}, {n_params / 1e6:.1f}M params, {dtype}"
+        f"{f' + fp8 {args.fp8}' if args.fp8 else ''}) on "
         f"{run.dd.world_size} x {run.device.type}; {len(data.train_ds)} train rows x {args.seq_length} tokens"
         f"{f', {len(data.eval_ds)} eval rows' if data.eval_ds is not None else ''}; "
         f"{run.tokens_per_step} tokens/step; steps {run.start_step} -> {run.end_step}",
@@ -482,6 +492,8 @@ def _train_step(run: _Run, step: int) -> _Enqueued:
         grad_norm = None
     lr = run.scheduler.get_last_lr()[0]  # the rate this step used (the scheduler moves on below)
     run.optimizer.step()
+    if run.after_step is not None:
+        run.after_step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     loss_sum = dd.sum(loss_sum)
@@ -568,7 +580,8 @@ def _finish(run: _Run, result: TrainResult, dtype: str) -> TrainResult:
                    "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
                    "median_step_tokens_per_s": result.median_step_tokens_per_s, "peak_mem_gib": result.peak_mem_gib,
                    "peak_mem_gib_per_rank": peaks, "eval_s": result.eval_s, "save_s": result.save_s,
-                   "flops_per_token": fpt, "world_size": dd.world_size, "dtype": dtype, "attn": run.args.attn}
+                   "flops_per_token": fpt, "world_size": dd.world_size, "dtype": dtype, "attn": run.args.attn,
+                   "fp8": run.args.fp8}
         print(json.dumps(summary))
     return result
 

@@ -1,5 +1,6 @@
 """How a training run spreads over processes and is made cheaper: the process group (`Dist`,
-`init_distributed`), FSDP2 (`apply_fsdp`), activation checkpointing and compiled decoder layers.
+`init_distributed`), FP8 projections (`apply_fp8`), FSDP2 (`apply_fsdp`), activation checkpointing and
+compiled decoder layers.
 
 Without ``WORLD_SIZE > 1`` the model trains in one process; under torchrun every decoder layer and
 then the root are wrapped with FSDP2 ``fully_shard`` (bf16 compute, fp32 gradient reduction, fp32
@@ -9,6 +10,7 @@ sharded master weights and optimizer state).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,19 @@ def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
 
 
 # ------------------------------------------------------------------------------------------- model
+
+
+def apply_fp8(model: nn.Module, recipe: str, fsdp: bool, bf16: bool) -> Callable[[], None] | None:
+    """``--fp8``: the projections become torchao Float8Linears (:func:`flashlm.models.fp8.convert_to_fp8`),
+    before activation checkpointing, compiled layers and FSDP2 (torchao's order: the module swap first).
+    Under FSDP2 "tensorwise" all-gathers the weights in float8: returns the call to run after each optimizer
+    step (every weight's scale in one all-reduce), else None."""
+    from flashlm.models.fp8 import convert_to_fp8, needs_scale_precompute, precompute_scales
+
+    convert_to_fp8(model, recipe, fsdp=fsdp, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if fsdp and needs_scale_precompute(model):
+        return lambda: precompute_scales(model)
+    return None
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
