@@ -138,6 +138,16 @@ def test_int8_linear_module():
         Int8Linear.from_linear(nn.Linear(4, 4, device="meta"))
 
 
+def test_int8_linear_keeps_fp32_scales_when_the_model_is_cast():
+    """model.to(bf16) / .half() cast the bias, never the int8 weight nor the fp32 scales."""
+    mod = Int8Linear.from_linear(nn.Linear(16, 12, bias=True))
+    scale = mod.scale.clone()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        cast(mod)
+        assert mod.weight.dtype == torch.int8 and torch.equal(mod.scale, scale) and mod.scale.dtype == torch.float32
+    assert mod.bias.dtype == torch.float16 and [n for n, _ in mod.named_buffers()] == ["scale"]
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 def _tiny(attn="flash", dtype=torch.float16, **overrides):

@@ -284,6 +284,15 @@ class Int8Linear(nn.Module):
             mod.split_sizes = linear.split_sizes
         return mod
 
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(dtype) / .half() cast floating buffers: keep the scales fp32 (a bf16 scale would put a
+        # systematic error of up to 0.4% on a whole output channel); the int8 weight is never cast
+        scale = self.scale
+        out = super()._apply(fn, *args, **kwargs)
+        if self.scale.dtype != torch.float32:  # the fp32 values, moved where fn put the rest
+            self.scale = scale.to(self.scale.device)
+        return out
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight this module multiplies by, in ``dtype`` (default: the bias's, else bf16)."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.bfloat16)
