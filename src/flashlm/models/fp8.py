@@ -143,7 +143,8 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", lm_head: bool =
     Refused (InputError, nothing converted): torchao missing, a device other than a CUDA GPU of compute
     capability 8.9+, a compute dtype other than bf16, an unknown recipe, a projection whose dims are not
     divisible by 16, a model already converted or already sharded. Convert before ``fully_shard`` and
-    ``torch.compile``; the converted model's state dict has the same keys and values."""
+    ``torch.compile``; the converted model's state dict has the same keys and values. torchao's "rowwise"
+    cannot run under ``torch.inference_mode`` (an inference tensor's reshape): use ``torch.no_grad``."""
     modules = fp8_modules(model, lm_head)
     _check_model(model, recipe, modules, dtype, allow_cpu)
     from torchao.float8 import convert_to_float8_training
