@@ -110,6 +110,17 @@ def test_refuses_a_second_conversion():
         convert_to_fp8(model, "rowwise", allow_cpu=True)
 
 
+def test_refuses_an_int8_model():
+    _torchao()
+    from flashlm.models.fp8 import convert_to_fp8
+    from flashlm.models.quantize import quantize_model
+
+    model = quantize_model(_model(), "int8", modules=["down_proj"])
+    with pytest.raises(InputError, match="model.layers.0.mlp.down_proj is a Int8Linear, not a plain nn.Linear"):
+        convert_to_fp8(model, allow_cpu=True)
+    assert not _float8_names(model)
+
+
 def test_refuses_a_gpu_before_sm89(monkeypatch):
     from flashlm.models import fp8
 

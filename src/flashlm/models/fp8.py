@@ -79,8 +79,8 @@ def fp8_modules(model: nn.Module, lm_head: bool = False) -> dict[str, nn.Linear]
     return found
 
 
-def _check_model(model: nn.Module, recipe: str, modules: dict[str, nn.Linear], dtype: torch.dtype | None,
-                 allow_cpu: bool) -> None:
+def _check_model(model: nn.Module, recipe: str, lm_head: bool, modules: dict[str, nn.Linear],
+                 dtype: torch.dtype | None, allow_cpu: bool) -> None:
     """Every refusal of :func:`convert_to_fp8`, before anything is converted."""
     if recipe not in RECIPES:
         raise InputError(f"unknown FP8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
@@ -90,6 +90,11 @@ def _check_model(model: nn.Module, recipe: str, modules: dict[str, nn.Linear], d
     done = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
     if done:
         raise InputError(f"the model is already converted to FP8 ({done[0]} is a Float8Linear); convert once")
+    other = [(n, type(m).__name__) for n, m in model.named_modules() if n not in modules
+             and ((".layers." in f".{n}" and n.rpartition(".")[2] in PROJECTIONS) or (lm_head and n == "lm_head"))]
+    if other:  # an int8 (flashlm.models.quantize) or LoRA-wrapped projection: converting around it would mix
+        raise InputError(f"{other[0][0]} is a {other[0][1]}, not a plain nn.Linear: FP8 training converts plain "
+                         "Linear projections (of an unquantized model) only")
     if any(hasattr(p, "placements") for p in model.parameters()):
         raise InputError("convert_to_fp8 runs before FSDP2's fully_shard (the model's parameters are already "
                          "sharded DTensors): convert, then shard (flashlm train does so)")
@@ -110,7 +115,7 @@ def _check_model(model: nn.Module, recipe: str, modules: dict[str, nn.Linear], d
         if out_f % 16 or in_f % 16:
             raise InputError(
                 f"{name}: weight (out_features, in_features) = {(out_f, in_f)}: FP8 matmuls need both dims "
-                "divisible by 16 (torch._scaled_mm); pick a model shape that is (or convert without this layer)")
+                "divisible by 16 (torch._scaled_mm); pick a model shape whose sizes are")
 
 
 def _config(recipe: str, fsdp: bool):
@@ -142,11 +147,12 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", lm_head: bool =
 
     Refused (InputError, nothing converted): torchao missing, a device other than a CUDA GPU of compute
     capability 8.9+, a compute dtype other than bf16, an unknown recipe, a projection whose dims are not
-    divisible by 16, a model already converted or already sharded. Convert before ``fully_shard`` and
-    ``torch.compile``; the converted model's state dict has the same keys and values. torchao's "rowwise"
+    divisible by 16 or that is not a plain nn.Linear (int8, LoRA), a model already converted or sharded.
+    Convert before ``fully_shard`` and ``torch.compile``; the converted model's state dict has the same keys
+    and values. torchao's "rowwise"
     cannot run under ``torch.inference_mode`` (an inference tensor's reshape): use ``torch.no_grad``."""
     modules = fp8_modules(model, lm_head)
-    _check_model(model, recipe, modules, dtype, allow_cpu)
+    _check_model(model, recipe, lm_head, modules, dtype, allow_cpu)
     from torchao.float8 import convert_to_float8_training
 
     config = _config(recipe, fsdp)
