@@ -25,6 +25,7 @@ rms = importlib.import_module("flashlm.ops.rms_norm")
 swi = importlib.import_module("flashlm.ops.swiglu")
 rot = importlib.import_module("flashlm.ops.rotary")
 ce = importlib.import_module("flashlm.ops.cross_entropy")
+i8 = importlib.import_module("flashlm.ops.int8_linear")
 
 DTYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 done, count = set(), 0
@@ -89,6 +90,23 @@ for xd, p in DTYPES.items():
             build(ce._ce_rows_kernel, {"MEAN": mean, "GRAD": grad, "BLOCK": blk},
                   {"X": p, "Y": "*i64", "LOSS": "*fp32", "NVALID": "*i64"}, row_warps(blk))
 
+# int8_linear: x / bias / y in x's dtype (fp16, bf16; fp32 in tests), int8 weight, fp32 scales; every
+# CONFIGS tile (BLOCK_N as configured and at its smallest, pick_config's halving), even and ragged K
+for xd, p in DTYPES.items():
+    for cfg in i8.CONFIGS.values():
+        for block_n in {cfg.block_n, cfg.min_block_n}:
+            for has_bias in (False, True):
+                for even_k in (False, True):
+                    consts = {"BLOCK_N": block_n, "BLOCK_K": cfg.block_k, "HAS_BIAS": has_bias, "EVEN_K": even_k}
+                    # M, N, K are capitalised but scalars: their types given with the pointers'
+                    ptrs = {"X": p, "W": "*i8", "S": "*fp32", "B": p, "Y": p, "M": "i32", "N": "i32", "K": "i32"}
+                    if cfg.block_m == 1:
+                        build(i8._gemv_kernel, consts, ptrs, cfg.num_warps)
+                    else:
+                        build(i8._mm_kernel, {**consts, "BLOCK_M": cfg.block_m,
+                                              "PRECISION": "ieee" if xd == torch.float32 else "tf32"},
+                              ptrs, cfg.num_warps)
+
 done.add(rot._rotated_heads)  # a device function: compiled inside _fwd_kernel and _append_kernel above
 
 kernels = set()
@@ -103,6 +121,6 @@ print("compiled", count, "variants of", len(done), "kernels")
 
 def test_ops_kernels_compile_for_sm90():
     """rms_norm, add_rms_norm, swiglu (and swiglu_linear's backward), rotary_qkv and rotary kernels (forward
-    and backward) and logits_cross_entropy's row kernel compile for sm90 in each variant and dtype their launchers use (the interpreter would not catch an error the
+    and backward), logits_cross_entropy's row kernel and int8_linear's GEMV / tl.dot kernels compile for sm90 in each variant and dtype their launchers use (the interpreter would not catch an error the
     compiler reports, e.g. a variable whose type changes across an if/else)."""
     run_aot(_SCRIPT)
