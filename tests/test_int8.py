@@ -472,3 +472,40 @@ def test_bench_int8_linears(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--device", "cpu", "--int8-linears", "--linear-impls", "int4"]) == 2
     assert "--linear-impls" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+
+def test_layer_alone_with_fp32_inputs_casts_to_the_models_dtype_not_int8():
+    """A quantized flash attention layer used on its own with fp32 activations (upcast, as PEFT does): q/k/v
+    go to the model's fp16 (the dtype the int8 weights dequantize into), never to the weight's int8; the
+    output is the unquantized layer's on the same fp32 input, to int8 rounding."""
+    import warnings
+
+    from flashlm.models import kernels as kernels_mod
+
+    model = _tiny()
+    q = quantize_model(copy.deepcopy(model))
+    assert q.model.layers[0].self_attn.qkv_proj.compute_dtype == torch.float16
+    hidden = torch.randn(2, 6, model.config.hidden_size)
+    cos, sin = model.model.rotary_emb.tables(torch.arange(6))
+    kernels_mod._WARNED_FP32 = False
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = q.model.layers[0].self_attn(hidden, cos, sin)
+        want = model.model.layers[0].self_attn.float()(hidden, cos, sin)
+    assert any("casting q/k/v to torch.float16" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert _max_err(got, want) < 0.05 * want.abs().max().item()
+
+
+def test_int8_linear_dequantizes_into_its_models_dtype():
+    """An fp16 projection without bias: dequantize() and compute_dtype are fp16 (not a bf16 guess), and follow
+    a cast of the model (model.to(bf16)), the scales staying fp32."""
+    mod = Int8Linear.from_linear(nn.Linear(16, 12, bias=False).half())
+    assert mod.compute_dtype == torch.float16 and mod.dequantize().dtype == torch.float16
+    mod.to(torch.bfloat16)
+    assert mod.compute_dtype == torch.bfloat16 and mod.dequantize().dtype == torch.bfloat16
+    assert mod.scale.dtype == torch.float32 and mod.weight.dtype == torch.int8
+    mod.to("cpu")  # a move without a dtype keeps it
+    assert mod.compute_dtype == torch.bfloat16

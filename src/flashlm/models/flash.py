@@ -41,6 +41,7 @@ from .fp8 import swiglu_float8_linear
 from .kernels import (
     AttentionKernels,
     _aten_flash_dense,
+    compute_dtype,
     explain_plan,
     half_precision_inputs,
     loss_kind,
@@ -189,7 +190,7 @@ class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
                                  "call the model, not the layer")
             q, k, v = self._project_qkv(hidden_states)  # (B, S, H, D) views, no copy
             q, k = apply_rope_bshd(q, k, cos, sin, compiled=self.compiled)
-            q, k, v = half_precision_inputs(q, k, v, self.qkv_proj.weight.dtype)
+            q, k, v = half_precision_inputs(q, k, v, compute_dtype(self.qkv_proj))
             out = self._flash_attention_forward(
                 q, k, v, attention_mask, dropout=self.attention_dropout, training=self.training,
                 position_ids=position_ids, softmax_scale=self.scaling, causal=True,

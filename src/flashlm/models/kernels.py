@@ -33,8 +33,8 @@ from .fp8 import fuses_swiglu, linear_name
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ATEN_DENSE_MAX_TOKENS", "MODES", "AttentionKernels", "aten_dense_eligible", "explain_plan",
-           "half_precision_inputs", "loss_kind", "mlp_down_path", "mode_of", "op_sets"]
+__all__ = ["ATEN_DENSE_MAX_TOKENS", "MODES", "AttentionKernels", "aten_dense_eligible", "compute_dtype",
+           "explain_plan", "half_precision_inputs", "loss_kind", "mlp_down_path", "mode_of", "op_sets"]
 
 MODES = ("eager", "compiled", "decode")
 _HALF = (torch.float16, torch.bfloat16)
@@ -63,16 +63,25 @@ def mode_of(kind: str, compiled: bool) -> str:
 _WARNED_FP32 = False
 
 
-def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.dtype
+def compute_dtype(proj: nn.Module) -> torch.dtype | None:
+    """The float dtype a projection computes in: its weight's (nn.Linear, Float8Linear: bf16 master
+    weights), or for a weight-only quantized one (an int8 weight) the dtype it dequantizes into
+    (``Int8Linear.compute_dtype``); None for a foreign quantized module that does not say. Never int8."""
+    weight = proj.weight
+    return weight.dtype if weight.is_floating_point() else getattr(proj, "compute_dtype", None)
+
+
+def half_precision_inputs(q: Tensor, k: Tensor, v: Tensor, weight_dtype: torch.dtype | None
                           ) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 q/k/v in a half-precision model (PEFT/LoRA upcasts activations) -> the autocast dtype, else
-    ``weight_dtype`` (the projections'), with a one-time warning, as transformers'
-    ``_flash_attention_forward`` does, instead of running a slow fp32 kernel. Anything else unchanged."""
+    """fp32 q/k/v (batch, seqlen, heads, head_dim) in a half-precision model (PEFT/LoRA upcasts
+    activations) -> the autocast dtype, else ``weight_dtype`` (the projections' :func:`compute_dtype`),
+    with a one-time warning, as transformers' ``_flash_attention_forward`` does, instead of running a slow
+    fp32 kernel. Anything else unchanged (``weight_dtype`` None: not known, no cast)."""
     if q.dtype != torch.float32:
         return q, k, v
     dev = q.device.type
     target = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight_dtype
-    if target == torch.float32:
+    if target in (None, torch.float32):
         return q, k, v
     global _WARNED_FP32
     if not _WARNED_FP32:
@@ -127,7 +136,7 @@ def _select_backends(attn: nn.Module, device: torch.device) -> dict:
                         dropout=dropout, needs_grad=grad, deterministic=False,
                         seqlens_equal=kind != "kvcache")
 
-    dtypes = {next(attn.parameters()).dtype, torch.bfloat16, torch.float16, torch.float32}
+    dtypes = {compute_dtype(attn.qkv_proj), torch.bfloat16, torch.float16, torch.float32} - {None}
     dropouts = (False, True) if attn.attention_dropout > 0 else (False,)
     keys = [("kvcache", dtype, False, False) for dtype in dtypes]
     keys += [(kind, dtype, grad, dropout) for kind in ("dense", "varlen") for dtype in dtypes

@@ -252,12 +252,15 @@ class Int8Linear(nn.Module):
     with ``requires_grad=False``, as torchao's and bitsandbytes' quantized weights are, so code that
     finds a module's device from ``next(module.parameters())`` or keys a CUDA graph on the parameters'
     addresses keeps working), the ``scale`` buffer (out,) fp32 and an optional frozen ``bias``.
-    ``forward`` is :func:`int8_linear`. Its state dict holds ``weight`` (int8), ``scale`` (and ``bias``)."""
+    ``compute_dtype``: the float dtype of the model it sits in (the replaced Linear's; it follows
+    ``model.to(dtype)``), which code asking "what does this projection compute in" reads instead of the
+    int8 weight's dtype. ``forward`` is :func:`int8_linear`. Its state dict holds ``weight`` (int8),
+    ``scale`` (and ``bias``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
                  dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, dtype
         self.weight = nn.Parameter(torch.zeros((out_features, in_features), dtype=torch.int8, device=device),
                                    requires_grad=False)
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -286,17 +289,18 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # model.to(dtype) / .half() cast floating buffers: keep the scales fp32 (a bf16 scale would put a
-        # systematic error of up to 0.4% on a whole output channel); the int8 weight is never cast
+        # systematic error of up to 0.4% on a whole output channel); the int8 weight is never cast.
+        # compute_dtype follows the cast: an empty float probe, cast (and moved) as fn casts floats
         scale = self.scale
         out = super()._apply(fn, *args, **kwargs)
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=scale.device)).dtype
         if self.scale.dtype != torch.float32:  # the fp32 values, moved where fn put the rest
             self.scale = scale.to(self.scale.device)
         return out
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The weight this module multiplies by, in ``dtype`` (default: the bias's, else bf16)."""
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.bfloat16)
-        return dequantize_int8(self.weight, self.scale, dtype)
+        """The weight (out, in) this module multiplies by, in ``dtype`` (default: ``compute_dtype``)."""
+        return dequantize_int8(self.weight, self.scale, dtype or self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return int8_linear(x, self.weight, self.scale, self.bias)
