@@ -344,7 +344,10 @@ def test_train_resume_of_a_run_from_before_fp8_refuses_fp8(corpus, tmp_path, cpu
     assert _tree(out) == before
 
 
-def _allow_cpu_fp8() -> None:
+_THEN = "--then"  # separates the runs of one torchrun process (see the end of this file)
+
+
+def _allow_cpu_fp8():
     """The patches of ``cpu_fp8`` for a torchrun process (``python tests/test_fp8.py <train flags>``)."""
     from flashlm.models import fp8
     from flashlm.train import cli
@@ -357,10 +360,11 @@ def _allow_cpu_fp8() -> None:
         counted.calls += 1
         precompute(model)
         if torch.distributed.get_rank() == 0:
-            print(f"precomputed scales {counted.calls}", file=sys.stderr)
+            print(f"run {counted.run}: precomputed scales {counted.calls}", file=sys.stderr)
 
     counted.calls = 0
     fp8.precompute_scales = counted
+    return counted
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -377,13 +381,17 @@ def test_train_fp8_under_fsdp2_all_gathers_in_float8_and_checkpoints(corpus, tmp
     one = _train(corpus, tmp_path / "one", *flags, "--batch-size", 4)
     out = tmp_path / "fsdp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for extra in (["--stop-after", "2"], ["--resume", "auto"]):
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
-                  *TRAIN, *map(str, flags), "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
-                  "--output", str(out), *extra]
-        proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "precomputed scales 2" in proc.stderr and "precomputed scales 3" not in proc.stderr
+    run = [*TRAIN, *map(str, flags), "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--output",
+           str(out)]
+    # one torchrun launch, two runs per process (a new process group and model each; the second resumes the
+    # first's DCP checkpoint from disk): importing torch + torchao twice more per rank cost ~15 s on 2 cores
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
+              *run, "--stop-after", "2", _THEN, *run, "--resume", "auto"]
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i in (1, 2):  # each run: one precompute per optimizer step, 2 steps
+        assert f"run {i}: precomputed scales 2" in proc.stderr and f"run {i}: precomputed scales 3" not in proc.stderr
+    assert "steps 0 -> 2" in proc.stderr and "steps 2 -> 4" in proc.stderr, proc.stderr[-3000:]  # resumed at 2
     logged = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor(logged), torch.tensor(one.losses), rtol=1e-2, atol=0)
     from safetensors.torch import load_file
@@ -583,5 +591,14 @@ def test_cuda_train_cli_fp8(corpus, tmp_path):
 if __name__ == "__main__":  # a torchrun process of test_train_fp8_under_fsdp2_...: flashlm train on CPU with --fp8
     from flashlm import train as T
 
-    _allow_cpu_fp8()
-    sys.exit(T.main(sys.argv[1:]))
+    counter = _allow_cpu_fp8()
+    argv, runs = sys.argv[1:], []
+    while _THEN in argv:  # "<flags> --then <flags>": runs one after the other in this process
+        runs.append(argv[:argv.index(_THEN)])
+        argv = argv[argv.index(_THEN) + 1:]
+    for counter.run, run_argv in enumerate([*runs, argv], start=1):
+        counter.calls = 0
+        rc = T.main(run_argv)
+        if rc:
+            sys.exit(rc)
+    sys.exit(0)
