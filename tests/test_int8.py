@@ -509,3 +509,30 @@ def test_int8_linear_dequantizes_into_its_models_dtype():
     assert mod.scale.dtype == torch.float32 and mod.weight.dtype == torch.int8
     mod.to("cpu")  # a move without a dtype keeps it
     assert mod.compute_dtype == torch.bfloat16
+
+
+@needs_interpret
+def test_kernel_reads_strided_scale_and_bias_right():
+    """A scale or bias that is a strided view (every other element of a larger tensor) is read by stride,
+    not as if contiguous: the kernels give the reference's result."""
+    q, scale = quantize_int8(torch.randn(24, 32))
+    wide_scale = torch.stack([scale, torch.full_like(scale, 1e3)], 1).reshape(-1)[::2]
+    bias = torch.randn(48)[::2]
+    assert not wide_scale.is_contiguous() and torch.equal(wide_scale, scale)
+    for m in (1, 5):
+        x = torch.randn(m, 32, dtype=torch.float16)
+        torch.testing.assert_close(int8_linear(x, q, wide_scale, bias), int8_linear_ref(x, q, scale, bias.contiguous()),
+                                   atol=1e-2, rtol=1e-2)
+
+
+def test_refuses_operands_on_different_devices():
+    """x, the int8 weight, the scales and the bias must share a device: refused before a kernel is handed a
+    pointer it cannot read."""
+    q, scale = quantize_int8(torch.randn(8, 16))
+    x = torch.randn(2, 16)
+    with pytest.raises(InputError, match="same device"):
+        int8_linear(x, q.to("meta"), scale)
+    with pytest.raises(InputError, match="same device"):
+        int8_linear(x, q, scale.to("meta"))
+    with pytest.raises(InputError, match="same device"):
+        int8_linear(x, q, scale, torch.zeros(8, device="meta"))

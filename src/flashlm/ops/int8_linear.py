@@ -191,7 +191,8 @@ def _launch(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Te
     if k == 0:
         return y.zero_().add_(bias.to(x.dtype) if bias is not None else 0).reshape(*x.shape[:-1], n)
     cfg = pick_config(m, n, x.device)
-    b = bias if bias is not None else scale  # any pointer; unread without HAS_BIAS
+    scale = scale.contiguous()  # the kernels index scale and bias as dense (N,) vectors (no-ops when they are)
+    b = bias.contiguous() if bias is not None else scale  # any pointer; unread without HAS_BIAS
     even_k = k % cfg.block_k == 0
     if cfg.block_m == 1:
         _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
@@ -231,6 +232,11 @@ def _check(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Non
         raise InputError(f"int8_linear: scale must be a float (N={n},) tensor, got {tuple(scale.shape)} {scale.dtype}")
     if bias is not None and bias.shape != (n,):
         raise InputError(f"int8_linear: bias must be (N={n},) or None, got {tuple(bias.shape)}")
+    dev = w_int8.device
+    if x.device != dev or scale.device != dev or (bias is not None and bias.device != dev):
+        raise InputError(f"int8_linear: x, weight, scale and bias must be on the same device, got x on {x.device}, "
+                         f"weight on {w_int8.device}, scale on {scale.device}"
+                         f"{'' if bias is None else f', bias on {bias.device}'}: move the module (.to(x.device))")
     if w_int8.stride(-1) != 1:
         raise InputError("int8_linear: the weight's last dim must be contiguous (row-major (N, K))")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
