@@ -10,6 +10,7 @@ HF interop (`ModelConfig.from_hf_config` / `.to_hf_config`) is table-driven: the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -409,31 +410,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bos_token_id": 128000,
         "eos_token_id": 128001,
     },
-    # The shape of meta-llama/Llama-3.2-3B (~3.21B parameters): llama-1b's RoPE, vocab and tied embeddings,
-    # hidden 3072, 28 layers, 24 query / 8 kv heads of 128.
-    "llama-3b": {
-        "vocab_size": 128256,
-        "hidden_size": 3072,
-        "num_layers": 28,
-        "num_heads": 24,
-        "num_kv_heads": 8,
-        "head_dim": 128,
-        "intermediate_size": 8192,
-        "tie_word_embeddings": True,
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
-    },
 }
+# The shape of meta-llama/Llama-3.2-3B (~3.21B parameters): llama-1b's RoPE, vocab, special ids and tied
+# embeddings, hidden 3072, 28 layers, 24 query / 8 kv heads of 128.
+PRESETS["llama-3b"] = {**copy.deepcopy(PRESETS["llama-1b"]), "hidden_size": 3072, "num_layers": 28, "num_heads": 24,
+                       "head_dim": 128}
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
