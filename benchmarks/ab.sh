@@ -79,8 +79,8 @@ case "${STAGE:?}" in
     for r in $(seq 1 "${ROUNDS:-3}"); do
       for which in before after; do
         src="$after_src"; [ "$which" = before ] && src=/tmp/before/src
-        prof=(); [ "$r" = 1 ] && prof=(--profile "$OUT/host_profile_$which.txt")
         for attn in flash default; do
+          prof=(); [ "$r" = 1 ] && prof=(--profile "$OUT/host_profile_${attn}_$which.txt")
           PYTHONPATH="$deps:$src" python benchmarks/ab_host.py $attn "${prof[@]}" 2>&1 | grep -v -i warn | sed "s/^/round $r $which: /"
         done
       done
