@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from flashlm.attention.padding import prepare_from_position_ids
-from flashlm.errors import InputError
 from flashlm.ops.adamw import MasterWeightAdamW
 from flashlm.train import checkpoint as ckpt
 from flashlm.train import data as fdata
@@ -284,11 +283,6 @@ def _resume(args, out: Path, dd: Dist, data: PreparedData, model, optimizer, sch
         state = ckpt.load_checkpoint(data.resume_dir, model=model, optimizer=optimizer, scheduler=scheduler)
         data.train_iter.load_state_dict(state["data"])
         start_step = state["step"]
-        saved_fp8 = state.get("train_args", {}).get("fp8")  # absent: a run from before --fp8, in bf16
-        if saved_fp8 != args.fp8:  # (a saved value that differs was refused before tokenizing)
-            raise InputError(f"--resume: the checkpoint's run trained with --fp8 {saved_fp8} and this one asks "
-                             f"--fp8 {args.fp8}: resume with the same flags, or start a new run from its "
-                             f"weights with --model {data.resume_dir / 'model'} and a new --output")
     # Every input is checked and the checkpoint loaded: from here on the run writes into --output.
     run_folder.save_run_tokenizer(out, dd, data.tok, resumed=data.resume_dir is not None)
     if data.resume_dir is not None:

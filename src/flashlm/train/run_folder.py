@@ -28,6 +28,9 @@ from flashlm.train.parallel import Dist
 RESUME_MAY_CHANGE = {"model", "vocab_size", "data", "cache_dir", "tokenizer", "output", "resume", "stop_after",
                      "no_progress", "eval_every", "eval_batches", "save_every", "device", "compile",
                      "activation_checkpointing", "peak_tflops", "batch_size", "grad_accum"}
+# Flags added after runs were saved, with the value a run saved before the flag implicitly had (a
+# checkpoint without "fp8" in its train_args trained in bf16): compared as if saved so.
+RESUME_ADDED_ARGS = {"fp8": None}
 # Files and folders that mark --output as holding a run (tokenizer.json alone does not: it is reused).
 RUN_MARKERS = ("metrics.jsonl", ckpt.CHECKPOINTS, "final", "loss.png")
 
@@ -107,7 +110,7 @@ def find_resume_dir(args, out: Path) -> Path | None:
 def check_resume_args(saved: dict, args) -> list[str]:
     """Refuse (``InputError``) a resume whose training args differ from the saved run's beyond
     `RESUME_MAY_CHANGE`; return the changed batch-shape args (allowed, worth a warning)."""
-    now = vars(args)
+    now, saved = vars(args), {**RESUME_ADDED_ARGS, **saved}
     diffs = [f"--{k.replace('_', '-')} {saved[k]!r} (saved) != {now[k]!r} (now)" for k in sorted(saved)
              if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if diffs:
