@@ -25,7 +25,7 @@ from flashlm.models.fp8 import RECIPES, check_fp8_available, check_fp8_device
 from flashlm.train import run_folder
 from flashlm.train.inputs import DEFAULT_BPE_VOCAB, DEFAULT_SEQ_LENGTH
 from flashlm.train.loop import TrainingInterrupted, TrainResult, run_training
-from flashlm.train.parallel import init_distributed
+from flashlm.train.parallel import init_distributed, run_device
 
 DTYPES = ("auto", "bf16", "fp32")
 MAX_LR = 1.0
@@ -155,17 +155,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_fp8_flag(args: argparse.Namespace) -> None:
     """``--fp8`` needs torchao, bf16 compute and a CUDA GPU of compute capability 8.9+ (the device the run
-    would take, as `init_distributed` picks it): refused here, before the run touches --output."""
+    would take: `run_device`): refused here, before the run touches --output."""
     if args.fp8 is None:
         return
     check_fp8_available()
-    if args.device is not None:
-        device = torch.device(args.device)
-    else:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
-    if device is None or device.type != "cuda":
+    device = run_device(args.device)
+    if device.type != "cuda":
         raise InputError(f"--fp8 {args.fp8}: FP8 matmuls need a CUDA GPU of compute capability 8.9+ (H100, H200, "
-                         f"L40S); this run is on {device or 'cpu'} (no CUDA device): drop --fp8")
+                         f"L40S); this run is on {device}{'' if args.device else ' (no CUDA device)'}: drop --fp8")
     check_fp8_device(device)
     if args.dtype == "fp32":
         raise InputError(f"--fp8 {args.fp8} computes in bf16 around its float8 matmuls: drop --dtype fp32 "

@@ -55,18 +55,22 @@ class Dist:
         return value
 
 
+def run_device(device_arg: str | None) -> torch.device:
+    """The device this process trains on: ``--device`` (a bare "cuda" is this rank's GPU), else
+    cuda:LOCAL_RANK where CUDA is available, else CPU. Nothing is initialized."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg is not None:
+        device = torch.device(device_arg)
+    else:
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", local) if device.type == "cuda" and device.index is None else device
+
+
 def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg is not None:
-        device = torch.device(device_arg)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = run_device(device_arg)
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
