@@ -166,13 +166,9 @@ def _fp8_record(name: str, model) -> dict[str, Any]:
     its Float8Linear down_proj (``flashlm.models.kernels.mlp_down_path``)."""
     from flashlm.models.fp8 import linear_name
     from flashlm.models.kernels import mlp_down_path
+    from flashlm.models.quantize import projection_kinds
 
-    kinds: dict[str, set] = {}
-    for mod_name, mod in model.named_modules():
-        leaf = mod_name.rpartition(".")[2]
-        if leaf.endswith("_proj") or leaf == "lm_head":
-            kinds.setdefault(leaf, set()).add(linear_name(mod))
-    rec = {"recipe": fp8_recipe(name), "projections": {k: ", ".join(sorted(v)) for k, v in kinds.items()}}
+    rec = {"recipe": fp8_recipe(name), "projections": projection_kinds(model, linear_name)}
     if base_name(name) == "flash":
         rec["mlp"] = sorted({mlp_down_path(layer.mlp) for layer in model.model.layers})
     return rec

@@ -36,10 +36,13 @@ def restoring_llama_module():
 def model_unavailable(name: str) -> str | None:
     """Why a compared model cannot run in this environment (a skip note), or None."""
     if fp8_recipe(name) is not None:
+        from flashlm.errors import InputError
+        from flashlm.models.fp8 import check_fp8_available
+
         try:
-            import torchao.float8  # noqa: F401
-        except ImportError:
-            return "torchao is not installed (pip install 'flashlm[fp8]')"
+            check_fp8_available()
+        except InputError as e:
+            return str(e)
         name = base_name(name)
     if name.startswith("hf-"):
         try:

@@ -113,9 +113,9 @@ def quantize_model(model: nn.Module, method: str = "int8", modules: tuple[str, .
     return model.eval()
 
 
-def projection_kinds(model: nn.Module) -> dict[str, str]:
-    """{projection name: its module class} over the model's layers and lm_head (classes joined by "/"
-    where layers differ), e.g. {"qkv_proj": "Int8Linear", ..., "lm_head": "Linear"}: what
+def projection_kinds(model: nn.Module, describe=lambda module: type(module).__name__) -> dict[str, str]:
+    """{projection name: ``describe(module)``, by default its class} over the model's layers and lm_head
+    (joined by "/" where layers differ), e.g. {"qkv_proj": "Int8Linear", ..., "lm_head": "Linear"}: what
     ``FlashForCausalLM.explain`` reports as "projections"."""
     names = dict.fromkeys(PROJECTIONS["flash"] + PROJECTIONS["default"])  # ordered, unique
     kinds: dict[str, list[str]] = {}
@@ -123,6 +123,6 @@ def projection_kinds(model: nn.Module) -> dict[str, str]:
         for attr, child in parent.named_children():
             if attr in names:
                 seen = kinds.setdefault(attr, [])
-                if type(child).__name__ not in seen:
-                    seen.append(type(child).__name__)
+                if describe(child) not in seen:
+                    seen.append(describe(child))
     return {k: "/".join(kinds[k]) for k in names if k in kinds}
