@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 27's GPU work, one stage per device call (carry .whl: liger-kernel + torchao). From the repo root:
+#   OUT=... STAGE=fp8  bash benchmarks/issue27.sh   FP8 train rows (llama-1b eager, llama-3b eager), flashlm train
+#                                                   --fp8 vs its bench row, the CUDA tests of fp8/int8
+#   OUT=... STAGE=fp8c bash benchmarks/issue27.sh   the compiled llama-1b FP8 rows, the FP8 loss-parity tests
+#   OUT=... STAGE=int8 bash benchmarks/issue27.sh   int8 linear tile sweep, int8 decode rows
+# Every JSON/log lands under $OUT (at most 8 files come back per call: the stages stay under that).
+source benchmarks/gpu_env.sh
+python -c "import torch, triton, torchao; print('torch', torch.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)"
+corpus() { python -c "import random,json;r=random.Random(0);W=[''.join(r.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(r.randint(2,9))) for _ in range(20000)];f=open('/tmp/c.jsonl','w');[f.write(json.dumps({'text':' '.join(r.choice(W) for _ in range(r.randint(50,400)))})+'\\n') for _ in range(6000)]"; }
+B="python -m flashlm.bench --cases train --seq-length 2048 --warmup-steps 3 --benchmark-steps 10 --no-progress"
+case "${STAGE:?}" in
+  fp8)
+    timeout 170 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise \
+      --output $OUT/fp8_llama1b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
+    timeout 170 $B --model llama-3b --batch-size 4 --compare flash,hf-liger --fp8 tensorwise,rowwise \
+      --output $OUT/fp8_llama3b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
+    corpus
+    for f in "" "--fp8 tensorwise"; do
+      timeout 90 python -m flashlm.train --model llama-1b --data /tmp/c.jsonl --seq-length 2048 --batch-size 8 \
+        --max-steps 20 --warmup-steps 5 --eval-every 0 --save-every 0 --no-progress --output /tmp/r${f:+fp8} \
+        --cache-dir /tmp/cache $f 2>&1 | grep -v "Warn\|warn" | tail -n 2
+    done 2>&1 | tee $OUT/train_llama1b_fp8.log
+    timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE -n 8 \
+      tests/test_fp8.py tests/test_int8_gpu.py -k "not parity" 2>&1 | tee $OUT/gpu_tests_fp8_int8.log | tail -n 8
+    ;;
+  fp8c)
+    timeout 330 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise --compile \
+      --output $OUT/fp8_llama1b_compiled.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
+    timeout 240 python -m pytest -q -s -m cuda -p no:cacheprovider --no-header -rfE -n 2 tests/test_fp8.py -k parity \
+      2>&1 | grep -v "Warn\|warn" | tee $OUT/gpu_tests_fp8_parity.log | tail -n 12
+    ;;
+  int8)
+    timeout 240 python -m flashlm.bench decode --preset llama-1b --batch-sizes 1,16,32,64,128,512 --int8-linears --tune \
+      --output $OUT/int8_tune.json 2>&1 | tail -n 40
+    timeout 200 python -m flashlm.bench decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
+      --models flashlm-graph --quantize int8 --new-tokens 64 --repeats 3 --output $OUT/decode_int8.json 2>&1 | tail -n 12
+    ;;
+esac
