@@ -58,11 +58,11 @@ def test_quantize_int8_refuses_non_matrices(bad):
 
 @needs_interpret
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 3, 16, 33, 70])
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 70, 130])
 @pytest.mark.parametrize("n,k,bias", [(37, 200, True), (48, 512, False), (20, 256, True)])
 def test_kernel_matches_reference(dtype, m, n, k, bias):
     """The GEMV (M=1), the tl.dot kernel (M <= 64; N and K not multiples of the blocks, and K a multiple)
-    and the dequantize path (M=70): error against the fp64 truth <= 2x the reference's in ``dtype`` + atol."""
+    and the prefill tiles (M=70, 130): error against the fp64 truth <= 2x the reference's in ``dtype`` + atol."""
     q, scale = quantize_int8(torch.randn(n, k) * 0.05)
     x = torch.randn(m, k)
     b = torch.randn(n) if bias else None
@@ -87,14 +87,58 @@ def test_kernel_runs_for_decode_shapes_and_keeps_leading_dims(monkeypatch):
     torch.testing.assert_close(y, int8_linear_ref(x, q, scale), atol=1e-2, rtol=1e-2)
 
 
-def test_pick_config_fills_the_machine_for_small_n():
-    """Small N at small M: BLOCK_N halves until the grid covers the SMs (4 "SMs" on CPU), never below the
-    bucket's floor; large N keeps the table's tile; M picks the smallest bucket holding it."""
+def test_pick_config_fills_the_machine_for_small_n(monkeypatch):
+    """Untuned shapes: BLOCK_N halves until the grid has WAVES programs per SM (4 "SMs" on CPU), never
+    below the floor, then split_k doubles while K allows; large N keeps the table's tile; M picks the
+    smallest bucket holding it; a TUNED entry wins over all of that."""
     cpu = torch.device("cpu")
-    assert il.pick_config(1, 32, cpu).block_n == 8  # 32 / 16 = 2 programs < 4 -> 8 (4 programs)
-    assert il.pick_config(1, 8, cpu).block_n == il.CONFIGS[1].min_block_n
-    assert il.pick_config(1, 4096, cpu) == il.CONFIGS[1]
-    assert il.pick_config(5, 4096, cpu).block_m == 16 and il.pick_config(33, 4096, cpu).block_m == 64
+    monkeypatch.setattr(il, "TUNED", {})
+    monkeypatch.setattr(il, "_PICKED", {})
+    goal = il.WAVES * 4
+    assert il.pick_config(1, 32, 512, cpu) == il.Int8Config(1, 4, 512)  # 32/16 = 2 programs -> 8 at BLOCK_N 4
+    down = il.pick_config(1, 32, 8192, cpu)  # the same N over a long K: split as well
+    assert down.block_n == 4 and -(-32 // 4) * down.split_k >= goal and down.split_k <= il.MAX_SPLIT_K
+    assert il.pick_config(1, 4096, 2048, cpu) == il.CONFIGS[1]
+    assert il.pick_config(5, 4096, 2048, cpu).block_m == 16 and il.pick_config(33, 4096, 2048, cpu).block_m == 64
+    assert il.pick_config(300, 4096, 2048, cpu) == il.CONFIGS[512]
+    tile = il.Int8Config(1, 64, 256, 8, 2, 2)
+    assert il.load_tuned([{"m_bucket": 1, "n": 32, "k": 8192, "tile": tile.as_list()}]) == 1
+    assert il.pick_config(1, 32, 8192, cpu) == tile and il.pick_config(1, 32, 512, cpu) != tile
+    with pytest.raises(InputError, match="m_bucket"):
+        il.load_tuned([{"m_bucket": 3, "n": 32, "k": 64, "tile": tile.as_list()}])
+
+
+def test_load_tuned_reads_the_tune_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(il, "TUNED", {})
+    monkeypatch.setattr(il, "_PICKED", {})
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"tuned": [{"m_bucket": 32, "n": 48, "k": 512, "tile": [32, 16, 64, 4, 3, 4]}]}))
+    assert il.load_tuned(path) == 1 and il.TUNED == {(32, 48, 512): il.Int8Config(32, 16, 64, 4, 3, 4)}
+
+
+@needs_interpret
+@pytest.mark.parametrize("tile", [(1, 8, 64, 4, 3, 4), (1, 16, 32, 4, 3, 3), (16, 16, 32, 4, 3, 2),
+                                  (16, 32, 64, 4, 3, 5), (64, 32, 32, 4, 3, 1)])
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_explicit_tiles_and_split_k_match_reference(tile, m):
+    """Any tile the --tune sweep may pick, split-K among them (K a multiple of the slices and not; a
+    slice past K when split_k exceeds the K steps), gives the reference's result."""
+    for n, k in [(40, 256), (37, 200), (24, 40)]:
+        q, scale = quantize_int8(torch.randn(n, k) * 0.05)
+        x, b = torch.randn(m, k, dtype=torch.float16), torch.randn(n, dtype=torch.float16)
+        truth = int8_linear_ref(x.double(), q, scale.double(), b.double())
+        got = il._launch(x, q, scale, b, il.Int8Config(*tile))
+        assert got.shape == (m, n)
+        assert _max_err(got, truth) <= 2 * _max_err(int8_linear_ref(x, q, scale, b), truth) + ATOL[torch.float16]
+
+
+def test_past_kernel_max_m_dequantizes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(il, "KERNEL_MAX_M", 16)
+    monkeypatch.setattr(il, "int8_linear_ref", lambda *a: calls.append(1) or int8_linear_ref(*a))
+    q, scale = quantize_int8(torch.randn(8, 16))
+    il._launch(torch.randn(17, 16), q, scale, None)
+    assert calls == [1]
 
 
 def test_refusals_of_the_op():

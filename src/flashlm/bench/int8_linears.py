@@ -4,7 +4,7 @@ For each projection of the preset (qkv, o, gate_up, down, lm_head: (N, K) from i
 ``--batch-sizes`` (tokens per decode step), microseconds per call and GB/s read of:
 
 - ``bf16``: ``F.linear`` on the weight in the model's dtype (cuBLAS), the bf16 decode's matmul;
-- ``int8-triton``: :func:`flashlm.ops.int8_linear.int8_linear` (our kernels for M <= DECODE_MAX_M);
+- ``int8-triton``: :func:`flashlm.ops.int8_linear.int8_linear` (our kernels for M <= KERNEL_MAX_M);
 - ``int8-dequant``: :func:`~flashlm.ops.int8_linear.int8_linear_ref` (dequantize per call + matmul);
 - ``torchao-int8wo`` (only when named in ``--linear-impls``): torchao's ``Int8WeightOnlyConfig`` on an
   ``nn.Linear``, ``torch.compile``d (how torchao runs it fast; one compile per shape).

@@ -6,11 +6,13 @@ once per token, so reading one byte per weight instead of two is the ceiling thi
 int8 weight-only decode). Activations stay in x's dtype (bf16/fp16; fp32 for tests).
 
 - :func:`int8_linear_ref`: the torch reference, dequantize to x's dtype then ``F.linear``;
-- the Triton kernels, for decode shapes (``M = batch * tokens <= DECODE_MAX_M``): each program reads
-  its int8 weight tile once, converts it in registers and accumulates in fp32, then applies the row
-  scale and bias: a GEMV (no ``tl.dot``) for M == 1, ``tl.dot`` with M padded to 16 otherwise. Block
-  sizes come from :data:`CONFIGS` (keyed by M bucket, no autotuning: a CUDA-graph capture must not
-  autotune mid-capture); larger M (a prefill) dequantizes per call and runs torch's matmul;
+- the Triton kernels, for ``M = batch * tokens <= KERNEL_MAX_M`` (decode and short prefills): each
+  program reads its int8 weight tile once, converts it in registers and accumulates in fp32, then
+  applies the row scale and bias: a GEMV (no ``tl.dot``) for M == 1, ``tl.dot`` with M padded to 16
+  otherwise; optionally split over K (fp32 partials + a reduce kernel). Tiles come from :data:`TUNED`
+  (measured per shape) or :data:`CONFIGS` (per M bucket, adapted to the GPU's SM count): no autotuning
+  at call time, since a CUDA-graph capture must not autotune mid-capture. Larger M (a long prefill,
+  compute-bound) dequantizes per call and runs torch's matmul;
 - :func:`int8_linear`: the public op (``ops._dispatch.dispatch``: the reference where Triton cannot run,
   a custom op under torch.compile); no backward: it refuses inputs that require grad;
 - :class:`Int8Linear`: the module (``from_linear``) that :mod:`flashlm.models.quantize` puts in place of
@@ -19,7 +21,7 @@ int8 weight-only decode). Activations stay in x's dtype (bf16/fp16; fp32 for tes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +34,8 @@ from ._dispatch import dispatch, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["CONFIGS", "DECODE_MAX_M", "Int8Config", "Int8Linear", "dequantize_int8", "int8_linear",
-           "int8_linear_ref", "pick_config", "quantize_int8"]
+__all__ = ["CONFIGS", "KERNEL_MAX_M", "TUNED", "Int8Config", "Int8Linear", "dequantize_int8", "int8_linear",
+           "int8_linear_ref", "load_tuned", "m_bucket", "pick_config", "quantize_int8"]
 
 QMAX = 127  # symmetric range [-127, 127]: -128 unused, so negating a weight never overflows
 
@@ -69,27 +71,41 @@ def int8_linear_ref(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | Non
 @dataclass(frozen=True)
 class Int8Config:
     """Tile of one program: BLOCK_M rows of x (1: the GEMV kernel; >= 16: tl.dot), BLOCK_N output
-    channels, BLOCK_K inputs per loop step; ``min_block_n``: :func:`pick_config` halves BLOCK_N down to it
-    while the grid would leave SMs idle (small N at small M)."""
+    channels, BLOCK_K inputs per loop step; ``split_k`` programs share one output tile, each summing a
+    1/split_k slice of K into an fp32 partial that a second kernel reduces (scale, bias, cast): more
+    programs for a small N over a long K (the down projection at decode)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    min_block_n: int = 16
+    split_k: int = 1
+
+    def as_list(self) -> list[int]:
+        return [self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages, self.split_k]
 
 
-# M bucket (the largest M it serves) -> tile. PROVISIONAL: chosen for llama-1b decode shapes (K 2048 /
-# 8192, N 2048 .. 128256) without a GPU measurement; the lead tunes them with
-# `flashlm bench decode --int8-linears` (each program reads BLOCK_N x BLOCK_K int8 bytes per step).
+# M bucket (the largest M it serves) -> the tile for shapes :data:`TUNED` does not list; :func:`pick_config`
+# shrinks BLOCK_N and raises split_k from it until the grid fills the GPU. Above KERNEL_MAX_M (a long
+# prefill: compute-bound) the weight is dequantized and torch's matmul (cuBLAS) runs.
 CONFIGS: dict[int, Int8Config] = {
-    1: Int8Config(1, 16, 512, num_warps=4, num_stages=3, min_block_n=4),
+    1: Int8Config(1, 16, 512, num_warps=4, num_stages=3),
     16: Int8Config(16, 64, 128, num_warps=4, num_stages=4),
     32: Int8Config(32, 64, 128, num_warps=4, num_stages=4),
     64: Int8Config(64, 64, 128, num_warps=4, num_stages=3),
+    512: Int8Config(64, 128, 64, num_warps=4, num_stages=3),
+    4096: Int8Config(128, 128, 64, num_warps=8, num_stages=3),
 }
-DECODE_MAX_M = max(CONFIGS)  # above it (a prefill) the weight is dequantized and torch's matmul runs
+KERNEL_MAX_M = max(CONFIGS)
+MIN_BLOCK_N = {1: 4}  # block_m -> the smallest BLOCK_N pick_config goes to (16 for tl.dot tiles)
+MAX_SPLIT_K = 8
+WAVES = 4  # pick_config's goal: at least WAVES programs per SM (one program per SM cannot hide HBM latency)
+
+# (M bucket, N, K) -> tile, measured: `flashlm bench decode --int8-linears --tune` (bench/int8_linears.py)
+# times every candidate tile at the preset's shapes; its JSON's "tuned" is this table's format and
+# :func:`load_tuned` reads it. Empty until a measurement fills it.
+TUNED: dict[tuple[int, int, int], Int8Config] = {}
 
 _SMS: dict = {}
 _PICKED: dict = {}
@@ -103,85 +119,152 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
-def pick_config(m: int, n: int, device: torch.device) -> Int8Config:
-    """The tile for an (m, n) output on ``device``: the smallest M bucket of :data:`CONFIGS` holding m,
-    BLOCK_N halved (down to ``min_block_n``) until the grid covers every SM. Cached per shape."""
-    key = (m, n, device)
+def m_bucket(m: int) -> int:
+    """The smallest M bucket of :data:`CONFIGS` holding ``m`` (m <= KERNEL_MAX_M)."""
+    return min(b for b in CONFIGS if b >= m)
+
+
+def pick_config(m: int, n: int, k: int, device: torch.device) -> Int8Config:
+    """The tile for an (m, n) output over k inputs on ``device``: :data:`TUNED`'s entry for (bucket, n, k),
+    else the bucket's tile with BLOCK_N halved (down to MIN_BLOCK_N), then split_k doubled (while each
+    slice keeps >= 2 BLOCK_K steps, up to MAX_SPLIT_K), until the grid has WAVES programs per SM. Cached."""
+    key = (m, n, k, device)
     cfg = _PICKED.get(key)
     if cfg is None:
-        cfg = CONFIGS[min(b for b in CONFIGS if b >= m)]
-        block_n, sms = cfg.block_n, _sm_count(device)
-        while block_n > cfg.min_block_n and -(-n // block_n) * -(-m // cfg.block_m) < sms:
-            block_n //= 2
-        cfg = Int8Config(cfg.block_m, block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.min_block_n)
+        bucket = m_bucket(m)
+        cfg = TUNED.get((bucket, n, k))
+        if cfg is None:
+            base = CONFIGS[bucket]
+            goal = WAVES * _sm_count(device)
+            tiles_m = -(-m // base.block_m)
+            block_n, split_k = base.block_n, 1
+            while block_n > MIN_BLOCK_N.get(base.block_m, 16) and -(-n // block_n) * tiles_m < goal:
+                block_n //= 2
+            while (split_k < MAX_SPLIT_K and -(-n // block_n) * tiles_m * split_k < goal
+                   and k >= 4 * split_k * base.block_k):
+                split_k *= 2
+            cfg = replace(base, block_n=block_n, split_k=split_k)
         _PICKED[key] = cfg
     return cfg
+
+
+def load_tuned(path_or_table, clear: bool = False) -> int:
+    """Put measured tiles into :data:`TUNED`: a ``--tune`` JSON file (its "tuned" list) or such a list of
+    ``{"m_bucket", "n", "k", "tile": [block_m, block_n, block_k, num_warps, num_stages, split_k]}``.
+    Returns how many entries were loaded; ``clear`` empties the table first. Clears pick_config's cache."""
+    import json
+    import os
+
+    rows = path_or_table
+    if isinstance(path_or_table, (str, os.PathLike)):
+        with open(path_or_table, encoding="utf-8") as f:
+            rows = json.load(f)["tuned"]
+    if clear:
+        TUNED.clear()
+    for r in rows:
+        if r["m_bucket"] not in CONFIGS or len(r["tile"]) != 6:
+            raise InputError(f"load_tuned: bad entry {r} (m_bucket among {sorted(CONFIGS)}, tile of 6 ints)")
+        TUNED[(r["m_bucket"], r["n"], r["k"])] = Int8Config(*r["tile"])
+    _PICKED.clear()
+    return len(rows)
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(X, W, S, B, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+    def _gemv_kernel(X, W, S, B, Y, N, K, K_SPLIT, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
         # one row of x: y[n] = scale[n] * sum_k w[n, k] * x[k]; the products summed elementwise over the
-        # K loop in fp32 and reduced once at the end
+        # K loop in fp32 and reduced once at the end. SPLIT: this program sums K slice program_id(1) (of
+        # K_SPLIT inputs) into the fp32 partial Y[slice, n]; the reduce kernel applies scale and bias
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rn_in = rn % N  # rows past N read row (rn mod N) instead of masking; their results are not stored
-        rk = tl.arange(0, BLOCK_K)
+        k0 = tl.program_id(1) * K_SPLIT
+        rk = k0 + tl.arange(0, BLOCK_K)
         w_ptrs = W + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(tl.cdiv(K, BLOCK_K)):
+        for _ in range(tl.cdiv(tl.minimum(K_SPLIT, K - k0), BLOCK_K)):
             if EVEN_K:
-                x = tl.load(X + k * BLOCK_K + rk)
+                x = tl.load(X + rk)
                 w = tl.load(w_ptrs)
             else:
-                in_k = rk < K - k * BLOCK_K
-                x = tl.load(X + k * BLOCK_K + rk, mask=in_k, other=0.0)
+                in_k = (rk < K) & (rk < k0 + K_SPLIT)
+                x = tl.load(X + rk, mask=in_k, other=0.0)
                 w = tl.load(w_ptrs, mask=in_k[None, :], other=0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=1) * tl.load(S + rn_in).to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(B + rn_in).to(tl.float32)
-        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
+            rk += BLOCK_K
+        y = tl.sum(acc, axis=1)
+        if SPLIT:
+            tl.store(Y + tl.program_id(1) * N + rn, y, mask=rn < N)
+        else:
+            y = y * tl.load(S + rn_in).to(tl.float32)
+            if HAS_BIAS:
+                y += tl.load(B + rn_in).to(tl.float32)
+            tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
 
     @triton.jit
-    def _mm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, BLOCK_M: tl.constexpr,
+    def _mm_kernel(X, W, S, B, Y, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) per step on tensor cores, the int8 tile converted to x's
-        # dtype in registers (exact: |w| <= 127); rows past M / N read in-range rows, never stored
+        # dtype in registers (exact: |w| <= 127); rows past M / N read in-range rows, never stored.
+        # SPLIT: K slice program_id(2) into the fp32 partial Y[slice] (M, N), as in _gemv_kernel
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm_in, rn_in = rm % M, rn % N
-        rk = tl.arange(0, BLOCK_K)
+        k0 = tl.program_id(2) * K_SPLIT
+        rk = k0 + tl.arange(0, BLOCK_K)
         x_ptrs = X + rm_in[:, None].to(tl.int64) * stride_xm + rk[None, :]
         w_ptrs = W + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(tl.cdiv(K, BLOCK_K)):
+        for _ in range(tl.cdiv(tl.minimum(K_SPLIT, K - k0), BLOCK_K)):
             if EVEN_K:
                 x = tl.load(x_ptrs)
                 w = tl.load(w_ptrs)
             else:
-                in_k = rk < K - k * BLOCK_K
+                in_k = (rk < K) & (rk < k0 + K_SPLIT)
                 x = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=in_k[None, :], other=0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        acc = acc * tl.load(S + rn_in).to(tl.float32)[None, :]
+            rk += BLOCK_K
+        out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if SPLIT:
+            p_ptrs = Y + tl.program_id(2).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
+            tl.store(p_ptrs, acc, mask=out_mask)
+        else:
+            acc = acc * tl.load(S + rn_in).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                acc += tl.load(B + rn_in).to(tl.float32)[None, :]
+            y_ptrs = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _split_reduce_kernel(P, S, B, Y, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        # y[i] = scale[n] * sum_s P[s, i] (+ bias[n]) over the (SPLIT_K, M*N) fp32 partials, in a fixed
+        # order (deterministic, unlike atomics)
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(P + s * MN + i, mask=mask, other=0.0)
+        n = i % N
+        acc = acc * tl.load(S + n, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            acc += tl.load(B + rn_in).to(tl.float32)[None, :]
-        y_ptrs = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc += tl.load(B + n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + i, acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def _launch(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """The Triton kernels for M <= DECODE_MAX_M rows, else dequantize + torch's matmul."""
+def _launch(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None, cfg: Int8Config | None = None) -> Tensor:
+    """The Triton kernels for M <= KERNEL_MAX_M rows (tile ``cfg``, default :func:`pick_config`'s), else
+    dequantize + torch's matmul."""
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m > DECODE_MAX_M:
+    if m > KERNEL_MAX_M:
         return int8_linear_ref(x, w_int8, scale, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -190,20 +273,28 @@ def _launch(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Te
         return y.reshape(*x.shape[:-1], n)
     if k == 0:
         return y.zero_().add_(bias.to(x.dtype) if bias is not None else 0).reshape(*x.shape[:-1], n)
-    cfg = pick_config(m, n, x.device)
+    cfg = cfg or pick_config(m, n, k, x.device)
     scale = scale.contiguous()  # the kernels index scale and bias as dense (N,) vectors (no-ops when they are)
     b = bias.contiguous() if bias is not None else scale  # any pointer; unread without HAS_BIAS
-    even_k = k % cfg.block_k == 0
-    if cfg.block_m == 1:
-        _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x2, w_int8, scale, b, y, n, k, w_int8.stride(0), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            HAS_BIAS=bias is not None, EVEN_K=even_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # K per split, a whole number of BLOCK_K steps; the last slice may be shorter (masked)
+    k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
+    split = cfg.split_k > 1
+    even_k = k % k_split == 0 and k_split % cfg.block_k == 0
+    out = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device) if split else y
+    meta = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "HAS_BIAS": bias is not None, "EVEN_K": even_k,
+            "SPLIT": split, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.block_m == 1 and m == 1:
+        _gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+            x2, w_int8, scale, b, out, n, k, k_split, w_int8.stride(0), **meta)
     else:
-        _mm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))](
-            x2, w_int8, scale, b, y, m, n, k, x2.stride(0), w_int8.stride(0), y.stride(0), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=even_k,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+        block_m = max(cfg.block_m, 16)  # a GEMV tile asked for M > 1 runs as the smallest tl.dot tile
+        _mm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m), cfg.split_k)](
+            x2, w_int8, scale, b, out, m, n, k, k_split, x2.stride(0), w_int8.stride(0), y.stride(0),
+            BLOCK_M=block_m, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)
+    if split:
+        block = 1024
+        _split_reduce_kernel[(triton.cdiv(m * n, block),)](out, scale, b, y, m * n, n, SPLIT_K=cfg.split_k,
+                                                           HAS_BIAS=bias is not None, BLOCK=block)
     return y.reshape(*x.shape[:-1], n)
 
 
