@@ -30,10 +30,14 @@ case "${STAGE:?}" in
     timeout 240 python -m pytest -q -s -m cuda -p no:cacheprovider --no-header -rfE -n 2 tests/test_fp8.py -k parity \
       2>&1 | grep -v "Warn\|warn" | tee $OUT/gpu_tests_fp8_parity.log | tail -n 12
     ;;
-  int8)
-    timeout 240 python -m flashlm.bench decode --preset llama-1b --batch-sizes 1,16,32,64,128,512 --int8-linears --tune \
-      --output $OUT/int8_tune.json 2>&1 | tail -n 40
-    timeout 200 python -m flashlm.bench decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
-      --models flashlm-graph --quantize int8 --new-tokens 64 --repeats 3 --output $OUT/decode_int8.json 2>&1 | tail -n 12
+  int8)  # tiles for decode rows (M 1, 32), then prefill rows; decode with the table's tiles and with them
+    timeout 200 python -m flashlm.bench decode --preset llama-1b --batch-sizes 1,32 --int8-linears --tune \
+      --output $OUT/int8_tune.json 2>&1 | grep "best\|Error" | tail -n 12
+    timeout 100 python -m flashlm.bench decode --preset llama-1b --batch-sizes 512,4096 --int8-linears --tune \
+      --output $OUT/int8_tune_prefill.json 2>&1 | grep "best\|Error" | tail -n 12
+    d="python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 --new-tokens 64 --repeats 3"
+    timeout 120 $d --models flashlm-graph --quantize int8 --output $OUT/decode_int8.json 2>&1 | tail -n 6
+    timeout 100 $d --models flashlm-graph-int8 --int8-configs $OUT/int8_tune.json,$OUT/int8_tune_prefill.json \
+      --output $OUT/decode_int8_tuned.json 2>&1 | tail -n 4
     ;;
 esac

@@ -77,7 +77,7 @@ def test_kernel_matches_reference(dtype, m, n, k, bias):
 def test_kernel_runs_for_decode_shapes_and_keeps_leading_dims(monkeypatch):
     """(batch, 1, K) x runs the Triton kernel (not the reference) and comes back (batch, 1, N)."""
     calls = []
-    real = il._launch
+    real = il.launch_kernels
     monkeypatch.setattr(il, "_int8_linear", il.dispatch(None, lambda *a: calls.append(1) or real(*a),
                                                          il._int8_linear_op, il.int8_linear_ref))
     q, scale = quantize_int8(torch.randn(24, 32))
@@ -127,7 +127,7 @@ def test_explicit_tiles_and_split_k_match_reference(tile, m):
         q, scale = quantize_int8(torch.randn(n, k) * 0.05)
         x, b = torch.randn(m, k, dtype=torch.float16), torch.randn(n, dtype=torch.float16)
         truth = int8_linear_ref(x.double(), q, scale.double(), b.double())
-        got = il._launch(x, q, scale, b, il.Int8Config(*tile))
+        got = il.launch_kernels(x, q, scale, b, il.Int8Config(*tile))
         assert got.shape == (m, n)
         assert _max_err(got, truth) <= 2 * _max_err(int8_linear_ref(x, q, scale, b), truth) + ATOL[torch.float16]
 
@@ -137,7 +137,7 @@ def test_past_kernel_max_m_dequantizes(monkeypatch):
     monkeypatch.setattr(il, "KERNEL_MAX_M", 16)
     monkeypatch.setattr(il, "int8_linear_ref", lambda *a: calls.append(1) or int8_linear_ref(*a))
     q, scale = quantize_int8(torch.randn(8, 16))
-    il._launch(torch.randn(17, 16), q, scale, None)
+    il.launch_kernels(torch.randn(17, 16), q, scale, None)
     assert calls == [1]
 
 
@@ -516,6 +516,40 @@ def test_bench_int8_linears(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--device", "cpu", "--int8-linears", "--linear-impls", "int4"]) == 2
     assert "--linear-impls" in capsys.readouterr().err
+
+
+@needs_interpret
+def test_bench_int8_tune_and_int8_configs(tmp_path, capsys, monkeypatch):
+    """`--tune`: every candidate tile timed per (projection, M), the default tile among them, the fastest
+    correct one per (M bucket, N, K) in "tuned"; `--int8-configs` loads that file into TUNED (a bad file:
+    exit 2 before any run); --tune alone (without --int8-linears) is refused."""
+    from flashlm.bench.decode import main
+    from flashlm.bench.int8_linears import candidates
+
+    monkeypatch.setattr(il, "TUNED", {})
+    monkeypatch.setattr(il, "_PICKED", {})
+    out = tmp_path / "t.json"
+    assert main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp16", "--batch-sizes", "1,20",
+                 "--int8-linears", "--tune", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    tuned = data["tuned"]
+    distinct = {(r["n"], r["k"]) for r in data["rows"]}  # tiny's qkv and gate_up share a shape: one entry
+    assert len(tuned) == 2 * len(distinct) and {e["m_bucket"] for e in tuned} == {1, 32}
+    for e in tuned:
+        mine = [r for r in data["rows"] if r["shape"] == e["shape"] and r["m"] == e["m"] and r["impl"] == "int8-triton"]
+        assert sum(r["default"] for r in mine) == 1 and len(mine) >= len(candidates(e["m"], e["k"]))
+        assert e["us"] == min(r["us"] for r in mine) and e["tile"] in [r["tile"] for r in mine]
+    assert il.TUNED == {}
+    assert main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp16", "--batch-sizes", "1", "--int8-linears",
+                 "--int8-configs", str(out), "--output", str(tmp_path / "l.json")]) == 0
+    assert len(il.TUNED) == len(tuned)
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    assert all(r["tile"] == il.TUNED[(1, r["n"], r["k"])].as_list() for r in rows if r["impl"] == "int8-triton")
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["--device", "cpu", "--int8-linears", "--int8-configs", str(tmp_path / "bad.json")]) == 2
+    assert main(["--device", "cpu", "--tune"]) == 2
+    assert "--int8-configs" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- review fixes

@@ -40,7 +40,7 @@ def test_kernel_matches_reference_at_llama_1b_shapes(name, m, dtype):
 @pytest.mark.parametrize("m", [1, 5, 32])
 def test_explicit_tiles_and_split_k_match_reference(tile, m):
     """Tiles of the --tune sweep (split-K among them), at the down projection's K = 8192 and an uneven K."""
-    from flashlm.ops.int8_linear import Int8Config, _launch
+    from flashlm.ops.int8_linear import Int8Config, launch_kernels
 
     for n, k in [(2048, 8192), (1000, 3000)]:
         torch.manual_seed(0)
@@ -48,7 +48,7 @@ def test_explicit_tiles_and_split_k_match_reference(tile, m):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         truth = int8_linear_ref(x.double(), q, scale.double(), bias.double())
-        got = _launch(x, q, scale, bias, Int8Config(*tile))
+        got = launch_kernels(x, q, scale, bias, Int8Config(*tile))
         assert _err(got, truth) <= 2 * _err(int8_linear_ref(x, q, scale, bias), truth) + 1e-2, (n, k)
 
 

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(flashlm.bench.int8_linears)")
     p.add_argument("--linear-impls", default="bf16,int8-triton,int8-dequant",
                    help="with --int8-linears: among bf16, int8-triton, int8-dequant, torchao-int8wo")
+    p.add_argument("--tune", action="store_true",
+                   help="with --int8-linears: time every candidate tile of the int8 kernels per projection and M; "
+                        "the JSON's 'tuned' is what --int8-configs (flashlm.ops.int8_linear.load_tuned) reads")
+    p.add_argument("--int8-configs", default=None, metavar="JSON[,JSON]",
+                   help="load measured int8 tiles (--tune JSON files, comma-separated) before running the int8 rows")
     p.add_argument("--new-tokens", type=int, default=None, help="N decode steps timed (default 64; 8 on CPU)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
     p.add_argument("--inductor-mode", choices=COMPILE_MODES, default="default",
@@ -154,6 +159,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if any(m in INT8_IMPLS for m in args.models) and args.torch_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError("int8 rows need --dtype bf16 or fp16 (int8 weights are dequantized into the activations' "
                          f"dtype), got {args.torch_dtype}")
+    if args.tune and not args.int8_linears:
+        raise ValueError("--tune goes with --int8-linears")
+    if args.int8_configs:
+        from flashlm.ops.int8_linear import load_tuned
+
+        for path in [p for p in args.int8_configs.split(",") if p.strip()]:
+            try:
+                load_tuned(path.strip())
+            except (OSError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"--int8-configs {path}: not a --tune JSON ({type(e).__name__}: {e})") from None
     if args.int8_linears:
         from flashlm.bench.int8_linears import LINEAR_IMPLS
 
@@ -558,16 +573,25 @@ def main(argv: list[str] | None = None) -> int:
 def _main_linears(args: argparse.Namespace, command: str, env: dict[str, Any], write_json) -> int:
     """``--int8-linears``: the micro-benchmark's rows, table and JSON instead of the decode sweep."""
     from flashlm.bench.int8_linears import format_table as linears_table
-    from flashlm.bench.int8_linears import run_linears
+    from flashlm.bench.int8_linears import format_tuned, run_linears, run_tune
 
-    results = run_linears(args)
-    results.update(command=command, environment=env, table=linears_table(results["rows"]))
-    if args.output:
+    def save(results: dict[str, Any]) -> None:
+        if not args.output:
+            return
+        results = {**results, "command": command, "environment": env}
         if write_json is not None:
             write_json(results, args.output)
         else:
             with open(args.output, "w") as f:
                 json.dump(results, f, indent=2, default=str)
+
+    if args.tune:
+        results = run_tune(args, save=save)
+        results["table"] = format_tuned(results["tuned"])
+    else:
+        results = run_linears(args)
+        results["table"] = linears_table(results["rows"])
+    save(results)
     print(results["table"])
     if args.output:
         print(f"wrote {args.output}")

@@ -14,6 +14,12 @@ cost) over enough copies of the weight to exceed the L2 cache (a replayed single
 be served from L2, which a decode step reading 1-2 GB of weights never is). GB/s = (weight bytes (+ the
 fp32 scales) + x + y) / time; ``pct_of_peak`` against the copy bandwidth of ``flashlm.bench.bandwidth``.
 On CPU it checks the command, not the speed. Each int8 row carries ``max_rel_err_vs_dequant``.
+
+``--tune`` (:func:`run_tune`) times every candidate tile (:func:`candidates`: BLOCK_N, BLOCK_K, warps,
+stages, split-K) of the int8 kernels at each (projection, M), beside cuBLAS in bf16 and, at M = 1, the same
+GEMV kernel reading the bf16 weight ("bf16-triton"). Its JSON's ``tuned`` (the fastest tile per (M bucket,
+N, K)) is what ``flashlm.ops.int8_linear.load_tuned`` reads and :data:`~flashlm.ops.int8_linear.TUNED`
+holds; ``--int8-configs`` loads such a file before any run.
 """
 
 from __future__ import annotations
@@ -25,7 +31,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flashlm.ops.int8_linear import int8_linear, int8_linear_ref, pick_config, quantize_int8
+from flashlm.ops.int8_linear import (
+    Int8Config,
+    int8_linear,
+    int8_linear_ref,
+    launch_kernels,
+    m_bucket,
+    pick_config,
+    quantize_int8,
+)
 
 LINEAR_IMPLS = ("bf16", "int8-triton", "int8-dequant", "torchao-int8wo")
 DEFAULT_LINEAR_IMPLS = "bf16,int8-triton,int8-dequant"
@@ -93,9 +107,14 @@ def _row(name: str, n: int, k: int, m: int, impl: str, weights, x, args: argpars
     if args.peak is not None:
         row["pct_of_peak"] = 100 * row["gb_per_s"] / args.peak.gbs
     if impl == "int8-triton":
-        cfg = pick_config(m, n, args.device)
-        row["tile"] = [cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages]
+        row["tile"] = pick_config(m, n, k, args.device).as_list()
     return row
+
+
+def _weights(n: int, k: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
+    """Random (n, k) weights, enough copies on CUDA that one timed run of them all exceeds L2."""
+    copies = max(1, min(64, -(-_L2_DEFEAT_BYTES // (n * k)))) if device.type == "cuda" else 1
+    return [(torch.randn(n, k, generator=gen) * 0.02).to(device, dtype) for _ in range(copies)]
 
 
 def run_linears(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -110,8 +129,7 @@ def run_linears(args: argparse.Namespace, log: Callable[[str], None] = print) ->
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     for name, (n, k) in shapes(config).items():
-        copies = max(1, min(64, -(-_L2_DEFEAT_BYTES // (n * k)))) if device.type == "cuda" else 1
-        weights = [(torch.randn(n, k, generator=gen) * 0.02).to(device, dtype) for _ in range(copies)]
+        weights = _weights(n, k, device, dtype, gen)
         for m in args.batch_sizes:
             x = torch.randn(m, k, generator=gen).to(device, dtype)
             for impl in impls:
@@ -124,6 +142,108 @@ def run_linears(args: argparse.Namespace, log: Callable[[str], None] = print) ->
     return {"benchmark": "int8_linears", "preset": args.preset, "dtype": str(dtype).replace("torch.", ""),
             "device": str(device), **peak, "method": "GPU time per call from a CUDA-graph replay over weight "
             "copies exceeding L2; GB/s = (weight + scales + x + y bytes) / time", "rows": rows}
+
+
+def candidates(m: int, k: int) -> list[Int8Config]:
+    """The tiles ``--tune`` times at M rows over K inputs: the GEMV (M = 1) over BLOCK_N x BLOCK_K x
+    split-K; tl.dot tiles of the M bucket's BLOCK_M for decode batches (<= 64 rows) with split-K; larger
+    BLOCK_M / BLOCK_N / warps and no split for prefill rows. A split leaves each slice >= 1 BLOCK_K step."""
+    if m == 1:
+        grid = [(1, bn, bk, 4, 3, sk) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for sk in (1, 2, 4, 8)]
+    elif m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        grid = [(bm, bn, bk, 4, 4, sk) for bn in (16, 32, 64) for bk in (64, 128, 256) for sk in (1, 2, 4, 8)]
+    else:
+        grid = [(bm, bn, bk, w, 3, 1) for bm in (64, 128) for bn in (64, 128) for bk in (64, 128) for w in (4, 8)]
+    return [Int8Config(*t) for t in grid if k >= t[2] * t[5]]
+
+
+def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of every candidate tile at one (projection, M) and the fastest one's ``tuned`` entry."""
+    device = args.device
+    packed = [quantize_int8(w) for w in weights]
+    want = int8_linear_ref(x, *packed[0])
+    scale_max = want.float().abs().max().clamp_min(1e-30)
+    base = {"shape": name, "n": n, "k": k, "m": m}
+    rows = [{**base, "impl": "bf16", "status": "ok",
+             "us": _time_s(_callers("bf16", weights, args.torch_dtype), x, device) * 1e6}]
+    default = pick_config(m, n, k, device)
+    trials = [("int8-triton", c, packed) for c in dict.fromkeys([default, *candidates(m, k)])]
+    if m == 1:  # the same GEMV reading bf16 weights (scale 1): can it beat cuBLAS's GEMV?
+        ones = torch.ones(n, device=device)
+        trials += [("bf16-triton", c, [(w, ones) for w in weights]) for c in candidates(1, k)
+                   if c.block_k <= 512 and c.split_k <= 4]
+    for impl, cfg, ws in trials:
+        calls = [lambda t, q=q, s=s, c=cfg: launch_kernels(t, q, s, None, c) for q, s in ws]
+        row = {**base, "impl": impl, "status": "ok", "tile": cfg.as_list(), "default": cfg == default}
+        try:
+            with torch.no_grad():
+                row["us"] = _time_s(calls, x, device) * 1e6
+                if impl == "int8-triton":
+                    row["max_rel_err_vs_dequant"] = float((calls[0](x).float() - want.float()).abs().max() / scale_max)
+        except Exception as e:  # noqa: BLE001 a tile that does not compile (registers, shared memory) ends its row
+            row.update(status="error", error=f"{type(e).__name__}: {e}"[:200])
+        rows.append(row)
+    ok = [r for r in rows if r["impl"] == "int8-triton" and "us" in r and r["max_rel_err_vs_dequant"] < 1e-2]
+    if not ok:
+        log(f"  {name} M {m}: no tile ran correctly")
+        return rows, None
+    best = min(ok, key=lambda r: r["us"])
+    w_bytes = n * k + 4 * n
+    entry = {"m_bucket": m_bucket(m), "n": n, "k": k, "shape": name, "m": m, "tile": best["tile"],
+             "us": best["us"], "gb_per_s": w_bytes / best["us"] / 1e3,
+             "default_us": next(r["us"] for r in rows if r.get("default") and "us" in r), "bf16_us": rows[0]["us"]}
+    bf16_triton = [r["us"] for r in rows if r["impl"] == "bf16-triton" and "us" in r]
+    if bf16_triton:
+        entry["bf16_triton_us"] = min(bf16_triton)
+    if args.peak is not None:
+        entry["pct_of_peak"] = 100 * entry["gb_per_s"] / args.peak.gbs
+    log(f"  {name:<8} {n:>6} x {k:<5} M {m:>4}: best {best['tile']} {best['us']:7.1f} us "
+        f"({entry['gb_per_s']:5.0f} GB/s), default {entry['default_us']:7.1f}, bf16 {entry['bf16_us']:7.1f}"
+        + (f", bf16-triton {entry['bf16_triton_us']:7.1f}" if bf16_triton else ""))
+    return rows, entry
+
+
+def run_tune(args: argparse.Namespace, log: Callable[[str], None] = print,
+             save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``--tune``: every candidate tile at each (projection, M in ``--batch-sizes``), the record saved after
+    each projection (``save``) so a run cut short keeps what it measured. M values sharing an M bucket:
+    the last one's tile is the bucket's."""
+    from flashlm.models.config import get_preset
+
+    config, device, dtype = get_preset(args.preset), args.device, args.torch_dtype
+    gen = torch.Generator().manual_seed(args.seed)
+    peak = args.peak.as_dict() if args.peak is not None else {"peak_gbs": None}
+    record = {"benchmark": "int8_tune", "preset": args.preset, "dtype": str(dtype).replace("torch.", ""),
+              "device": str(device), **peak, "method": "GPU time per call from a CUDA-graph replay over weight "
+              "copies exceeding L2, every candidate tile of flashlm.bench.int8_linears.candidates", "rows": [],
+              "tuned": []}
+    for name, (n, k) in shapes(config).items():
+        weights = _weights(n, k, device, dtype, gen)
+        for m in args.batch_sizes:
+            x = torch.randn(m, k, generator=gen).to(device, dtype)
+            rows, entry = _tune_point(name, n, k, m, weights, x, args, log)
+            record["rows"] += rows
+            if entry is not None:
+                record["tuned"] = [e for e in record["tuned"] if (e["m_bucket"], e["n"], e["k"]) !=
+                                   (entry["m_bucket"], n, k)] + [entry]
+        del weights
+        if save is not None:
+            save(record)
+    return record
+
+
+def format_tuned(entries: list[dict[str, Any]]) -> str:
+    """Markdown table of ``--tune``'s fastest tiles."""
+    head = ("| shape | N x K | M | tile (bm, bn, bk, warps, stages, split) | us | GB/s | default us | bf16 us | "
+            "bf16-triton us |")
+    out = [head, "|---|---|--:|---|--:|--:|--:|--:|--:|"]
+    for e in entries:
+        bt = e.get("bf16_triton_us")
+        out.append(f"| {e['shape']} | {e['n']} x {e['k']} | {e['m']} | {tuple(e['tile'])} | {e['us']:.1f} | "
+                   f"{e['gb_per_s']:.0f} | {e['default_us']:.1f} | {e['bf16_us']:.1f} | "
+                   f"{'' if bt is None else f'{bt:.1f}'} |")
+    return "\n".join(out)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -35,7 +35,7 @@ if triton is not None:
     import triton.language as tl
 
 __all__ = ["CONFIGS", "KERNEL_MAX_M", "TUNED", "Int8Config", "Int8Linear", "dequantize_int8", "int8_linear",
-           "int8_linear_ref", "load_tuned", "m_bucket", "pick_config", "quantize_int8"]
+           "int8_linear_ref", "launch_kernels", "load_tuned", "m_bucket", "pick_config", "quantize_int8"]
 
 QMAX = 127  # symmetric range [-127, 127]: -128 unused, so negating a weight never overflows
 
@@ -258,9 +258,11 @@ if triton is not None:
         tl.store(Y + i, acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def _launch(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None, cfg: Int8Config | None = None) -> Tensor:
+def launch_kernels(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None,
+                   cfg: Int8Config | None = None) -> Tensor:
     """The Triton kernels for M <= KERNEL_MAX_M rows (tile ``cfg``, default :func:`pick_config`'s), else
-    dequantize + torch's matmul."""
+    dequantize + torch's matmul. No input checks (:func:`int8_linear` makes them): the tile sweep calls it
+    directly, also with a bf16 weight and unit scales to time the same kernel reading two bytes a weight."""
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -301,7 +303,7 @@ def _launch(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None, cfg: 
 # torch.compile path: an opaque custom op with a fake (no autograd: inference only)
 @torch.library.custom_op("flashlm_ops::int8_linear", mutates_args=())
 def _int8_linear_op(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    return _launch(x, w_int8, scale, bias)
+    return launch_kernels(x, w_int8, scale, bias)
 
 
 @_int8_linear_op.register_fake
@@ -309,7 +311,7 @@ def _(x, w_int8, scale, bias):
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
-_int8_linear = dispatch(None, _launch, _int8_linear_op, int8_linear_ref)
+_int8_linear = dispatch(None, launch_kernels, _int8_linear_op, int8_linear_ref)
 
 
 def _check(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> None:
