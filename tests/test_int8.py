@@ -302,6 +302,50 @@ def test_loss_and_explain_of_a_quantized_flash_model():
         q(ids, labels=ids)
 
 
+@needs_interpret
+@pytest.mark.parametrize("tile", [None, (1, 8, 64, 4, 3, 2), (16, 16, 32, 4, 3, 3), (64, 32, 32, 4, 3, 1)])
+@pytest.mark.parametrize("m", [1, 4, 70])
+def test_int8_swiglu_linear_equals_swiglu_then_int8_linear(tile, m):
+    """The SwiGLU made in the kernel's prologue rounds as ops.swiglu does: the fused result equals
+    int8_linear(swiglu_ref(gate_up)) (even K and not, split-K among the tiles); the refusals name gate_up."""
+    from flashlm.ops.swiglu import swiglu_ref
+
+    for n, k in [(40, 256), (37, 200)]:
+        q, scale = quantize_int8(torch.randn(n, k) * 0.05)
+        gu, b = torch.randn(m, 2 * k, dtype=torch.float16), torch.randn(n, dtype=torch.float16)
+        want = il.launch_kernels(swiglu_ref(gu), q, scale, b, None if tile is None else il.Int8Config(*tile))
+        if tile is None:
+            got = il.int8_swiglu_linear(gu, q, scale, b)
+        else:
+            got = il.launch_kernels(gu, q, scale, b, il.Int8Config(*tile), swiglu=True)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(got, il.int8_swiglu_linear_ref(gu, q, scale, b), atol=2e-3, rtol=2e-3)
+    with pytest.raises(InputError, match=r"gate_up must be .*2 \* K=400"):
+        il.int8_swiglu_linear(torch.randn(2, 200), q, scale)
+
+
+@needs_interpret
+def test_quantized_flash_mlp_runs_the_fused_int8_down_path(monkeypatch):
+    """An int8 flash model's MLP calls int8_swiglu_linear (explain() says so) and gives the logits of the
+    unfused path (ops.swiglu then the Int8Linear module)."""
+    from flashlm.models import flash as flash_mod
+    from flashlm.models.kernels import mlp_down_path
+
+    q = quantize_model(_tiny())
+    ids = torch.randint(3, 256, (2, 12))
+    assert all(mlp_down_path(layer.mlp) == "swiglu_int8_linear" for layer in q.model.layers)
+    assert q.explain(ids)["mlp"][0].startswith("swiglu_int8_linear (down_proj Int8Linear")
+    calls = []
+    real = flash_mod.int8_swiglu_linear
+    monkeypatch.setattr(flash_mod, "int8_swiglu_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = q(ids).logits
+        assert len(calls) == q.config.num_layers
+        monkeypatch.setattr(flash_mod, "mlp_down_path", lambda mlp: "swiglu+module")
+        unfused = q(ids).logits
+    torch.testing.assert_close(fused, unfused, atol=2e-3, rtol=2e-3)
+
+
 def test_state_dict_round_trip_and_save_pretrained_refused(tmp_path):
     """A quantized state dict (int8 weights under HF names, scales) loads into a model quantized the same way
     and gives the same logits; it is refused by an unquantized model (strict: the scales are unexpected);

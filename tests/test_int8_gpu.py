@@ -129,3 +129,16 @@ def test_int8_model_reads_about_half_the_bytes(llama_1b_int8):
 
     got = weight_read_bytes(llama_1b_int8)
     assert 1.2e9 < got < 1.3e9, got
+
+
+@pytest.mark.parametrize("m", [1, 32, 300])
+def test_int8_swiglu_linear_at_the_down_projection(m):
+    """The SwiGLU prologue at llama-1b's down shape (gate_up 16384 wide): swiglu then int8_linear's result."""
+    from flashlm.ops.int8_linear import int8_swiglu_linear
+    from flashlm.ops.swiglu import swiglu_ref
+
+    torch.manual_seed(0)
+    q, scale = quantize_int8(torch.randn(2048, 8192, device="cuda") * 0.02)
+    gate_up = torch.randn(m, 16384, device="cuda", dtype=torch.bfloat16)
+    want = int8_linear(swiglu_ref(gate_up), q, scale)
+    torch.testing.assert_close(int8_swiglu_linear(gate_up, q, scale), want, atol=2e-2, rtol=2e-2)

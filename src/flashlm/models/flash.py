@@ -34,6 +34,7 @@ from flashlm.attention.padding import (  # noqa: F401
     unpad_input,
 )
 from flashlm.ops.cross_entropy import cross_entropy, linear_cross_entropy, logits_cross_entropy
+from flashlm.ops.int8_linear import int8_swiglu_linear
 from flashlm.ops.rotary import apply_rope_bshd, rotate_half  # noqa: F401 (rotate_half: for old paths)
 
 from .config import ModelConfig
@@ -281,7 +282,8 @@ class FlashMLP(MLP):
     """The gated MLP with gate and up as ONE projection ``gate_up_proj`` (rows: gate, then up; saved and
     loaded as HF's ``gate_proj``/``up_proj``) and SwiGLU with the down projection as one op that does
     not save the activation for the backward: ``ops.swiglu_linear`` for a plain Linear, ``fp8.
-    swiglu_float8_linear`` for a torchao Float8Linear, else swiglu then the module (which path:
+    swiglu_float8_linear`` for a torchao Float8Linear, ``int8_swiglu_linear`` for an int8 ``Int8Linear``
+    (inference), else swiglu then the module (which path:
     ``kernels.mlp_down_path``, shown by ``explain()``); GeGLU (Gemma2) applies its activation in torch."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -297,6 +299,8 @@ class FlashMLP(MLP):
             return ops.swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
         if path == "swiglu_float8_linear":  # the same around torchao's FP8 matmul
             return swiglu_float8_linear(gate_up, self.down_proj, ops.swiglu)
+        if path == "swiglu_int8_linear":  # int8 weights (inference): swiglu in the int8 kernel's prologue
+            return int8_swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.scale, self.down_proj.bias)
         if self.fused_act:  # another down_proj (int8, PEFT/LoRA, fuse_mlp=False): call the module itself
             return self.down_proj(ops.swiglu(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)

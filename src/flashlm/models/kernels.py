@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from flashlm import ops as fused_ops
+from flashlm.ops.int8_linear import Int8Linear
 
 from .fp8 import fuses_swiglu, linear_name
 
@@ -207,6 +208,8 @@ def mlp_down_path(mlp: nn.Module) -> str:
     here): "swiglu_linear" (a plain nn.Linear: ``ops.swiglu_linear``, one node that never saves the
     (..., I) activation), "swiglu_float8_linear" (a torchao Float8Linear:
     :func:`~flashlm.models.fp8.swiglu_float8_linear`, the same saving around torchao's FP8 matmul),
+    "swiglu_int8_linear" (an int8 ``Int8Linear``: :func:`~flashlm.ops.int8_linear.int8_swiglu_linear`,
+    the activation made in the int8 kernel's prologue: one launch fewer per layer at decode),
     "swiglu+module" (any other module, or ``convert_to_fp8(fuse_mlp=False)``: ``ops.swiglu`` then the
     module, autograd keeping the activation), "act+module" (GeGLU: the activation in torch, then the module)."""
     down = mlp.down_proj
@@ -214,11 +217,14 @@ def mlp_down_path(mlp: nn.Module) -> str:
         return "act+module"
     if type(down) is torch.nn.Linear:
         return "swiglu_linear"
+    if type(down) is Int8Linear:
+        return "swiglu_int8_linear"
     return "swiglu_float8_linear" if fuses_swiglu(down) else "swiglu+module"
 
 
 _MLP_TEXT = {"swiglu_linear": "swiglu_linear (down_proj {down})",
              "swiglu_float8_linear": "swiglu_float8_linear (down_proj {down}; the activation recomputed in backward)",
+             "swiglu_int8_linear": "swiglu_int8_linear (down_proj {down}; the activation made in the kernel)",
              "swiglu+module": "swiglu + {down} (unfused: the (..., I) activation saved for backward)",
              "act+module": "activation + {down}"}
 

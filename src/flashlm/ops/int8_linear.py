@@ -30,12 +30,13 @@ from torch import Tensor, nn
 from flashlm.errors import InputError
 
 from ._dispatch import dispatch, triton
+from .swiglu import swiglu_ref
 
 if triton is not None:
     import triton.language as tl
 
 __all__ = ["CONFIGS", "KERNEL_MAX_M", "TUNED", "Int8Config", "Int8Linear", "dequantize_int8", "int8_linear",
-           "int8_linear_ref", "launch_kernels", "load_tuned", "m_bucket", "pick_config", "quantize_int8"]
+           "int8_linear_ref", "int8_swiglu_linear", "int8_swiglu_linear_ref", "launch_kernels", "load_tuned", "m_bucket", "pick_config", "quantize_int8"]
 
 QMAX = 127  # symmetric range [-127, 127]: -128 unused, so negating a weight never overflows
 
@@ -172,8 +173,26 @@ def load_tuned(path_or_table, clear: bool = False) -> int:
 if triton is not None:
 
     @triton.jit
+    def _load_x(ptrs, K, mask, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr):
+        # an x tile; SWIGLU: x is gate_up (.., 2K) and the tile is silu(gate) * up, rounded as ops.swiglu
+        # rounds (silu to the dtype, then the product), so the fused path equals swiglu then the linear
+        if EVEN_K:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+        if SWIGLU:
+            if EVEN_K:
+                up = tl.load(ptrs + K)
+            else:
+                up = tl.load(ptrs + K, mask=mask, other=0.0)
+            g = x.to(tl.float32)
+            act = (g * tl.sigmoid(g)).to(x.dtype)
+            x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+        return x
+
+    @triton.jit
     def _gemv_kernel(X, W, S, B, Y, N, K, K_SPLIT, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr):
         # one row of x: y[n] = scale[n] * sum_k w[n, k] * x[k]; the products summed elementwise over the
         # K loop in fp32 and reduced once at the end. SPLIT: this program sums K slice program_id(1) (of
         # K_SPLIT inputs) into the fp32 partial Y[slice, n]; the reduce kernel applies scale and bias
@@ -184,12 +203,11 @@ if triton is not None:
         w_ptrs = W + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for _ in range(tl.cdiv(tl.minimum(K_SPLIT, K - k0), BLOCK_K)):
+            in_k = (rk < K) & (rk < k0 + K_SPLIT)
+            x = _load_x(X + rk, K, in_k, EVEN_K, SWIGLU)
             if EVEN_K:
-                x = tl.load(X + rk)
                 w = tl.load(w_ptrs)
             else:
-                in_k = (rk < K) & (rk < k0 + K_SPLIT)
-                x = tl.load(X + rk, mask=in_k, other=0.0)
                 w = tl.load(w_ptrs, mask=in_k[None, :], other=0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
@@ -206,7 +224,7 @@ if triton is not None:
     @triton.jit
     def _mm_kernel(X, W, S, B, Y, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                   SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                   SPLIT: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr):
         # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) per step on tensor cores, the int8 tile converted to x's
         # dtype in registers (exact: |w| <= 127); rows past M / N read in-range rows, never stored.
         # SPLIT: K slice program_id(2) into the fp32 partial Y[slice] (M, N), as in _gemv_kernel
@@ -219,12 +237,11 @@ if triton is not None:
         w_ptrs = W + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(tl.cdiv(tl.minimum(K_SPLIT, K - k0), BLOCK_K)):
+            in_k = (rk < K) & (rk < k0 + K_SPLIT)
+            x = _load_x(x_ptrs, K, in_k[None, :], EVEN_K, SWIGLU)
             if EVEN_K:
-                x = tl.load(x_ptrs)
                 w = tl.load(w_ptrs)
             else:
-                in_k = (rk < K) & (rk < k0 + K_SPLIT)
-                x = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=in_k[None, :], other=0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
             x_ptrs += BLOCK_K
@@ -259,15 +276,16 @@ if triton is not None:
 
 
 def launch_kernels(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None,
-                   cfg: Int8Config | None = None) -> Tensor:
+                   cfg: Int8Config | None = None, swiglu: bool = False) -> Tensor:
     """The Triton kernels for M <= KERNEL_MAX_M rows (tile ``cfg``, default :func:`pick_config`'s), else
-    dequantize + torch's matmul. No input checks (:func:`int8_linear` makes them): the tile sweep calls it
+    dequantize + torch's matmul. ``swiglu``: x is gate_up (..., 2 * K) and the input is swiglu(x), made in
+    the kernel's prologue. No input checks (:func:`int8_linear` makes them): the tile sweep calls it
     directly, also with a bf16 weight and unit scales to time the same kernel reading two bytes a weight."""
     n, k = w_int8.shape
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, 2 * k if swiglu else k)
     m = x2.shape[0]
     if m > KERNEL_MAX_M:
-        return int8_linear_ref(x, w_int8, scale, bias)
+        return int8_linear_ref(swiglu_ref(x) if swiglu else x, w_int8, scale, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -284,7 +302,7 @@ def launch_kernels(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None
     even_k = k % k_split == 0 and k_split % cfg.block_k == 0
     out = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device) if split else y
     meta = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "HAS_BIAS": bias is not None, "EVEN_K": even_k,
-            "SPLIT": split, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            "SPLIT": split, "SWIGLU": swiglu, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     if cfg.block_m == 1 and m == 1:
         _gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
             x2, w_int8, scale, b, out, n, k, k_split, w_int8.stride(0), **meta)
@@ -300,7 +318,7 @@ def launch_kernels(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None
     return y.reshape(*x.shape[:-1], n)
 
 
-# torch.compile path: an opaque custom op with a fake (no autograd: inference only)
+# torch.compile path: opaque custom ops with fakes (no autograd: inference only)
 @torch.library.custom_op("flashlm_ops::int8_linear", mutates_args=())
 def _int8_linear_op(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     return launch_kernels(x, w_int8, scale, bias)
@@ -311,29 +329,49 @@ def _(x, w_int8, scale, bias):
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
+@torch.library.custom_op("flashlm_ops::int8_swiglu_linear", mutates_args=())
+def _int8_swiglu_linear_op(gate_up: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    return launch_kernels(gate_up, w_int8, scale, bias, swiglu=True)
+
+
+@_int8_swiglu_linear_op.register_fake
+def _(gate_up, w_int8, scale, bias):
+    return gate_up.new_empty((*gate_up.shape[:-1], w_int8.shape[0]))
+
+
+def int8_swiglu_linear_ref(gate_up: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Torch reference of :func:`int8_swiglu_linear`: ``int8_linear_ref(swiglu_ref(gate_up), ...)``."""
+    return int8_linear_ref(swiglu_ref(gate_up), w_int8, scale, bias)
+
+
 _int8_linear = dispatch(None, launch_kernels, _int8_linear_op, int8_linear_ref)
+_int8_swiglu_linear = dispatch(None, lambda gu, w, s, b: launch_kernels(gu, w, s, b, swiglu=True),
+                               _int8_swiglu_linear_op, int8_swiglu_linear_ref)
 
 
-def _check(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+def _check(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None, op: str = "int8_linear",
+           in_features: int | None = None) -> None:
     if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
-        raise InputError(f"int8_linear: weight must be a 2-D int8 tensor (N, K) from quantize_int8, got "
+        raise InputError(f"{op}: weight must be a 2-D int8 tensor (N, K) from quantize_int8, got "
                          f"{tuple(w_int8.shape)} {w_int8.dtype}")
     n, k = w_int8.shape
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1:] != (k,):
-        raise InputError(f"int8_linear: x must be bf16/fp16/fp32 (..., K={k}), got {tuple(x.shape)} {x.dtype}")
+    x_k = in_features or k
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1:] != (x_k,):
+        raise InputError(f"{op}: {'x' if op == 'int8_linear' else 'gate_up'} must be bf16/fp16/fp32 (..., "
+                         f"{'K' if x_k == k else '2 * K'}={x_k}), got {tuple(x.shape)} {x.dtype}")
     if scale.shape != (n,) or not scale.is_floating_point():
-        raise InputError(f"int8_linear: scale must be a float (N={n},) tensor, got {tuple(scale.shape)} {scale.dtype}")
+        raise InputError(f"{op}: scale must be a float (N={n},) tensor, got {tuple(scale.shape)} {scale.dtype}")
     if bias is not None and bias.shape != (n,):
-        raise InputError(f"int8_linear: bias must be (N={n},) or None, got {tuple(bias.shape)}")
+        raise InputError(f"{op}: bias must be (N={n},) or None, got {tuple(bias.shape)}")
     dev = w_int8.device
     if x.device != dev or scale.device != dev or (bias is not None and bias.device != dev):
-        raise InputError(f"int8_linear: x, weight, scale and bias must be on the same device, got x on {x.device}, "
+        raise InputError(f"{op}: x, weight, scale and bias must be on the same device, got x on {x.device}, "
                          f"weight on {w_int8.device}, scale on {scale.device}"
                          f"{'' if bias is None else f', bias on {bias.device}'}: move the module (.to(x.device))")
     if w_int8.stride(-1) != 1:
-        raise InputError("int8_linear: the weight's last dim must be contiguous (row-major (N, K))")
+        raise InputError(f"{op}: the weight's last dim must be contiguous (row-major (N, K))")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        raise InputError("int8_linear is inference-only (int8 weight-only quantization has no backward): call it "
+        raise InputError(f"{op} is inference-only (int8 weight-only quantization has no backward): call it "
                          "under torch.no_grad() / torch.inference_mode(), or on inputs that do not require grad; "
                          "train the unquantized model instead")
 
@@ -344,6 +382,15 @@ def int8_linear(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None = 
     InputError where x or bias requires grad with grad enabled."""
     _check(x, w_int8, scale, bias)
     return _int8_linear(x, w_int8, scale, bias)
+
+
+def int8_swiglu_linear(gate_up: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``int8_linear(swiglu(gate_up), w_int8, scale, bias)`` as one kernel for decode shapes (the SwiGLU
+    computed in the prologue from gate_up's two halves, never written out): gate_up (..., 2 * K) with K =
+    w_int8's in_features -> (..., N). The gated MLP's down projection of an int8 model
+    (``FlashMLP``, ``kernels.mlp_down_path`` "swiglu_int8_linear")."""
+    _check(gate_up, w_int8, scale, bias, "int8_swiglu_linear", 2 * w_int8.shape[-1] if w_int8.dim() == 2 else None)
+    return _int8_swiglu_linear(gate_up, w_int8, scale, bias)
 
 
 class Int8Linear(nn.Module):
