@@ -16,8 +16,8 @@ fp32 scales) + x + y) / time; ``pct_of_peak`` against the copy bandwidth of ``fl
 On CPU it checks the command, not the speed. Each int8 row carries ``max_rel_err_vs_dequant``.
 
 ``--tune`` (:func:`run_tune`) times every candidate tile (:func:`candidates`: BLOCK_N, BLOCK_K, warps,
-stages, split-K) of the int8 kernels at each (projection, M), beside cuBLAS in bf16 and, at M = 1, the same
-GEMV kernel reading the bf16 weight ("bf16-triton"). Its JSON's ``tuned`` (the fastest tile per (M bucket,
+stages, split-K) of the int8 kernels at each (projection, M), beside cuBLAS in bf16 and, at M <= 64, the
+same kernels reading the bf16 weight ("bf16-triton"). Its JSON's ``tuned`` (the fastest tile per (M bucket,
 N, K)) is what ``flashlm.ops.int8_linear.load_tuned`` reads and :data:`~flashlm.ops.int8_linear.TUNED`
 holds; ``--int8-configs`` loads such a file before any run.
 """
@@ -169,10 +169,10 @@ def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, An
              "us": _time_s(_callers("bf16", weights, args.torch_dtype), x, device) * 1e6}]
     default = pick_config(m, n, k, device)
     trials = [("int8-triton", c, packed) for c in dict.fromkeys([default, *candidates(m, k)])]
-    if m == 1:  # the same GEMV reading bf16 weights (scale 1): can it beat cuBLAS's GEMV?
+    if m <= 64:  # the same kernels reading bf16 weights (scale 1): can they beat cuBLAS at decode shapes?
         ones = torch.ones(n, device=device)
-        trials += [("bf16-triton", c, [(w, ones) for w in weights]) for c in candidates(1, k)
-                   if c.block_k <= 512 and c.split_k <= 4]
+        trials += [("bf16-triton", c, [(w, ones) for w in weights]) for c in candidates(m, k)
+                   if c.block_k <= (512 if m == 1 else 128) and c.split_k <= 4]
     for impl, cfg, ws in trials:
         calls = [lambda t, q=q, s=s, c=cfg: launch_kernels(t, q, s, None, c) for q, s in ws]
         row = {**base, "impl": impl, "status": "ok", "tile": cfg.as_list(), "default": cfg == default}
@@ -193,9 +193,10 @@ def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, An
     entry = {"m_bucket": m_bucket(m), "n": n, "k": k, "shape": name, "m": m, "tile": best["tile"],
              "us": best["us"], "gb_per_s": w_bytes / best["us"] / 1e3,
              "default_us": next(r["us"] for r in rows if r.get("default") and "us" in r), "bf16_us": rows[0]["us"]}
-    bf16_triton = [r["us"] for r in rows if r["impl"] == "bf16-triton" and "us" in r]
+    bf16_triton = [r for r in rows if r["impl"] == "bf16-triton" and "us" in r]
     if bf16_triton:
-        entry["bf16_triton_us"] = min(bf16_triton)
+        fastest = min(bf16_triton, key=lambda r: r["us"])
+        entry.update(bf16_triton_us=fastest["us"], bf16_triton_tile=fastest["tile"])
     if args.peak is not None:
         entry["pct_of_peak"] = 100 * entry["gb_per_s"] / args.peak.gbs
     log(f"  {name:<8} {n:>6} x {k:<5} M {m:>4}: best {best['tile']} {best['us']:7.1f} us "
