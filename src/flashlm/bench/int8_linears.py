@@ -44,6 +44,7 @@ from flashlm.ops.int8_linear import (
 LINEAR_IMPLS = ("bf16", "int8-triton", "int8-dequant", "torchao-int8wo")
 DEFAULT_LINEAR_IMPLS = "bf16,int8-triton,int8-dequant"
 _L2_DEFEAT_BYTES = 256 * 2**20  # > 4x the H100's / H200's 50 MB L2
+TUNE_REP_MS = 5  # --tune times hundreds of tiles: shorter replays than the micro-benchmark's 20 ms
 
 
 def shapes(config) -> dict[str, tuple[int, int]]:
@@ -73,8 +74,8 @@ def _callers(impl: str, weights: list[torch.Tensor], dtype: torch.dtype) -> list
     return out
 
 
-def _time_s(calls: list[Callable], x: torch.Tensor, device: torch.device) -> float:
-    """Seconds per call, every weight copy called once per timed run."""
+def _time_s(calls: list[Callable], x: torch.Tensor, device: torch.device, rep_ms: int = 20) -> float:
+    """Seconds per call, every weight copy called once per timed run (replays for about ``rep_ms``)."""
     from flashlm.bench.timing import graph_replay_s, time_loop
 
     def run():
@@ -84,7 +85,7 @@ def _time_s(calls: list[Callable], x: torch.Tensor, device: torch.device) -> flo
     if device.type == "cuda":
         run()  # JIT / compile outside the graph
         torch.cuda.synchronize()
-        return graph_replay_s(run) / len(calls)
+        return graph_replay_s(run, rep_ms) / len(calls)
     return time_loop(run, iters=3, warmup=1, device=device).wall_s / len(calls)
 
 
@@ -166,7 +167,7 @@ def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, An
     scale_max = want.float().abs().max().clamp_min(1e-30)
     base = {"shape": name, "n": n, "k": k, "m": m}
     rows = [{**base, "impl": "bf16", "status": "ok",
-             "us": _time_s(_callers("bf16", weights, args.torch_dtype), x, device) * 1e6}]
+             "us": _time_s(_callers("bf16", weights, args.torch_dtype), x, device, TUNE_REP_MS) * 1e6}]
     default = pick_config(m, n, k, device)
     trials = [("int8-triton", c, packed) for c in dict.fromkeys([default, *candidates(m, k)])]
     if m <= 64:  # the same kernels reading bf16 weights (scale 1): can they beat cuBLAS at decode shapes?
@@ -178,7 +179,7 @@ def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, An
         row = {**base, "impl": impl, "status": "ok", "tile": cfg.as_list(), "default": cfg == default}
         try:
             with torch.no_grad():
-                row["us"] = _time_s(calls, x, device) * 1e6
+                row["us"] = _time_s(calls, x, device, TUNE_REP_MS) * 1e6
                 if impl == "int8-triton":
                     row["max_rel_err_vs_dequant"] = float((calls[0](x).float() - want.float()).abs().max() / scale_max)
         except Exception as e:  # noqa: BLE001 a tile that does not compile (registers, shared memory) ends its row
