@@ -3,7 +3,7 @@
 #   OUT=... STAGE=fp8  bash benchmarks/issue27.sh   FP8 train rows (llama-1b eager, llama-3b eager), flashlm train
 #                                                   --fp8 vs its bench row, the CUDA tests of fp8/int8
 #   OUT=... STAGE=fp8c bash benchmarks/issue27.sh   the compiled llama-1b FP8 rows, the FP8 loss-parity tests
-#   OUT=... STAGE=int8 bash benchmarks/issue27.sh   int8 linear tile sweep, int8 decode rows
+#   OUT=... STAGE=int8 bash benchmarks/issue27.sh   int8 linear tile sweep, int8 decode rows, the seed's rows
 # Every JSON/log lands under $OUT (at most 8 files come back per call: the stages stay under that).
 source benchmarks/gpu_env.sh
 python -c "import torch, triton, torchao; print('torch', torch.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)"
@@ -39,5 +39,9 @@ case "${STAGE:?}" in
     timeout 120 $d --models flashlm-graph --quantize int8 --output $OUT/decode_int8.json 2>&1 | tail -n 6
     timeout 100 $d --models flashlm-graph-int8 --int8-configs $OUT/int8_tune.json,$OUT/int8_tune_prefill.json \
       --output $OUT/decode_int8_tuned.json 2>&1 | tail -n 4
+    # the seed's rows where host time decides, default and flash in one run (eager, then compiled)
+    s="python -m flashlm.bench --model small --batch-size 2 --seq-length 256 --warmup-steps 10 --benchmark-steps 30 --no-progress --compare default,flash --cases train,forward"
+    timeout 60 $s --output $OUT/seed_eager.json 2>&1 | grep "ms)"
+    timeout 150 $s --compile --output $OUT/seed_compiled.json 2>&1 | grep "ms)"
     ;;
 esac
