@@ -10,6 +10,18 @@ python -c "import torch, triton, torchao; print('torch', torch.__version__, 'tri
 corpus() { python -c "import random,json;r=random.Random(0);W=[''.join(r.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(r.randint(2,9))) for _ in range(20000)];f=open('/tmp/c.jsonl','w');[f.write(json.dumps({'text':' '.join(r.choice(W) for _ in range(r.randint(50,400)))})+'\\n') for _ in range(6000)]"; }
 B="python -m flashlm.bench --cases train --seq-length 2048 --warmup-steps 3 --benchmark-steps 10 --no-progress"
 case "${STAGE:?}" in
+  first)  # the most wanted figures in one call, when machines are scarce: llama-1b FP8 eager rows, the int8
+          # tile sweep at decode M and the int8 decode rows with its tiles, llama-3b FP8 eager rows
+    timeout 150 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise \
+      --output $OUT/fp8_llama1b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
+    timeout 150 python -m flashlm.bench decode --preset llama-1b --batch-sizes 1,32 --int8-linears --tune \
+      --output $OUT/int8_tune.json 2>&1 | grep "best\\|Error" | tail -n 12
+    timeout 100 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
+      --new-tokens 64 --repeats 3 --models flashlm-graph --quantize int8 --int8-configs $OUT/int8_tune.json \
+      --output $OUT/decode_int8_tuned.json 2>&1 | tail -n 8
+    timeout 150 $B --model llama-3b --batch-size 4 --compare flash,hf-liger --fp8 tensorwise,rowwise \
+      --output $OUT/fp8_llama3b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
+    ;;
   fp8)
     timeout 170 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise \
       --output $OUT/fp8_llama1b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
