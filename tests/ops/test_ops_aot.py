@@ -91,21 +91,30 @@ for xd, p in DTYPES.items():
                   {"X": p, "Y": "*i64", "LOSS": "*fp32", "NVALID": "*i64"}, row_warps(blk))
 
 # int8_linear: x / bias / y in x's dtype (fp16, bf16; fp32 in tests), int8 weight, fp32 scales; every
-# CONFIGS tile (BLOCK_N as configured and at its smallest, pick_config's halving), even and ragged K
+# CONFIGS tile (the GEMV's BLOCK_N also at its floor, pick_config's halving), even and ragged K, with
+# and without bias; the split-K partials (fp32 Y) and the SwiGLU prologue in bf16; the split reduce
+# M, N, K, K_SPLIT, MN are capitalised but scalars: their types given with the pointers'
+scalars = {"M": "i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "MN": "i32"}
 for xd, p in DTYPES.items():
     for cfg in i8.CONFIGS.values():
-        for block_n in {cfg.block_n, cfg.min_block_n}:
-            for has_bias in (False, True):
-                for even_k in (False, True):
-                    consts = {"BLOCK_N": block_n, "BLOCK_K": cfg.block_k, "HAS_BIAS": has_bias, "EVEN_K": even_k}
-                    # M, N, K are capitalised but scalars: their types given with the pointers'
-                    ptrs = {"X": p, "W": "*i8", "S": "*fp32", "B": p, "Y": p, "M": "i32", "N": "i32", "K": "i32"}
-                    if cfg.block_m == 1:
-                        build(i8._gemv_kernel, consts, ptrs, cfg.num_warps)
-                    else:
-                        build(i8._mm_kernel, {**consts, "BLOCK_M": cfg.block_m,
-                                              "PRECISION": "ieee" if xd == torch.float32 else "tf32"},
-                              ptrs, cfg.num_warps)
+        gemv = cfg.block_m == 1
+        kernel = i8._gemv_kernel if gemv else i8._mm_kernel
+        for block_n in ({cfg.block_n, i8.MIN_BLOCK_N[1]} if gemv else {cfg.block_n}):
+            extra = {} if gemv else {"BLOCK_M": cfg.block_m, "PRECISION": "ieee" if xd == torch.float32 else "tf32"}
+            variants = [(b, e, False, False) for b in (False, True) for e in (False, True)]
+            if xd == torch.bfloat16:
+                variants += [(False, e, sp, sw) for e in (False, True) for sp, sw in ((True, False), (False, True),
+                                                                                      (True, True))]
+            for has_bias, even_k, split, swiglu in variants:
+                consts = {"BLOCK_N": block_n, "BLOCK_K": cfg.block_k, "HAS_BIAS": has_bias, "EVEN_K": even_k,
+                          "SPLIT": split, "SWIGLU": swiglu, **extra}
+                ptrs = {"X": p, "W": "*i8", "S": "*fp32", "B": p, "Y": "*fp32" if split else p, **scalars}
+                build(kernel, consts, ptrs, cfg.num_warps)
+    for split_k in (2, 8):
+        for has_bias in (False, True):
+            build(i8._split_reduce_kernel, {"SPLIT_K": split_k, "HAS_BIAS": has_bias, "BLOCK": 1024},
+                  {"P": "*fp32", "S": "*fp32", "B": p, "Y": p, **scalars})
+done.add(i8._load_x)  # a device function: compiled inside the GEMV / tl.dot kernels above
 
 done.add(rot._rotated_heads)  # a device function: compiled inside _fwd_kernel and _append_kernel above
 
@@ -121,6 +130,6 @@ print("compiled", count, "variants of", len(done), "kernels")
 
 def test_ops_kernels_compile_for_sm90():
     """rms_norm, add_rms_norm, swiglu (and swiglu_linear's backward), rotary_qkv and rotary kernels (forward
-    and backward), logits_cross_entropy's row kernel and int8_linear's GEMV / tl.dot kernels compile for sm90 in each variant and dtype their launchers use (the interpreter would not catch an error the
+    and backward), logits_cross_entropy's row kernel and int8_linear's GEMV / tl.dot / split-reduce kernels compile for sm90 in each variant and dtype their launchers use (the interpreter would not catch an error the
     compiler reports, e.g. a variable whose type changes across an if/else)."""
     run_aot(_SCRIPT)
