@@ -170,11 +170,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             except (OSError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"--int8-configs {path}: not a --tune JSON ({type(e).__name__}: {e})") from None
     if args.int8_linears:
-        from flashlm.bench.int8_linears import LINEAR_IMPLS
+        from flashlm.bench.int8_linears import parse_impls
 
-        impls = [x.strip() for x in args.linear_impls.split(",") if x.strip()]
-        if not impls or any(x not in LINEAR_IMPLS for x in impls):
-            raise ValueError(f"--linear-impls: choose among {', '.join(LINEAR_IMPLS)}, got {args.linear_impls!r}")
+        parse_impls(args.linear_impls)  # refused before any model is built
     if args.hf_compile_configs.strip() == "all":
         args.hf_compile_points = None
     else:

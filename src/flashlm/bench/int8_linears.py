@@ -118,14 +118,20 @@ def _weights(n: int, k: int, device: torch.device, dtype: torch.dtype, gen: torc
     return [(torch.randn(n, k, generator=gen) * 0.02).to(device, dtype) for _ in range(copies)]
 
 
+def parse_impls(text: str) -> list[str]:
+    """``--linear-impls`` -> its implementations; ValueError naming the choices for an unknown or empty list."""
+    impls = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [i for i in impls if i not in LINEAR_IMPLS]
+    if bad or not impls:
+        raise ValueError(f"--linear-impls: unknown {bad or 'empty'}; choose among {', '.join(LINEAR_IMPLS)}")
+    return impls
+
+
 def run_linears(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every (projection, M, impl) row of the preset; the JSON record."""
     from flashlm.models.config import get_preset
 
-    impls = [s.strip() for s in args.linear_impls.split(",") if s.strip()]
-    bad = [i for i in impls if i not in LINEAR_IMPLS]
-    if bad or not impls:
-        raise ValueError(f"--linear-impls: unknown {bad or 'empty'}; choose among {', '.join(LINEAR_IMPLS)}")
+    impls = parse_impls(args.linear_impls)
     config, device, dtype = get_preset(args.preset), args.device, args.torch_dtype
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
