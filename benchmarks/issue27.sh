@@ -14,9 +14,9 @@ case "${STAGE:?}" in
           # tile sweep at decode M and the int8 decode rows with its tiles, llama-3b FP8 eager rows
     timeout 150 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise \
       --output $OUT/fp8_llama1b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
-    timeout 150 python -m flashlm.bench decode --preset llama-1b --batch-sizes 1,32 --int8-linears --tune \
+    timeout 130 python -m flashlm.bench decode --preset llama-1b --batch-sizes 1,32 --int8-linears --tune \
       --output $OUT/int8_tune.json 2>&1 | grep "best\\|Error" | tail -n 12
-    timeout 100 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
+    timeout 90 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
       --new-tokens 64 --repeats 3 --models flashlm-graph --quantize int8 --int8-configs $OUT/int8_tune.json \
       --output $OUT/decode_int8_tuned.json 2>&1 | tail -n 8
     timeout 150 $B --model llama-3b --batch-size 4 --compare flash,hf-liger --fp8 tensorwise,rowwise \
