@@ -22,6 +22,14 @@ case "${STAGE:?}" in
     timeout 150 $B --model llama-3b --batch-size 4 --compare flash,hf-liger --fp8 tensorwise,rowwise \
       --output $OUT/fp8_llama3b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
     ;;
+  last)  # a call with ~5 minutes: llama-1b FP8 eager rows, int8 decode with the default tiles, the M=1 tile sweep
+    timeout 140 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise \
+      --output $OUT/fp8_llama1b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
+    timeout 80 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
+      --new-tokens 64 --repeats 3 --models flashlm-graph --quantize int8 --output $OUT/decode_int8.json 2>&1 | tail -n 8
+    timeout 120 python -m flashlm.bench decode --preset llama-1b --batch-sizes 1 --int8-linears --tune \
+      --output $OUT/int8_tune.json 2>&1 | grep "best\\|Error" | tail -n 12
+    ;;
   fp8)
     timeout 170 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise \
       --output $OUT/fp8_llama1b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
