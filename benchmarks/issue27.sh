@@ -4,6 +4,8 @@
 #                                                   --fp8 vs its bench row, the CUDA tests of fp8/int8
 #   OUT=... STAGE=fp8c bash benchmarks/issue27.sh   the compiled llama-1b FP8 rows, the FP8 loss-parity tests
 #   OUT=... STAGE=int8 bash benchmarks/issue27.sh   int8 linear tile sweep, int8 decode rows, the seed's rows
+#   OUT=... STAGE=gptfast bash benchmarks/issue27.sh  (carry .gptfast too) gpt-fast bf16/int8 decode beside flashlm
+#   STAGE=first / last: the most wanted of the above in one call of ~9 / ~5 minutes
 # Every JSON/log lands under $OUT (at most 8 files come back per call: the stages stay under that).
 source benchmarks/gpu_env.sh
 python -c "import torch, triton, torchao; print('torch', torch.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)"
@@ -43,6 +45,13 @@ case "${STAGE:?}" in
     done 2>&1 | tee $OUT/train_llama1b_fp8.log
     timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE -n 8 \
       tests/test_fp8.py tests/test_int8_gpu.py -k "not parity" 2>&1 | tee $OUT/gpu_tests_fp8_int8.log | tail -n 8
+    ;;
+  gptfast)  # carry .whl .gptfast: gpt-fast's compiled decode (bf16, its int8) beside flashlm's, one machine
+    timeout 300 python benchmarks/gpt_fast_decode.py --gpt-fast .gptfast --preset llama-1b --batch-sizes 1,32 \
+      --context 128 --new-tokens 64 --output $OUT/gpt_fast_decode.json 2>&1 | grep "^{" | tail -n 4
+    timeout 150 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
+      --new-tokens 64 --repeats 3 --models flashlm-graph --quantize int8 ${INT8_CONFIGS:+--int8-configs $INT8_CONFIGS} \
+      --output $OUT/decode_int8_vs_gptfast.json 2>&1 | tail -n 8
     ;;
   fp8c)
     timeout 330 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise --compile \
