@@ -4,8 +4,10 @@ side-by-side rows of `flashlm bench decode` on the same warm machine.
 gpt-fast is not a dependency: pass a checkout of https://github.com/pytorch-labs/gpt-fast (its model.py,
 generate.py, quantize.py are imported as they are). Its generate.py is run the way its ``--compile`` flag
 runs it: ``decode_one_token`` compiled with ``mode="reduce-overhead", fullgraph=True`` (CUDA graphs), the
-prefill left eager. Per-token time = (time of a generate of N new tokens - that of 1 new token) / (N - 1),
-medians over ``--repeats``; first token = the 1-token generate (prefill + one sample).
+prefill left eager, sampling with its CLI's defaults (temperature 0.8, top-k 200); compiled afresh for each
+(model, batch), as one gpt-fast run compiles one shape. Per-token time = (time of a generate of N new tokens
+- that of 2) / (N - 2) (its generate cannot make just 1), medians over ``--repeats``; first token = the
+2-token generate less one step.
 
     python benchmarks/gpt_fast_decode.py --gpt-fast /path/to/gpt-fast --preset llama-1b --batch-sizes 1,32 \
         --context 128 --new-tokens 64 --quantize none,int8 --output gpt_fast_decode.json
@@ -63,11 +65,13 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="llama-1b")
     p.add_argument("--batch-sizes", default="1")
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64, help=">= 3")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quantize", default="none,int8", help="comma-separated among none, int8")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    if args.new_tokens < 3:
+        p.error("--new-tokens must be >= 3 (per-token time is the difference from a 2-token generate)")
     if not torch.cuda.is_available():
         print("gpt_fast_decode: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -82,21 +86,23 @@ def main(argv=None) -> int:
 
     from flashlm.models.config import get_preset
 
-    gg.decode_one_token = torch.compile(gg.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    decode_one_token = gg.decode_one_token
     config = get_preset(args.preset)
     rows = []
     for quantize in [q.strip() for q in args.quantize.split(",") if q.strip()]:
         model = build({"model": gm, "quantize": gq}, config, quantize, args.context + args.new_tokens + 8)
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            torch._dynamo.reset()  # one compiled shape per (model, batch), as a gpt-fast run has
+            gg.decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
             prompt = torch.randint(0, config.vocab_size, (args.context,), device="cuda", dtype=torch.int)
             for _ in range(2):  # compile, capture and warm up both lengths
                 timed_generate(gg, model, prompt, args.new_tokens, batch)
-                timed_generate(gg, model, prompt, 1, batch)
+                timed_generate(gg, model, prompt, 2, batch)
             full = [timed_generate(gg, model, prompt, args.new_tokens, batch) for _ in range(args.repeats)]
-            first = [timed_generate(gg, model, prompt, 1, batch) for _ in range(args.repeats)]
-            per_token = (statistics.median(full) - statistics.median(first)) / (args.new_tokens - 1)
+            short = [timed_generate(gg, model, prompt, 2, batch) for _ in range(args.repeats)]
+            per_token = (statistics.median(full) - statistics.median(short)) / (args.new_tokens - 2)
             row = {"impl": f"gpt-fast{'-int8' if quantize == 'int8' else ''}", "batch": batch,
-                   "context": args.context, "first_token_ms": 1e3 * statistics.median(first),
+                   "context": args.context, "first_token_ms": 1e3 * (statistics.median(short) - per_token),
                    "per_token_ms": 1e3 * per_token, "tokens_per_s": batch / per_token}
             rows.append(row)
             print(json.dumps(row))

@@ -104,8 +104,9 @@ def test_pick_config_fills_the_machine_for_small_n(monkeypatch):
     tile = il.Int8Config(1, 64, 256, 8, 2, 2)
     assert il.load_tuned([{"m_bucket": 1, "n": 32, "k": 8192, "tile": tile.as_list()}]) == 1
     assert il.pick_config(1, 32, 8192, cpu) == tile and il.pick_config(1, 32, 512, cpu) != tile
-    with pytest.raises(InputError, match="m_bucket"):
-        il.load_tuned([{"m_bucket": 3, "n": 32, "k": 64, "tile": tile.as_list()}])
+    for bucket, bad in [(3, tile.as_list()), (32, tile.as_list()), (1, [16, 64, 64, 4, 3, 1])]:
+        with pytest.raises(InputError, match="m_bucket"):  # unknown bucket; a GEMV tile for M > 1 and back
+            il.load_tuned([{"m_bucket": bucket, "n": 32, "k": 64, "tile": bad}])
 
 
 def test_load_tuned_reads_the_tune_json(tmp_path, monkeypatch):
@@ -583,6 +584,9 @@ def test_bench_int8_tune_and_int8_configs(tmp_path, capsys, monkeypatch):
         mine = [r for r in data["rows"] if r["shape"] == e["shape"] and r["m"] == e["m"] and r["impl"] == "int8-triton"]
         assert sum(r["default"] for r in mine) == 1 and len(mine) >= len(candidates(e["m"], e["k"]))
         assert e["us"] == min(r["us"] for r in mine) and e["tile"] in [r["tile"] for r in mine]
+    # the down projection is tuned as the model runs it: the SwiGLU prologue on a (M, 2K) gate_up
+    assert all(e["swiglu"] == (e["shape"] == "down") for e in tuned)
+    assert all(r["swiglu"] for r in data["rows"] if r["shape"] == "down")
     assert il.TUNED == {}
     assert main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp16", "--batch-sizes", "1", "--int8-linears",
                  "--int8-configs", str(out), "--output", str(tmp_path / "l.json")]) == 0
@@ -593,7 +597,9 @@ def test_bench_int8_tune_and_int8_configs(tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.json").write_text("{}")
     assert main(["--device", "cpu", "--int8-linears", "--int8-configs", str(tmp_path / "bad.json")]) == 2
     assert main(["--device", "cpu", "--tune"]) == 2
-    assert "--int8-configs" in capsys.readouterr().err
+    assert main(["--device", "cpu", "--int8-linears", "--tune", "--batch-sizes", "4097"]) == 2
+    err = capsys.readouterr().err
+    assert "--int8-configs" in err and "--tune goes with" in err and "dequantize path" in err
 
 
 # ---------------------------------------------------------------------------------------------- review fixes

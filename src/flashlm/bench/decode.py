@@ -161,6 +161,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          f"dtype), got {args.torch_dtype}")
     if args.tune and not args.int8_linears:
         raise ValueError("--tune goes with --int8-linears")
+    if args.tune:
+        from flashlm.ops.int8_linear import KERNEL_MAX_M
+
+        if max(args.batch_sizes) > KERNEL_MAX_M:
+            raise ValueError(f"--tune: M (--batch-sizes) above {KERNEL_MAX_M} runs the dequantize path, which has "
+                             f"no tile to tune; got {max(args.batch_sizes)}")
     if args.int8_configs:
         from flashlm.ops.int8_linear import load_tuned
 

@@ -17,7 +17,8 @@ On CPU it checks the command, not the speed. Each int8 row carries ``max_rel_err
 
 ``--tune`` (:func:`run_tune`) times every candidate tile (:func:`candidates`: BLOCK_N, BLOCK_K, warps,
 stages, split-K) of the int8 kernels at each (projection, M), beside cuBLAS in bf16 and, at M <= 64, the
-same kernels reading the bf16 weight ("bf16-triton"). Its JSON's ``tuned`` (the fastest tile per (M bucket,
+same kernels reading the bf16 weight ("bf16-triton"); the down projection as the model runs it, the SwiGLU
+made in the kernels' prologue from a (M, 2K) gate_up. Its JSON's ``tuned`` (the fastest tile per (M bucket,
 N, K)) is what ``flashlm.ops.int8_linear.load_tuned`` reads and :data:`~flashlm.ops.int8_linear.TUNED`
 holds; ``--int8-configs`` loads such a file before any run.
 """
@@ -32,14 +33,17 @@ import torch
 import torch.nn.functional as F
 
 from flashlm.ops.int8_linear import (
+    KERNEL_MAX_M,
     Int8Config,
     int8_linear,
     int8_linear_ref,
+    int8_swiglu_linear_ref,
     launch_kernels,
     m_bucket,
     pick_config,
     quantize_int8,
 )
+from flashlm.ops.swiglu import swiglu_ref
 
 LINEAR_IMPLS = ("bf16", "int8-triton", "int8-dequant", "torchao-int8wo")
 DEFAULT_LINEAR_IMPLS = "bf16,int8-triton,int8-dequant"
@@ -107,7 +111,7 @@ def _row(name: str, n: int, k: int, m: int, impl: str, weights, x, args: argpars
     row.update(status="ok", us=t * 1e6, bytes=moved, gb_per_s=moved / t / 1e9)
     if args.peak is not None:
         row["pct_of_peak"] = 100 * row["gb_per_s"] / args.peak.gbs
-    if impl == "int8-triton":
+    if impl == "int8-triton" and m <= KERNEL_MAX_M:  # above it the dequantize path runs: no tile
         row["tile"] = pick_config(m, n, k, args.device).as_list()
     return row
 
@@ -165,15 +169,19 @@ def candidates(m: int, k: int) -> list[Int8Config]:
     return [Int8Config(*t) for t in grid if k >= t[2] * t[5]]
 
 
-def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows of every candidate tile at one (projection, M) and the fastest one's ``tuned`` entry."""
+def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
+                ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Rows of every candidate tile at one (projection, M) and the fastest one's ``tuned`` entry.
+    ``swiglu``: x is gate_up (M, 2K) and the kernels run as the model runs down_proj (the SwiGLU prologue,
+    which reads twice the x bytes and needs more shared memory); the bf16 row is cuBLAS on swiglu(x)."""
     device = args.device
     packed = [quantize_int8(w) for w in weights]
-    want = int8_linear_ref(x, *packed[0])
+    want = (int8_swiglu_linear_ref if swiglu else int8_linear_ref)(x, *packed[0])
     scale_max = want.float().abs().max().clamp_min(1e-30)
-    base = {"shape": name, "n": n, "k": k, "m": m}
+    base = {"shape": name, "n": n, "k": k, "m": m, "swiglu": swiglu}
+    act = swiglu_ref(x) if swiglu else x
     rows = [{**base, "impl": "bf16", "status": "ok",
-             "us": _time_s(_callers("bf16", weights, args.torch_dtype), x, device, TUNE_REP_MS) * 1e6}]
+             "us": _time_s(_callers("bf16", weights, args.torch_dtype), act, device, TUNE_REP_MS) * 1e6}]
     default = pick_config(m, n, k, device)
     trials = [("int8-triton", c, packed) for c in dict.fromkeys([default, *candidates(m, k)])]
     if m <= 64:  # the same kernels reading bf16 weights (scale 1): can they beat cuBLAS at decode shapes?
@@ -181,7 +189,7 @@ def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, An
         trials += [("bf16-triton", c, [(w, ones) for w in weights]) for c in candidates(m, k)
                    if c.block_k <= (512 if m == 1 else 128) and c.split_k <= 4]
     for impl, cfg, ws in trials:
-        calls = [lambda t, q=q, s=s, c=cfg: launch_kernels(t, q, s, None, c) for q, s in ws]
+        calls = [lambda t, q=q, s=s, c=cfg: launch_kernels(t, q, s, None, c, swiglu) for q, s in ws]
         row = {**base, "impl": impl, "status": "ok", "tile": cfg.as_list(), "default": cfg == default}
         try:
             with torch.no_grad():
@@ -199,7 +207,8 @@ def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, An
     w_bytes = n * k + 4 * n
     entry = {"m_bucket": m_bucket(m), "n": n, "k": k, "shape": name, "m": m, "tile": best["tile"],
              "us": best["us"], "gb_per_s": w_bytes / best["us"] / 1e3,
-             "default_us": next(r["us"] for r in rows if r.get("default") and "us" in r), "bf16_us": rows[0]["us"]}
+             "default_us": next((r["us"] for r in ok if r["default"]), None), "bf16_us": rows[0]["us"],
+             "swiglu": swiglu}
     bf16_triton = [r for r in rows if r["impl"] == "bf16-triton" and "us" in r]
     if bf16_triton:
         fastest = min(bf16_triton, key=lambda r: r["us"])
@@ -207,7 +216,8 @@ def _tune_point(name, n, k, m, weights, x, args, log) -> tuple[list[dict[str, An
     if args.peak is not None:
         entry["pct_of_peak"] = 100 * entry["gb_per_s"] / args.peak.gbs
     log(f"  {name:<8} {n:>6} x {k:<5} M {m:>4}: best {best['tile']} {best['us']:7.1f} us "
-        f"({entry['gb_per_s']:5.0f} GB/s), default {entry['default_us']:7.1f}, bf16 {entry['bf16_us']:7.1f}"
+        f"({entry['gb_per_s']:5.0f} GB/s), default {entry['default_us'] or float('nan'):7.1f}, "
+        f"bf16 {entry['bf16_us']:7.1f}"
         + (f", bf16-triton {entry['bf16_triton_us']:7.1f}" if bf16_triton else ""))
     return rows, entry
 
@@ -226,11 +236,14 @@ def run_tune(args: argparse.Namespace, log: Callable[[str], None] = print,
               "device": str(device), **peak, "method": "GPU time per call from a CUDA-graph replay over weight "
               "copies exceeding L2, every candidate tile of flashlm.bench.int8_linears.candidates", "rows": [],
               "tuned": []}
-    for name, (n, k) in shapes(config).items():
+    # down first (split-K matters most there), as the model runs it: with the SwiGLU prologue
+    order = sorted(shapes(config).items(), key=lambda item: item[0] != "down")
+    for name, (n, k) in order:
         weights = _weights(n, k, device, dtype, gen)
+        swiglu = name == "down"
         for m in args.batch_sizes:
-            x = torch.randn(m, k, generator=gen).to(device, dtype)
-            rows, entry = _tune_point(name, n, k, m, weights, x, args, log)
+            x = torch.randn(m, 2 * k if swiglu else k, generator=gen).to(device, dtype)
+            rows, entry = _tune_point(name, n, k, m, weights, x, args, log, swiglu)
             record["rows"] += rows
             if entry is not None:
                 record["tuned"] = [e for e in record["tuned"] if (e["m_bucket"], e["n"], e["k"]) !=
@@ -248,8 +261,9 @@ def format_tuned(entries: list[dict[str, Any]]) -> str:
     out = [head, "|---|---|--:|---|--:|--:|--:|--:|--:|"]
     for e in entries:
         bt = e.get("bf16_triton_us")
-        out.append(f"| {e['shape']} | {e['n']} x {e['k']} | {e['m']} | {tuple(e['tile'])} | {e['us']:.1f} | "
-                   f"{e['gb_per_s']:.0f} | {e['default_us']:.1f} | {e['bf16_us']:.1f} | "
+        default = "" if e["default_us"] is None else f"{e['default_us']:.1f}"
+        out.append(f"| {e['shape']}{' (+swiglu)' if e.get('swiglu') else ''} | {e['n']} x {e['k']} | {e['m']} | "
+                   f"{tuple(e['tile'])} | {e['us']:.1f} | {e['gb_per_s']:.0f} | {default} | {e['bf16_us']:.1f} | "
                    f"{'' if bt is None else f'{bt:.1f}'} |")
     return "\n".join(out)
 

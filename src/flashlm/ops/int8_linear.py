@@ -163,8 +163,10 @@ def load_tuned(path_or_table, clear: bool = False) -> int:
     if clear:
         TUNED.clear()
     for r in rows:
-        if r["m_bucket"] not in CONFIGS or len(r["tile"]) != 6:
-            raise InputError(f"load_tuned: bad entry {r} (m_bucket among {sorted(CONFIGS)}, tile of 6 ints)")
+        tile = r["tile"]
+        if r["m_bucket"] not in CONFIGS or len(tile) != 6 or (tile[0] == 1) != (r["m_bucket"] == 1):
+            raise InputError(f"load_tuned: bad entry {r} (m_bucket among {sorted(CONFIGS)}, a tile of 6 ints "
+                             "whose block_m is 1 exactly for bucket 1)")
         TUNED[(r["m_bucket"], r["n"], r["k"])] = Int8Config(*r["tile"])
     _PICKED.clear()
     return len(rows)
@@ -266,8 +268,8 @@ if triton is not None:
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < MN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(P + s * MN + i, mask=mask, other=0.0)
+        for s in tl.static_range(SPLIT_K):  # int64: SPLIT_K * M * N may pass 2**31 for a wide loaded tile
+            acc += tl.load(P + tl.full((), s, tl.int64) * MN + i, mask=mask, other=0.0)
         n = i % N
         acc = acc * tl.load(S + n, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
