@@ -549,19 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         env = environment()
 
-    def save(partial: dict[str, Any]) -> None:
-        if not args.output:
-            return
-        partial = {**partial, "command": command, "environment": env,
-                   "table": format_table(partial["points"], partial["peak_label"])}
-        if write_json is not None:
-            write_json(partial, args.output)
-        else:
-            with open(args.output, "w") as f:
-                json.dump(partial, f, indent=2, default=str)
-
     if args.int8_linears:
-        return _main_linears(args, command, env, write_json)
+        from flashlm.bench.int8_linears import main_linears
+
+        return main_linears(args, _saver(args, command, env, write_json))
+    save = _saver(args, command, env, write_json, lambda r: format_table(r["points"], r["peak_label"]))
     results = run(args, checkpoint=save)
     save(results)
     results.update(command=command, environment=env, table=format_table(results["points"], results["peak_label"]))
@@ -574,33 +566,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(p["status"] in ("ok", "skipped") for p in results["points"]) else 1
 
 
-def _main_linears(args: argparse.Namespace, command: str, env: dict[str, Any], write_json) -> int:
-    """``--int8-linears``: the micro-benchmark's rows, table and JSON instead of the decode sweep."""
-    from flashlm.bench.int8_linears import format_table as linears_table
-    from flashlm.bench.int8_linears import format_tuned, run_linears, run_tune
-
-    def save(results: dict[str, Any]) -> None:
+def _saver(args: argparse.Namespace, command: str, env: dict[str, Any], write_json, table=None):
+    """``save(record)``: the record with the command, environment (and ``table(record)``) written to
+    ``--output`` (nothing without it), atomically through ``report.write_json`` where it imports."""
+    def save(record: dict[str, Any]) -> None:
         if not args.output:
             return
-        results = {**results, "command": command, "environment": env}
+        record = {**record, "command": command, "environment": env}
+        if table is not None:
+            record["table"] = table(record)
         if write_json is not None:
-            write_json(results, args.output)
+            write_json(record, args.output)
         else:
             with open(args.output, "w") as f:
-                json.dump(results, f, indent=2, default=str)
+                json.dump(record, f, indent=2, default=str)
 
-    if args.tune:
-        results = run_tune(args, save=save)
-        results["table"] = format_tuned(results["tuned"])
-    else:
-        results = run_linears(args)
-        results["table"] = linears_table(results["rows"])
-    save(results)
-    print(results["table"])
-    if args.output:
-        print(f"wrote {args.output}")
-    print(json.dumps({"rows": len(results["rows"]), "errors": sum(r["status"] != "ok" for r in results["rows"])}))
-    return 0 if all(r["status"] == "ok" for r in results["rows"]) else 1
+    return save
 
 
 if __name__ == "__main__":

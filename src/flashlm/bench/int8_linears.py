@@ -26,6 +26,7 @@ holds; ``--int8-configs`` loads such a file before any run.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -279,3 +280,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r['shape']} | {r['n']} x {r['k']} | {r['m']} | {r['impl']} | {r['us']:.1f} | "
                    f"{r['gb_per_s']:.0f} | {'' if pct is None else f'{pct:.0f}'} | {'' if err is None else f'{err:.1e}'} |")
     return "\n".join(out)
+
+
+def main_linears(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> int:
+    """``flashlm bench decode --int8-linears`` (``--tune``): the rows (or the sweep), their table, the JSON
+    through ``save``; exit 0 when every row ran."""
+    if args.tune:
+        results = run_tune(args, save=save)
+        results["table"] = format_tuned(results["tuned"])
+    else:
+        results = run_linears(args)
+        results["table"] = format_table(results["rows"])
+    save(results)
+    print(results["table"])
+    if args.output:
+        print(f"wrote {args.output}")
+    print(json.dumps({"rows": len(results["rows"]), "errors": sum(r["status"] != "ok" for r in results["rows"])}))
+    return 0 if all(r["status"] == "ok" for r in results["rows"]) else 1
