@@ -94,6 +94,11 @@ def _time_s(calls: list[Callable], x: torch.Tensor, device: torch.device, rep_ms
     return time_loop(run, iters=3, warmup=1, device=device).wall_s / len(calls)
 
 
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|: a row's error against the dequantize reference."""
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30))
+
+
 def _row(name: str, n: int, k: int, m: int, impl: str, weights, x, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"shape": name, "n": n, "k": k, "m": m, "impl": impl}
     try:
@@ -102,8 +107,7 @@ def _row(name: str, n: int, k: int, m: int, impl: str, weights, x, args: argpars
             t = _time_s(calls, x, args.device)
             if impl != "bf16":
                 want = int8_linear_ref(x, *quantize_int8(weights[0]))
-                row["max_rel_err_vs_dequant"] = float((calls[0](x).float() - want.float()).abs().max()
-                                                      / want.float().abs().max().clamp_min(1e-30))
+                row["max_rel_err_vs_dequant"] = _rel_err(calls[0](x), want)
     except Exception as e:  # noqa: BLE001 one impl failing (torchao missing, a compile error) ends only its row
         row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
         return row
@@ -178,7 +182,6 @@ def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
     device = args.device
     packed = [quantize_int8(w) for w in weights]
     want = (int8_swiglu_linear_ref if swiglu else int8_linear_ref)(x, *packed[0])
-    scale_max = want.float().abs().max().clamp_min(1e-30)
     base = {"shape": name, "n": n, "k": k, "m": m, "swiglu": swiglu}
     act = swiglu_ref(x) if swiglu else x
     rows = [{**base, "impl": "bf16", "status": "ok",
@@ -196,7 +199,7 @@ def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
             with torch.no_grad():
                 row["us"] = _time_s(calls, x, device, TUNE_REP_MS) * 1e6
                 if impl == "int8-triton":
-                    row["max_rel_err_vs_dequant"] = float((calls[0](x).float() - want.float()).abs().max() / scale_max)
+                    row["max_rel_err_vs_dequant"] = _rel_err(calls[0](x), want)
         except Exception as e:  # noqa: BLE001 a tile that does not compile (registers, shared memory) ends its row
             row.update(status="error", error=f"{type(e).__name__}: {e}"[:200])
         rows.append(row)
