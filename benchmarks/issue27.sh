@@ -5,24 +5,29 @@
 #   OUT=... STAGE=fp8c bash benchmarks/issue27.sh   the compiled llama-1b FP8 rows, the FP8 loss-parity tests
 #   OUT=... STAGE=int8 bash benchmarks/issue27.sh   int8 linear tile sweep, int8 decode rows, the seed's rows
 #   OUT=... STAGE=gptfast bash benchmarks/issue27.sh  (carry .gptfast too) gpt-fast bf16/int8 decode beside flashlm
-#   STAGE=first / last: the most wanted of the above in one call of ~9 / ~5 minutes
+#   STAGE=first / last: the most wanted of the above (first: + the decode-fusion A/B) in one call of ~9 / ~5 min
 # Every JSON/log lands under $OUT (at most 8 files come back per call: the stages stay under that).
 source benchmarks/gpu_env.sh
 python -c "import torch, triton, torchao; print('torch', torch.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)"
 corpus() { python -c "import random,json;r=random.Random(0);W=[''.join(r.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(r.randint(2,9))) for _ in range(20000)];f=open('/tmp/c.jsonl','w');[f.write(json.dumps({'text':' '.join(r.choice(W) for _ in range(r.randint(50,400)))})+'\\n') for _ in range(6000)]"; }
 B="python -m flashlm.bench --cases train --seq-length 2048 --warmup-steps 3 --benchmark-steps 10 --no-progress"
 case "${STAGE:?}" in
-  first)  # the most wanted figures in one call, when machines are scarce: llama-1b FP8 eager rows, the int8
-          # tile sweep at decode M and the int8 decode rows with its tiles, llama-3b FP8 eager rows
+  first)  # the most wanted figures in one call, when machines are scarce (~9 min): llama-1b FP8 eager rows, the
+          # int8 tile sweep at decode M (with the bf16-weight twin of our kernels beside cuBLAS), decode A/B of
+          # the decode fusions (kernels auto vs triton: the norms in qkv/gate_up, SwiGLU in down; bf16 and int8
+          # rows, the sweep's tiles), the CUDA tests of the fusions
     timeout 150 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise \
       --output $OUT/fp8_llama1b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
     timeout 130 python -m flashlm.bench decode --preset llama-1b --batch-sizes 1,32 --int8-linears --tune \
       --output $OUT/int8_tune.json 2>&1 | grep "best\\|Error" | tail -n 12
-    timeout 90 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
-      --new-tokens 64 --repeats 3 --models flashlm-graph --quantize int8 --int8-configs $OUT/int8_tune.json \
-      --output $OUT/decode_int8_tuned.json 2>&1 | tail -n 8
-    timeout 150 $B --model llama-3b --batch-size 4 --compare flash,hf-liger --fp8 tensorwise,rowwise \
-      --output $OUT/fp8_llama3b_eager.json 2>&1 | grep -v "Warn\\|warn" | tail -n 14
+    tiles=$([ -s $OUT/int8_tune.json ] && echo "--int8-configs $OUT/int8_tune.json")  # none if the sweep failed
+    for k in auto triton; do
+      timeout 100 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
+        --new-tokens 64 --repeats 3 --models flashlm-graph --quantize int8 $tiles \
+        --kernels $k --output $OUT/decode_fuse_$k.json 2>&1 | tail -n 5
+    done
+    timeout 100 python -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE tests/test_int8_gpu.py \
+      -k "norm_linear or fusions or graph_decode" 2>&1 | tail -n 6
     ;;
   last)  # a call with ~5 minutes: llama-1b FP8 eager rows, int8 decode with the default tiles, the M=1 tile sweep
     timeout 140 $B --model llama-1b --batch-size 8 --compare flash,hf-liger --fp8 tensorwise,rowwise \

@@ -415,6 +415,22 @@ def test_decode_bench_cpu_smoke(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["targets"]["per_token_ms_b1_ctx128"] == 1.2
     assert bench_main(["--models", "nope"]) == 2
     assert bench_main(["--device", "cpu", "--peak-gbs", "0"]) == 2
+    assert data["kernels"] == "auto"
+
+
+def test_decode_bench_kernels_flag(tmp_path, monkeypatch):
+    """--kernels sets the flashlm model's kernels (recorded in the JSON); "triton" is refused, before any
+    model is built, where Triton cannot run (CPU without TRITON_INTERPRET=1)."""
+    from flashlm.bench.decode import main as bench_main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "d.json"
+    assert bench_main(["--device", "cpu", "--kernels", "triton", "--output", str(out)]) == 2
+    assert not out.exists()
+    assert bench_main(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "1", "--contexts", "8",
+                       "--new-tokens", "2", "--repeats", "1", "--models", "flashlm-eager", "--kernels", "torch",
+                       "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["kernels"] == "torch"
 
 
 @pytest.mark.parametrize(("name", "gpu", "gbs", "basis"), [

@@ -1,6 +1,7 @@
 """Int8 weight-only decode on CUDA (issue 27 item 3): the Triton kernels in bf16 at llama-1b's decode shapes
 against the torch reference, their capture in a CUDA graph without host syncs, and generate's CUDA-graph
-decode of an int8 llama-1b giving the eager int8 tokens. Run: ``pytest -q tests/test_int8_gpu.py``."""
+decode of an int8 llama-1b giving the eager int8 tokens; the decode fusions (norm_linear) at those shapes
+and a bf16 llama-1b decoding through them. Run: ``pytest -q tests/test_int8_gpu.py``."""
 
 import pytest
 import torch
@@ -142,3 +143,61 @@ def test_int8_swiglu_linear_at_the_down_projection(m):
     gate_up = torch.randn(m, 16384, device="cuda", dtype=torch.bfloat16)
     want = int8_linear(swiglu_ref(gate_up), q, scale)
     torch.testing.assert_close(int8_swiglu_linear(gate_up, q, scale), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("m", [1, 32, 64])
+@pytest.mark.parametrize("name", ["qkv", "gate_up"])
+@pytest.mark.parametrize("weight_kind", ["int8", "bf16"])
+def test_norm_linear_at_llama_1b_shapes(weight_kind, name, m):
+    """The add + RMSNorm in the projection's kernel (flashlm.ops.decode_linear.norm_linear) at llama-1b's
+    qkv and gate_up shapes: error against the fp64 truth <= 2x the unfused reference's + atol; the new
+    residual exact; captured in a CUDA graph without a host sync, its replay equals the eager call."""
+    from flashlm.ops.decode_linear import norm_linear, norm_linear_ref
+
+    n, k = LLAMA_1B[name]
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    weight, scale = quantize_int8(w) if weight_kind == "int8" else (w.bfloat16(), None)
+    x, residual = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    norm_w = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+    with torch.no_grad():
+        truth = norm_linear_ref(x.double(), residual.double(), norm_w.double(), 1e-5, False, weight.double()
+                                if scale is None else weight, None if scale is None else scale.double())[0]
+        ref_y, ref_h = norm_linear_ref(x, residual, norm_w, 1e-5, False, weight, scale)
+        y, h = norm_linear(x, residual, norm_w, 1e-5, False, weight, scale)
+        assert torch.equal(h, ref_h)
+        assert _err(y, truth) <= 2 * _err(ref_y, truth) + 1e-2, (_err(y, truth), _err(ref_y, truth))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                gy, _ = norm_linear(x, residual, norm_w, 1e-5, False, weight, scale)
+            x.copy_(torch.randn_like(x))
+            g.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(gy, norm_linear(x, residual, norm_w, 1e-5, False, weight, scale)[0],
+                                   atol=0, rtol=0)
+
+
+def test_bf16_decode_through_the_fusions_graph_equals_eager():
+    """llama-1b bf16 with kernels="triton" (the norms in qkv / gate_up GEMVs, SwiGLU in down's): the captured
+    decode's greedy tokens equal the eager loop's, and explain() names the fused projections."""
+    from flashlm.generation import generate
+    from flashlm.generation.cuda_graph import release_graphs
+    from flashlm.models import build_model
+    from flashlm.models.config import get_preset
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("llama-1b", kernels="triton"), attn="flash", device="cuda",
+                        dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, 128000, (2, 32)).cuda()
+    cache = model.allocate_cache(2, 40)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        assert model.explain(ids[:, :1], past_key_values=cache)["norm_fused_into"][0] == ["qkv_proj", "gate_up_proj"]
+    graph = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
+    eager = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graph=False)
+    release_graphs(model)
+    assert torch.equal(graph.sequences, eager.sequences)

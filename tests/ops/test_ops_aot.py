@@ -92,7 +92,10 @@ for xd, p in DTYPES.items():
 
 # int8_linear: x / bias / y in x's dtype (fp16, bf16; fp32 in tests), int8 weight, fp32 scales; every
 # CONFIGS tile (the GEMV's BLOCK_N also at its floor, pick_config's halving), even and ragged K, with
-# and without bias; the split-K partials (fp32 Y) and the SwiGLU prologue in bf16; the split reduce
+# and without bias; the split-K partials (fp32 Y) and the SwiGLU prologue in bf16; the split reduce.
+# In bf16 also the decode_linear forms: a bf16 weight without scales (HAS_SCALE False), and the RMSNorm
+# prologue (NORM: residual R / h out H in x's dtype, norm weight G, fp32 split sums of squares SS) with
+# and without the residual, Gemma's offset, split and not, over int8 and bf16 weights.
 # M, N, K, K_SPLIT, MN are capitalised but scalars: their types given with the pointers'
 scalars = {"M": "i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "MN": "i32"}
 for xd, p in DTYPES.items():
@@ -101,20 +104,29 @@ for xd, p in DTYPES.items():
         kernel = i8._gemv_kernel if gemv else i8._mm_kernel
         for block_n in ({cfg.block_n, i8.MIN_BLOCK_N[1]} if gemv else {cfg.block_n}):
             extra = {} if gemv else {"BLOCK_M": cfg.block_m, "PRECISION": "ieee" if xd == torch.float32 else "tf32"}
-            variants = [(b, e, False, False) for b in (False, True) for e in (False, True)]
+            # (has_bias, even_k, split, swiglu, weight, norm: None or (has_res, offset))
+            variants = [(b, e, False, False, "*i8", None) for b in (False, True) for e in (False, True)]
             if xd == torch.bfloat16:
-                variants += [(False, e, sp, sw) for e in (False, True) for sp, sw in ((True, False), (False, True),
-                                                                                      (True, True))]
-            for has_bias, even_k, split, swiglu in variants:
+                variants += [(False, e, sp, sw, "*i8", None) for e in (False, True)
+                             for sp, sw in ((True, False), (False, True), (True, True))]
+                variants += [(False, True, sp, sw, p, None) for sp, sw in ((False, False), (True, False), (True, True))]
+                if cfg.block_m <= 32:  # the decode buckets, where the model fuses the norm
+                    variants += [(False, e, sp, False, wt, (res, off)) for wt in ("*i8", p) for e in (False, True)
+                                 for sp, res, off in ((False, True, False), (True, True, False), (True, False, True))]
+            for has_bias, even_k, split, swiglu, weight, norm in variants:
                 consts = {"BLOCK_N": block_n, "BLOCK_K": cfg.block_k, "HAS_BIAS": has_bias, "EVEN_K": even_k,
-                          "SPLIT": split, "SWIGLU": swiglu, **extra}
-                ptrs = {"X": p, "W": "*i8", "S": "*fp32", "B": p, "Y": "*fp32" if split else p, **scalars}
+                          "SPLIT": split, "SWIGLU": swiglu, "HAS_SCALE": weight == "*i8", "NORM": norm is not None,
+                          "HAS_RES": bool(norm and norm[0]), "OFFSET": bool(norm and norm[1]), **extra}
+                ptrs = {"X": p, "W": weight, "S": "*fp32", "B": p, "Y": "*fp32" if split else p, "R": p, "G": p,
+                        "H": p, "SS": "*fp32", **scalars}
                 build(kernel, consts, ptrs, cfg.num_warps)
     for split_k in (2, 8):
-        for has_bias in (False, True):
-            build(i8._split_reduce_kernel, {"SPLIT_K": split_k, "HAS_BIAS": has_bias, "BLOCK": 1024},
-                  {"P": "*fp32", "S": "*fp32", "B": p, "Y": p, **scalars})
-done.add(i8._load_x)  # a device function: compiled inside the GEMV / tl.dot kernels above
+        for has_bias, has_scale, norm in ((False, True, False), (True, True, False), (False, False, True),
+                                          (False, True, True)):
+            build(i8._split_reduce_kernel, {"SPLIT_K": split_k, "HAS_BIAS": has_bias, "HAS_SCALE": has_scale,
+                                            "NORM": norm, "BLOCK": 1024},
+                  {"P": "*fp32", "S": "*fp32", "B": p, "Y": p, "SS": "*fp32", **scalars})
+done |= {i8._load_x, i8._norm_x}  # device functions: compiled inside the GEMV / tl.dot kernels above
 
 done.add(rot._rotated_heads)  # a device function: compiled inside _fwd_kernel and _append_kernel above
 

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compile, autotunes the matmuls)")
     p.add_argument("--hf-compile-configs", default="1x128",
                    help="grid points (BATCHxCONTEXT, comma-separated, or 'all') where hf-static-compile runs")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                   help="the flashlm model's kernels setting (triton: also the decode fusions auto leaves to cuBLAS)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--attn-backend", default=None, help="force a flashlm.attention backend for flashlm rows")
@@ -149,6 +151,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.gpu_name = torch.cuda.get_device_name(args.device) if cuda else None
     args.peak = peak_bandwidth(args.gpu_name, args.peak_gbs)
     args.torch_dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    if args.kernels == "triton":
+        from flashlm.ops._dispatch import triton_usable
+
+        if not triton_usable(args.device):
+            raise ValueError(f"--kernels triton needs Triton on a CUDA device (or TRITON_INTERPRET=1), "
+                             f"not {args.device}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in IMPLS]
     if bad or not args.models:
@@ -379,7 +387,7 @@ class _Sweep:
         args = self.args
         return {"benchmark": "decode", "preset": args.preset, "dtype": str(args.torch_dtype).replace("torch.", ""),
                 "device": str(args.device), "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "inductor_mode": args.inductor_mode,
+                "inductor_mode": args.inductor_mode, "kernels": args.kernels,
                 "weight_bytes_per_step": self.w_bytes, "weight_bytes_per_step_int8": self.w_bytes_int8,
                 "kv_bytes_per_token_per_row": self.kv_tok,
                 **self.peak_fields,
@@ -396,7 +404,7 @@ def _build_sweep(args: argparse.Namespace, log: Callable[[str], None]) -> _Sweep
 
     device, dtype = args.device, args.torch_dtype
     torch.manual_seed(args.seed)
-    config = get_preset(args.preset)
+    config = get_preset(args.preset, kernels=args.kernels)
     flash = build_model(config, attn="flash", device=device, dtype=dtype).eval()
     notes: list[str] = []
     hf = None

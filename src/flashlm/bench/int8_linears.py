@@ -188,9 +188,8 @@ def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
              "us": _time_s(_callers("bf16", weights, args.torch_dtype), act, device, TUNE_REP_MS) * 1e6}]
     default = pick_config(m, n, k, device)
     trials = [("int8-triton", c, packed) for c in dict.fromkeys([default, *candidates(m, k)])]
-    if m <= 64:  # the same kernels reading bf16 weights (scale 1): can they beat cuBLAS at decode shapes?
-        ones = torch.ones(n, device=device)
-        trials += [("bf16-triton", c, [(w, ones) for w in weights]) for c in candidates(m, k)
+    if m <= 64:  # the same kernels reading bf16 weights (no scales): do they beat cuBLAS at decode?
+        trials += [("bf16-triton", c, [(w, None) for w in weights]) for c in candidates(m, k)
                    if c.block_k <= (512 if m == 1 else 128) and c.split_k <= 4]
     for impl, cfg, ws in trials:
         calls = [lambda t, q=q, s=s, c=cfg: launch_kernels(t, q, s, None, c, swiglu) for q, s in ws]

@@ -44,13 +44,14 @@ from .kernels import (
     _aten_flash_dense,
     compute_dtype,
     explain_plan,
+    fuses_norm,
     half_precision_inputs,
     loss_kind,
     mlp_down_path,
     op_sets,
 )
 from .kv_cache import StaticKVCache
-from .plan import BatchPlan, append_plan, packed_sequences, plan_batch, unpad_data, unpad_qkv
+from .plan import BatchPlan, append_plan, check_call, packed_sequences, plan_batch, unpad_data, unpad_qkv
 from .reference import (
     MLP,
     CausalLMOutput,
@@ -59,8 +60,6 @@ from .reference import (
     RMSNorm,
     RotaryEmbedding,
     add_block_norms,
-    check_inputs,
-    check_token_range,
     make_embedding,
     make_norm,
 )
@@ -170,8 +169,11 @@ class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
     def _project_qkv(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k, v (batch, seqlen,
         kv_heads, head_dim): BSHD views of the one ``qkv_proj`` output (q/k normed with qk_norm)."""
-        b, s, _ = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        return self._split_qkv(self.qkv_proj(hidden_states))
+
+    def _split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=2)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -197,22 +199,25 @@ class FlashMultiHeadAttention(FlashAttentionMixin, MultiHeadAttention):
                 position_ids=position_ids, softmax_scale=self.scaling, causal=True,
                 window_size=self.window_size, softcap=self.softcap_value, first_layer=True)
             return self._project_out(out.to(hidden_states.dtype))
+        return self.forward_qkv(self.qkv_proj(hidden_states), cos, sin, plan)
+
+    def forward_qkv(self, qkv: Tensor, cos: Tensor, sin: Tensor, plan: BatchPlan) -> Tensor:
+        """The planned forward from the projected ``qkv`` (batch, seqlen, (heads + 2 * kv_heads) * head_dim)
+        (the decoder layer may make it with the norm in the projection's kernel: ``ops.norm_linear``)."""
         ops = plan.ops
         if plan.kind == "append" and not plan.compiled and not self.config.qk_norm:
-            choice = self.kernels.select("kvcache", hidden_states.dtype, False, False, False, 0)
+            choice = self.kernels.select("kvcache", qkv.dtype, False, False, False, 0)
             if choice.backend is not None:  # RoPE and the k/v append in one launch, then the bound kernel
                 with torch.no_grad():
-                    k_cache, v_cache = plan.cache.layer(self.layer_idx, hidden_states.shape[0])
-                    q = ops.rotary_qkv_append(self.qkv_proj(hidden_states), cos, sin, self.num_heads,
-                                              self.num_kv_heads, self.head_dim, k_cache, v_cache,
-                                              plan.write_slot_idx)
+                    k_cache, v_cache = plan.cache.layer(self.layer_idx, qkv.shape[0])
+                    q = ops.rotary_qkv_append(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim,
+                                              k_cache, v_cache, plan.write_slot_idx)
                     return self._project_out(self._bound_kvcache(choice.backend, q, k_cache, v_cache, plan))
         if self.config.qk_norm:  # the norms sit between the split and RoPE
-            q, k, v = self._project_qkv(hidden_states)
+            q, k, v = self._split_qkv(qkv)
             q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
         else:
-            q, k, v = ops.rotary_qkv(self.qkv_proj(hidden_states), cos, sin, self.num_heads, self.num_kv_heads,
-                                     self.head_dim)
+            q, k, v = ops.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         if plan.cache is not None and plan.kind != "append":
             self._write_cache(k, v, plan)
         return self._project_out(self._attend(q, k, v, plan))
@@ -293,7 +298,11 @@ class FlashMLP(MLP):
 
     def forward(self, x: Tensor, ops) -> Tensor:
         """x (..., hidden) -> (..., hidden) with ``ops`` (the plan's op set, ``flashlm.ops.Ops``)."""
-        gate_up = self.gate_up_proj(x)
+        return self.forward_gate_up(self.gate_up_proj(x), ops)
+
+    def forward_gate_up(self, gate_up: Tensor, ops) -> Tensor:
+        """From the projected gate_up (..., 2 * intermediate) (the decoder layer may make it with the norm
+        in the projection's kernel)."""
         path = mlp_down_path(self)
         if path == "swiglu_linear":  # one op with down_proj: autograd keeps gate_up, not the (..., I) activation
             return ops.swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
@@ -314,8 +323,21 @@ def _norm(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None = None):
     return ops.add_rms_norm(x, residual, norm.weight, norm.eps, norm.unit_offset)
 
 
+def _norm_project(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None, proj: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(proj(norm(x + residual)), x + residual)`` (residual None: x is the stream), the add + norm in
+    proj's kernel where :func:`~flashlm.models.kernels.fuses_norm` says (decode steps)."""
+    if fuses_norm(ops, proj):
+        return ops.norm_linear(x, residual, norm.weight, norm.eps, norm.unit_offset, proj.weight,
+                               getattr(proj, "scale", None), proj.bias)
+    if residual is None:
+        return proj(_norm(ops, norm, x)), x
+    h, residual = _norm(ops, norm, x, residual)
+    return proj(h), residual
+
+
 class FlashDecoderLayer(nn.Module):
-    """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``):
+    """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``), and at
+    decode that add + norm into the projection after it (:func:`_norm_project`):
     ``forward(hidden_states, cos, sin, plan, residual)`` -> ``(out, residual)``, the stream being ``out +
     residual``, summed inside the next layer's (or the final) fused norm; ``residual=None``: hidden_states
     is the whole stream (the first layer). Gemma2's post-norms the same way: ``out`` is the post-feedforward
@@ -331,18 +353,14 @@ class FlashDecoderLayer(nn.Module):
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, plan: BatchPlan,
                 residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ops = plan.ops
-        if residual is None:
-            residual = hidden_states
-            h = _norm(ops, self.input_layernorm, hidden_states)
-        else:
-            h, residual = _norm(ops, self.input_layernorm, hidden_states, residual)
-        h = self.self_attn(h, cos, sin, plan=plan)
-        if not self.post_norms:
-            h, residual = _norm(ops, self.post_attention_layernorm, h, residual)
-            return self.mlp(h, ops), residual
-        h, residual = _norm(ops, self.pre_feedforward_layernorm, _norm(ops, self.post_attention_layernorm, h),
-                            residual)
-        return _norm(ops, self.post_feedforward_layernorm, self.mlp(h, ops)), residual
+        qkv, residual = _norm_project(ops, self.input_layernorm, hidden_states, residual, self.self_attn.qkv_proj)
+        h = self.self_attn.forward_qkv(qkv, cos, sin, plan)
+        if self.post_norms:
+            h = _norm(ops, self.post_attention_layernorm, h)
+        norm = self.pre_feedforward_layernorm if self.post_norms else self.post_attention_layernorm
+        gate_up, residual = _norm_project(ops, norm, h, residual, self.mlp.gate_up_proj)
+        out = self.mlp.forward_gate_up(gate_up, ops)
+        return (_norm(ops, self.post_feedforward_layernorm, out) if self.post_norms else out), residual
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,29 +522,6 @@ class FlashForCausalLM(DefaultForCausalLM):
         return StaticKVCache(c.num_layers, max_batch_size, max_seqlen, c.num_kv_heads, c.head_dim,
                              dtype=dtype or weight.dtype, device=device or weight.device)
 
-    def _check(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-               past_key_values: StaticKVCache | None, labels: Tensor | None, use_cache: bool,
-               logits_to_keep: int) -> None:
-        if past_key_values is not None and not isinstance(past_key_values, StaticKVCache):
-            raise TypeError("FlashForCausalLM takes a StaticKVCache (model.allocate_cache(batch, max_len)) as "
-                            f"past_key_values, got {type(past_key_values).__name__}")
-        if use_cache and past_key_values is None:
-            raise ValueError("use_cache=True needs past_key_values=model.allocate_cache(max_batch_size, "
-                             "max_seqlen): the flash model's cache is static and sized up front")
-        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
-        seqlen = input_ids.shape[1] if input_ids.dim() == 2 else 0
-        if past_key_values is not None and not past_key_values.is_empty and seqlen == 1:  # a decode step
-            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-                raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-            # one host read per step; generate() decodes through decode_logits, whose tokens come from the
-            # model, without it
-            if self.host_checks:
-                check_token_range(self.config, input_ids)
-        else:
-            check_inputs(self.config, input_ids, attention_mask, position_ids, labels, 0,
-                         check_range=self.host_checks)
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: StaticKVCache | None = None, labels: Tensor | None = None,
                 use_cache: bool = False, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
@@ -541,7 +536,8 @@ class FlashForCausalLM(DefaultForCausalLM):
         label whose predecessor is padding are not scored. With labels the loss never holds more than a
         chunk of logits (``loss_kind``) and logits are skipped unless ``return_logits``. logits_to_keep > 0:
         logits of the last positions only. Returns CausalLMOutput(loss, logits or None, cache)."""
-        self._check(input_ids, attention_mask, position_ids, past_key_values, labels, use_cache, logits_to_keep)
+        check_call(self.config, input_ids, attention_mask, position_ids, past_key_values, labels, use_cache,
+                   logits_to_keep, self.host_checks)
         batch, seqlen = input_ids.shape
         if return_logits is None:
             return_logits = labels is None

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["ATEN_DENSE_MAX_TOKENS", "MODES", "AttentionKernels", "aten_dense_eligible", "compute_dtype",
-           "explain_plan", "half_precision_inputs", "loss_kind", "mlp_down_path", "mode_of", "op_sets"]
+           "explain_plan", "fuses_norm", "half_precision_inputs", "loss_kind", "mlp_down_path", "mode_of", "op_sets"]
 
 MODES = ("eager", "compiled", "decode")
 _HALF = (torch.float16, torch.bfloat16)
@@ -203,6 +203,19 @@ class AttentionKernels:
 
 
 
+def fuses_norm(ops: fused_ops.Ops, proj: nn.Module) -> bool:
+    """Whether the add + RMSNorm before ``proj`` (qkv_proj, gate_up_proj) runs in proj's own kernel
+    (``ops.norm_linear``, :mod:`flashlm.ops.decode_linear`): only decode op sets have it; an int8
+    ``Int8Linear`` always (its kernels are ours either way), a plain float ``nn.Linear`` where the set
+    serves every weight (``names["norm_linear"] == "all"``: kernels="triton", or "auto" once measured); never
+    another module (Float8Linear, PEFT/LoRA: their forward is theirs)."""
+    if ops.norm_linear is None:
+        return False
+    if type(proj) is Int8Linear:
+        return True
+    return ops.names.get("norm_linear") == "all" and type(proj) is torch.nn.Linear
+
+
 def mlp_down_path(mlp: nn.Module) -> str:
     """How a flash MLP's activation meets its ``down_proj`` (``FlashMLP.forward`` and ``explain()`` both ask
     here): "swiglu_linear" (a plain nn.Linear: ``ops.swiglu_linear``, one node that never saves the
@@ -262,8 +275,9 @@ def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
     same functions its forward calls: {"plan": kind, "compiled", "mode", "ops": {op: implementation},
     "attention": [per layer: the kernel's name, "fused rotary_qkv_append + " first for a fused append],
     "loss": :func:`loss_kind` or None, "projections": {name: module class}, e.g. "Int8Linear" once
-    quantized, "mlp": [per layer: how SwiGLU meets down_proj (:func:`mlp_down_path`)], "lm_head": its
-    class}. Gradients and dropout as the forward would see them now."""
+    quantized, "norm_fused_into": [per layer: the projections whose kernel makes the norm before them
+    (:func:`fuses_norm`)], "mlp": [per layer: how SwiGLU meets down_proj (:func:`mlp_down_path`)],
+    "lm_head": its class}. Gradients and dropout as the forward would see them now."""
     params = next(lm.parameters())
     dev = params.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else params.dtype
@@ -287,5 +301,9 @@ def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
                          lm.config.final_logit_softcap is not None, tokens, lm.config.vocab_size)
     from .quantize import projection_kinds
 
+    norm_fused = [[name for name, proj in (("qkv_proj", layer.self_attn.qkv_proj),
+                                           ("gate_up_proj", layer.mlp.gate_up_proj)) if fuses_norm(plan.ops, proj)]
+                  for layer in lm.model.layers]
     return {"plan": plan.kind, "compiled": plan.compiled, "mode": plan.mode, "ops": dict(plan.ops.names),
-            "attention": attention, "loss": loss, "projections": projection_kinds(lm), **_mlp_record(lm, loss)}
+            "attention": attention, "loss": loss, "projections": projection_kinds(lm),
+            "norm_fused_into": norm_fused, **_mlp_record(lm, loss)}

@@ -49,6 +49,7 @@ from flashlm.ops import Ops
 
 from .kernels import mode_of
 from .kv_cache import StaticKVCache
+from .reference import check_inputs, check_token_range
 
 __all__ = ["BatchPlan", "append_plan", "packed_sequences", "plan_batch", "positions_from_cu_seqlens",
            "unpad_data", "unpad_qkv"]
@@ -352,3 +353,28 @@ def _plan_cached(input_ids: Tensor, attention_mask: Tensor | None, position_ids:
                      cache_seqlens=before + lengths, query_mask=mask.bool()[:, :, None, None],
                      write_token_idx=indices, write_batch_idx=indices // seqlen,
                      write_slot_idx=(before.long()[:, None] + ranks).reshape(-1)[indices])
+
+
+def check_call(config, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+               past_key_values: StaticKVCache | None, labels: Tensor | None, use_cache: bool, logits_to_keep: int,
+               host_checks: bool = True) -> None:
+    """A flash causal LM's forward arguments checked before planning (``host_checks``: read the token range
+    back to the host). Raises TypeError / ValueError / InputError naming the argument."""
+    if past_key_values is not None and not isinstance(past_key_values, StaticKVCache):
+        raise TypeError("FlashForCausalLM takes a StaticKVCache (model.allocate_cache(batch, max_len)) as "
+                        f"past_key_values, got {type(past_key_values).__name__}")
+    if use_cache and past_key_values is None:
+        raise ValueError("use_cache=True needs past_key_values=model.allocate_cache(max_batch_size, "
+                         "max_seqlen): the flash model's cache is static and sized up front")
+    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+    seqlen = input_ids.shape[1] if input_ids.dim() == 2 else 0
+    if past_key_values is not None and not past_key_values.is_empty and seqlen == 1:  # a decode step
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        # one host read per step; generate() decodes through decode_logits, whose tokens come from the
+        # model, without it
+        if host_checks:
+            check_token_range(config, input_ids)
+    else:
+        check_inputs(config, input_ids, attention_mask, position_ids, labels, 0, check_range=host_checks)

@@ -12,6 +12,9 @@ function:
 - :func:`rotary_qkv` / :func:`rotary` (``rotary.py``): RoPE of q and k fused with the q/k/v split,
   and the single-tensor form; :func:`rotary_qkv_append`: a decode step's form, k/v written straight
   into the KV cache;
+- ``int8_linear.py``: int8 weight-only linears and the weight-streaming GEMV / small-M kernels (int8 or
+  bf16/fp16 weights; SwiGLU or RMSNorm prologues); ``decode_linear.py``: a decode step's fusions on them
+  (:func:`~flashlm.ops.decode_linear.norm_linear`: add + RMSNorm in the next projection's kernel);
 - ``cross_entropy.py``: every cross-entropy (the fp32 reference, HF's shifted ``causal_lm_loss``, the
   chunked / Liger fused ``linear_cross_entropy``, the Triton ``logits_cross_entropy``);
 - ``adamw.py``: ``MasterWeightAdamW`` and its one-pass Triton kernel.

@@ -30,13 +30,31 @@ from torch import Tensor, nn
 from flashlm.errors import InputError
 
 from ._dispatch import dispatch, triton
+from .rms_norm import rms_norm_ref
 from .swiglu import swiglu_ref
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["CONFIGS", "KERNEL_MAX_M", "TUNED", "Int8Config", "Int8Linear", "dequantize_int8", "int8_linear",
-           "int8_linear_ref", "int8_swiglu_linear", "int8_swiglu_linear_ref", "launch_kernels", "load_tuned", "m_bucket", "pick_config", "quantize_int8"]
+__all__ = [
+    "CONFIGS",
+    "KERNEL_MAX_M",
+    "TUNED",
+    "TUNED_HALF",
+    "Int8Config",
+    "Int8Linear",
+    "dequantize_int8",
+    "int8_linear",
+    "int8_linear_ref",
+    "int8_swiglu_linear",
+    "int8_swiglu_linear_ref",
+    "launch_kernels",
+    "launch_norm_linear",
+    "load_tuned",
+    "m_bucket",
+    "pick_config",
+    "quantize_int8",
+]
 
 QMAX = 127  # symmetric range [-127, 127]: -128 unused, so negating a weight never overflows
 
@@ -60,10 +78,12 @@ def dequantize_int8(w_int8: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor
     return (w_int8.float() * scale.float()[:, None]).to(dtype)
 
 
-def int8_linear_ref(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def int8_linear_ref(x: Tensor, w_int8: Tensor, scale: Tensor | None, bias: Tensor | None = None) -> Tensor:
     """Torch reference: ``F.linear(x, dequantize_int8(w_int8, scale, x.dtype), bias)``. x (..., K),
-    w_int8 (N, K) int8, scale (N,), bias (N,) or None -> (..., N) in x's dtype."""
-    return F.linear(x, dequantize_int8(w_int8, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+    w_int8 (N, K) int8, scale (N,), bias (N,) or None -> (..., N) in x's dtype. ``scale`` None: a float
+    weight, cast to x's dtype (the kernels' bf16/fp16-weight form)."""
+    w = w_int8.to(x.dtype) if scale is None else dequantize_int8(w_int8, scale, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,8 +125,10 @@ WAVES = 4  # pick_config's goal: at least WAVES programs per SM (one program per
 
 # (M bucket, N, K) -> tile, measured: `flashlm bench decode --int8-linears --tune` (bench/int8_linears.py)
 # times every candidate tile at the preset's shapes; its JSON's "tuned" is this table's format and
-# :func:`load_tuned` reads it. Empty until a measurement fills it.
+# :func:`load_tuned` reads it. TUNED: int8 weights; TUNED_HALF: the same kernels on bf16/fp16 weights (the
+# sweep's "bf16-triton" rows, an entry's "bf16_triton_tile"). Empty until a measurement fills them.
 TUNED: dict[tuple[int, int, int], Int8Config] = {}
+TUNED_HALF: dict[tuple[int, int, int], Int8Config] = {}
 
 _SMS: dict = {}
 _PICKED: dict = {}
@@ -125,17 +147,20 @@ def m_bucket(m: int) -> int:
     return min(b for b in CONFIGS if b >= m)
 
 
-def pick_config(m: int, n: int, k: int, device: torch.device) -> Int8Config:
-    """The tile for an (m, n) output over k inputs on ``device``: :data:`TUNED`'s entry for (bucket, n, k),
-    else the bucket's tile with BLOCK_N halved (down to MIN_BLOCK_N), then split_k doubled (while each
+def pick_config(m: int, n: int, k: int, device: torch.device, weight_bytes: int = 1) -> Int8Config:
+    """The tile for an (m, n) output over k inputs on ``device``: :data:`TUNED`'s entry for (bucket, n, k)
+    (:data:`TUNED_HALF`'s for 2-byte weights), else the bucket's tile (BLOCK_K halved for 2-byte weights:
+    the same bytes per step) with BLOCK_N halved (down to MIN_BLOCK_N), then split_k doubled (while each
     slice keeps >= 2 BLOCK_K steps, up to MAX_SPLIT_K), until the grid has WAVES programs per SM. Cached."""
-    key = (m, n, k, device)
+    key = (m, n, k, device, weight_bytes)
     cfg = _PICKED.get(key)
     if cfg is None:
         bucket = m_bucket(m)
-        cfg = TUNED.get((bucket, n, k))
+        cfg = (TUNED if weight_bytes == 1 else TUNED_HALF).get((bucket, n, k))
         if cfg is None:
             base = CONFIGS[bucket]
+            if weight_bytes > 1 and base.block_k > 64:
+                base = replace(base, block_k=base.block_k // weight_bytes)
             goal = WAVES * _sm_count(device)
             tiles_m = -(-m // base.block_m)
             block_n, split_k = base.block_n, 1
@@ -151,8 +176,9 @@ def pick_config(m: int, n: int, k: int, device: torch.device) -> Int8Config:
 
 def load_tuned(path_or_table, clear: bool = False) -> int:
     """Put measured tiles into :data:`TUNED`: a ``--tune`` JSON file (its "tuned" list) or such a list of
-    ``{"m_bucket", "n", "k", "tile": [block_m, block_n, block_k, num_warps, num_stages, split_k]}``.
-    Returns how many entries were loaded; ``clear`` empties the table first. Clears pick_config's cache."""
+    ``{"m_bucket", "n", "k", "tile": [block_m, block_n, block_k, num_warps, num_stages, split_k]}``; an
+    entry's optional "bf16_triton_tile" (same form) goes to :data:`TUNED_HALF`. Returns how many entries
+    were loaded; ``clear`` empties both tables first. Clears pick_config's cache."""
     import json
     import os
 
@@ -162,12 +188,14 @@ def load_tuned(path_or_table, clear: bool = False) -> int:
             rows = json.load(f)["tuned"]
     if clear:
         TUNED.clear()
+        TUNED_HALF.clear()
     for r in rows:
-        tile = r["tile"]
-        if r["m_bucket"] not in CONFIGS or len(tile) != 6 or (tile[0] == 1) != (r["m_bucket"] == 1):
-            raise InputError(f"load_tuned: bad entry {r} (m_bucket among {sorted(CONFIGS)}, a tile of 6 ints "
-                             "whose block_m is 1 exactly for bucket 1)")
-        TUNED[(r["m_bucket"], r["n"], r["k"])] = Int8Config(*r["tile"])
+        tiles = [(TUNED, r["tile"])] + ([(TUNED_HALF, r["bf16_triton_tile"])] if r.get("bf16_triton_tile") else [])
+        for table, tile in tiles:
+            if r["m_bucket"] not in CONFIGS or len(tile) != 6 or (tile[0] == 1) != (r["m_bucket"] == 1):
+                raise InputError(f"load_tuned: bad entry {r} (m_bucket among {sorted(CONFIGS)}, tiles of 6 ints "
+                                 "whose block_m is 1 exactly for bucket 1)")
+            table[(r["m_bucket"], r["n"], r["k"])] = Int8Config(*tile)
     _PICKED.clear()
     return len(rows)
 
@@ -193,20 +221,50 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _gemv_kernel(X, W, S, B, Y, N, K, K_SPLIT, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr):
+    def _norm_x(x, R, G, H, k_mask, first_n, EVEN_K: tl.constexpr, HAS_RES: tl.constexpr, OFFSET: tl.constexpr):
+        # NORM prologue: h = x (+ residual, rounded to x's dtype as the eager add is; the first column of
+        # programs stores it: the block's new residual stream) -> (h * norm weight in fp32, h^2). The rstd
+        # of the row multiplies the output at the end (sum_k w * g * h * rstd = rstd * sum_k w * g * h), so
+        # each program needs only its own K range, and a split's sums of squares meet in the reduce kernel
+        if HAS_RES:
+            if EVEN_K:
+                r = tl.load(R)
+            else:
+                r = tl.load(R, mask=k_mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            tl.store(H, x, mask=k_mask & first_n)
+        if EVEN_K:
+            g = tl.load(G).to(tl.float32)
+        else:
+            g = tl.load(G, mask=k_mask, other=0.0).to(tl.float32)
+        if OFFSET:  # Gemma: scale 1 + weight
+            g += 1.0
+        h = x.to(tl.float32)
+        return h * g, h * h
+
+    @triton.jit
+    def _gemv_kernel(X, W, S, B, Y, R, G, H, SS, N, K, K_SPLIT, stride_wn, eps, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                     SWIGLU: tl.constexpr, HAS_SCALE: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                     OFFSET: tl.constexpr):
         # one row of x: y[n] = scale[n] * sum_k w[n, k] * x[k]; the products summed elementwise over the
         # K loop in fp32 and reduced once at the end. SPLIT: this program sums K slice program_id(1) (of
-        # K_SPLIT inputs) into the fp32 partial Y[slice, n]; the reduce kernel applies scale and bias
+        # K_SPLIT inputs) into the fp32 partial Y[slice, n]; the reduce kernel applies scale and bias.
+        # NORM: x is RMSNorm(x (+ R)) with weight G (_norm_x); the sums of squares go to SS[slice] when split
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rn_in = rn % N  # rows past N read row (rn mod N) instead of masking; their results are not stored
+        first_n = tl.zeros((BLOCK_K,), dtype=tl.int32) == tl.program_id(0)  # a tensor mask (interpreter)
         k0 = tl.program_id(1) * K_SPLIT
         rk = k0 + tl.arange(0, BLOCK_K)
         w_ptrs = W + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for _ in range(tl.cdiv(tl.minimum(K_SPLIT, K - k0), BLOCK_K)):
             in_k = (rk < K) & (rk < k0 + K_SPLIT)
             x = _load_x(X + rk, K, in_k, EVEN_K, SWIGLU)
+            if NORM:
+                x, sq = _norm_x(x, R + rk, G + rk, H + rk, in_k, first_n, EVEN_K, HAS_RES, OFFSET)
+                ss += sq
             if EVEN_K:
                 w = tl.load(w_ptrs)
             else:
@@ -217,107 +275,169 @@ if triton is not None:
         y = tl.sum(acc, axis=1)
         if SPLIT:
             tl.store(Y + tl.program_id(1) * N + rn, y, mask=rn < N)
+            if NORM:  # noqa: SIM102 (a constexpr test apart from the run-time one)
+                if tl.program_id(0) == 0:
+                    tl.store(SS + tl.program_id(1), tl.sum(ss, axis=0))
         else:
-            y = y * tl.load(S + rn_in).to(tl.float32)
+            if NORM:
+                y = y / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+            if HAS_SCALE:
+                y = y * tl.load(S + rn_in).to(tl.float32)
             if HAS_BIAS:
                 y += tl.load(B + rn_in).to(tl.float32)
             tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
 
     @triton.jit
-    def _mm_kernel(X, W, S, B, Y, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                   SPLIT: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr):
+    def _mm_kernel(X, W, S, B, Y, R, G, H, SS, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym, eps,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EVEN_K: tl.constexpr, SPLIT: tl.constexpr, SWIGLU: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   NORM: tl.constexpr, HAS_RES: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
         # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) per step on tensor cores, the int8 tile converted to x's
         # dtype in registers (exact: |w| <= 127); rows past M / N read in-range rows, never stored.
-        # SPLIT: K slice program_id(2) into the fp32 partial Y[slice] (M, N), as in _gemv_kernel
+        # SPLIT: K slice program_id(2) into the fp32 partial Y[slice] (M, N), as in _gemv_kernel; NORM too
+        # (R, H with x's row stride; SS (split_k, M))
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm_in, rn_in = rm % M, rn % N
+        first_n = (tl.zeros((BLOCK_M, 1), dtype=tl.int32) == tl.program_id(0)) & (rm[:, None] < M)
         k0 = tl.program_id(2) * K_SPLIT
         rk = k0 + tl.arange(0, BLOCK_K)
-        x_ptrs = X + rm_in[:, None].to(tl.int64) * stride_xm + rk[None, :]
+        x_offs = rm_in[:, None].to(tl.int64) * stride_xm + rk[None, :]
         w_ptrs = W + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)  # per row (a (BLOCK_M, BLOCK_K) sum would cost registers)
         for _ in range(tl.cdiv(tl.minimum(K_SPLIT, K - k0), BLOCK_K)):
             in_k = (rk < K) & (rk < k0 + K_SPLIT)
-            x = _load_x(x_ptrs, K, in_k[None, :], EVEN_K, SWIGLU)
+            x = _load_x(X + x_offs, K, in_k[None, :], EVEN_K, SWIGLU)
+            if NORM:
+                xg, sq = _norm_x(x, R + x_offs, G + rk[None, :], H + x_offs, in_k[None, :], first_n, EVEN_K,
+                                 HAS_RES, OFFSET)
+                x = xg.to(x.dtype)
+                ss += tl.sum(sq, axis=1)
             if EVEN_K:
                 w = tl.load(w_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=in_k[None, :], other=0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-            x_ptrs += BLOCK_K
+            x_offs += BLOCK_K
             w_ptrs += BLOCK_K
             rk += BLOCK_K
         out_mask = (rm[:, None] < M) & (rn[None, :] < N)
         if SPLIT:
             p_ptrs = Y + tl.program_id(2).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
             tl.store(p_ptrs, acc, mask=out_mask)
+            if NORM:  # noqa: SIM102 (a constexpr test apart from the run-time one)
+                if tl.program_id(0) == 0:
+                    tl.store(SS + tl.program_id(2) * M + rm, ss, mask=rm < M)
         else:
-            acc = acc * tl.load(S + rn_in).to(tl.float32)[None, :]
+            if NORM:
+                acc = acc / tl.sqrt(ss / K + eps)[:, None]
+            if HAS_SCALE:
+                acc = acc * tl.load(S + rn_in).to(tl.float32)[None, :]
             if HAS_BIAS:
                 acc += tl.load(B + rn_in).to(tl.float32)[None, :]
             y_ptrs = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
             tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def _split_reduce_kernel(P, S, B, Y, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _split_reduce_kernel(P, S, B, Y, SS, MN, M, N, K, eps, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             HAS_SCALE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
         # y[i] = scale[n] * sum_s P[s, i] (+ bias[n]) over the (SPLIT_K, M*N) fp32 partials, in a fixed
-        # order (deterministic, unlike atomics)
+        # order (deterministic, unlike atomics); NORM: times row m's rstd from the (SPLIT_K, M) sums of squares
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < MN
+        n = i % N
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        ss = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in tl.static_range(SPLIT_K):  # int64: SPLIT_K * M * N may pass 2**31 for a wide loaded tile
             acc += tl.load(P + tl.full((), s, tl.int64) * MN + i, mask=mask, other=0.0)
-        n = i % N
-        acc = acc * tl.load(S + n, mask=mask, other=0.0).to(tl.float32)
+            if NORM:
+                ss += tl.load(SS + s * M + i // N, mask=mask, other=0.0)
+        if NORM:
+            acc = acc / tl.sqrt(ss / K + eps)
+        if HAS_SCALE:
+            acc = acc * tl.load(S + n, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(B + n, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + i, acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def launch_kernels(x: Tensor, w_int8: Tensor, scale: Tensor, bias: Tensor | None,
+def launch_kernels(x: Tensor, w_int8: Tensor, scale: Tensor | None, bias: Tensor | None,
                    cfg: Int8Config | None = None, swiglu: bool = False) -> Tensor:
     """The Triton kernels for M <= KERNEL_MAX_M rows (tile ``cfg``, default :func:`pick_config`'s), else
     dequantize + torch's matmul. ``swiglu``: x is gate_up (..., 2 * K) and the input is swiglu(x), made in
-    the kernel's prologue. No input checks (:func:`int8_linear` makes them): the tile sweep calls it
-    directly, also with a bf16 weight and unit scales to time the same kernel reading two bytes a weight."""
+    the kernel's prologue. ``scale`` None: a bf16/fp16 weight, used as it is (the same kernels reading two
+    bytes a weight: the decode GEMVs of :mod:`flashlm.ops.decode_linear`, the tile sweep's "bf16-triton").
+    No input checks (:func:`int8_linear` makes them)."""
     n, k = w_int8.shape
     x2 = x.reshape(-1, 2 * k if swiglu else k)
-    m = x2.shape[0]
-    if m > KERNEL_MAX_M:
+    if x2.shape[0] > KERNEL_MAX_M:
         return int8_linear_ref(swiglu_ref(x) if swiglu else x, w_int8, scale, bias)
+    return _launch(x2, w_int8, scale, bias, cfg, swiglu).reshape(*x.shape[:-1], n)
+
+
+def launch_norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, unit_offset: bool,
+                       weight: Tensor, scale: Tensor | None, bias: Tensor | None, cfg: Int8Config | None = None
+                       ) -> tuple[Tensor, Tensor]:
+    """``(linear(rms_norm(h)), h)`` with ``h = x + residual`` (x itself when ``residual`` is None) as one
+    launch (two with a split over K): the norm made in the kernels' prologue, its rstd applied to the
+    output. x, residual (..., K); weight (N, K) int8 with ``scale`` (N,) or bf16/fp16 with ``scale`` None
+    -> ((..., N), h (..., K)). Above KERNEL_MAX_M rows: the norm, then the linear. No input checks."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > KERNEL_MAX_M:
+        h = x if residual is None else x + residual
+        return int8_linear_ref(rms_norm_ref(h, norm_weight, eps, unit_offset), weight, scale, bias), h
+    x2 = x2.contiguous()
+    r2 = None if residual is None else residual.reshape(-1, k).contiguous()
+    h = x if r2 is None else torch.empty_like(x2)
+    y = _launch(x2, weight, scale, bias, cfg, norm=(r2, norm_weight.contiguous(), h, eps, unit_offset))
+    return y.reshape(*x.shape[:-1], n), h.reshape(x.shape)
+
+
+def _launch(x2: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None, cfg: Int8Config | None,
+            swiglu: bool = False, norm: tuple | None = None) -> Tensor:
+    """y (M, N) of x2 (M, K or 2K) and the (N, K) weight: GEMV (one row) or tl.dot tiles, split over K or
+    not. ``norm``: (residual (M, K) or None, norm weight (K,), h out (M, K), eps, unit_offset)."""
+    n, k = w.shape
+    m = x2.shape[0]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
-        return y.reshape(*x.shape[:-1], n)
-    if k == 0:
-        return y.zero_().add_(bias.to(x.dtype) if bias is not None else 0).reshape(*x.shape[:-1], n)
-    cfg = cfg or pick_config(m, n, k, x.device)
-    scale = scale.contiguous()  # the kernels index scale and bias as dense (N,) vectors (no-ops when they are)
+        return y
+    if k == 0:  # (a norm over no inputs is not defined: decode_linear refuses K == 0)
+        return y.zero_().add_(bias.to(x2.dtype) if bias is not None else 0)
+    cfg = cfg or pick_config(m, n, k, x2.device, w.element_size())
+    has_scale = scale is not None
+    scale = scale.contiguous() if has_scale else w  # the kernels index scale, bias as dense (N,) vectors
     b = bias.contiguous() if bias is not None else scale  # any pointer; unread without HAS_BIAS
+    residual, g, h, eps, unit_offset = norm if norm is not None else (None, scale, scale, 1e-6, False)
+    r = residual if residual is not None else x2
     # K per split, a whole number of BLOCK_K steps; the last slice may be shorter (masked)
     k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
     split = cfg.split_k > 1
     even_k = k % k_split == 0 and k_split % cfg.block_k == 0
-    out = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device) if split else y
+    out = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x2.device) if split else y
+    ss = torch.empty((cfg.split_k, m), dtype=torch.float32, device=x2.device) if split and norm else out
     meta = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "HAS_BIAS": bias is not None, "EVEN_K": even_k,
-            "SPLIT": split, "SWIGLU": swiglu, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            "SPLIT": split, "SWIGLU": swiglu, "HAS_SCALE": has_scale, "NORM": norm is not None,
+            "HAS_RES": residual is not None, "OFFSET": bool(unit_offset), "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages}
     if cfg.block_m == 1 and m == 1:
         _gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
-            x2, w_int8, scale, b, out, n, k, k_split, w_int8.stride(0), **meta)
+            x2, w, scale, b, out, r, g, h, ss, n, k, k_split, w.stride(0), eps, **meta)
     else:
         block_m = max(cfg.block_m, 16)  # a GEMV tile asked for M > 1 runs as the smallest tl.dot tile
         _mm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m), cfg.split_k)](
-            x2, w_int8, scale, b, out, m, n, k, k_split, x2.stride(0), w_int8.stride(0), y.stride(0),
-            BLOCK_M=block_m, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)
+            x2, w, scale, b, out, r, g, h, ss, m, n, k, k_split, x2.stride(0), w.stride(0), y.stride(0), eps,
+            BLOCK_M=block_m, PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", **meta)
     if split:
         block = 1024
-        _split_reduce_kernel[(triton.cdiv(m * n, block),)](out, scale, b, y, m * n, n, SPLIT_K=cfg.split_k,
-                                                           HAS_BIAS=bias is not None, BLOCK=block)
-    return y.reshape(*x.shape[:-1], n)
+        _split_reduce_kernel[(triton.cdiv(m * n, block),)](
+            out, scale, b, y, ss, m * n, m, n, k, eps, SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
+            HAS_SCALE=has_scale, NORM=norm is not None, BLOCK=block)
+    return y
 
 
 # torch.compile path: opaque custom ops with fakes (no autograd: inference only)

@@ -27,6 +27,7 @@ import torch
 from flashlm.errors import InputError
 
 from ._dispatch import triton, triton_usable
+from .decode_linear import norm_linear, swiglu_gemv_linear
 
 # import the functions, not the submodules: the package's names rms_norm, swiglu and rotary are the
 # public functions, which shadow their submodules once flashlm.ops is imported
@@ -61,6 +62,11 @@ _AUTO = {"rms_norm": "aten", "add_rms_norm": "aten", "swiglu": "sized", "swiglu_
 # Ops for which Liger's kernel measured faster than ours; "auto" takes Liger only for these. Empty:
 # Liger's Python wrappers cost more host time than plain torch at small shapes (the run behind commit 2458bb7).
 _LIGER_FASTER: frozenset = frozenset()
+# "auto"'s decode set: the norm goes into the next projection's kernel for int8 weights (already our
+# kernels: one launch fewer, nothing else changes); for bf16 weights our GEMV then replaces cuBLAS's, which
+# only a measurement may decide (the tune's "bf16-triton" vs "bf16" columns): PROVISIONAL False, unmeasured.
+# kernels="triton" takes them for every weight (and the SwiGLU in the bf16 down projection's prologue).
+_AUTO_HALF_GEMV = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class Ops:
     rotary_qkv: Callable
     rotary: Callable
     rotary_qkv_append: Callable
+    # decode sets only (else None): a pre-norm block's add + RMSNorm fused into the projection after it
+    # (flashlm.ops.decode_linear); names["norm_linear"] says for which weights: "int8" or "all"
+    norm_linear: Callable | None = None
     names: dict = field(default_factory=dict)
 
 
@@ -111,8 +120,11 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
     (H200, decode shapes as graph replays, `flashlm bench decode-probe`,
     benchmarks/results/h200/probe_decode_ops_prefill.json: add + RMSNorm 1.8 us vs aten's
     4.3, SwiGLU 1.4 vs torch's 3.0); an eager step runs the same set, so it gives the graph's tokens
-    (H200, seed config, eager steps: flash 1.52x the default model's, 1.55x before this set). Raises InputError for an unknown name, "triton" where Triton cannot run, and
-    "liger" where Liger-Kernel is not installed."""
+    (H200, seed config, eager steps: flash 1.52x the default model's, 1.55x before this set). Decode sets
+    also carry ``norm_linear`` (the add + RMSNorm in the next projection's kernel): for int8 weights under
+    "auto", for every weight under "triton" (with the SwiGLU in the bf16 down projection's GEMV,
+    ``swiglu_linear`` "gemv"); ``_AUTO_HALF_GEMV`` gives "auto" the latter once measured. Raises InputError
+    for an unknown name, "triton" where Triton cannot run, and "liger" where Liger-Kernel is not installed."""
     if kernels not in KERNELS:
         raise InputError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     device = torch.device(device if device is not None else "cpu")
@@ -126,6 +138,11 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
                          f"CPU, for tests); got device {device}, triton "
                          f"{'installed' if triton is not None else 'not installed'}; use kernels='torch'")
     chosen, names = dict(_TRITON), dict.fromkeys(_TRITON, "triton")
+    if decode:
+        every_weight = kernels == "triton" or (kernels == "auto" and _AUTO_HALF_GEMV)
+        chosen["norm_linear"], names["norm_linear"] = norm_linear, "all" if every_weight else "int8"
+        if every_weight:
+            chosen["swiglu_linear"], names["swiglu_linear"] = swiglu_gemv_linear, "gemv"
     if kernels == "triton":
         return Ops(**chosen, names=names)
     if kernels == "auto" and not decode:
