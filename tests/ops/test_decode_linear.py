@@ -85,6 +85,11 @@ def test_fallbacks_keep_gradients_and_large_batches(monkeypatch):
     y, _ = norm_linear(x, residual, norm_w, 1e-6, False, w, None)
     y.sum().backward()
     assert x.grad is not None and calls == []
+    w.requires_grad_(True)  # a weight (or norm weight) wanting its gradient: also the differentiable path
+    y, _ = norm_linear(x.detach(), residual, norm_w, 1e-6, False, w, None)
+    y.sum().backward()
+    assert w.grad is not None and calls == []
+    w = w.detach()
     big = torch.randn(HALF_GEMV_MAX_M + 1, 64, generator=gen)
     with torch.no_grad():
         y, _ = norm_linear(big, None, norm_w, 1e-6, False, w, None)

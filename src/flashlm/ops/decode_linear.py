@@ -44,13 +44,14 @@ def norm_linear_ref(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps
     return int8_linear_ref(rms_norm_ref(h, norm_weight, eps, unit_offset), weight, scale, bias), h
 
 
-def _kernel_rows(x: Tensor, weight: Tensor) -> bool:
-    """Whether the fused kernels take this call: Triton can run here, no gradient is wanted, and the rows
-    fit the weight kind's bound (int8: KERNEL_MAX_M; bf16/fp16: HALF_GEMV_MAX_M)."""
+def _kernel_rows(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
+    """Whether the fused kernels take this call: Triton can run here, no gradient is wanted (of x, the
+    weight or ``others``: the kernels have no backward), not under torch.compile, and the rows fit the
+    weight kind's bound (int8: KERNEL_MAX_M; bf16/fp16: HALF_GEMV_MAX_M)."""
     rows = x.numel() // max(x.shape[-1], 1)
     limit = KERNEL_MAX_M if weight.dtype == torch.int8 else HALF_GEMV_MAX_M
-    return (triton_usable(x.device) and not (torch.is_grad_enabled() and x.requires_grad) and rows <= limit
-            and not torch.compiler.is_compiling())
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, *others))
+    return triton_usable(x.device) and not wants_grad and rows <= limit and not torch.compiler.is_compiling()
 
 
 def norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, unit_offset: bool,
@@ -68,7 +69,7 @@ def norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: fl
         raise InputError(f"norm_linear: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     if (weight.dtype == torch.int8) != (scale is not None):
         raise InputError("norm_linear: an int8 weight needs its scale, a float weight none")
-    if _kernel_rows(x, weight) and (residual is None or not residual.requires_grad):
+    if _kernel_rows(x, weight, residual, norm_weight, bias):
         return launch_norm_linear(x, residual, norm_weight, eps, unit_offset, weight, scale, bias)
     if residual is None:
         h, normed = x, rms_norm(x, norm_weight, eps, unit_offset)
@@ -81,6 +82,6 @@ def swiglu_gemv_linear(gate_up: Tensor, weight: Tensor, bias: Tensor | None = No
     """``linear(swiglu(gate_up), weight, bias)``: gate_up (..., 2K), weight (N, K) bf16/fp16 -> (..., N);
     the SwiGLU in the GEMV's prologue for decode rows, else :func:`~flashlm.ops.swiglu.swiglu_linear`
     (which also serves a backward)."""
-    if _kernel_rows(gate_up, weight) and weight.dtype != torch.int8 and gate_up.shape[-1] == 2 * weight.shape[1]:
+    if _kernel_rows(gate_up, weight, bias) and weight.dtype != torch.int8 and gate_up.shape[-1] == 2 * weight.shape[1]:
         return launch_kernels(gate_up, weight, None, bias, swiglu=True)
     return swiglu_linear(gate_up, weight, bias)
