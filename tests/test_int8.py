@@ -572,6 +572,7 @@ def test_bench_int8_tune_and_int8_configs(tmp_path, capsys, monkeypatch):
     from flashlm.bench.int8_linears import candidates
 
     monkeypatch.setattr(il, "TUNED", {})
+    monkeypatch.setattr(il, "TUNED_HALF", {})
     monkeypatch.setattr(il, "_PICKED", {})
     out = tmp_path / "t.json"
     assert main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp16", "--batch-sizes", "1,20",
@@ -587,10 +588,15 @@ def test_bench_int8_tune_and_int8_configs(tmp_path, capsys, monkeypatch):
     # the down projection is tuned as the model runs it: the SwiGLU prologue on a (M, 2K) gate_up
     assert all(e["swiglu"] == (e["shape"] == "down") for e in tuned)
     assert all(r["swiglu"] for r in data["rows"] if r["shape"] == "down")
+    # the same kernels on the bf16 weight (no scales): checked against cuBLAS, pick_config's tile among them
+    for e in tuned:
+        half = [r for r in data["rows"] if r["shape"] == e["shape"] and r["m"] == e["m"] and r["impl"] == "bf16-triton"]
+        assert sum(r["default"] for r in half) == 1 and all(r["max_rel_err_vs_cublas"] < 1e-2 for r in half)
+        assert e["bf16_triton_us"] == min(r["us"] for r in half) and e["bf16_triton_tile"] in [r["tile"] for r in half]
     assert il.TUNED == {}
     assert main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp16", "--batch-sizes", "1", "--int8-linears",
                  "--int8-configs", str(out), "--output", str(tmp_path / "l.json")]) == 0
-    assert len(il.TUNED) == len(tuned)
+    assert len(il.TUNED) == len(il.TUNED_HALF) == len(tuned)
     rows = json.loads((tmp_path / "l.json").read_text())["rows"]
     assert all(r["tile"] == il.TUNED[(1, r["n"], r["k"])].as_list() for r in rows if r["impl"] == "int8-triton")
     capsys.readouterr()

@@ -181,23 +181,40 @@ def test_norm_linear_at_llama_1b_shapes(weight_kind, name, m):
                                    atol=0, rtol=0)
 
 
-def test_bf16_decode_through_the_fusions_graph_equals_eager():
-    """llama-1b bf16 with kernels="triton" (the norms in qkv / gate_up GEMVs, SwiGLU in down's): the captured
-    decode's greedy tokens equal the eager loop's, and explain() names the fused projections."""
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_decode_through_the_fusions_equals_unfused_and_graph_equals_eager():
+    """llama-1b with kernels="triton" (the norms in the qkv / gate_up kernels, SwiGLU in down's GEMV) beside
+    the same weights with kernels="auto" (unfused): explain() names the fused projections; the first decode
+    step's logits agree within bf16 rounding (relative error < 1e-2), bf16 and after quantize_model (int8);
+    the captured decode's greedy tokens equal the eager loop's."""
     from flashlm.generation import generate
     from flashlm.generation.cuda_graph import release_graphs
     from flashlm.models import build_model
     from flashlm.models.config import get_preset
+    from flashlm.models.quantize import quantize_model
 
     torch.manual_seed(0)
-    model = build_model(get_preset("llama-1b", kernels="triton"), attn="flash", device="cuda",
+    fused = build_model(get_preset("llama-1b", kernels="triton"), attn="flash", device="cuda",
                         dtype=torch.bfloat16).eval()
+    unfused = build_model(get_preset("llama-1b"), attn="flash", device="cuda", dtype=torch.bfloat16).eval()
+    unfused.load_state_dict(fused.state_dict())
     ids = torch.randint(3, 128000, (2, 32)).cuda()
-    cache = model.allocate_cache(2, 40)
-    with torch.no_grad():
-        model(ids, past_key_values=cache)
-        assert model.explain(ids[:, :1], past_key_values=cache)["norm_fused_into"][0] == ["qkv_proj", "gate_up_proj"]
-    graph = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
-    eager = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graph=False)
-    release_graphs(model)
-    assert torch.equal(graph.sequences, eager.sequences)
+    for kind in ("bf16", "int8"):
+        step = {}
+        for name, model in (("fused", fused), ("unfused", unfused)):
+            cache = model.allocate_cache(2, 40)
+            with torch.no_grad():
+                model(ids[:, :31], past_key_values=cache)
+                if name == "fused":
+                    assert model.explain(ids[:, 31:], past_key_values=cache)["norm_fused_into"][0] == \
+                        ["qkv_proj", "gate_up_proj"]
+                step[name] = model(ids[:, 31:], past_key_values=cache).logits
+        assert _rel(step["fused"], step["unfused"]) < 1e-2, (kind, _rel(step["fused"], step["unfused"]))
+        graph = generate(fused, ids, max_new_tokens=24, eos_token_id=[], cuda_graph=True)
+        eager = generate(fused, ids, max_new_tokens=24, eos_token_id=[], cuda_graph=False)
+        release_graphs(fused)
+        assert torch.equal(graph.sequences, eager.sequences), kind
+        fused, unfused = quantize_model(fused), quantize_model(unfused)

@@ -9,14 +9,13 @@ import pytest
 import torch
 from helpers import make_pair, one_thread  # noqa: F401 (autouse fixture)
 
-import flashlm.models.flash as flash_mod
 from flashlm.errors import InputError
 from flashlm.models.kernels import fuses_norm
 from flashlm.models.quantize import quantize_model
 from flashlm.ops import int8_linear as il
 from flashlm.ops import resolve
 from flashlm.ops._dispatch import triton_usable
-from flashlm.ops.decode_linear import HALF_GEMV_MAX_M, norm_linear, norm_linear_ref, swiglu_gemv_linear
+from flashlm.ops.decode_linear import FUSED_MAX_M, norm_linear, norm_linear_ref, swiglu_gemv_linear
 from flashlm.ops.swiglu import swiglu_linear_ref
 
 needs_interpret = pytest.mark.skipif(not triton_usable(torch.device("cpu")),
@@ -74,7 +73,7 @@ def test_public_ops_pick_tiles_and_keep_shapes():
 
 @needs_interpret
 def test_fallbacks_keep_gradients_and_large_batches(monkeypatch):
-    """A call that wants gradients, or more rows than HALF_GEMV_MAX_M for a float weight, runs the norm then
+    """A call that wants gradients, or more rows than FUSED_MAX_M for a float weight, runs the norm then
     the linear (no kernel launch of ours): the gradient flows, the values are the reference's."""
     calls = []
     real = il._launch
@@ -90,12 +89,12 @@ def test_fallbacks_keep_gradients_and_large_batches(monkeypatch):
     y.sum().backward()
     assert w.grad is not None and calls == []
     w = w.detach()
-    big = torch.randn(HALF_GEMV_MAX_M + 1, 64, generator=gen)
+    big = torch.randn(FUSED_MAX_M + 1, 64, generator=gen)
     with torch.no_grad():
         y, _ = norm_linear(big, None, norm_w, 1e-6, False, w, None)
         torch.testing.assert_close(y, norm_linear_ref(big, None, norm_w, 1e-6, False, w)[0])
         assert calls == []
-        norm_linear(big[:HALF_GEMV_MAX_M], None, norm_w, 1e-6, False, w, None)
+        norm_linear(big[:FUSED_MAX_M], None, norm_w, 1e-6, False, w, None)
     assert calls == [1]
 
 
@@ -105,28 +104,80 @@ def test_norm_linear_refuses_bad_inputs():
         norm_linear(x, None, torch.ones(7), 1e-6, False, w)
     with pytest.raises(InputError, match="residual"):
         norm_linear(x, torch.randn(3, 8), torch.ones(8), 1e-6, False, w)
+    with pytest.raises(InputError, match="residual"):
+        norm_linear(x, torch.randn(2, 8, dtype=torch.float64), torch.ones(8), 1e-6, False, w)
     with pytest.raises(InputError, match="scale"):
         norm_linear(x, None, torch.ones(8), 1e-6, False, il.quantize_int8(w)[0])
+    with pytest.raises(InputError, match="bias"):
+        norm_linear(x, None, torch.ones(8), 1e-6, False, w, None, torch.ones(5))
+
+
+@needs_interpret
+def test_edge_inputs_take_the_right_path(monkeypatch):
+    """A weight whose rows are not contiguous (a transposed view) and fp16 rows > 1 (the tl.dot tiles would
+    round h * g to fp16 before the rstd: overflow) run the unfused ops, and give the reference's values even
+    where h * g passes fp16's range; one fp16 row (the GEMV keeps fp32) takes the kernel; N == 0 gives the
+    new residual."""
+    calls = []
+    real = il._launch
+    monkeypatch.setattr(il, "_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    x, residual, norm_w, w, bias = _inputs(2, 64, 64, torch.float32, gen)
+    with torch.no_grad():
+        y, _ = norm_linear(x, residual, norm_w, 1e-6, False, w.t(), None, bias)
+        torch.testing.assert_close(y, norm_linear_ref(x, residual, norm_w, 1e-6, False, w.t(), None, bias)[0])
+        gate_up = torch.randn(2, 128, generator=gen)
+        torch.testing.assert_close(swiglu_gemv_linear(gate_up, w.t(), bias), swiglu_linear_ref(gate_up, w.t(), bias))
+        assert calls == []
+        big = (3000 * torch.randn(2, 64, generator=gen)).half()  # |h * g| ~ 1e5 > 65504
+        g = torch.full((64,), 30.0, dtype=torch.float16)
+        y, _ = norm_linear(big, None, g, 1e-6, False, w.half(), None)
+        assert calls == [] and torch.isfinite(y).all()
+        y, _ = norm_linear(big[:1], None, g, 1e-6, False, w.half(), None)
+        assert calls == [1] and torch.isfinite(y).all()
+        torch.testing.assert_close(y, norm_linear_ref(big[:1], None, g, 1e-6, False, w.half())[0], atol=5e-2,
+                                   rtol=5e-3)
+        y, h = il.launch_norm_linear(x, residual, norm_w, 1e-6, False, w[:0], None, None)
+        assert y.shape == (2, 0) and torch.equal(h, x + residual)
 
 
 def test_decode_op_sets_carry_the_fusions():
-    """Only decode sets have norm_linear; "triton" takes it for every weight and the bf16 down projection's
-    GEMV, "auto" for int8 weights only (bf16 GEMV vs cuBLAS unmeasured); fuses_norm reads that."""
+    """Only "triton"'s decode set has norm_linear (for every weight) and the bf16 down projection's GEMV;
+    "auto" has neither until a GPU A/B decides; fuses_norm reads that, and refuses hooked modules, rows the
+    kernel does not serve, gradients."""
     cuda = torch.device("cuda")  # resolve needs no GPU to name the choice
     triton_decode = resolve("triton", cuda, decode=True)
-    auto_decode = resolve("auto", cuda, decode=True)
-    assert resolve("triton", cuda).norm_linear is None and resolve("auto", cuda, compiled=True).norm_linear is None
+    assert resolve("triton", cuda).norm_linear is None and resolve("auto", cuda, decode=True).norm_linear is None
     assert resolve("torch", cuda, decode=True).norm_linear is None
+    assert "norm_linear" not in resolve("auto", cuda, decode=True).names
     assert (triton_decode.names["norm_linear"], triton_decode.names["swiglu_linear"]) == ("all", "gemv")
-    assert (auto_decode.names["norm_linear"], auto_decode.names["swiglu_linear"]) == ("int8", "triton")
     linear = torch.nn.Linear(8, 8, bias=False, dtype=torch.float16)
-    int8 = il.Int8Linear.from_linear(linear)
-    assert fuses_norm(triton_decode, linear) and fuses_norm(triton_decode, int8)
-    assert not fuses_norm(auto_decode, linear) and fuses_norm(auto_decode, int8)
+    int8, owner = il.Int8Linear.from_linear(linear), torch.nn.Module()
+    bf16 = torch.bfloat16
+    assert fuses_norm(triton_decode, linear, owner, 1, bf16) and fuses_norm(triton_decode, int8, owner, 64, bf16)
+    assert not fuses_norm(resolve("triton", cuda), int8, owner, 1, bf16)
+    assert not fuses_norm(triton_decode, int8, owner, 65, bf16) and not fuses_norm(triton_decode, int8, owner, 2,
+                                                                                   torch.float16)
+    assert not fuses_norm(triton_decode, linear, owner, 1, bf16, needs_grad=True)
+
     class LoRA(torch.nn.Linear):  # another module's forward is its own: never fused
         pass
 
-    assert not fuses_norm(triton_decode, LoRA(8, 8)) and not fuses_norm(resolve("triton", cuda), int8)
+    assert not fuses_norm(triton_decode, LoRA(8, 8), owner, 1, bf16)
+    handle = owner.register_forward_pre_hook(lambda *a: None)  # e.g. FSDP2's: the fusion would skip it
+    assert not fuses_norm(triton_decode, linear, owner, 1, bf16)
+    handle.remove()
+    handle = linear.register_forward_hook(lambda *a: None)
+    assert not fuses_norm(triton_decode, linear, owner, 1, bf16)
+    handle.remove()
+
+
+def _count_fused(monkeypatch) -> list:
+    calls = []
+    real = il._launch
+    monkeypatch.setattr(il, "_launch", lambda *a, norm=None, **k: (norm is not None and calls.append(1))
+                        or real(*a, norm=norm, **k))
+    return calls
 
 
 @needs_interpret
@@ -135,14 +186,11 @@ def test_decode_op_sets_carry_the_fusions():
                                         "rms_norm_unit_offset": True, "post_norms": True}],
                          ids=["llama", "qk_norm", "gemma2"])
 def test_flash_decode_steps_through_the_fusions_equal_the_default_model(overrides, monkeypatch):
-    """kernels="triton": each decode step of a flash model runs the norm inside qkv_proj's and gate_up_proj's
-    kernels (explain() names them; norm_linear is called twice per layer and step) and gives the default
-    model's logits (fp32)."""
+    """kernels="triton": each decode step of a flash model launches the norm-fused kernel twice per layer
+    (qkv_proj, gate_up_proj; explain() names them), a prefill none, and the steps give the default model's
+    logits (fp32)."""
     default, flash = make_pair(kernels="triton", **overrides)
-    calls = []
-    real = flash_mod.fuses_norm
-    monkeypatch.setattr(flash_mod, "fuses_norm", lambda ops, proj: (real(ops, proj) and not calls.append(1))
-                        or False)
+    calls = _count_fused(monkeypatch)
     ids = torch.randint(3, 256, (2, 9))
     cache = flash.allocate_cache(2, 12)
     with torch.no_grad():
@@ -159,20 +207,38 @@ def test_flash_decode_steps_through_the_fusions_equal_the_default_model(override
 
 @needs_interpret
 def test_int8_decode_step_fuses_the_norm_and_equals_unfused(monkeypatch):
-    """An int8 flash model (fp16, kernels="triton"): the decode step's norm goes into the int8 kernels and
-    the logits equal those of the same model with the fusion turned off."""
+    """An int8 flash model (fp16, kernels="triton", one row: fp16 fuses only the GEMV): the decode step's
+    norm goes into the int8 kernels and the logits equal those of the same model with kernels="torch"."""
     _, flash = make_pair(kernels="triton", dtype=torch.float16)
-    q = quantize_model(flash)
-    ids = torch.randint(3, 256, (2, 7))
+    _, plain = make_pair(kernels="torch", dtype=torch.float16)
+    plain.load_state_dict(flash.state_dict())
+    ids = torch.randint(3, 256, (1, 7))
     logits = {}
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(flash_mod, "fuses_norm", lambda ops, proj: False)
-        cache = q.allocate_cache(2, 10)
+    calls = _count_fused(monkeypatch)
+    for name, model in (("fused", quantize_model(flash)), ("unfused", quantize_model(plain))):
+        cache = model.allocate_cache(1, 10)
         with torch.no_grad():
-            q(ids[:, :6], past_key_values=cache)
-            if fused:
-                assert q.explain(ids[:, 6:], past_key_values=cache)["norm_fused_into"][0] == ["qkv_proj",
-                                                                                            "gate_up_proj"]
-            logits[fused] = q(ids[:, 6:], past_key_values=cache).logits
-    torch.testing.assert_close(logits[True], logits[False], atol=3e-3, rtol=3e-3)
+            model(ids[:, :6], past_key_values=cache)
+            logits[name] = model(ids[:, 6:], past_key_values=cache).logits
+        assert len(calls) == 2 * model.config.num_layers  # the fused model's step only
+    torch.testing.assert_close(logits["fused"], logits["unfused"], atol=3e-3, rtol=3e-3)
+
+
+@needs_interpret
+def test_hooked_modules_are_called_not_bypassed(monkeypatch):
+    """A forward hook on a layer's attention or MLP (or on the projection) still fires at decode: that layer
+    runs unfused; the other layers keep the fusion."""
+    _, flash = make_pair(kernels="triton")
+    fired = []
+    flash.model.layers[0].self_attn.register_forward_hook(lambda *a: fired.append("attn"))
+    flash.model.layers[0].mlp.gate_up_proj.register_forward_hook(lambda *a: fired.append("gate_up"))
+    calls = _count_fused(monkeypatch)
+    ids = torch.randint(3, 256, (1, 7))
+    cache = flash.allocate_cache(1, 10)
+    with torch.no_grad():
+        flash(ids[:, :6], past_key_values=cache)
+        fired.clear()
+        assert flash.explain(ids[:, 6:], past_key_values=cache)["norm_fused_into"][:2] == [[], ["qkv_proj",
+                                                                                            "gate_up_proj"]]
+        flash(ids[:, 6:], past_key_values=cache)
+    assert fired == ["attn", "gate_up"] and len(calls) == 2 * (flash.config.num_layers - 1)

@@ -110,7 +110,7 @@ for xd, p in DTYPES.items():
                 variants += [(False, e, sp, sw, "*i8", None) for e in (False, True)
                              for sp, sw in ((True, False), (False, True), (True, True))]
                 variants += [(False, True, sp, sw, p, None) for sp, sw in ((False, False), (True, False), (True, True))]
-                if cfg.block_m <= 32:  # the decode buckets, where the model fuses the norm
+                if cfg.block_m <= 64:  # the decode buckets (decode_linear.FUSED_MAX_M), where the norm fuses
                     variants += [(False, e, sp, False, wt, (res, off)) for wt in ("*i8", p) for e in (False, True)
                                  for sp, res, off in ((False, True, False), (True, True, False), (True, False, True))]
             for has_bias, even_k, split, swiglu, weight, norm in variants:

@@ -189,8 +189,11 @@ def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
     default = pick_config(m, n, k, device)
     trials = [("int8-triton", c, packed) for c in dict.fromkeys([default, *candidates(m, k)])]
     if m <= 64:  # the same kernels reading bf16 weights (no scales): do they beat cuBLAS at decode?
-        trials += [("bf16-triton", c, [(w, None) for w in weights]) for c in candidates(m, k)
-                   if c.block_k <= (512 if m == 1 else 128) and c.split_k <= 4]
+        half_default = pick_config(m, n, k, device, weights[0].element_size())
+        trials += [("bf16-triton", c, [(w, None) for w in weights]) for c in dict.fromkeys(
+                   [half_default, *(c for c in candidates(m, k) if c.block_k <= (512 if m == 1 else 128)
+                                    and c.split_k <= 4)])]
+        want_half = F.linear(act, weights[0])
     for impl, cfg, ws in trials:
         calls = [lambda t, q=q, s=s, c=cfg: launch_kernels(t, q, s, None, c, swiglu) for q, s in ws]
         row = {**base, "impl": impl, "status": "ok", "tile": cfg.as_list(), "default": cfg == default}
@@ -199,6 +202,9 @@ def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
                 row["us"] = _time_s(calls, x, device, TUNE_REP_MS) * 1e6
                 if impl == "int8-triton":
                     row["max_rel_err_vs_dequant"] = _rel_err(calls[0](x), want)
+                else:
+                    row["default"] = cfg == half_default
+                    row["max_rel_err_vs_cublas"] = _rel_err(calls[0](x), want_half)
         except Exception as e:  # noqa: BLE001 a tile that does not compile (registers, shared memory) ends its row
             row.update(status="error", error=f"{type(e).__name__}: {e}"[:200])
         rows.append(row)
@@ -212,7 +218,7 @@ def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
              "us": best["us"], "gb_per_s": w_bytes / best["us"] / 1e3,
              "default_us": next((r["us"] for r in ok if r["default"]), None), "bf16_us": rows[0]["us"],
              "swiglu": swiglu}
-    bf16_triton = [r for r in rows if r["impl"] == "bf16-triton" and "us" in r]
+    bf16_triton = [r for r in rows if r["impl"] == "bf16-triton" and "us" in r and r["max_rel_err_vs_cublas"] < 1e-2]
     if bf16_triton:
         fastest = min(bf16_triton, key=lambda r: r["us"])
         entry.update(bf16_triton_us=fastest["us"], bf16_triton_tile=fastest["tile"])

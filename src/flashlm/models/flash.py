@@ -301,8 +301,7 @@ class FlashMLP(MLP):
         return self.forward_gate_up(self.gate_up_proj(x), ops)
 
     def forward_gate_up(self, gate_up: Tensor, ops) -> Tensor:
-        """From the projected gate_up (..., 2 * intermediate) (the decoder layer may make it with the norm
-        in the projection's kernel)."""
+        """From the projected gate_up (..., 2 * intermediate) (made with the norm in its kernel at decode)."""
         path = mlp_down_path(self)
         if path == "swiglu_linear":  # one op with down_proj: autograd keeps gate_up, not the (..., I) activation
             return ops.swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
@@ -316,28 +315,32 @@ class FlashMLP(MLP):
         return self.down_proj(self.act_fn(gate) * up)
 
 
-def _norm(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None = None):
-    """``norm(x)`` through the plan's ops, or ``(norm(x + residual), x + residual)`` with a residual."""
+def _norm(ops, norm: RMSNorm, x: Tensor) -> Tensor:
+    """``norm(x)`` through the plan's ops."""
+    return ops.rms_norm(x, norm.weight, norm.eps, norm.unit_offset)
+
+
+def _add_norm(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(norm(x + residual), x + residual)`` through the plan's ops (residual None: x is the stream)."""
     if residual is None:
-        return ops.rms_norm(x, norm.weight, norm.eps, norm.unit_offset)
+        return _norm(ops, norm, x), x
     return ops.add_rms_norm(x, residual, norm.weight, norm.eps, norm.unit_offset)
 
 
-def _norm_project(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None, proj: nn.Module) -> tuple[Tensor, Tensor]:
-    """``(proj(norm(x + residual)), x + residual)`` (residual None: x is the stream), the add + norm in
-    proj's kernel where :func:`~flashlm.models.kernels.fuses_norm` says (decode steps)."""
-    if fuses_norm(ops, proj):
-        return ops.norm_linear(x, residual, norm.weight, norm.eps, norm.unit_offset, proj.weight,
-                               getattr(proj, "scale", None), proj.bias)
-    if residual is None:
-        return proj(_norm(ops, norm, x)), x
-    h, residual = _norm(ops, norm, x, residual)
-    return proj(h), residual
+def _norm_linear(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None, proj: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(proj(norm(x + residual)), x + residual)`` in proj's kernel (``ops.norm_linear``; decode steps)."""
+    return ops.norm_linear(x, residual, norm.weight, norm.eps, norm.unit_offset, proj.weight,
+                           getattr(proj, "scale", None), proj.bias)
+
+
+def _fuses(ops, x: Tensor, proj: nn.Module, owner: nn.Module) -> bool:
+    grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
+    return fuses_norm(ops, proj, owner, x.numel() // x.shape[-1], x.dtype, grad)
 
 
 class FlashDecoderLayer(nn.Module):
     """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``), and at
-    decode that add + norm into the projection after it (:func:`_norm_project`):
+    decode that add + norm in the kernel of the projection after it (:func:`_norm_linear`):
     ``forward(hidden_states, cos, sin, plan, residual)`` -> ``(out, residual)``, the stream being ``out +
     residual``, summed inside the next layer's (or the final) fused norm; ``residual=None``: hidden_states
     is the whole stream (the first layer). Gemma2's post-norms the same way: ``out`` is the post-feedforward
@@ -352,14 +355,22 @@ class FlashDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, plan: BatchPlan,
                 residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        ops = plan.ops
-        qkv, residual = _norm_project(ops, self.input_layernorm, hidden_states, residual, self.self_attn.qkv_proj)
-        h = self.self_attn.forward_qkv(qkv, cos, sin, plan)
+        ops, attn, mlp = plan.ops, self.self_attn, self.mlp
+        if _fuses(ops, hidden_states, attn.qkv_proj, attn):  # decode: the add + norm in qkv_proj's kernel
+            qkv, residual = _norm_linear(ops, self.input_layernorm, hidden_states, residual, attn.qkv_proj)
+            h = attn.forward_qkv(qkv, cos, sin, plan)
+        else:
+            h, residual = _add_norm(ops, self.input_layernorm, hidden_states, residual)
+            h = attn(h, cos, sin, plan=plan)
         if self.post_norms:
             h = _norm(ops, self.post_attention_layernorm, h)
         norm = self.pre_feedforward_layernorm if self.post_norms else self.post_attention_layernorm
-        gate_up, residual = _norm_project(ops, norm, h, residual, self.mlp.gate_up_proj)
-        out = self.mlp.forward_gate_up(gate_up, ops)
+        if _fuses(ops, h, mlp.gate_up_proj, mlp):
+            gate_up, residual = _norm_linear(ops, norm, h, residual, mlp.gate_up_proj)
+            out = mlp.forward_gate_up(gate_up, ops)
+        else:
+            h, residual = _add_norm(ops, norm, h, residual)
+            out = mlp(h, ops)
         return (_norm(ops, self.post_feedforward_layernorm, out) if self.post_norms else out), residual
 
 
@@ -420,9 +431,7 @@ class FlashModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, cos, sin, plan, residual)
-        if residual is None:  # no layers
-            return _norm(plan.ops, self.norm, hidden_states)
-        return _norm(plan.ops, self.norm, hidden_states, residual)[0]
+        return _add_norm(plan.ops, self.norm, hidden_states, residual)[0]  # (residual None: no layers)
 
     def prefill_tokens(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
         """Unpadded prompts ``input_ids`` (batch, seqlen) written into an empty ``cache`` -> final hidden

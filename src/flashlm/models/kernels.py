@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from flashlm import ops as fused_ops
+from flashlm.ops.decode_linear import norm_linear_rows
 from flashlm.ops.int8_linear import Int8Linear
 
 from .fp8 import fuses_swiglu, linear_name
@@ -203,17 +204,27 @@ class AttentionKernels:
 
 
 
-def fuses_norm(ops: fused_ops.Ops, proj: nn.Module) -> bool:
-    """Whether the add + RMSNorm before ``proj`` (qkv_proj, gate_up_proj) runs in proj's own kernel
-    (``ops.norm_linear``, :mod:`flashlm.ops.decode_linear`): only decode op sets have it; an int8
-    ``Int8Linear`` always (its kernels are ours either way), a plain float ``nn.Linear`` where the set
-    serves every weight (``names["norm_linear"] == "all"``: kernels="triton", or "auto" once measured); never
-    another module (Float8Linear, PEFT/LoRA: their forward is theirs)."""
-    if ops.norm_linear is None:
+def _hooked(module: nn.Module) -> bool:
+    # forward hooks (FSDP2's fully_shard registers pre-hooks) or its own compiled call: a fusion that
+    # bypasses the module's __call__ would skip them
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(module, "_compiled_call_impl", None) is not None)
+
+
+def fuses_norm(ops: fused_ops.Ops, proj: nn.Module, owner: nn.Module, rows: int, dtype: torch.dtype,
+               needs_grad: bool = False) -> bool:
+    """Whether the add + RMSNorm before ``proj`` (qkv_proj of the attention ``owner``, gate_up_proj of the
+    MLP) runs in proj's own kernel (``ops.norm_linear``, :mod:`flashlm.ops.decode_linear`) for ``rows``
+    rows of ``dtype``: a decode op set that has it (kernels="triton": names["norm_linear"] "all"; "auto"
+    once measured), ``proj`` an ``Int8Linear`` or, for "all", a plain ``nn.Linear`` (never another module:
+    Float8Linear, PEFT/LoRA run their own forward), rows the kernel serves (``norm_linear_rows``), no
+    gradient wanted, not under torch.compile, and neither module hooked (the fusion calls neither)."""
+    if ops.norm_linear is None or needs_grad or torch.compiler.is_compiling():
         return False
-    if type(proj) is Int8Linear:
-        return True
-    return ops.names.get("norm_linear") == "all" and type(proj) is torch.nn.Linear
+    if not (type(proj) is Int8Linear or (ops.names.get("norm_linear") == "all" and type(proj) is torch.nn.Linear)):
+        return False
+    global_hooks = torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
+    return norm_linear_rows(rows, dtype) and not (global_hooks or _hooked(proj) or _hooked(owner))
 
 
 def mlp_down_path(mlp: nn.Module) -> str:
@@ -301,9 +312,9 @@ def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
                          lm.config.final_logit_softcap is not None, tokens, lm.config.vocab_size)
     from .quantize import projection_kinds
 
-    norm_fused = [[name for name, proj in (("qkv_proj", layer.self_attn.qkv_proj),
-                                           ("gate_up_proj", layer.mlp.gate_up_proj)) if fuses_norm(plan.ops, proj)]
-                  for layer in lm.model.layers]
+    norm_fused = [[name for name, proj, owner in (("qkv_proj", layer.self_attn.qkv_proj, layer.self_attn),
+                                                  ("gate_up_proj", layer.mlp.gate_up_proj, layer.mlp))
+                   if fuses_norm(plan.ops, proj, owner, tokens, dtype, needs_grad)] for layer in lm.model.layers]
     return {"plan": plan.kind, "compiled": plan.compiled, "mode": plan.mode, "ops": dict(plan.ops.names),
             "attention": attention, "loss": loss, "projections": projection_kinds(lm),
             "norm_fused_into": norm_fused, **_mlp_record(lm, loss)}

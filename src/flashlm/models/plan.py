@@ -51,7 +51,7 @@ from .kernels import mode_of
 from .kv_cache import StaticKVCache
 from .reference import check_inputs, check_token_range
 
-__all__ = ["BatchPlan", "append_plan", "packed_sequences", "plan_batch", "positions_from_cu_seqlens",
+__all__ = ["BatchPlan", "append_plan", "check_call", "packed_sequences", "plan_batch", "positions_from_cu_seqlens",
            "unpad_data", "unpad_qkv"]
 
 

@@ -4,7 +4,7 @@ bf16/fp16 weights as they are).
 
 A decode step reads every weight once per token while the ops between the GEMVs (RMSNorm, SwiGLU) are
 each a launch of a few microseconds over a few KB: putting them in the GEMV's prologue removes the
-launches (issue 27, item 4). Inference only; anything else runs the unfused reference.
+launches (issue 27, item 4). Inference only; anything else runs the unfused ops.
 
 - :func:`norm_linear`: ``(linear(rms_norm(x + residual)), x + residual)`` in one launch (the pre-norm
   block's add + RMSNorm in the prologue of the projection after it: qkv, gate_up); the rstd of each row is
@@ -20,20 +20,21 @@ Which projections take them: ``flashlm.ops.resolve``'s decode op set and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.errors import InputError
 
 from ._dispatch import triton_usable
-from .int8_linear import KERNEL_MAX_M, int8_linear_ref, launch_kernels, launch_norm_linear
+from .int8_linear import int8_linear, int8_linear_ref, launch_kernels, launch_norm_linear
 from .rms_norm import add_rms_norm, rms_norm, rms_norm_ref
 from .swiglu import swiglu_linear
 
-__all__ = ["HALF_GEMV_MAX_M", "norm_linear", "norm_linear_ref", "swiglu_gemv_linear"]
+__all__ = ["FUSED_MAX_M", "norm_linear", "norm_linear_ref", "norm_linear_rows", "swiglu_gemv_linear"]
 
-# Rows up to which a bf16/fp16 weight goes through our kernels (the decode batches: M buckets 1-64);
-# above, cuBLAS's tensor-core GEMM is the faster one (compute starts to count). int8 weights: KERNEL_MAX_M.
-HALF_GEMV_MAX_M = 64
+# Rows up to which the fusions run (the decode batches: M buckets 1-64); above, a bf16 weight is faster in
+# cuBLAS's tensor-core GEMM (compute starts to count), and the norm is one launch among much larger ones.
+FUSED_MAX_M = 64
 
 
 def norm_linear_ref(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, unit_offset: bool,
@@ -44,14 +45,36 @@ def norm_linear_ref(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps
     return int8_linear_ref(rms_norm_ref(h, norm_weight, eps, unit_offset), weight, scale, bias), h
 
 
-def _kernel_rows(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
-    """Whether the fused kernels take this call: Triton can run here, no gradient is wanted (of x, the
-    weight or ``others``: the kernels have no backward), not under torch.compile, and the rows fit the
-    weight kind's bound (int8: KERNEL_MAX_M; bf16/fp16: HALF_GEMV_MAX_M)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    limit = KERNEL_MAX_M if weight.dtype == torch.int8 else HALF_GEMV_MAX_M
+def norm_linear_rows(rows: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`norm_linear`'s kernel serves ``rows`` rows of ``dtype`` activations: at most
+    FUSED_MAX_M, and fp16 only as one row (the GEMV keeps ``h * g`` in fp32 until the rstd is applied at
+    the end; the tl.dot tiles round it to x's dtype first, where fp16 can overflow or lose small values;
+    bf16 has fp32's range). ``flashlm.models.kernels.fuses_norm`` asks here too, so explain() agrees."""
+    return 0 < rows <= FUSED_MAX_M and (dtype != torch.float16 or rows == 1)
+
+
+def _kernels_take(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
+    """Triton can run here, the weight's rows are contiguous, no gradient is wanted (of x, the weight or
+    ``others``: the kernels have no backward) and not under torch.compile (the fallbacks are traceable)."""
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, *others))
-    return triton_usable(x.device) and not wants_grad and rows <= limit and not torch.compiler.is_compiling()
+    return (triton_usable(x.device) and weight.stride(-1) == 1 and not wants_grad
+            and not torch.compiler.is_compiling())
+
+
+def _check_norm_linear(x, residual, norm_weight, weight, scale, bias) -> None:
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k or norm_weight.shape != (k,) or k == 0:
+        raise InputError(f"norm_linear: x (..., K={k}) needs a norm weight (K,) and a weight (N, K), got "
+                         f"{tuple(norm_weight.shape)} and {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise InputError(f"norm_linear: residual {tuple(residual.shape)} {residual.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    if (weight.dtype == torch.int8) != (scale is not None):
+        raise InputError("norm_linear: an int8 weight needs its scale, a float weight none")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise InputError(f"norm_linear: bias must be (N={weight.shape[0]},) or None, got {tuple(bias.shape)}")
+    if any(t is not None and t.device != x.device for t in (residual, norm_weight, weight, scale, bias)):
+        raise InputError("norm_linear: x, residual, norm weight, weight, scale and bias must be on one device")
 
 
 def norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, unit_offset: bool,
@@ -60,28 +83,28 @@ def norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: fl
     """x, residual (..., K) (residual None: x is the whole stream) -> (y (..., N), h (..., K)) with h = x +
     residual (rounded to x's dtype) and y = linear(rms_norm(h, norm_weight, eps, unit_offset)): weight
     (N, K) int8 with its ``scale`` (N,), or bf16/fp16 (scale None); bias (N,) or None. One kernel for decode
-    rows (more than the kernels' bound, a gradient wanted, or no Triton: the norm then the linear)."""
-    k = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != k or norm_weight.shape != (k,) or k == 0:
-        raise InputError(f"norm_linear: x (..., K={k}) needs a norm weight (K,) and a weight (N, K), got "
-                         f"{tuple(norm_weight.shape)} and {tuple(weight.shape)}")
-    if residual is not None and residual.shape != x.shape:
-        raise InputError(f"norm_linear: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
-    if (weight.dtype == torch.int8) != (scale is not None):
-        raise InputError("norm_linear: an int8 weight needs its scale, a float weight none")
-    if _kernel_rows(x, weight, residual, norm_weight, bias):
+    rows (:func:`norm_linear_rows`); otherwise (more rows, fp16 rows, a gradient wanted, no Triton, a
+    weight whose rows are not contiguous) the norm then the linear (``int8_linear`` for int8 weights)."""
+    _check_norm_linear(x, residual, norm_weight, weight, scale, bias)
+    rows = x.numel() // x.shape[-1]
+    if norm_linear_rows(rows, x.dtype) and _kernels_take(x, weight, residual, norm_weight, bias):
         return launch_norm_linear(x, residual, norm_weight, eps, unit_offset, weight, scale, bias)
     if residual is None:
         h, normed = x, rms_norm(x, norm_weight, eps, unit_offset)
     else:
         normed, h = add_rms_norm(x, residual, norm_weight, eps, unit_offset)
-    return int8_linear_ref(normed, weight, scale, bias), h
+    if scale is not None:
+        return int8_linear(normed, weight, scale, bias), h
+    return F.linear(normed, weight.to(normed.dtype), None if bias is None else bias.to(normed.dtype)), h
 
 
 def swiglu_gemv_linear(gate_up: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``linear(swiglu(gate_up), weight, bias)``: gate_up (..., 2K), weight (N, K) bf16/fp16 -> (..., N);
-    the SwiGLU in the GEMV's prologue for decode rows, else :func:`~flashlm.ops.swiglu.swiglu_linear`
-    (which also serves a backward)."""
-    if _kernel_rows(gate_up, weight, bias) and weight.dtype != torch.int8 and gate_up.shape[-1] == 2 * weight.shape[1]:
+    the SwiGLU in the GEMV's prologue for decode rows (at most FUSED_MAX_M), else
+    :func:`~flashlm.ops.swiglu.swiglu_linear` (which also serves a backward, and checks the shapes)."""
+    rows = gate_up.numel() // max(gate_up.shape[-1], 1)
+    fits = (weight.dim() == 2 and weight.dtype != torch.int8 and gate_up.shape[-1] == 2 * weight.shape[1]
+            and (bias is None or bias.shape == (weight.shape[0],)) and 0 < rows <= FUSED_MAX_M)
+    if fits and _kernels_take(gate_up, weight, bias):
         return launch_kernels(gate_up, weight, None, bias, swiglu=True)
     return swiglu_linear(gate_up, weight, bias)

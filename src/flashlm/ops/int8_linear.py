@@ -149,9 +149,10 @@ def m_bucket(m: int) -> int:
 
 def pick_config(m: int, n: int, k: int, device: torch.device, weight_bytes: int = 1) -> Int8Config:
     """The tile for an (m, n) output over k inputs on ``device``: :data:`TUNED`'s entry for (bucket, n, k)
-    (:data:`TUNED_HALF`'s for 2-byte weights), else the bucket's tile (BLOCK_K halved for 2-byte weights:
-    the same bytes per step) with BLOCK_N halved (down to MIN_BLOCK_N), then split_k doubled (while each
-    slice keeps >= 2 BLOCK_K steps, up to MAX_SPLIT_K), until the grid has WAVES programs per SM. Cached."""
+    (:data:`TUNED_HALF`'s for float weights), else the bucket's tile (BLOCK_K divided by the weight's bytes
+    per element: the same bytes per step) with BLOCK_N halved (down to MIN_BLOCK_N), then split_k doubled
+    (while each slice keeps >= 2 BLOCK_K steps, up to MAX_SPLIT_K), until the grid has WAVES programs per
+    SM. Cached."""
     key = (m, n, k, device, weight_bytes)
     cfg = _PICKED.get(key)
     if cfg is None:
@@ -385,7 +386,7 @@ def launch_norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, 
     -> ((..., N), h (..., K)). Above KERNEL_MAX_M rows: the norm, then the linear. No input checks."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
-    if x2.shape[0] > KERNEL_MAX_M:
+    if x2.shape[0] > KERNEL_MAX_M or x2.shape[0] == 0 or n == 0:  # (no program would write h)
         h = x if residual is None else x + residual
         return int8_linear_ref(rms_norm_ref(h, norm_weight, eps, unit_offset), weight, scale, bias), h
     x2 = x2.contiguous()

@@ -62,11 +62,12 @@ _AUTO = {"rms_norm": "aten", "add_rms_norm": "aten", "swiglu": "sized", "swiglu_
 # Ops for which Liger's kernel measured faster than ours; "auto" takes Liger only for these. Empty:
 # Liger's Python wrappers cost more host time than plain torch at small shapes (the run behind commit 2458bb7).
 _LIGER_FASTER: frozenset = frozenset()
-# "auto"'s decode set: the norm goes into the next projection's kernel for int8 weights (already our
-# kernels: one launch fewer, nothing else changes); for bf16 weights our GEMV then replaces cuBLAS's, which
-# only a measurement may decide (the tune's "bf16-triton" vs "bf16" columns): PROVISIONAL False, unmeasured.
-# kernels="triton" takes them for every weight (and the SwiGLU in the bf16 down projection's prologue).
-_AUTO_HALF_GEMV = False
+# "auto"'s decode set and the decode fusions (flashlm.ops.decode_linear: the add + RMSNorm in the next
+# projection's kernel; SwiGLU in a bf16 down projection's GEMV). For int8 weights they only remove
+# launches; for bf16 ones our GEMV also replaces cuBLAS's. PROVISIONAL None (no fusion) until a GPU A/B
+# (`flashlm bench decode --kernels auto` vs `--kernels triton`) says "int8" or "all". kernels="triton" takes
+# them for every weight.
+_AUTO_NORM_LINEAR: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,9 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
     benchmarks/results/h200/probe_decode_ops_prefill.json: add + RMSNorm 1.8 us vs aten's
     4.3, SwiGLU 1.4 vs torch's 3.0); an eager step runs the same set, so it gives the graph's tokens
     (H200, seed config, eager steps: flash 1.52x the default model's, 1.55x before this set). Decode sets
-    also carry ``norm_linear`` (the add + RMSNorm in the next projection's kernel): for int8 weights under
-    "auto", for every weight under "triton" (with the SwiGLU in the bf16 down projection's GEMV,
-    ``swiglu_linear`` "gemv"); ``_AUTO_HALF_GEMV`` gives "auto" the latter once measured. Raises InputError
+    under "triton" also carry ``norm_linear`` (the add + RMSNorm in the next projection's kernel, names
+    "all": every weight) and the SwiGLU in the bf16 down projection's GEMV (``swiglu_linear`` "gemv");
+    "auto" takes them once measured (``_AUTO_NORM_LINEAR``: "int8" or "all"; None today). Raises InputError
     for an unknown name, "triton" where Triton cannot run, and "liger" where Liger-Kernel is not installed."""
     if kernels not in KERNELS:
         raise InputError(f"kernels must be one of {KERNELS}, got {kernels!r}")
@@ -138,10 +139,10 @@ def resolve(kernels: str = "auto", device: torch.device | str | None = None, com
                          f"CPU, for tests); got device {device}, triton "
                          f"{'installed' if triton is not None else 'not installed'}; use kernels='torch'")
     chosen, names = dict(_TRITON), dict.fromkeys(_TRITON, "triton")
-    if decode:
-        every_weight = kernels == "triton" or (kernels == "auto" and _AUTO_HALF_GEMV)
-        chosen["norm_linear"], names["norm_linear"] = norm_linear, "all" if every_weight else "int8"
-        if every_weight:
+    fused = "all" if kernels == "triton" else _AUTO_NORM_LINEAR if kernels == "auto" else None
+    if decode and fused is not None:
+        chosen["norm_linear"], names["norm_linear"] = norm_linear, fused
+        if fused == "all":
             chosen["swiglu_linear"], names["swiglu_linear"] = swiglu_gemv_linear, "gemv"
     if kernels == "triton":
         return Ops(**chosen, names=names)
