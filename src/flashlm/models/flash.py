@@ -44,7 +44,7 @@ from .kernels import (
     _aten_flash_dense,
     compute_dtype,
     explain_plan,
-    fuses_norm,
+    fuses_norm_at,
     half_precision_inputs,
     loss_kind,
     mlp_down_path,
@@ -333,11 +333,6 @@ def _norm_linear(ops, norm: RMSNorm, x: Tensor, residual: Tensor | None, proj: n
                            getattr(proj, "scale", None), proj.bias)
 
 
-def _fuses(ops, x: Tensor, proj: nn.Module, owner: nn.Module) -> bool:
-    grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
-    return fuses_norm(ops, proj, owner, x.numel() // x.shape[-1], x.dtype, grad)
-
-
 class FlashDecoderLayer(nn.Module):
     """The pre-norm block with the residual add fused into the next norm (``ops.add_rms_norm``), and at
     decode that add + norm in the kernel of the projection after it (:func:`_norm_linear`):
@@ -356,7 +351,7 @@ class FlashDecoderLayer(nn.Module):
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, plan: BatchPlan,
                 residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ops, attn, mlp = plan.ops, self.self_attn, self.mlp
-        if _fuses(ops, hidden_states, attn.qkv_proj, attn):  # decode: the add + norm in qkv_proj's kernel
+        if fuses_norm_at(ops, hidden_states, attn.qkv_proj, attn):  # decode: the add + norm in qkv_proj's kernel
             qkv, residual = _norm_linear(ops, self.input_layernorm, hidden_states, residual, attn.qkv_proj)
             h = attn.forward_qkv(qkv, cos, sin, plan)
         else:
@@ -365,7 +360,7 @@ class FlashDecoderLayer(nn.Module):
         if self.post_norms:
             h = _norm(ops, self.post_attention_layernorm, h)
         norm = self.pre_feedforward_layernorm if self.post_norms else self.post_attention_layernorm
-        if _fuses(ops, h, mlp.gate_up_proj, mlp):
+        if fuses_norm_at(ops, h, mlp.gate_up_proj, mlp):
             gate_up, residual = _norm_linear(ops, norm, h, residual, mlp.gate_up_proj)
             out = mlp.forward_gate_up(gate_up, ops)
         else:

@@ -16,6 +16,9 @@
   ``Float8Linear`` (:mod:`flashlm.models.fp8`) or another module (int8, PEFT/LoRA); the MLP's SwiGLU and
   down projection run as one node for the first two and as swiglu + the module otherwise, and
   ``explain()`` names each layer's path (never a silent fallback).
+- **Decode fusions** (:func:`fuses_norm`): whether a decode step makes a block's add + RMSNorm in the
+  kernel of the projection after it (``ops.norm_linear``), per projection and call; ``explain()``'s
+  "norm_fused_into".
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["ATEN_DENSE_MAX_TOKENS", "MODES", "AttentionKernels", "aten_dense_eligible", "compute_dtype",
-           "explain_plan", "fuses_norm", "half_precision_inputs", "loss_kind", "mlp_down_path", "mode_of", "op_sets"]
+           "explain_plan", "fuses_norm", "fuses_norm_at", "half_precision_inputs", "loss_kind", "mlp_down_path",
+           "mode_of", "op_sets"]
 
 MODES = ("eager", "compiled", "decode")
 _HALF = (torch.float16, torch.bfloat16)
@@ -225,6 +229,15 @@ def fuses_norm(ops: fused_ops.Ops, proj: nn.Module, owner: nn.Module, rows: int,
         return False
     global_hooks = torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
     return norm_linear_rows(rows, dtype) and not (global_hooks or _hooked(proj) or _hooked(owner))
+
+
+def fuses_norm_at(ops: fused_ops.Ops, x: Tensor, proj: nn.Module, owner: nn.Module) -> bool:
+    """:func:`fuses_norm` for a call on x (..., K): its rows, its dtype, and whether a gradient is wanted
+    (of x or proj's weight); what ``FlashDecoderLayer`` asks before each projection."""
+    if ops.norm_linear is None:  # every op set but a fusing decode set: nothing else to ask (host time)
+        return False
+    grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
+    return fuses_norm(ops, proj, owner, x.numel() // x.shape[-1], x.dtype, grad)
 
 
 def mlp_down_path(mlp: nn.Module) -> str:
