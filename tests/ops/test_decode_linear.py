@@ -54,21 +54,22 @@ def test_norm_linear_kernels_equal_the_reference(dtype, m, k):
 
 
 @needs_interpret
-def test_public_ops_pick_tiles_and_keep_shapes():
-    """norm_linear on (batch, 1, K) with default tiles (pick_config, 2-byte weights' BLOCK_K) and
+def test_public_ops_pick_tiles_and_keep_shapes(monkeypatch):
+    """norm_linear on (batch, 1, K) with default tiles (pick_config, float weights' BLOCK_K; one fused launch) and
     swiglu_gemv_linear on a (batch, 1, 2K) gate_up: shapes kept, values of the references."""
+    calls = _count_fused(monkeypatch)
     gen = torch.Generator().manual_seed(0)
-    x, residual, norm_w, w, bias = _inputs(3, 128, 40, torch.float16, gen)
+    x, residual, norm_w, w, bias = _inputs(3, 128, 40, torch.float32, gen)
     x, residual = x[:, None], residual[:, None]
     with torch.no_grad():
-        y, h = norm_linear(x, residual, norm_w, 1e-6, False, w.half(), None, bias)
-    want_y, want_h = norm_linear_ref(x, residual, norm_w, 1e-6, False, w.half(), None, bias)
-    assert y.shape == (3, 1, 40) and torch.equal(h, want_h)
+        y, h = norm_linear(x, residual, norm_w, 1e-6, False, w, None, bias)
+    want_y, want_h = norm_linear_ref(x, residual, norm_w, 1e-6, False, w, None, bias)
+    assert y.shape == (3, 1, 40) and torch.equal(h, want_h) and calls == [1]
     torch.testing.assert_close(y, want_y, atol=3e-3, rtol=3e-3)
     gate_up = torch.randn(2, 1, 256, generator=gen).half()
     with torch.no_grad():
         got = swiglu_gemv_linear(gate_up, w.half(), bias)
-    torch.testing.assert_close(got, swiglu_linear_ref(gate_up, w.half(), bias), atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(got, swiglu_linear_ref(gate_up, w.half(), bias.half()), atol=3e-3, rtol=3e-3)
 
 
 @needs_interpret
@@ -110,6 +111,12 @@ def test_norm_linear_refuses_bad_inputs():
         norm_linear(x, None, torch.ones(8), 1e-6, False, il.quantize_int8(w)[0])
     with pytest.raises(InputError, match="bias"):
         norm_linear(x, None, torch.ones(8), 1e-6, False, w, None, torch.ones(5))
+    q, scale = il.quantize_int8(w)
+    for bad in (scale[:1], scale.long(), scale[:, None]):  # the kernel would read past a short scale
+        with pytest.raises(InputError, match="scale"):
+            norm_linear(x, None, torch.ones(8), 1e-6, False, q, bad)
+    with pytest.raises(InputError, match="bf16/fp16/fp32"):
+        norm_linear(x.double(), None, torch.ones(8), 1e-6, False, w)
 
 
 @needs_interpret
@@ -170,6 +177,8 @@ def test_decode_op_sets_carry_the_fusions():
     handle = linear.register_forward_hook(lambda *a: None)
     assert not fuses_norm(triton_decode, linear, owner, 1, bf16)
     handle.remove()
+    owner.forward = lambda *a: None  # a forward replaced on the instance (accelerate's hooks)
+    assert not fuses_norm(triton_decode, linear, owner, 1, bf16)
 
 
 def _count_fused(monkeypatch) -> list:
@@ -203,6 +212,11 @@ def test_flash_decode_steps_through_the_fusions_equal_the_default_model(override
     assert len(calls) == 3 * 2 * flash.config.num_layers
     for i, logits in zip(range(6, 9), steps, strict=True):
         torch.testing.assert_close(logits[:, 0], ref[:, i], atol=1e-4, rtol=1e-4)
+    # with grad enabled (even with every parameter frozen) a step is not fused, and explain() says so
+    flash.requires_grad_(False)
+    assert flash.explain(ids[:, 8:9], past_key_values=cache)["norm_fused_into"] == [[]] * flash.config.num_layers
+    flash(ids[:, 8:9], past_key_values=cache)
+    assert len(calls) == 3 * 2 * flash.config.num_layers
 
 
 @needs_interpret

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-compile-configs", default="1x128",
                    help="grid points (BATCHxCONTEXT, comma-separated, or 'all') where hf-static-compile runs")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
-                   help="the flashlm model's kernels setting (triton: also the decode fusions auto leaves to cuBLAS)")
+                   help="the flashlm model's kernels setting (triton: also the decode fusions, which auto does not take yet)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--attn-backend", default=None, help="force a flashlm.attention backend for flashlm rows")

@@ -18,7 +18,9 @@ On CPU it checks the command, not the speed. Each int8 row carries ``max_rel_err
 ``--tune`` (:func:`run_tune`) times every candidate tile (:func:`candidates`: BLOCK_N, BLOCK_K, warps,
 stages, split-K) of the int8 kernels at each (projection, M), beside cuBLAS in bf16 and, at M <= 64, the
 same kernels reading the bf16 weight ("bf16-triton"); the down projection as the model runs it, the SwiGLU
-made in the kernels' prologue from a (M, 2K) gate_up. Its JSON's ``tuned`` (the fastest tile per (M bucket,
+made in the kernels' prologue from a (M, 2K) gate_up, and qkv / gate_up at decode rows as a fusing decode
+step runs them, with the add + RMSNorm prologue (``launch_norm_linear``; cuBLAS beside them times the
+projection alone, without the norm's own launch). Its JSON's ``tuned`` (the fastest tile per (M bucket,
 N, K)) is what ``flashlm.ops.int8_linear.load_tuned`` reads and :data:`~flashlm.ops.int8_linear.TUNED`
 holds; ``--int8-configs`` loads such a file before any run.
 """
@@ -33,17 +35,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flashlm.ops.decode_linear import norm_linear_rows
 from flashlm.ops.int8_linear import (
     KERNEL_MAX_M,
     Int8Config,
     int8_linear,
     int8_linear_ref,
-    int8_swiglu_linear_ref,
     launch_kernels,
+    launch_norm_linear,
     m_bucket,
     pick_config,
     quantize_int8,
 )
+from flashlm.ops.rms_norm import rms_norm_ref
 from flashlm.ops.swiglu import swiglu_ref
 
 LINEAR_IMPLS = ("bf16", "int8-triton", "int8-dequant", "torchao-int8wo")
@@ -174,16 +178,25 @@ def candidates(m: int, k: int) -> list[Int8Config]:
     return [Int8Config(*t) for t in grid if k >= t[2] * t[5]]
 
 
-def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
+def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False, norm: bool = False
                 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Rows of every candidate tile at one (projection, M) and the fastest one's ``tuned`` entry.
     ``swiglu``: x is gate_up (M, 2K) and the kernels run as the model runs down_proj (the SwiGLU prologue,
-    which reads twice the x bytes and needs more shared memory); the bf16 row is cuBLAS on swiglu(x)."""
+    which reads twice the x bytes and needs more shared memory); the bf16 row is cuBLAS on swiglu(x).
+    ``norm``: the kernels run as a fusing decode step runs qkv / gate_up (``launch_norm_linear``: the add +
+    RMSNorm prologue, so a tile chosen here also fits it); the bf16 row is cuBLAS on the normed x alone."""
     device = args.device
     packed = [quantize_int8(w) for w in weights]
-    want = (int8_swiglu_linear_ref if swiglu else int8_linear_ref)(x, *packed[0])
-    base = {"shape": name, "n": n, "k": k, "m": m, "swiglu": swiglu}
-    act = swiglu_ref(x) if swiglu else x
+    residual, g = (torch.randn_like(x), torch.rand(k, device=device).to(x.dtype) + 0.5) if norm else (None, None)
+    act = swiglu_ref(x) if swiglu else rms_norm_ref(x + residual, g, 1e-5) if norm else x
+
+    def launch(t, q, s, c):
+        if norm:
+            return launch_norm_linear(t, residual, g, 1e-5, False, q, s, None, c)[0]
+        return launch_kernels(t, q, s, None, c, swiglu)
+
+    want = int8_linear_ref(act, *packed[0])
+    base = {"shape": name, "n": n, "k": k, "m": m, "swiglu": swiglu, "norm": norm}
     rows = [{**base, "impl": "bf16", "status": "ok",
              "us": _time_s(_callers("bf16", weights, args.torch_dtype), act, device, TUNE_REP_MS) * 1e6}]
     default = pick_config(m, n, k, device)
@@ -195,15 +208,15 @@ def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
                                     and c.split_k <= 4)])]
         want_half = F.linear(act, weights[0])
     for impl, cfg, ws in trials:
-        calls = [lambda t, q=q, s=s, c=cfg: launch_kernels(t, q, s, None, c, swiglu) for q, s in ws]
-        row = {**base, "impl": impl, "status": "ok", "tile": cfg.as_list(), "default": cfg == default}
+        calls = [lambda t, q=q, s=s, c=cfg: launch(t, q, s, c) for q, s in ws]
+        row = {**base, "impl": impl, "status": "ok", "tile": cfg.as_list(),
+               "default": cfg == (default if impl == "int8-triton" else half_default)}
         try:
             with torch.no_grad():
                 row["us"] = _time_s(calls, x, device, TUNE_REP_MS) * 1e6
                 if impl == "int8-triton":
                     row["max_rel_err_vs_dequant"] = _rel_err(calls[0](x), want)
                 else:
-                    row["default"] = cfg == half_default
                     row["max_rel_err_vs_cublas"] = _rel_err(calls[0](x), want_half)
         except Exception as e:  # noqa: BLE001 a tile that does not compile (registers, shared memory) ends its row
             row.update(status="error", error=f"{type(e).__name__}: {e}"[:200])
@@ -217,7 +230,7 @@ def _tune_point(name, n, k, m, weights, x, args, log, swiglu: bool = False
     entry = {"m_bucket": m_bucket(m), "n": n, "k": k, "shape": name, "m": m, "tile": best["tile"],
              "us": best["us"], "gb_per_s": w_bytes / best["us"] / 1e3,
              "default_us": next((r["us"] for r in ok if r["default"]), None), "bf16_us": rows[0]["us"],
-             "swiglu": swiglu}
+             "swiglu": swiglu, "norm": norm}
     bf16_triton = [r for r in rows if r["impl"] == "bf16-triton" and "us" in r and r["max_rel_err_vs_cublas"] < 1e-2]
     if bf16_triton:
         fastest = min(bf16_triton, key=lambda r: r["us"])
@@ -252,7 +265,9 @@ def run_tune(args: argparse.Namespace, log: Callable[[str], None] = print,
         swiglu = name == "down"
         for m in args.batch_sizes:
             x = torch.randn(m, 2 * k if swiglu else k, generator=gen).to(device, dtype)
-            rows, entry = _tune_point(name, n, k, m, weights, x, args, log, swiglu)
+            # qkv / gate_up with the norm prologue where a fusing decode step runs them so
+            norm = name in ("qkv", "gate_up") and norm_linear_rows(m, dtype)
+            rows, entry = _tune_point(name, n, k, m, weights, x, args, log, swiglu, norm)
             record["rows"] += rows
             if entry is not None:
                 record["tuned"] = [e for e in record["tuned"] if (e["m_bucket"], e["n"], e["k"]) !=

@@ -211,7 +211,8 @@ class AttentionKernels:
 def _hooked(module: nn.Module) -> bool:
     # forward hooks (FSDP2's fully_shard registers pre-hooks) or its own compiled call: a fusion that
     # bypasses the module's __call__ would skip them
-    return bool(module._forward_hooks or module._forward_pre_hooks
+    # (accelerate's hooks replace the instance's forward)
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
                 or getattr(module, "_compiled_call_impl", None) is not None)
 
 
@@ -222,7 +223,8 @@ def fuses_norm(ops: fused_ops.Ops, proj: nn.Module, owner: nn.Module, rows: int,
     rows of ``dtype``: a decode op set that has it (kernels="triton": names["norm_linear"] "all"; "auto"
     once measured), ``proj`` an ``Int8Linear`` or, for "all", a plain ``nn.Linear`` (never another module:
     Float8Linear, PEFT/LoRA run their own forward), rows the kernel serves (``norm_linear_rows``), no
-    gradient wanted, not under torch.compile, and neither module hooked (the fusion calls neither)."""
+    gradient wanted (:func:`fuses_norm_at`: grad disabled), not under torch.compile, and neither module
+    hooked nor given its own forward (the fusion calls neither)."""
     if ops.norm_linear is None or needs_grad or torch.compiler.is_compiling():
         return False
     if not (type(proj) is Int8Linear or (ops.names.get("norm_linear") == "all" and type(proj) is torch.nn.Linear)):
@@ -232,12 +234,12 @@ def fuses_norm(ops: fused_ops.Ops, proj: nn.Module, owner: nn.Module, rows: int,
 
 
 def fuses_norm_at(ops: fused_ops.Ops, x: Tensor, proj: nn.Module, owner: nn.Module) -> bool:
-    """:func:`fuses_norm` for a call on x (..., K): its rows, its dtype, and whether a gradient is wanted
-    (of x or proj's weight); what ``FlashDecoderLayer`` asks before each projection."""
+    """:func:`fuses_norm` for a call on x (..., K): its rows and dtype; fused only with grad disabled (the
+    kernels have no backward; generate() and the CUDA-graph steps decode under no_grad / inference_mode),
+    as explain() counts it. What ``FlashDecoderLayer`` asks before each projection."""
     if ops.norm_linear is None:  # every op set but a fusing decode set: nothing else to ask (host time)
         return False
-    grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
-    return fuses_norm(ops, proj, owner, x.numel() // x.shape[-1], x.dtype, grad)
+    return fuses_norm(ops, proj, owner, x.numel() // x.shape[-1], x.dtype, torch.is_grad_enabled())
 
 
 def mlp_down_path(mlp: nn.Module) -> str:
@@ -327,7 +329,8 @@ def explain_plan(lm: nn.Module, plan, labels: Tensor | None = None) -> dict:
 
     norm_fused = [[name for name, proj, owner in (("qkv_proj", layer.self_attn.qkv_proj, layer.self_attn),
                                                   ("gate_up_proj", layer.mlp.gate_up_proj, layer.mlp))
-                   if fuses_norm(plan.ops, proj, owner, tokens, dtype, needs_grad)] for layer in lm.model.layers]
+                   if fuses_norm(plan.ops, proj, owner, tokens, dtype, torch.is_grad_enabled())]
+                  for layer in lm.model.layers]
     return {"plan": plan.kind, "compiled": plan.compiled, "mode": plan.mode, "ops": dict(plan.ops.names),
             "attention": attention, "loss": loss, "projections": projection_kinds(lm),
             "norm_fused_into": norm_fused, **_mlp_record(lm, loss)}

@@ -69,8 +69,13 @@ def _check_norm_linear(x, residual, norm_weight, weight, scale, bias) -> None:
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise InputError(f"norm_linear: residual {tuple(residual.shape)} {residual.dtype} must match x "
                          f"{tuple(x.shape)} {x.dtype}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise InputError(f"norm_linear: x must be bf16/fp16/fp32, got {x.dtype}")
     if (weight.dtype == torch.int8) != (scale is not None):
         raise InputError("norm_linear: an int8 weight needs its scale, a float weight none")
+    if scale is not None and (scale.shape != (weight.shape[0],) or not scale.is_floating_point()):
+        raise InputError(f"norm_linear: scale must be a float (N={weight.shape[0]},) tensor, got "
+                         f"{tuple(scale.shape)} {scale.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise InputError(f"norm_linear: bias must be (N={weight.shape[0]},) or None, got {tuple(bias.shape)}")
     if any(t is not None and t.device != x.device for t in (residual, norm_weight, weight, scale, bias)):
@@ -84,7 +89,8 @@ def norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: fl
     residual (rounded to x's dtype) and y = linear(rms_norm(h, norm_weight, eps, unit_offset)): weight
     (N, K) int8 with its ``scale`` (N,), or bf16/fp16 (scale None); bias (N,) or None. One kernel for decode
     rows (:func:`norm_linear_rows`); otherwise (more rows, fp16 rows, a gradient wanted, no Triton, a
-    weight whose rows are not contiguous) the norm then the linear (``int8_linear`` for int8 weights)."""
+    weight whose rows are not contiguous) the norm then the linear: ``F.linear``, or for int8 weights
+    ``int8_linear``, which is inference-only and wants row-major weights (InputError otherwise)."""
     _check_norm_linear(x, residual, norm_weight, weight, scale, bias)
     rows = x.numel() // x.shape[-1]
     if norm_linear_rows(rows, x.dtype) and _kernels_take(x, weight, residual, norm_weight, bias):
