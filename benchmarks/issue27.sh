@@ -22,11 +22,11 @@ case "${STAGE:?}" in
       --output $OUT/int8_tune.json 2>&1 | grep "best\\|Error" | tail -n 12
     tiles=$([ -s $OUT/int8_tune.json ] && echo "--int8-configs $OUT/int8_tune.json")  # none if the sweep failed
     for k in auto triton; do
-      timeout 100 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
+      timeout 90 python -m flashlm.bench.decode --preset llama-1b --dtype bf16 --batch-sizes 1,32 --contexts 128 \
         --new-tokens 64 --repeats 3 --models flashlm-graph --quantize int8 $tiles \
         --kernels $k --output $OUT/decode_fuse_$k.json 2>&1 | tail -n 5
     done
-    timeout 100 python -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE tests/test_int8_gpu.py \
+    timeout 80 python -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE tests/test_int8_gpu.py \
       -k "norm_linear or fusions or graph_decode" 2>&1 | tail -n 6
     ;;
   last)  # a call with ~5 minutes: llama-1b FP8 eager rows, int8 decode with the default tiles, the M=1 tile sweep
