@@ -151,12 +151,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.gpu_name = torch.cuda.get_device_name(args.device) if cuda else None
     args.peak = peak_bandwidth(args.gpu_name, args.peak_gbs)
     args.torch_dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    if args.kernels == "triton":
-        from flashlm.ops._dispatch import triton_usable
+    from flashlm.ops import resolve
 
-        if not triton_usable(args.device):
-            raise ValueError(f"--kernels triton needs Triton on a CUDA device (or TRITON_INTERPRET=1), "
-                             f"not {args.device}")
+    resolve(args.kernels, args.device)  # its refusal (e.g. triton without Triton here) before any model is built
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in IMPLS]
     if bad or not args.models:

@@ -209,9 +209,8 @@ class AttentionKernels:
 
 
 def _hooked(module: nn.Module) -> bool:
-    # forward hooks (FSDP2's fully_shard registers pre-hooks) or its own compiled call: a fusion that
-    # bypasses the module's __call__ would skip them
-    # (accelerate's hooks replace the instance's forward)
+    # forward hooks (FSDP2's fully_shard registers pre-hooks), a forward replaced on the instance
+    # (accelerate's hooks) or its own compiled call: a fusion that bypasses the module's __call__ skips them
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
                 or getattr(module, "_compiled_call_impl", None) is not None)
 
