@@ -20,7 +20,6 @@ Which projections take them: ``flashlm.ops.resolve``'s decode op set and
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.errors import InputError
@@ -101,7 +100,7 @@ def norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: fl
         normed, h = add_rms_norm(x, residual, norm_weight, eps, unit_offset)
     if scale is not None:
         return int8_linear(normed, weight, scale, bias), h
-    return F.linear(normed, weight.to(normed.dtype), None if bias is None else bias.to(normed.dtype)), h
+    return int8_linear_ref(normed, weight, None, bias), h  # a float weight: F.linear in normed's dtype
 
 
 def swiglu_gemv_linear(gate_up: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
